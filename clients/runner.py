@@ -1,0 +1,77 @@
+"""LocalTrainer: one model object that trains any number of clients one after another.
+
+Every client runtime uses it: the bus client (one client), simulation workers (thousands of virtual clients) and the
+in-process engine. For each job it loads the global vector into the model, calls the task's own ``train``, and returns
+``delta = local - global`` as an :class:`Update`. The delta buffer is reused from call to call (aggregators do not keep
+it), so a worker's memory does not grow with the number of clients it trains.
+
+Entries the spec does not hold (local BatchNorm statistics with ``buffers="local"``, integer counters) are per-client
+state: they are saved after a client trains and restored before it trains again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedopt.aggregators import Update
+from fedopt.params import ParamSpec
+from fedopt.task import ClientData, Task, TrainConfig
+
+__all__ = ["LocalTrainer", "pick_device"]
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` is CUDA when present, else CPU; ``cuda`` without a GPU is an error naming the problem."""
+    from fedopt.errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for, but no CUDA GPU is available")
+    return torch.device(name)
+
+
+class LocalTrainer:
+    def __init__(self, task: Task, spec: ParamSpec | None = None, device: torch.device | str = "cpu",
+                 buffers: str = "average") -> None:
+        self.task = task
+        self.device = torch.device(device)
+        self.model = task.build_model().to(self.device)
+        self.spec = spec or ParamSpec.from_module(self.model, buffers)
+        self._delta = torch.empty(self.spec.size, dtype=self.spec.torch_dtype, device=self.device)
+        held = set(self.spec.names)
+        self._local_names = [k for k in self.model.state_dict() if k not in held]
+        self._initial_local = {k: v.detach().clone() for k, v in self.model.state_dict().items()
+                               if k in self._local_names}
+        self._local: dict[str, dict[str, torch.Tensor]] = {}
+
+    def train(self, client: str, global_vec: torch.Tensor, data: ClientData, config: TrainConfig) -> Update:
+        """Train ``client`` from ``global_vec``; the returned delta is a view of a reused buffer."""
+        if global_vec.device != self.device:
+            global_vec = global_vec.to(self.device)
+        self.spec.load_into(self.model, global_vec)
+        if self._local_names:
+            self._restore_local(client)
+        torch.manual_seed(config.seed)  # dropout and other stochastic layers: reproducible per (round, client)
+        metrics = self.task.train(self.model, data, config)
+        if self._local_names:
+            self._save_local(client)
+        delta = self.spec.flatten(self.model, out=self._delta)
+        delta.sub_(global_vec)
+        metrics = dict(metrics or {})
+        return Update(client, delta, data.num_samples, metrics, bool(metrics.get("partial", False)))
+
+    def evaluate(self, global_vec: torch.Tensor, data) -> dict:
+        self.spec.load_into(self.model, global_vec.to(self.device))
+        return self.task.evaluate(self.model, data)
+
+    def _restore_local(self, client: str) -> None:
+        state = self._local.get(client, self._initial_local)
+        sd = self.model.state_dict()
+        with torch.no_grad():
+            for k, v in state.items():
+                sd[k].copy_(v)
+
+    def _save_local(self, client: str) -> None:
+        sd = self.model.state_dict()
+        self._local[client] = {k: sd[k].detach().clone() for k in self._local_names}

@@ -1,0 +1,177 @@
+"""The round logic every federated engine shares: select, plan, accept, aggregate, step.
+
+``RoundServer`` owns the global model, the aggregator and the server optimizer, and nothing else: no sockets, no
+clocks, no files. The in-process simulator, the simulation workers and the ZeroMQ coordinator all drive it the same
+way, which is what makes their results comparable seed for seed::
+
+    jobs = server.plan(round, sizes)       # who trains, with which TrainConfig (seed, straggler budget)
+    server.begin(round)
+    server.offer(update) -> reason | None  # validate and fold in one update (None = accepted)
+    server.merge(mean, weight, count)      # or a worker's pre-aggregated partial (linear aggregators)
+    outcome = server.close()               # apply the aggregate with the server optimizer
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from fedopt.aggregators import Aggregator, Update
+from fedopt.errors import ConfigError
+from fedopt.optimizers import ServerOptimizer
+from fedopt.params import ParamSpec
+from fedopt.task import TrainConfig
+
+__all__ = ["Job", "RoundOutcome", "RoundServer", "client_seed"]
+
+
+def client_seed(seed: int, round: int, client: str) -> int:
+    """A per-(run, round, client) seed, independent of how clients are spread over processes."""
+    key = [seed & 0xFFFFFFFF, round, *client.encode()]
+    return int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+@dataclass
+class Job:
+    client: str  # the client's id
+    config: TrainConfig  # what it is asked to do this round
+    straggler: bool = False  # it was chosen to do only part of its work
+
+
+@dataclass
+class RoundOutcome:
+    round: int
+    applied: bool  # the global model moved
+    count: int  # client updates folded in
+    weight: float  # their total weight
+    rejected: dict[str, str] = field(default_factory=dict)  # client -> reason
+    train_loss: float | None = None  # sample-weighted mean of the clients' reported training loss
+
+
+class RoundServer:
+    """Server-side state of a federated run, driven one round at a time."""
+
+    def __init__(
+        self,
+        spec: ParamSpec,
+        global_vec: torch.Tensor,
+        aggregator: Aggregator,
+        optimizer: ServerOptimizer,
+        train: TrainConfig,
+        *,
+        per_round: int,
+        seed: int = 0,
+        stragglers: float = 0.0,
+        keep_stragglers: bool = False,
+    ) -> None:
+        spec.check_vector(global_vec)
+        self.spec = spec
+        self.global_vec = global_vec
+        self.aggregator = aggregator
+        self.optimizer = optimizer
+        self.train = train
+        self.per_round = per_round
+        self.seed = seed
+        self.stragglers = stragglers
+        self.keep_stragglers = keep_stragglers
+        self._round: int | None = None
+        self._rejected: dict[str, str] = {}
+        self._loss_sum = 0.0
+        self._loss_weight = 0.0
+
+    # ---- planning ---------------------------------------------------------------------------------------------------
+    def select(self, round: int, candidates: list[str]) -> list[str]:
+        """Uniform sampling without replacement, seeded by (seed, round): the same run selects the same clients."""
+        pool = sorted(candidates)
+        k = min(self.per_round, len(pool))
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, round, 1])
+        return [pool[i] for i in sorted(rng.choice(len(pool), size=k, replace=False))]
+
+    def plan(self, round: int, sizes: Mapping[str, int]) -> list[Job]:
+        """Select clients and give each a TrainConfig. ``sizes`` maps each available client to its sample count.
+
+        Stragglers (Li et al., MLSys 2020, Section 5.2): a ``stragglers`` fraction of the selected clients do a number
+        of local steps drawn uniformly from [1, full work]; FedProx keeps that partial work, FedAvg drops it.
+        """
+        chosen = self.select(round, list(sizes))
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, round, 2])
+        n_slow = int(round_half_up(self.stragglers * len(chosen)))
+        slow = set(rng.choice(len(chosen), size=n_slow, replace=False).tolist()) if n_slow else set()
+        jobs = []
+        for i, cid in enumerate(chosen):
+            cfg = TrainConfig(**{**self.train.__dict__, "seed": client_seed(self.seed, round, cid)})
+            if i in slow:
+                full = cfg.epochs * cfg.steps_per_epoch(max(sizes[cid], 1))
+                cfg.max_steps = int(rng.integers(1, full + 1))
+            jobs.append(Job(cid, cfg, i in slow))
+        return jobs
+
+    # ---- a round ----------------------------------------------------------------------------------------------------
+    def begin(self, round: int) -> None:
+        self._round = round
+        self._rejected = {}
+        self._loss_sum = self._loss_weight = 0.0
+        self.aggregator.begin(round, self.spec.size)
+
+    def check(self, update: Update) -> str | None:
+        """Why an update must be refused, or None when it may be aggregated. Never raises."""
+        d = update.delta
+        if not isinstance(d, torch.Tensor) or d.dim() != 1 or d.numel() != self.spec.size:
+            return f"wrong length: {getattr(d, 'shape', None)} for a model of {self.spec.size}"
+        if not isinstance(update.num_samples, int) or update.num_samples < 0:
+            return f"invalid num_samples {update.num_samples!r}"
+        if not bool(torch.isfinite(d).all()):
+            return "non-finite values (NaN or Inf) in the update"
+        if update.partial and not self.keep_stragglers:
+            return "partial work from a straggler (dropped: FedAvg keeps only complete updates)"
+        return None
+
+    def offer(self, update: Update) -> str | None:
+        """Validate and aggregate one update. Returns None when accepted, else the reason it was dropped."""
+        if self._round is None:
+            raise ConfigError("offer() before begin()")
+        reason = self.check(update)
+        if reason is None:
+            try:
+                self.aggregator.add(update)
+            except ConfigError as e:
+                reason = str(e)
+        if reason is not None:
+            self._rejected[update.client] = reason
+            return reason
+        self._note_loss(update.metrics.get("loss"), update.num_samples)
+        return None
+
+    def merge(self, mean: torch.Tensor, weight: float, count: int, loss: float | None = None,
+              samples: int = 0) -> None:
+        """Fold in a pre-aggregated partial from a simulation worker (linear aggregators only)."""
+        if not getattr(self.aggregator, "linear", False):
+            raise ConfigError(f"aggregator {self.aggregator.name!r} needs every update; it cannot merge partials")
+        self.aggregator.merge(mean, weight, count)
+        self._note_loss(loss, samples)
+
+    def reject(self, client: str, reason: str) -> None:
+        """Record that a selected client's work was not used (it died, timed out, or was a dropped straggler)."""
+        self._rejected[client] = reason
+
+    def _note_loss(self, loss, weight) -> None:
+        if loss is not None and math.isfinite(loss) and weight > 0:
+            self._loss_sum += loss * weight
+            self._loss_weight += weight
+
+    def close(self) -> RoundOutcome:
+        agg = self.aggregator.result()
+        r, self._round = self._round, None
+        loss = self._loss_sum / self._loss_weight if self._loss_weight else None
+        if agg is None:
+            return RoundOutcome(r, False, 0, 0.0, dict(self._rejected), loss)
+        self.optimizer.step(self.global_vec, agg.delta.to(self.global_vec.dtype))
+        return RoundOutcome(r, True, agg.count, agg.weight, dict(self._rejected), loss)
+
+
+def round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))

@@ -1,0 +1,59 @@
+"""Robust aggregators that need every update in the clear: coordinate-wise ``median`` and ``trimmed_mean``
+(Yin et al., "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates", ICML 2018).
+
+They hold all of a round's updates (O(n·P) memory) and cannot run under secure masking (``needs_plaintext``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import ConfigError
+from .base import Aggregate, Update
+
+__all__ = ["CoordinateMedian", "TrimmedMean"]
+
+
+class _Collecting:
+    linear = False
+    needs_all_updates = True
+    needs_plaintext = True
+
+    def begin(self, round: int, size: int) -> None:
+        self._size, self._rows, self._weight = size, [], 0.0
+
+    def add(self, update: Update) -> None:
+        if update.delta.dim() != 1 or update.delta.numel() != self._size:
+            raise ConfigError(f"update has {update.delta.numel()} elements, the model has {self._size}")
+        self._rows.append(update.delta.detach().to(torch.float32, copy=True))
+        self._weight += update.num_samples
+
+    def result(self) -> Aggregate | None:
+        if not self._rows:
+            return None
+        return Aggregate(self._combine(torch.stack(self._rows)), self._weight, len(self._rows))
+
+
+class CoordinateMedian(_Collecting):
+    name = "median"
+
+    def _combine(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.median(dim=0).values if rows.shape[0] % 2 else rows.quantile(0.5, dim=0)
+
+
+class TrimmedMean(_Collecting):
+    """Drop the ``beta`` fraction of largest and of smallest values per coordinate, average the rest."""
+
+    name = "trimmed_mean"
+
+    def __init__(self, beta: float = 0.1) -> None:
+        if not 0 <= beta < 0.5:
+            raise ConfigError(f"trim fraction beta must be in [0, 0.5), not {beta}")
+        self.beta = beta
+
+    def _combine(self, rows: torch.Tensor) -> torch.Tensor:
+        k = math.floor(self.beta * rows.shape[0])
+        s = rows.sort(dim=0).values
+        return s[k : rows.shape[0] - k].mean(dim=0)

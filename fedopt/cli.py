@@ -1,0 +1,181 @@
+"""The ``fedopt`` command. Thin: parse, build objects, call; argv is seen only here.
+
+Each subcommand lives in the module that implements it and is imported only when chosen, so ``fedopt --help`` and
+bad-usage errors answer without importing torch. A subcommand module provides ``configure(parser)`` and
+``run(args) -> int``. Every deliberate error is one line on stderr; exit codes are 0 success, 2 bad usage or invalid
+input, 1 a run that failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Any, Sequence
+
+from .errors import ConfigError, FedoptError
+
+__all__ = ["main", "add_round_options", "round_overrides", "parse_kv"]
+
+# name -> (module implementing configure/run, one-line description)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "simulate": ("fedopt.cli", "run many clients on this machine (in-process, worker pool, or real processes)"),
+    "coordinator": ("coordinator.server", "run a coordinator that federated clients connect to"),
+    "client": ("clients.federated", "run one federated client on its private shard"),
+    "gossip": ("clients.gossip", "run one gossip peer (no coordinator)"),
+    "allreduce": ("clients.allreduce", "run datacenter workers on torch.distributed (DDP / local SGD)"),
+    "keys": ("fedopt.bus", "make CurveZMQ key pairs: fedopt keys generate DIR"),
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def parse_kv(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as an int, float, bool or string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    for conv in (int, float):
+        try:
+            return key.replace("-", "_"), conv(value)
+        except ValueError:
+            pass
+    if value.lower() in ("true", "false"):
+        return key.replace("-", "_"), value.lower() == "true"
+    return key.replace("-", "_"), value
+
+
+def add_round_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by `simulate` and `coordinator`; every default is None so the config file can supply it."""
+    S = argparse.SUPPRESS
+    g = p.add_argument_group("task and data")
+    g.add_argument("--config", default=None, help="TOML file with any of these options (flags override it)")
+    g.add_argument("--task", default=S, help="built-in task (digits, synthetic, synthetic-iid) or package.module:attr")
+    g.add_argument("--task-option", dest="task_options", action="append", type=parse_kv, default=S,
+                   metavar="KEY=VALUE", help="option for the task's factory, e.g. alpha=1 (repeatable)")
+    g.add_argument("--clients", type=int, default=S, help="number of clients / data shards (default 10)")
+    g.add_argument("--partition", default=S, choices=("iid", "dirichlet", "natural"), help="default dirichlet")
+    g.add_argument("--alpha", type=float, default=S, help="Dirichlet concentration (default 0.5)")
+    g = p.add_argument_group("rounds")
+    g.add_argument("--rounds", type=int, default=S, help="default 50")
+    g.add_argument("--clients-per-round", type=int, default=S, help="default: all clients")
+    g.add_argument("--fraction", type=float, default=S, help="clients per round as a fraction in (0, 1]")
+    g.add_argument("--local-epochs", type=int, default=S, help="default 3")
+    g.add_argument("--batch-size", type=int, default=S, help="default 16")
+    g.add_argument("--lr", type=float, default=S, help="client learning rate (default 0.1)")
+    g.add_argument("--momentum", type=float, default=S, help="client SGD momentum (default 0)")
+    g.add_argument("--mu", type=float, default=S, help="FedProx proximal term (default 0 = FedAvg)")
+    g.add_argument("--stragglers", type=float, default=S, help="fraction of selected clients doing partial work")
+    g.add_argument("--straggler-policy", choices=("auto", "keep", "drop"), default=S,
+                   help="auto: keep partial work when mu > 0 (FedProx), drop it otherwise (FedAvg)")
+    g.add_argument("--eval-every", type=int, default=S, help="evaluate every k rounds (default 1)")
+    g = p.add_argument_group("aggregation")
+    g.add_argument("--aggregator", default=S, help="fedavg | weighted | mean | median | trimmed_mean | secagg")
+    g.add_argument("--aggregator-option", dest="aggregator_options", action="append", type=parse_kv, default=S,
+                   metavar="KEY=VALUE", help="option for the aggregator (repeatable)")
+    g.add_argument("--server-opt", default=S, help="fedavg | fedavgm | fedadam | fedyogi | fedadagrad")
+    g.add_argument("--server-lr", type=float, default=S, help="server learning rate")
+    g.add_argument("--server-option", dest="server_options", action="append", type=parse_kv, default=S,
+                   metavar="KEY=VALUE", help="server optimizer option: momentum, beta1, beta2, tau (repeatable)")
+    g.add_argument("--buffers", choices=("average", "local"), default=S,
+                   help="float buffers such as BatchNorm statistics: averaged or kept on each client")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=S)
+    g.add_argument("--device", default=S, help="auto | cpu | cuda (auto = CUDA when present)")
+    g.add_argument("--out", default=S, help="output directory (default runs/latest)")
+    g.add_argument("--progress", choices=("auto", "bar", "lines", "off"), default=S)
+
+
+def round_overrides(args: argparse.Namespace, skip: Sequence[str] = ("config",)) -> dict:
+    """The RunConfig fields the user gave on the command line (key=value lists become dicts)."""
+    out = {}
+    for k, v in vars(args).items():
+        if k in skip or k.startswith("_"):
+            continue
+        out[k] = dict(v) if isinstance(v, list) else v
+    return out
+
+
+# ---- simulate ---------------------------------------------------------------------------------------------------------
+def configure(p: argparse.ArgumentParser) -> None:
+    add_round_options(p)
+    S = argparse.SUPPRESS
+    g = p.add_argument_group("execution")
+    g.add_argument("--mode", choices=("federated", "gossip"), default=S)
+    g.add_argument("--transport", choices=("inproc", "ipc", "tcp"), default=S,
+                   help="inproc: this process (default); ipc/tcp: a coordinator and real client processes")
+    g.add_argument("--processes", type=int, default=S, help="client processes for --transport ipc|tcp")
+    g.add_argument("--backend", choices=("sequential", "vmap"), default=S)
+    g.add_argument("--workers", type=int, default=S, help="simulation worker processes (default: cores)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .config import build_config
+
+    cfg = build_config(args.config, round_overrides(args))
+    if cfg.mode == "gossip":
+        from clients.gossip import simulate_gossip  # N peers as local processes
+
+        return simulate_gossip(cfg)
+    if cfg.transport != "inproc":
+        from coordinator.local import simulate_processes  # a coordinator + K client processes over the bus
+
+        return simulate_processes(cfg)
+    from clients.simulation import simulate  # in-process engine / worker pool / vmap
+
+    simulate(cfg)
+    return 0
+
+
+# ---- entry point ------------------------------------------------------------------------------------------------------
+def _top_help() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    rows = "\n".join(f"  {n:<{width}}  {d}" for n, (_, d) in SUBCOMMANDS.items())
+    return f"usage: fedopt COMMAND [options]\n\ncommands:\n{rows}\n\n`fedopt COMMAND --help` lists a command's options."
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_top_help())
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"fedopt {__version__}")
+        return 0
+    name = argv[0]
+    if name not in SUBCOMMANDS:
+        sys.stderr.write(f"fedopt: error: unknown command {name!r} (choose from {', '.join(SUBCOMMANDS)})\n")
+        return 2
+    module_name, desc = SUBCOMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        sys.stderr.write(f"fedopt {name}: error: this command is unavailable: {e}\n")
+        return 1
+    parser = Parser(prog=f"fedopt {name}", description=desc)
+    module.configure(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except FedoptError as e:
+        sys.stderr.write(f"fedopt {name}: error: {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write(f"fedopt {name}: interrupted\n")
+        return 130
+    except (ValueError, FileNotFoundError) as e:
+        # a bad value that slipped past validation still gets one line, not a traceback wall
+        sys.stderr.write(f"fedopt {name}: error: {e}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

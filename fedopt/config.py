@@ -1,0 +1,188 @@
+"""Run configuration: one frozen dataclass, validated field by field, loadable from TOML.
+
+Precedence: built-in defaults < the TOML file (``--config``) < command-line flags. A TOML file holds the same names as
+the flags (``local-epochs`` or ``local_epochs``), at top level or under a ``[simulate]`` table, plus optional tables
+``[task-options]``, ``[aggregator-options]`` and ``[server-options]``. An unknown key is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+__all__ = ["RunConfig", "load_toml", "build_config"]
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name.replace('_', '-')} must be one of {', '.join(map(str, allowed))}, not {value!r}")
+
+
+def _at_least(name: str, value: Any, low: float, kind=int) -> None:
+    if not isinstance(value, kind) or isinstance(value, bool) or value < low:
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"{name.replace('_', '-')} must be {what} >= {low}, not {value!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run needs to know. Field names are the CLI flags with dashes as underscores."""
+
+    task: str = "digits"  # built-in name or package.module:attr
+    task_options: dict = field(default_factory=dict)  # keyword arguments for the task's factory
+    clients: int = 10  # total number of clients (data shards)
+    clients_per_round: int | None = None  # clients selected each round (default: all, or --fraction)
+    fraction: float | None = None  # alternative to clients_per_round: a fraction in (0, 1]
+    rounds: int = 50
+    local_epochs: int = 3
+    batch_size: int = 16
+    lr: float = 0.1  # client learning rate (local SGD)
+    momentum: float = 0.0  # client SGD momentum
+    mu: float = 0.0  # FedProx proximal coefficient (0 = FedAvg's plain local SGD)
+    partition: str = "dirichlet"  # iid | dirichlet | natural
+    alpha: float = 0.5  # Dirichlet concentration
+    aggregator: str = "fedavg"
+    aggregator_options: dict = field(default_factory=dict)
+    server_opt: str = "fedavg"
+    server_lr: float | None = None  # default: 1.0 for fedavg/fedavgm, 0.01 for the adaptive ones
+    server_options: dict = field(default_factory=dict)  # momentum, beta1, beta2, tau
+    stragglers: float = 0.0  # fraction of selected clients that do only part of their local work
+    straggler_policy: str = "auto"  # auto (keep when mu > 0, else drop) | keep | drop
+    buffers: str = "average"  # float buffers (BatchNorm statistics): average | local
+    eval_every: int = 1  # evaluate the global model every k rounds (and always after the last)
+    seed: int = 0
+    device: str = "auto"  # auto = cuda when present
+    out: str = "runs/latest"
+    mode: str = "federated"  # federated | gossip
+    transport: str = "inproc"  # inproc (one process) | ipc | tcp (real processes over the bus)
+    processes: int | None = None  # client processes for ipc/tcp runs
+    backend: str = "sequential"  # sequential | vmap
+    workers: int | None = None  # simulation worker processes (default: cores)
+    progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | off
+
+    def __post_init__(self):
+        if not isinstance(self.task, str) or not self.task:
+            raise ConfigError("task must be a non-empty name")
+        _at_least("clients", self.clients, 1)
+        if self.clients_per_round is not None:
+            _at_least("clients_per_round", self.clients_per_round, 1)
+            if self.clients_per_round > self.clients:
+                raise ConfigError(f"clients-per-round ({self.clients_per_round}) exceeds clients ({self.clients})")
+        if self.fraction is not None:
+            if self.clients_per_round is not None:
+                raise ConfigError("give clients-per-round or fraction, not both")
+            if not isinstance(self.fraction, (int, float)) or not 0 < self.fraction <= 1:
+                raise ConfigError(f"fraction must be in (0, 1], not {self.fraction!r}")
+        _at_least("rounds", self.rounds, 1)
+        _at_least("local_epochs", self.local_epochs, 1)
+        _at_least("batch_size", self.batch_size, 1)
+        _at_least("eval_every", self.eval_every, 1)
+        for name in ("lr", "alpha"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or not math.isfinite(v):
+                raise ConfigError(f"{name} must be a number > 0, not {v!r}")
+        for name in ("momentum", "mu"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not v >= 0:
+                raise ConfigError(f"{name} must be a number >= 0, not {v!r}")
+        if self.server_lr is not None and not (isinstance(self.server_lr, (int, float)) and self.server_lr > 0):
+            raise ConfigError(f"server-lr must be a number > 0, not {self.server_lr!r}")
+        if not isinstance(self.stragglers, (int, float)) or not 0 <= self.stragglers <= 1:
+            raise ConfigError(f"stragglers must be a fraction in [0, 1], not {self.stragglers!r}")
+        _choice("partition", self.partition, ("iid", "dirichlet", "natural"))
+        _choice("straggler_policy", self.straggler_policy, ("auto", "keep", "drop"))
+        _choice("buffers", self.buffers, ("average", "local"))
+        _choice("device", self.device.split(":")[0] if isinstance(self.device, str) else self.device,
+                ("auto", "cpu", "cuda"))
+        _choice("mode", self.mode, ("federated", "gossip"))
+        _choice("transport", self.transport, ("inproc", "ipc", "tcp"))
+        _choice("backend", self.backend, ("sequential", "vmap"))
+        _choice("progress", self.progress, ("auto", "bar", "lines", "off"))
+        if self.processes is not None:
+            _at_least("processes", self.processes, 1)
+        if self.workers is not None:
+            _at_least("workers", self.workers, 1)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"seed must be an integer, not {self.seed!r}")
+        for name in ("task_options", "aggregator_options", "server_options"):
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"{name.replace('_', '-')} must be a table of key = value")
+
+    # ---- derived facts ----------------------------------------------------------------------------------------------
+    @property
+    def per_round(self) -> int:
+        if self.clients_per_round is not None:
+            return self.clients_per_round
+        if self.fraction is not None:
+            return max(1, round(self.fraction * self.clients))
+        return self.clients
+
+    @property
+    def keep_stragglers(self) -> bool:
+        """FedProx keeps a straggler's partial work; FedAvg drops the straggler (Li et al., MLSys 2020)."""
+        return self.straggler_policy == "keep" or (self.straggler_policy == "auto" and self.mu > 0)
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
+_TABLES = {"task_options", "aggregator_options", "server_options"}
+
+
+def _normalise(raw: Mapping[str, Any], source: str) -> dict:
+    out = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            known = ", ".join(sorted(k.replace("_", "-") for k in FIELDS))
+            raise ConfigError(f"unknown config key {key!r} in {source} (known keys: {known})")
+        if isinstance(value, dict) and name not in _TABLES:
+            raise ConfigError(f"config key {key!r} in {source} must be a value, not a table")
+        out[name] = dict(value) if isinstance(value, dict) else value
+    return out
+
+
+def load_toml(path: str | os.PathLike) -> dict:
+    """Read a config file into a dict of RunConfig fields; errors name the file and the key."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file is a directory: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    if "simulate" in raw and isinstance(raw["simulate"], dict):
+        raw = {**{k: v for k, v in raw.items() if k != "simulate"}, **raw["simulate"]}
+    return _normalise(raw, str(path))
+
+
+def build_config(config_file: str | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Defaults < TOML file < overrides (flags). Raises ConfigError naming the bad field."""
+    merged: dict[str, Any] = {}
+    if config_file:
+        merged.update(load_toml(config_file))
+    for key, value in _normalise(overrides or {}, "the command line").items():
+        if key in _TABLES and key in merged:
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    try:
+        return RunConfig(**merged)
+    except TypeError as e:
+        raise ConfigError(str(e)) from None

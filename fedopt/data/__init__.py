@@ -1,0 +1,6 @@
+"""Bundled data sets and partitioners. Nothing here downloads at run time."""
+
+from .array import ArrayTask
+from .partition import PartitionSpec, dirichlet_partition, iid_partition, partition_indices
+
+__all__ = ["ArrayTask", "PartitionSpec", "dirichlet_partition", "iid_partition", "partition_indices"]

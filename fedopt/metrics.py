@@ -1,0 +1,194 @@
+"""Metrics: one JSON object per round in ``OUT/metrics.jsonl``, progress on a terminal, a summary, a plot.
+
+The metrics file is a contract every mode honours: each line has at least
+``round, accuracy, loss, clients, seconds, bytes_up, bytes_down``. Lines are appended and flushed as rounds finish;
+on ``--resume`` the file is cut back to the last checkpointed round first, so every round appears exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterable
+
+__all__ = ["MetricsWriter", "read_metrics", "Reporter", "summary_table", "plot_accuracy", "REQUIRED_KEYS"]
+
+REQUIRED_KEYS = ("round", "accuracy", "loss", "clients", "seconds", "bytes_up", "bytes_down")
+
+
+class MetricsWriter:
+    """Appends one JSON line per round. ``resume_after=r`` keeps only lines with ``round <= r`` first."""
+
+    def __init__(self, path: str | os.PathLike, resume_after: int | None = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_after is None:
+            self.path.write_text("")
+        else:
+            kept = [r for r in read_metrics(self.path) if r.get("round", 0) <= resume_after]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._f = open(self.path, "a", buffering=1)
+
+    def write(self, record: dict) -> None:
+        missing = [k for k in REQUIRED_KEYS if k not in record]
+        if missing:
+            raise KeyError(f"metrics record lacks {missing}")
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    p = Path(path)
+    if not p.exists():
+        return []
+    out = []
+    for line in p.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line torn by a crash ends the readable history
+    return out
+
+
+class Reporter:
+    """Progress for a run: a rich progress bar with live accuracy on a terminal, one line per round otherwise."""
+
+    def __init__(self, total_rounds: int, mode: str = "auto", title: str = "fedopt", stream=None) -> None:
+        self.stream = stream or sys.stderr
+        if mode == "auto":
+            mode = "bar" if self.stream.isatty() else "lines"
+        self.mode = mode
+        self.total = total_rounds
+        self._progress = None
+        if mode == "bar":
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("acc {task.fields[acc]}"), TimeElapsedColumn(),
+                console=Console(file=self.stream), transient=False,
+            )
+            self._task = self._progress.add_task(title, total=total_rounds, acc="-")
+            self._progress.start()
+
+    def round_done(self, rec: dict) -> None:
+        acc = rec.get("accuracy")
+        acc_s = "-" if acc is None else f"{acc:.4f}"
+        if self._progress is not None:
+            self._progress.update(self._task, completed=rec["round"], acc=acc_s)
+        elif self.mode == "lines":
+            loss = rec.get("loss")
+            loss_s = "-" if loss is None else f"{loss:.4f}"
+            print(f"round {rec['round']:>4}/{self.total}  accuracy {acc_s}  loss {loss_s}  "
+                  f"clients {rec['clients']:>4}  {rec['seconds']:.3f}s", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def summary_table(records: Iterable[dict], title: str, extra: dict | None = None) -> str:
+    """A small text table of a finished run (printed to stdout at the end of a run)."""
+    records = list(records)
+    if not records:
+        return f"{title}: no rounds completed"
+    evaluated = [r for r in records if r.get("accuracy") is not None]
+    last = evaluated[-1] if evaluated else records[-1]
+    best = max(evaluated, key=lambda r: r["accuracy"]) if evaluated else last
+    secs = sorted(r["seconds"] for r in records)
+    rows = [
+        ("rounds", f"{records[-1]['round']}"),
+        ("final accuracy", f"{last.get('accuracy', float('nan')):.4f}" if evaluated else "-"),
+        ("best accuracy", f"{best['accuracy']:.4f} (round {best['round']})" if evaluated else "-"),
+        ("final test loss", f"{last['loss']:.4f}" if last.get("loss") is not None else "-"),
+        ("median round time", f"{secs[len(secs) // 2]:.3f} s"),
+        ("total time", f"{sum(secs):.2f} s"),
+        ("bytes up / down", f"{_human(sum(r['bytes_up'] for r in records))} / "
+                            f"{_human(sum(r['bytes_down'] for r in records))}"),
+    ]
+    rows += [(k, str(v)) for k, v in (extra or {}).items()]
+    width = max(len(k) for k, _ in rows)
+    lines = [title, "-" * len(title)] + [f"{k:<{width}}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000:
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"
+
+
+def plot_accuracy(records: list[dict], path: str | os.PathLike, label: str = "accuracy") -> Path | None:
+    """Accuracy per round as a PNG; returns None (and does nothing) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    pts = [(r["round"], r["accuracy"]) for r in records if r.get("accuracy") is not None]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(*zip(*pts), marker=".", label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+class RunOutput:
+    """Everything a training run writes, in one place every mode shares: ``metrics.jsonl`` (with progress),
+    ``model.safetensors``, ``accuracy.png`` (when matplotlib is installed) and the summary printed at the end."""
+
+    def __init__(self, out_dir: str | os.PathLike, total_rounds: int, progress: str = "auto",
+                 title: str = "fedopt", resume_after: int | None = None) -> None:
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.title = title
+        self.writer = MetricsWriter(self.dir / "metrics.jsonl", resume_after)
+        self.records: list[dict] = read_metrics(self.dir / "metrics.jsonl")
+        self.reporter = Reporter(total_rounds, "off" if progress == "off" else progress, title)
+
+    def round_done(self, record: dict) -> None:
+        self.writer.write(record)
+        self.records.append(record)
+        self.reporter.round_done(record)
+
+    def finish(self, spec, vec, extra: dict | None = None, stream=None) -> None:
+        from .checkpoint import save_model
+
+        self.reporter.close()
+        self.writer.close()
+        save_model(self.dir / "model.safetensors", spec, vec, {"rounds": len(self.records)})
+        plot_accuracy(self.records, self.dir / "accuracy.png", self.title)
+        print(summary_table(self.records, self.title, extra), file=stream or sys.stdout, flush=True)
+
+    def close(self) -> None:
+        self.reporter.close()
+        if not self.writer._f.closed:
+            self.writer.close()
