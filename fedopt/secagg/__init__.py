@@ -1,0 +1,67 @@
+"""Secure aggregation (SecAgg and SecAgg+), pure and I/O-free.
+
+Implements the double-masking protocol of Bonawitz et al., "Practical Secure Aggregation for
+Privacy-Preserving Machine Learning" (CCS 2017), over the sparse O(log n)-degree neighbour graphs of
+Bell et al., "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead" (CCS 2020).
+
+Modules: :mod:`~fedopt.secagg.keys` (X25519 + HKDF, Ed25519 identities, AES-GCM share bundles),
+:mod:`~fedopt.secagg.prg` (AES-256-CTR mask expansion), :mod:`~fedopt.secagg.shamir` (t-of-n over
+GF(2^521 - 1)), :mod:`~fedopt.secagg.quantize` (L2 clip, stochastic quantisation mod 2^k),
+:mod:`~fedopt.secagg.masking`, :mod:`~fedopt.secagg.graph`, and the protocol state machines
+:class:`ClientSession` / :class:`ServerSession` exchanging the frozen dataclasses of
+:mod:`~fedopt.secagg.messages`. Every failure raises :class:`fedopt.errors.SecAggError`.
+"""
+
+from fedopt.secagg.client import ClientSession
+from fedopt.secagg.graph import default_neighbours, default_threshold, neighbour_graph
+from fedopt.secagg.keys import generate_identity, identity_public_bytes
+from fedopt.secagg.masking import mask_input, unmask_sum
+from fedopt.secagg.messages import (
+    AggregateResult,
+    EncryptedShare,
+    KeyAdvertisement,
+    MaskedInput,
+    NeighbourKeys,
+    RoundConfig,
+    ShareDelivery,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from fedopt.secagg.quantize import (
+    Encoded,
+    QuantConfig,
+    check_capacity,
+    clip_fraction,
+    decode_sum,
+    encode_update,
+)
+from fedopt.secagg.server import ServerSession
+
+__all__ = [
+    "AggregateResult",
+    "ClientSession",
+    "Encoded",
+    "EncryptedShare",
+    "KeyAdvertisement",
+    "MaskedInput",
+    "NeighbourKeys",
+    "QuantConfig",
+    "RoundConfig",
+    "ServerSession",
+    "ShareDelivery",
+    "ShareKeys",
+    "UnmaskRequest",
+    "UnmaskResponse",
+    "check_capacity",
+    "clip_fraction",
+    "decode_sum",
+    "default_neighbours",
+    "default_threshold",
+    "encode_update",
+    "generate_identity",
+    "identity_public_bytes",
+    "mask_input",
+    "neighbour_graph",
+    "unmask_sum",
+]

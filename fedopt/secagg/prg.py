@@ -1,0 +1,112 @@
+"""Cryptographic PRG for secure-aggregation masks: AES-256-CTR keystream read as integers.
+
+Bonawitz et al. (CCS 2017) and Bell et al. (CCS 2020) expand every 32-byte seed (a self-mask seed
+``b_u`` or a pairwise seed ``s_uv``) into a mask over Z_{2^k}^m with a PRG. Here the seed is the AES-256
+key, the counter block starts at zero, and the keystream (AES-CTR over zero bytes) is reinterpreted
+little-endian as uint32 or uint64 words. Because the modulus is a power of two, uniform bytes give
+uniform words with no rejection step. A seed is used as a key for exactly one stream, so the fixed
+zero counter never repeats a (key, counter) pair.
+
+Never use numpy's RandomState/Generator for masks: their state is recoverable from outputs.
+
+The hot path (:func:`accumulate`) writes the keystream chunk by chunk into a cache-sized scratch
+buffer and adds or subtracts it in place, so masking costs little beyond generating the keystream.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from fedopt.errors import SecAggError
+
+__all__ = ["SEED_BYTES", "Scratch", "accumulate", "expand", "keystream"]
+
+#: length of a PRG seed (an AES-256 key)
+SEED_BYTES = 32
+_ZERO_COUNTER = bytes(16)
+_BLOCK = 16
+#: keystream bytes per chunk: big enough to amortise the per-call overhead (measured: 1 MiB is best)
+_CHUNK_BYTES = 1 << 20
+
+
+def _encryptor(seed: bytes):
+    if not isinstance(seed, (bytes, bytearray)) or len(seed) != SEED_BYTES:
+        raise SecAggError(f"PRG seed must be {SEED_BYTES} bytes")
+    return Cipher(algorithms.AES(bytes(seed)), modes.CTR(_ZERO_COUNTER)).encryptor()
+
+
+def _check_dtype(dtype) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt not in (np.dtype(np.uint32), np.dtype(np.uint64)):
+        raise SecAggError(f"PRG words must be uint32 or uint64, got {dt}")
+    return dt.newbyteorder("<")
+
+
+def keystream(seed: bytes, nbytes: int) -> bytes:
+    """The first ``nbytes`` of the AES-256-CTR keystream under ``seed``."""
+    if nbytes < 0:
+        raise SecAggError(f"keystream length must be >= 0, got {nbytes}")
+    return _encryptor(seed).update(bytes(nbytes))
+
+
+def expand(seed: bytes, m: int, dtype=np.uint32) -> np.ndarray:
+    """``m`` pseudorandom words (uint32 or uint64), deterministic in ``seed``; a fresh writable array."""
+    dt = _check_dtype(dtype)
+    if m < 0:
+        raise SecAggError(f"PRG output length must be >= 0, got {m}")
+    out = np.empty(m, dtype=dt)
+    enc = _encryptor(seed)
+    raw = out.view(np.uint8)
+    buf = bytearray(min(raw.nbytes, _CHUNK_BYTES) + _BLOCK - 1)
+    zeros = bytes(min(raw.nbytes, _CHUNK_BYTES))
+    for start in range(0, raw.nbytes, _CHUNK_BYTES):
+        n = min(_CHUNK_BYTES, raw.nbytes - start)
+        enc.update_into(zeros[:n] if n < len(zeros) else zeros, buf)
+        raw[start : start + n] = np.frombuffer(buf, np.uint8, n)
+    return out
+
+
+class Scratch:
+    """Reusable buffers for :func:`accumulate` (one per thread); avoids an allocation per seed."""
+
+    def __init__(self) -> None:
+        self._zeros = bytes(_CHUNK_BYTES)
+        self._buf = bytearray(_CHUNK_BYTES + _BLOCK - 1)
+
+    def fill(self, enc, nbytes: int) -> memoryview:
+        data = self._zeros if nbytes == _CHUNK_BYTES else memoryview(self._zeros)[:nbytes]
+        enc.update_into(data, self._buf)
+        return memoryview(self._buf)[:nbytes]
+
+
+def accumulate(
+    acc: np.ndarray,
+    seed: bytes,
+    sign: int = 1,
+    scratch: Scratch | None = None,
+    base: np.ndarray | None = None,
+) -> None:
+    """``acc = base + sign * expand(seed, len(acc), acc.dtype)`` modulo 2^k, chunk by chunk.
+
+    ``base`` defaults to ``acc`` itself (in-place accumulation); passing it fuses a copy into the
+    first expansion. ``acc`` must be a contiguous 1-D uint32 or uint64 array, ``base`` the same
+    shape and dtype; unsigned wrap-around is the reduction.
+    """
+    dt = _check_dtype(acc.dtype)
+    if acc.ndim != 1 or not acc.flags.c_contiguous:
+        raise SecAggError("mask accumulator must be a contiguous 1-D array")
+    if base is None:
+        base = acc
+    elif base.shape != acc.shape or base.dtype != acc.dtype:
+        raise SecAggError(f"mask base {base.dtype}{base.shape} does not match {acc.dtype}{acc.shape}")
+    if sign not in (1, -1):
+        raise SecAggError(f"mask sign must be +1 or -1, got {sign}")
+    scratch = scratch or Scratch()
+    enc = _encryptor(seed)
+    op = np.add if sign == 1 else np.subtract
+    words = _CHUNK_BYTES // dt.itemsize
+    for start in range(0, acc.size, words):
+        n = min(words, acc.size - start)
+        view = np.frombuffer(scratch.fill(enc, n * dt.itemsize), dtype=dt, count=n)
+        op(base[start : start + n], view, out=acc[start : start + n])

@@ -1,0 +1,184 @@
+"""Clip, quantise and encode float updates into Z_{2^k} for masked summation, and back.
+
+Secure aggregation (Bonawitz et al., CCS 2017; Bell et al., CCS 2020) sums integer vectors modulo
+2^k. This module maps a float update to such a vector and a modular sum back to floats.
+
+Encoding of one client's update ``x`` (length m) with clip ``c``, ``bits`` b and modulus 2^k:
+
+1. **L2 clipping**: if ||x||_2 > c then x <- x * c / ||x||_2. L2 (not L-infinity) because it is the norm
+   DP-FedAvg bounds, and it implies |x_i| <= c for every coordinate, which step 3 needs. The clip
+   rate reported is the fraction of *updates* clipped (:attr:`Encoded.clipped` per update).
+2. **Weighting** (weighted FedAvg): x <- x * w / W, with integer weight ``w`` = num_samples in
+   [0, W] and W = ``max_weight`` public, so |x_i| <= c still holds.
+3. **Signed stochastic quantisation**: scale s = (2^(b-1) - 1) / c; q = floor(s*x + U), U ~ U[0, 1)
+   from a caller-seeded numpy Generator (this is rounding noise, not a mask). E[q] = s*x (unbiased)
+   and q lies in [-(2^(b-1)-1), 2^(b-1)-1].
+4. **Two's complement mod 2^k** (k = 32 -> uint32, k = 64 -> uint64); with weights the integer ``w``
+   is appended as coordinate m (unscaled), so the vector has m+1 words.
+
+Decoding a modular sum S of n such vectors: read S as signed k-bit integers, divide by s, and (when
+weighted) multiply by W / sum(w), the last word of S being sum(w).
+
+**No wrap**: the true integer sum must fit in signed k bits. We require k >= b + ceil(log2 n), which
+gives n*(2^(b-1)-1) < 2^(k-1); weighted, also n*W < 2^(k-1). :func:`check_capacity` raises otherwise.
+
+**Error bound**: per coordinate and client |q/s - x| < 1/s = ``step`` (one quantisation step), so the
+dequantised sum is within n*step of the sum of the clipped (and weighted) floats, per coordinate
+(typical error ~ sqrt(n)*step/2, since rounding errors are independent and zero-mean). Weighted, the
+decoded mean is within n*step*W/sum(w) of the exact weighted mean of the clipped updates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedopt.errors import SecAggError
+
+__all__ = [
+    "Encoded",
+    "QuantConfig",
+    "check_capacity",
+    "clip_fraction",
+    "clip_l2",
+    "decode_sum",
+    "encode_update",
+]
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How every client of one round encodes its update; public, identical for all."""
+
+    clip: float  # L2 clip norm c (> 0)
+    bits: int = 16  # quantisation bits b: integers in [-(2^(b-1)-1), 2^(b-1)-1]
+    modulus_bits: int = 32  # k: arithmetic mod 2^k, 32 (uint32) or 64 (uint64)
+    max_weight: int | None = None  # W for weighted FedAvg; None = unweighted (no extra word)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.clip, (int, float)) and math.isfinite(self.clip) and self.clip > 0):
+            raise SecAggError(f"QuantConfig.clip must be a finite number > 0, got {self.clip!r}")
+        if self.modulus_bits not in (32, 64):
+            raise SecAggError(f"QuantConfig.modulus_bits must be 32 or 64, got {self.modulus_bits!r}")
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= min(self.modulus_bits, 53):
+            raise SecAggError(
+                f"QuantConfig.bits must be in [2, {min(self.modulus_bits, 53)}], got {self.bits!r}"
+            )
+        if self.max_weight is not None and (
+            not isinstance(self.max_weight, int) or self.max_weight < 1
+        ):
+            raise SecAggError(f"QuantConfig.max_weight must be an int >= 1, got {self.max_weight!r}")
+
+    @property
+    def dtype(self) -> np.dtype:
+        """uint32 for k = 32, uint64 for k = 64."""
+        return np.dtype(np.uint32 if self.modulus_bits == 32 else np.uint64)
+
+    @property
+    def scale(self) -> float:
+        """s = (2^(b-1) - 1) / c: integers per unit of update."""
+        return ((1 << (self.bits - 1)) - 1) / self.clip
+
+    @property
+    def step(self) -> float:
+        """One quantisation step 1/s: the per-coordinate, per-client error bound."""
+        return 1.0 / self.scale
+
+    @property
+    def weighted(self) -> bool:
+        return self.max_weight is not None
+
+    def vector_length(self, m: int) -> int:
+        """Words in an encoded vector for an update of length m."""
+        return m + (1 if self.weighted else 0)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One client's encoded update, ready to mask."""
+
+    vector: np.ndarray  # uint32/uint64, length m (+1 weight word when weighted)
+    norm: float  # L2 norm before clipping
+    clipped: bool  # whether clipping changed the update
+
+
+def check_capacity(cfg: QuantConfig, n: int) -> None:
+    """Raise SecAggError unless the sum of ``n`` encoded vectors cannot wrap modulo 2^k."""
+    if n < 1:
+        raise SecAggError(f"number of clients must be >= 1, got {n}")
+    need = cfg.bits + math.ceil(math.log2(n))
+    if cfg.modulus_bits < need:
+        raise SecAggError(
+            f"modulus 2^{cfg.modulus_bits} too small for {n} clients at {cfg.bits} bits: "
+            f"need k >= bits + ceil(log2 n) = {need} (use modulus_bits=64 or fewer bits)"
+        )
+    if cfg.weighted and n * cfg.max_weight >= 1 << (cfg.modulus_bits - 1):
+        raise SecAggError(
+            f"total weight {n}*{cfg.max_weight} would wrap modulo 2^{cfg.modulus_bits}"
+        )
+
+
+def clip_l2(x: np.ndarray, clip: float) -> tuple[np.ndarray, float, bool]:
+    """``(x scaled to L2 norm <= clip, original norm, whether it was clipped)``; float64 copy."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    if not np.all(np.isfinite(x)):
+        raise SecAggError("update contains NaN or infinite values")
+    norm = float(np.linalg.norm(x))
+    if norm > clip:
+        return x * (clip / norm), norm, True
+    return x.copy(), norm, False
+
+
+def encode_update(
+    x: np.ndarray,
+    cfg: QuantConfig,
+    rng: np.random.Generator,
+    weight: int | None = None,
+) -> Encoded:
+    """Clip, weight, stochastically quantise and encode ``x`` modulo 2^k (see module docstring).
+
+    ``weight`` (num_samples, an int in [0, max_weight]) is required iff ``cfg`` is weighted.
+    """
+    clipped, norm, was_clipped = clip_l2(x, cfg.clip)
+    if cfg.weighted:
+        if weight is None or not isinstance(weight, (int, np.integer)) or not 0 <= weight <= cfg.max_weight:
+            raise SecAggError(f"weight must be an int in [0, {cfg.max_weight}], got {weight!r}")
+        clipped *= int(weight) / cfg.max_weight
+    elif weight is not None:
+        raise SecAggError("weight given but QuantConfig.max_weight is None (unweighted)")
+    top = (1 << (cfg.bits - 1)) - 1  # clamp guards the one-ulp overshoot of s * c at |x_i| = c
+    q = np.clip(np.floor(clipped * cfg.scale + rng.random(clipped.size)), -top, top).astype(np.int64)
+    if cfg.weighted:
+        q = np.append(q, np.int64(weight))
+    # int64 -> uint64 is a bit reinterpretation (two's complement); narrowing keeps the low k bits.
+    vec = q.view(np.uint64).astype(cfg.dtype, copy=cfg.modulus_bits == 32)
+    return Encoded(vec, norm, was_clipped)
+
+
+def clip_fraction(encoded: Iterable[Encoded]) -> float:
+    """The fraction of updates that clipping changed (0.0 for none); the round's clip rate."""
+    flags = [e.clipped for e in encoded]
+    return sum(flags) / len(flags) if flags else 0.0
+
+
+def decode_sum(total: np.ndarray, cfg: QuantConfig) -> tuple[np.ndarray, int | None]:
+    """Dequantise a modular sum: ``(float64 vector, total weight)``.
+
+    Unweighted: the vector approximates the sum of clipped updates and the weight is None.
+    Weighted: it approximates the weighted mean sum(w x)/sum(w); raises SecAggError if sum(w) == 0.
+    """
+    total = np.asarray(total)
+    if total.dtype != cfg.dtype or total.ndim != 1:
+        raise SecAggError(f"modular sum must be a 1-D {cfg.dtype} array, got {total.dtype}")
+    signed = total.view(np.int32 if cfg.modulus_bits == 32 else np.int64)
+    if not cfg.weighted:
+        return signed.astype(np.float64) / cfg.scale, None
+    if total.size < 1:
+        raise SecAggError("weighted modular sum is missing its weight word")
+    w = int(signed[-1])
+    if w <= 0:
+        raise SecAggError(f"total weight of the round is {w}; cannot average")
+    return signed[:-1].astype(np.float64) * (cfg.max_weight / (cfg.scale * w)), w

@@ -1,0 +1,279 @@
+"""Primitives of fedopt.secagg: keys, PRG, Shamir, quantisation, graph, masking."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+
+import numpy as np
+import pytest
+
+import fedopt.secagg as secagg
+from fedopt.errors import SecAggError
+from fedopt.secagg import graph, keys, masking, prg, quantize, shamir
+
+
+# -- key agreement, signatures, AEAD --------------------------------------------------------------
+
+
+def _ka(a, b, **kw):
+    args = dict(purpose=keys.PURPOSE_MASK, round=3)
+    args.update(kw)
+    return keys.agree(a, keys.public_bytes(b), **args)
+
+
+def test_key_agreement_symmetric_and_bound_to_round_ids_purpose():
+    a, b = keys.RoundKeys.generate().s_sk, keys.RoundKeys.generate().s_sk
+    k_ab = _ka(a, b, me="alice", peer="bob")
+    assert len(k_ab) == 32
+    assert k_ab == _ka(b, a, me="bob", peer="alice")
+    assert k_ab == keys.agree(keys.private_bytes(a), keys.public_bytes(b), purpose=keys.PURPOSE_MASK,
+                              round=3, me="alice", peer="bob")
+    assert k_ab != _ka(a, b, me="alice", peer="bob", round=4)
+    assert k_ab != _ka(a, b, me="alice", peer="carol")
+    assert k_ab != _ka(a, b, me="alice", peer="bob", purpose=keys.PURPOSE_ENCRYPT)
+
+
+def test_key_agreement_rejects_bad_keys():
+    a = keys.RoundKeys.generate().s_sk
+    with pytest.raises(SecAggError):
+        keys.agree(a, b"\x00" * 32, purpose=b"x", round=0, me="a", peer="b")  # low-order point
+    with pytest.raises(SecAggError):
+        keys.agree(a, b"short", purpose=b"x", round=0, me="a", peer="b")
+    with pytest.raises(SecAggError):
+        keys.agree(a, keys.public_bytes(a), purpose=b"x", round=0, me="a", peer="a")
+
+
+def test_round_keys_are_fresh():
+    k1, k2 = keys.RoundKeys.generate(), keys.RoundKeys.generate()
+    assert len({k1.c_pk, k1.s_pk, k2.c_pk, k2.s_pk}) == 4
+
+
+def test_advertisement_signature():
+    ident, other = keys.generate_identity(), keys.generate_identity()
+    pk = keys.identity_public_bytes(ident)
+    c, s = os.urandom(32), os.urandom(32)
+    sig = keys.sign_advertisement(ident, 5, "u1", c, s)
+    keys.verify_advertisement(pk, sig, 5, "u1", c, s)
+    for args in [(6, "u1", c, s), (5, "u2", c, s), (5, "u1", s, c), (5, "u1", os.urandom(32), s)]:
+        with pytest.raises(SecAggError, match="bad signature"):
+            keys.verify_advertisement(pk, sig, *args)
+    with pytest.raises(SecAggError):
+        keys.verify_advertisement(keys.identity_public_bytes(other), sig, 5, "u1", c, s)
+    with pytest.raises(SecAggError):
+        keys.verify_advertisement(pk, b"", 5, "u1", c, s)
+
+
+def test_aead_roundtrip_and_tamper():
+    key = os.urandom(32)
+    blob = keys.encrypt_bundle(key, b"secret shares", round=1, sender="a", receiver="b")
+    assert keys.decrypt_bundle(key, blob, round=1, sender="a", receiver="b") == b"secret shares"
+    flipped = bytearray(blob)
+    flipped[-1] ^= 1
+    for bad_blob, kw in [
+        (bytes(flipped), dict(round=1, sender="a", receiver="b")),
+        (blob, dict(round=2, sender="a", receiver="b")),
+        (blob, dict(round=1, sender="b", receiver="a")),
+        (blob[:10], dict(round=1, sender="a", receiver="b")),
+    ]:
+        with pytest.raises(SecAggError):
+            keys.decrypt_bundle(key, bad_blob, **kw)
+    with pytest.raises(SecAggError):
+        keys.decrypt_bundle(os.urandom(32), blob, round=1, sender="a", receiver="b")
+
+
+# -- PRG ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
+def test_prg_deterministic_distinct_and_consistent(dtype):
+    s1, s2 = os.urandom(32), os.urandom(32)
+    m = (1 << 20) // np.dtype(dtype).itemsize + 7  # crosses a chunk boundary
+    a = prg.expand(s1, m, dtype)
+    assert a.dtype == dtype and a.shape == (m,)
+    assert np.array_equal(a, prg.expand(s1, m, dtype))
+    assert np.array_equal(a, np.frombuffer(prg.keystream(s1, a.nbytes), dtype=np.dtype(dtype).newbyteorder("<")))
+    assert np.mean(a == prg.expand(s2, m, dtype)) < 1e-3
+    acc = np.zeros(m, dtype)
+    prg.accumulate(acc, s1, 1)
+    assert np.array_equal(acc, a)
+    prg.accumulate(acc, s1, -1)
+    assert not acc.any()
+    assert np.array_equal(prg.expand(s1, 10, dtype), a[:10])  # a prefix of the same stream
+
+
+def test_prg_rejects_bad_input():
+    with pytest.raises(SecAggError):
+        prg.expand(b"short", 4)
+    with pytest.raises(SecAggError):
+        prg.expand(os.urandom(32), 4, np.int32)
+    with pytest.raises(SecAggError):
+        prg.accumulate(np.zeros(4, np.uint32), os.urandom(32), 2)
+
+
+# -- Shamir ---------------------------------------------------------------------------------------
+
+
+def test_shamir_any_t_of_n_and_not_t_minus_1():
+    secret = b"\xff" * 32  # > 2^255 - 19: the field must be larger
+    ids = [3, 7, 8, 11, 20, 21]
+    t = 4
+    sh = shamir.share(secret, t, ids)
+    for subset in itertools.combinations(ids, t):
+        assert shamir.reconstruct({x: sh[x] for x in subset}, t) == secret
+    assert shamir.reconstruct(sh, t) == secret
+    for subset in itertools.combinations(ids, t - 1):
+        with pytest.raises(SecAggError, match="need 4"):
+            shamir.reconstruct({x: sh[x] for x in subset}, t)
+    # t-1 shares interpolated as if the threshold were t-1 give an unrelated value
+    sub = {x: sh[x] for x in ids[: t - 1]}
+    with pytest.raises(SecAggError, match="corrupted"):
+        shamir.reconstruct(sub, t - 1)
+
+
+def test_shamir_errors_and_encoding():
+    with pytest.raises(SecAggError, match="duplicate"):
+        shamir.share(b"x", 2, [1, 2, 2])
+    with pytest.raises(SecAggError):
+        shamir.share(b"x", 4, [1, 2, 3])
+    with pytest.raises(SecAggError):
+        shamir.share(b"x", 1, [0, 1])
+    with pytest.raises(SecAggError):
+        shamir.share(b"x" * 33, 1, [1])
+    sh = shamir.share(os.urandom(32), 2, [1, 2, 3])
+    assert all(shamir.decode_share(shamir.encode_share(v)) == v for v in sh.values())
+    assert len(shamir.encode_share(sh[1])) == shamir.SHARE_BYTES
+    with pytest.raises(SecAggError):
+        shamir.decode_share(b"\xff" * shamir.SHARE_BYTES)
+    sh[1] = int.from_bytes(os.urandom(64), "big") % shamir.PRIME  # garbage is detected (w.h.p.)
+    with pytest.raises(SecAggError, match="corrupted"):
+        shamir.reconstruct({1: sh[1], 2: sh[2]}, 2)
+
+
+# -- quantisation ---------------------------------------------------------------------------------
+
+
+def test_quantise_error_bound_and_sum_bound():
+    cfg = quantize.QuantConfig(clip=2.0, bits=12)
+    rng = np.random.default_rng(0)
+    n, m = 20, 5000
+    xs = [rng.normal(0, 0.01, m) for _ in range(n)]
+    encs = [quantize.encode_update(x, cfg, rng) for x in xs]
+    for x, e in zip(xs, encs):
+        assert not e.clipped
+        back, _ = quantize.decode_sum(e.vector, cfg)
+        assert np.max(np.abs(back - x)) < cfg.step  # one step per coordinate per client
+    total = masking.sum_vectors(e.vector for e in encs)
+    back, w = quantize.decode_sum(total, cfg)
+    assert w is None
+    err = np.abs(back - np.sum(xs, axis=0))
+    assert np.max(err) < n * cfg.step
+    assert abs(np.mean(back - np.sum(xs, axis=0))) < 0.05 * cfg.step * math.sqrt(n)  # unbiased
+
+
+def test_quantise_clips_l2_and_reports():
+    cfg = quantize.QuantConfig(clip=1.0, bits=16, modulus_bits=64)
+    x = np.full(100, 1.0)  # norm 10
+    e = quantize.encode_update(x, cfg, np.random.default_rng(1))
+    assert e.clipped and e.norm == pytest.approx(10.0) and e.vector.dtype == np.uint64
+    back, _ = quantize.decode_sum(e.vector, cfg)
+    assert np.linalg.norm(back) == pytest.approx(1.0, abs=10 * cfg.step)
+    neg = quantize.encode_update(-x / 20, cfg, np.random.default_rng(1))
+    assert not neg.clipped
+    assert quantize.clip_fraction([e, neg]) == 0.5 and quantize.clip_fraction([]) == 0.0
+    # |x_i| = c exactly: stays within +-(2^(b-1) - 1), no one-ulp overshoot
+    edge = quantize.encode_update(np.array([-1.0, 0.0]), cfg, np.random.default_rng(1))
+    assert np.all(np.abs(edge.vector.view(np.int64)) <= (1 << 15) - 1)
+    assert np.all(quantize.decode_sum(neg.vector, cfg)[0] < 0)
+
+
+def test_quantise_weighted_mean():
+    cfg = quantize.QuantConfig(clip=1.0, bits=16, max_weight=1000)
+    rng = np.random.default_rng(2)
+    xs = [rng.uniform(-0.05, 0.05, 50) for _ in range(4)]
+    ws = [10, 200, 0, 1000]
+    encs = [quantize.encode_update(x, cfg, rng, weight=w) for x, w in zip(xs, ws)]
+    assert encs[0].vector.size == cfg.vector_length(50) == 51
+    mean, total_w = quantize.decode_sum(masking.sum_vectors(e.vector for e in encs), cfg)
+    exact = sum(w * x for w, x in zip(ws, xs)) / sum(ws)
+    assert total_w == sum(ws)
+    assert np.max(np.abs(mean - exact)) < len(xs) * cfg.step * cfg.max_weight / sum(ws)
+    with pytest.raises(SecAggError):
+        quantize.encode_update(xs[0], cfg, rng)  # weight missing
+    with pytest.raises(SecAggError):
+        quantize.encode_update(xs[0], cfg, rng, weight=1001)
+
+
+def test_no_wrap_check():
+    cfg = quantize.QuantConfig(clip=1.0, bits=16)
+    quantize.check_capacity(cfg, 1 << 16)
+    with pytest.raises(SecAggError, match="too small"):
+        quantize.check_capacity(cfg, (1 << 16) + 1)
+    quantize.check_capacity(quantize.QuantConfig(clip=1.0, bits=16, modulus_bits=64), 1 << 20)
+    with pytest.raises(SecAggError, match="weight"):
+        quantize.check_capacity(quantize.QuantConfig(clip=1.0, bits=8, max_weight=1 << 28), 16)
+
+
+@pytest.mark.parametrize("kw", [dict(clip=0.0), dict(clip=-1.0), dict(clip=float("nan")),
+                                dict(clip=1.0, bits=1), dict(clip=1.0, modulus_bits=16),
+                                dict(clip=1.0, max_weight=0)])
+def test_quant_config_validated(kw):
+    with pytest.raises(SecAggError):
+        quantize.QuantConfig(**kw)
+
+
+def test_quantise_rejects_nan():
+    with pytest.raises(SecAggError, match="NaN"):
+        quantize.encode_update(np.array([1.0, np.nan]), quantize.QuantConfig(clip=1.0),
+                               np.random.default_rng(0))
+
+
+# -- graph ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,k", [(10, 4), (100, 14), (12, 5), (7, 6)])
+def test_graph_regular_symmetric_deterministic(n, k):
+    ids = [f"c{i:03d}" for i in range(n)]
+    seed = os.urandom(32)
+    g = graph.neighbour_graph(ids, k, seed)
+    assert g == graph.neighbour_graph(list(reversed(ids)), k, seed)
+    for u, nb in g.items():
+        assert len(nb) == k and u not in nb
+        assert all(u in g[v] for v in nb)
+    if k < n - 1:
+        assert g != graph.neighbour_graph(ids, k, os.urandom(32))
+
+
+def test_graph_defaults_and_errors():
+    assert graph.default_neighbours(3) == 2
+    assert graph.default_neighbours(100) == 14
+    assert graph.default_threshold(14) == 8 and graph.default_threshold(2) == 2
+    for n in range(2, 2000, 37):
+        k = graph.default_neighbours(n)
+        graph.neighbour_graph([str(i) for i in range(n)], k, bytes(32))  # always constructible
+    with pytest.raises(SecAggError):
+        graph.neighbour_graph(["a", "b", "c", "d", "e"], 3, bytes(32))
+    with pytest.raises(SecAggError):
+        graph.neighbour_graph(["a", "a", "b"], 1, bytes(32))
+
+
+# -- masking --------------------------------------------------------------------------------------
+
+
+def test_pairwise_masks_cancel():
+    m = 1000
+    ids = ["a", "b", "c"]
+    seeds = {frozenset(p): os.urandom(32) for p in itertools.combinations(ids, 2)}
+    xs = {u: np.arange(m, dtype=np.uint32) * (i + 1) for i, u in enumerate(ids)}
+    selfs = {u: os.urandom(32) for u in ids}
+    ys = [masking.mask_input(xs[u], u, selfs[u], {v: seeds[frozenset((u, v))] for v in ids if v != u})
+          for u in ids]
+    total = masking.unmask_sum(masking.sum_vectors(ys), selfs.values(), [])
+    assert np.array_equal(total, masking.sum_vectors(xs.values()))
+
+
+def test_public_api_is_explicit():
+    assert sorted(secagg.__all__) == secagg.__all__
+    for name in secagg.__all__:
+        assert hasattr(secagg, name)
