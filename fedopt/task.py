@@ -83,6 +83,9 @@ class TrainConfig:
     seed: int = 0  # seeds the shuffling of this call, so runs are reproducible
     sampler: Any = None  # optional torch Sampler (e.g. DistributedSampler); replaces the seeded shuffle
     extra: dict = field(default_factory=dict)  # task-specific options passed through untouched
+    # optional optimizer factory ``(params, config) -> Optimizer`` used by sgd_loop instead of a fresh SGD; lets a
+    # runtime keep optimizer state across calls or wrap it (ZeroRedundancyOptimizer, PostLocalSGDOptimizer)
+    make_optimizer: Callable[[list, "TrainConfig"], Any] | None = None
 
     def steps_per_epoch(self, n: int) -> int:
         return math.ceil(n / self.batch_size)
@@ -138,12 +141,16 @@ def sgd_loop(
     * Shuffles with a generator seeded by ``config.seed`` (or iterates ``config.sampler``), so a run is reproducible.
     * FedProx (Li et al., MLSys 2020): with ``config.mu > 0`` the loss gains ``mu/2 * ||w - w_global||^2``, where
       ``w_global`` is the model as it was when this call started (the global model the engine loaded).
+    * ``config.make_optimizer``, when given, supplies the optimizer (default: a fresh ``torch.optim.SGD`` per call).
     * ``config.max_steps`` cuts the work short (a straggler); ``partial`` reports whether it did.
     * The loss is accumulated on-device and read once at the end, so there is no host sync per step.
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.make_optimizer is not None:
+        opt = config.make_optimizer(params, config)
+    else:
+        opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     anchor = [p.detach().clone() for p in params] if config.mu > 0 else None
     n = int(train[0].shape[0])
     device = train[0].device
