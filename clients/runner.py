@@ -39,6 +39,7 @@ class LocalTrainer:
         self.model = task.build_model().to(self.device)
         self.spec = spec or ParamSpec.from_module(self.model, buffers)
         self._delta = torch.empty(self.spec.size, dtype=self.spec.torch_dtype, device=self.device)
+        self.binding = self.spec.bind(self.model)  # load/read the model as one copy each
         held = set(self.spec.names)
         self._local_names = [k for k in self.model.state_dict() if k not in held]
         self._initial_local = {k: v.detach().clone() for k, v in self.model.state_dict().items()
@@ -49,20 +50,24 @@ class LocalTrainer:
         """Train ``client`` from ``global_vec``; the returned delta is a view of a reused buffer."""
         if global_vec.device != self.device:
             global_vec = global_vec.to(self.device)
-        self.spec.load_into(self.model, global_vec)
+        self.binding.load(global_vec)
         if self._local_names:
             self._restore_local(client)
-        torch.manual_seed(config.seed)  # dropout and other stochastic layers: reproducible per (round, client)
+        # Dropout and other stochastic layers: reproducible per (round, client). Seed only the generator this
+        # device uses: torch.manual_seed also seeds every accelerator backend, which costs ~0.3 ms per call.
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(config.seed)
+        else:
+            torch.default_generator.manual_seed(config.seed)
         metrics = self.task.train(self.model, data, config)
         if self._local_names:
             self._save_local(client)
-        delta = self.spec.flatten(self.model, out=self._delta)
-        delta.sub_(global_vec)
+        delta = torch.sub(self.binding.read(), global_vec, out=self._delta)
         metrics = dict(metrics or {})
         return Update(client, delta, data.num_samples, metrics, bool(metrics.get("partial", False)))
 
     def evaluate(self, global_vec: torch.Tensor, data) -> dict:
-        self.spec.load_into(self.model, global_vec.to(self.device))
+        self.binding.load(global_vec.to(self.device))
         return self.task.evaluate(self.model, data)
 
     def _restore_local(self, client: str) -> None:

@@ -124,7 +124,7 @@ class RoundServer:
             return f"wrong length: {getattr(d, 'shape', None)} for a model of {self.spec.size}"
         if not isinstance(update.num_samples, int) or update.num_samples < 0:
             return f"invalid num_samples {update.num_samples!r}"
-        if not bool(torch.isfinite(d).all()):
+        if not math.isfinite(float(d.sum())):  # any NaN/Inf element makes the sum NaN/Inf: one reduction
             return "non-finite values (NaN or Inf) in the update"
         if update.partial and not self.keep_stragglers:
             return "partial work from a straggler (dropped: FedAvg keeps only complete updates)"
@@ -153,6 +153,12 @@ class RoundServer:
             raise ConfigError(f"aggregator {self.aggregator.name!r} needs every update; it cannot merge partials")
         self.aggregator.merge(mean, weight, count)
         self._note_loss(loss, samples)
+
+    def partial(self) -> tuple:
+        """What this round gathered so far, without stepping: ``(aggregate | None, mean loss | None, loss weight,
+        rejected)``. A simulation worker pre-aggregates with its own RoundServer and forwards this with merge()."""
+        loss = self._loss_sum / self._loss_weight if self._loss_weight else None
+        return self.aggregator.result(), loss, self._loss_weight, dict(self._rejected)
 
     def reject(self, client: str, reason: str) -> None:
         """Record that a selected client's work was not used (it died, timed out, or was a dropped straggler)."""

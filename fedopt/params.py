@@ -26,7 +26,7 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["ParamEntry", "ParamSpec"]
+__all__ = ["ParamEntry", "ParamSpec", "FlatBinding"]
 
 BufferPolicy = Literal["average", "local"]
 _FLOAT_RANK = {torch.float16: 0, torch.bfloat16: 0, torch.float32: 1, torch.float64: 2}
@@ -129,6 +129,11 @@ class ParamSpec:
                 dst = state[e.name]
                 dst.copy_(vec[e.offset : e.offset + e.numel].view(e.shape))
 
+    def bind(self, model: nn.Module) -> "FlatBinding":
+        """Re-home the module's entries as views into one flat tensor, so loading a vector into the model and
+        reading it back are one copy each (no per-tensor Python loop, no state_dict walk). See :class:`FlatBinding`."""
+        return FlatBinding(self, model)
+
     def check_vector(self, vec: torch.Tensor) -> None:
         if vec.dim() != 1 or vec.numel() != self.size:
             raise ConfigError(f"flat vector has shape {tuple(vec.shape)}, the spec needs ({self.size},)")
@@ -158,3 +163,47 @@ class ParamSpec:
         except (KeyError, TypeError, ValueError):
             raise ConfigError("malformed parameter spec") from None
         return cls(tuple(entries), dtype)
+
+
+class FlatBinding:
+    """A module whose spec'd parameters and buffers live as views of one contiguous vector, ``flat``.
+
+    ``load(vec)`` and ``read()`` are single copies. The module keeps working as usual (optimizers update the views in
+    place). This only holds while nothing replaces the module's tensors: do not call ``model.to(...)`` after binding.
+    Entries whose dtype differs from the vector's (e.g. bf16 weights in a float32 vector) cannot be views; for such a
+    module the binding falls back to per-entry copies, with the same results.
+    """
+
+    def __init__(self, spec: ParamSpec, model: nn.Module) -> None:
+        self.spec, self.model = spec, model
+        state = model.state_dict(keep_vars=True)
+        tensors = [state[e.name] for e in spec.entries]
+        devices = {t.device for t in tensors}
+        self.viewed = all(t.dtype == spec.torch_dtype for t in tensors) and len(devices) <= 1
+        device = devices.pop() if devices else torch.device("cpu")
+        self.flat = spec.flatten(model).to(device)
+        if self.viewed:
+            with torch.no_grad():
+                for e, t in zip(spec.entries, tensors):
+                    t.data = self.flat[e.offset : e.offset + e.numel].view(e.shape)
+        self._tensors = tensors
+
+    def load(self, vec: torch.Tensor) -> None:
+        """Write a flat vector into the module."""
+        self.spec.check_vector(vec)
+        with torch.no_grad():
+            if self.viewed:
+                self.flat.copy_(vec)
+            else:
+                for e, t in zip(self.spec.entries, self._tensors):
+                    t.copy_(vec[e.offset : e.offset + e.numel].view(e.shape))
+
+    def read(self) -> torch.Tensor:
+        """The module's current entries as a flat vector (the live ``flat`` tensor itself when viewed: copy it if
+        you keep it past the next training step)."""
+        if self.viewed:
+            return self.flat
+        with torch.no_grad():
+            for e, t in zip(self.spec.entries, self._tensors):
+                self.flat[e.offset : e.offset + e.numel].copy_(t.reshape(-1))
+        return self.flat

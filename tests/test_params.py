@@ -73,3 +73,19 @@ def test_wrong_vector_length_is_refused():
     spec = ParamSpec.from_module(m)
     with pytest.raises(ConfigError, match="spec needs"):
         spec.load_into(m, torch.zeros(spec.size + 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flat_binding_loads_and_reads_like_the_spec(dtype):
+    m = bn_model().to(dtype)
+    spec = ParamSpec.from_module(m)
+    b = spec.bind(m)
+    assert b.viewed == (dtype == torch.float32)
+    vec = torch.randn(spec.size).to(dtype).to(spec.torch_dtype)
+    b.load(vec)
+    assert torch.equal(spec.flatten(m), vec) and torch.equal(b.read(), vec)
+    # training through an optimizer moves the bound vector
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m(torch.randn(8, 4).to(dtype)).sum().backward()
+    opt.step()
+    assert torch.equal(b.read(), spec.flatten(m)) and not torch.equal(b.read(), vec)
