@@ -5,7 +5,7 @@ clocks, no files. The in-process simulator, the simulation workers and the ZeroM
 way, which is what makes their results comparable seed for seed::
 
     jobs = server.plan(round, sizes)       # who trains, with which TrainConfig (seed, straggler budget)
-    server.begin(round)
+    server.begin(round)                    # participants: the last plan's clients (secure aggregation needs them)
     server.offer(update) -> reason | None  # validate and fold in one update (None = accepted)
     server.merge(mean, weight, count)      # or a worker's pre-aggregated partial (linear aggregators)
     outcome = server.close()               # apply the aggregate with the server optimizer
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fedopt.aggregators import Aggregator, Update
-from fedopt.errors import ConfigError
+from fedopt.errors import ConfigError, SecAggError
 from fedopt.optimizers import ServerOptimizer
 from fedopt.params import ParamSpec
 from fedopt.task import TrainConfig
@@ -82,6 +82,7 @@ class RoundServer:
         self._rejected: dict[str, str] = {}
         self._loss_sum = 0.0
         self._loss_weight = 0.0
+        self._planned: tuple[int, dict[str, int]] | None = None  # (round, {client: num_samples}) of the last plan
 
     # ---- planning ---------------------------------------------------------------------------------------------------
     def select(self, round: int, candidates: list[str]) -> list[str]:
@@ -108,14 +109,23 @@ class RoundServer:
                 full = cfg.epochs * cfg.steps_per_epoch(max(sizes[cid], 1))
                 cfg.max_steps = int(rng.integers(1, full + 1))
             jobs.append(Job(cid, cfg, i in slow))
+        self._planned = (round, {cid: int(sizes[cid]) for cid in chosen})
         return jobs
 
     # ---- a round ----------------------------------------------------------------------------------------------------
-    def begin(self, round: int) -> None:
+    def begin(self, round: int, participants: Mapping[str, int] | None = None) -> None:
+        """Start a round. ``participants`` (client id -> announced num_samples) defaults to this round's plan;
+        it is passed only to aggregators that set ``needs_participants`` (secure aggregation shares keys among
+        exactly these clients before any update exists)."""
         self._round = round
         self._rejected = {}
         self._loss_sum = self._loss_weight = 0.0
-        self.aggregator.begin(round, self.spec.size)
+        if getattr(self.aggregator, "needs_participants", False):
+            if participants is None and self._planned is not None and self._planned[0] == round:
+                participants = self._planned[1]
+            self.aggregator.begin(round, self.spec.size, participants=participants)
+        else:
+            self.aggregator.begin(round, self.spec.size)
 
     def check(self, update: Update) -> str | None:
         """Why an update must be refused, or None when it may be aggregated. Never raises."""
@@ -138,7 +148,7 @@ class RoundServer:
         if reason is None:
             try:
                 self.aggregator.add(update)
-            except ConfigError as e:
+            except (ConfigError, SecAggError) as e:
                 reason = str(e)
         if reason is not None:
             self._rejected[update.client] = reason

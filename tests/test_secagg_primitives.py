@@ -103,6 +103,24 @@ def test_prg_deterministic_distinct_and_consistent(dtype):
     assert np.array_equal(prg.expand(s1, 10, dtype), a[:10])  # a prefix of the same stream
 
 
+@pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
+def test_accumulate_many_equals_one_pass_per_seed(dtype):
+    seeds = [os.urandom(32) for _ in range(5)]
+    signs = [1, -1, -1, 1, -1]
+    m = (1 << 20) // np.dtype(dtype).itemsize * 2 + 3  # several blocks and a ragged tail
+    base = np.random.default_rng(0).integers(0, np.iinfo(dtype).max, m, dtype=dtype)
+    want = base.copy()
+    for seed, sign in zip(seeds, signs):
+        prg.accumulate(want, seed, sign)
+    got = np.empty_like(base)
+    prg.accumulate_many(got, list(zip(seeds, signs)), base=base)
+    assert np.array_equal(got, want)
+    prg.accumulate_many(got, [(s, -g) for s, g in zip(seeds, signs)])  # in place, undoes every term
+    assert np.array_equal(got, base)
+    with pytest.raises(SecAggError):
+        prg.accumulate_many(got, [(seeds[0], 0)])
+
+
 def test_prg_rejects_bad_input():
     with pytest.raises(SecAggError):
         prg.expand(b"short", 4)

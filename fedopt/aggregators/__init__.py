@@ -8,10 +8,11 @@ from ..errors import ConfigError
 from .base import Aggregate, Aggregator, Update
 from .mean import WeightedMean, fedavg, mean, weighted
 from .robust import CoordinateMedian, TrimmedMean
+from .secure import SecureAggregator, secagg
 
 __all__ = [
     "Aggregate", "Aggregator", "Update", "WeightedMean", "CoordinateMedian", "TrimmedMean",
-    "fedavg", "mean", "weighted", "make_aggregator", "AGGREGATORS", "register_aggregator",
+    "SecureAggregator", "fedavg", "mean", "weighted", "secagg", "make_aggregator", "AGGREGATORS", "register_aggregator",
 ]
 
 AGGREGATORS: dict[str, Callable[..., Any]] = {
@@ -20,6 +21,7 @@ AGGREGATORS: dict[str, Callable[..., Any]] = {
     "weighted": weighted,
     "median": CoordinateMedian,
     "trimmed_mean": TrimmedMean,
+    "secagg": secagg,
 }
 
 
@@ -28,6 +30,10 @@ def register_aggregator(name: str, factory: Callable[..., Any]) -> None:
 
 
 def make_aggregator(name: str, **options: Any) -> Aggregator:
+    """Build a registered aggregator; ConfigError for an unknown name, a bad option, or ``secure=True`` on an
+    aggregator that needs plaintext updates (median, trimmed_mean cannot run under secure aggregation)."""
+    if options.pop("secure", False) and name != "secagg":
+        return secagg(inner=name, **options)
     try:
         factory = AGGREGATORS[name]
     except KeyError:

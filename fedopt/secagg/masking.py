@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from fedopt.errors import SecAggError
-from fedopt.secagg.prg import Scratch, accumulate
+from fedopt.secagg.prg import accumulate_many
 
 __all__ = ["mask_input", "pair_sign", "sum_vectors", "unmask_sum"]
 
@@ -45,10 +45,8 @@ def mask_input(
     """y = encoded + PRG(self_seed) + sum_v sign(me, v) PRG(pair_seeds[v]) mod 2^k, as a new array."""
     _check_vector(encoded)
     y = np.empty(encoded.shape, dtype=encoded.dtype)
-    scratch = Scratch()
-    accumulate(y, self_seed, 1, scratch, base=encoded)  # y = x + PRG(b), no separate copy
-    for peer, seed in pair_seeds.items():
-        accumulate(y, seed, pair_sign(me, peer), scratch)
+    terms = [(self_seed, 1)] + [(seed, pair_sign(me, peer)) for peer, seed in pair_seeds.items()]
+    accumulate_many(y, terms, base=encoded)
     return y
 
 
@@ -79,9 +77,7 @@ def unmask_sum(
     _check_vector(masked_sum)
     if not masked_sum.flags.c_contiguous:
         raise SecAggError("masked sum must be contiguous")
-    scratch = Scratch()
-    for seed in survivor_self_seeds:
-        accumulate(masked_sum, seed, -1, scratch)
-    for w, v, seed in dropped_pair_seeds:
-        accumulate(masked_sum, seed, -pair_sign(w, v), scratch)
+    terms = [(seed, -1) for seed in survivor_self_seeds]
+    terms += [(seed, -pair_sign(w, v)) for w, v, seed in dropped_pair_seeds]
+    accumulate_many(masked_sum, terms)
     return masked_sum

@@ -1,0 +1,156 @@
+"""The ``secagg`` aggregator: weighted FedAvg under SecAgg+ masking, through RoundServer and the simulation."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from coordinator.rounds import RoundServer
+from fedopt.aggregators import SecureAggregator, Update, make_aggregator
+from fedopt.config import RunConfig, build_config
+from fedopt.errors import ConfigError
+from fedopt.optimizers import make_server_optimizer
+from fedopt.params import ParamSpec
+from fedopt.task import TrainConfig
+
+P = 500
+
+
+def _server(agg, per_round):
+    spec = ParamSpec.from_module(torch.nn.Linear(P - 1, 1))
+    assert spec.size == P
+    return RoundServer(spec, torch.zeros(P), agg, make_server_optimizer("fedavg"), TrainConfig(),
+                       per_round=per_round, seed=3)
+
+
+def _updates(sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {c: Update(c, torch.randn(P, generator=g) * 0.05, n) for c, n in sizes.items()}
+
+
+def _weighted_mean(updates):
+    w = torch.tensor([float(u.num_samples) for u in updates], dtype=torch.float64)
+    x = torch.stack([u.delta.double() for u in updates])
+    return (w[:, None] * x).sum(0) / w.sum()
+
+
+@pytest.mark.parametrize("n", [3, 12])
+def test_round_server_secagg_matches_plain_weighted_mean_within_the_quantisation_bound(n):
+    sizes = {f"c{i:02d}": 20 + 7 * i for i in range(n)}
+    agg = SecureAggregator(clip=10.0, bits=16)
+    srv = _server(agg, n)
+    srv.plan(1, sizes)
+    srv.begin(1)  # participants come from the plan
+    ups = _updates(sizes)
+    for u in ups.values():
+        assert srv.offer(u) is None
+    out = srv.close()
+    want = _weighted_mean(list(ups.values()))
+    step = 10.0 / (2 ** 15 - 1)
+    # weighted decode bound: n * step * W / sum(w) per coordinate (see fedopt.secagg.quantize)
+    bound = n * step * max(sizes.values()) / sum(sizes.values())
+    assert out.applied and out.count == n and out.weight == sum(sizes.values())
+    assert float((srv.global_vec.double() - want).abs().max()) <= bound
+    assert agg.last_round["survivors"] == n and agg.last_round["aborted"] is None
+
+
+def test_clients_that_never_report_are_dropouts_and_the_survivors_mean_comes_out():
+    sizes = {f"c{i:02d}": 30 for i in range(10)}
+    agg = SecureAggregator(clip=10.0, bits=16, weighting="uniform")
+    srv = _server(agg, 10)
+    srv.plan(1, sizes)
+    srv.begin(1)
+    ups = _updates(sizes, seed=1)
+    survivors = [c for c in sorted(sizes) if c not in ("c03", "c07")]
+    for c in survivors:
+        assert srv.offer(ups[c]) is None
+    out = srv.close()
+    want = torch.stack([ups[c].delta for c in survivors]).double().mean(0)
+    assert out.applied and out.count == 8 and agg.last_round["dropped"] == 2
+    assert float((srv.global_vec.double() - want).abs().max()) <= 10.0 / (2 ** 15 - 1)
+
+
+def test_too_few_survivors_abort_the_round_with_a_logged_error_and_the_next_round_runs(caplog):
+    sizes = {f"c{i}": 10 for i in range(5)}  # complete graph, k = 4, t = 3
+    agg = SecureAggregator(clip=1.0, bits=12)
+    srv = _server(agg, 5)
+    ups = _updates(sizes, seed=2)
+    srv.plan(1, sizes)
+    srv.begin(1)
+    for c in ("c0", "c1"):  # only 2 of 5 mask their input: below t = 3
+        assert srv.offer(ups[c]) is None
+    with caplog.at_level(logging.ERROR, logger="fedopt.secagg"):
+        out = srv.close()
+    assert not out.applied and torch.equal(srv.global_vec, torch.zeros(P))
+    assert any("aborted" in r.getMessage() and "threshold" in r.getMessage() for r in caplog.records)
+    srv.plan(2, sizes)
+    srv.begin(2)
+    for u in ups.values():
+        assert srv.offer(u) is None
+    assert srv.close().applied and not torch.equal(srv.global_vec, torch.zeros(P))
+
+
+def test_updates_the_protocol_cannot_take_are_rejected_not_raised():
+    sizes = {"a": 5, "b": 5, "c": 5}
+    srv = _server(SecureAggregator(clip=1.0), 3)
+    srv.plan(1, sizes)
+    srv.begin(1)
+    assert "not a key-sharing participant" in srv.offer(Update("z", torch.zeros(P), 5))
+    assert "announced" in srv.offer(Update("a", torch.zeros(P), 6))  # more samples than announced
+    assert srv.offer(Update("b", torch.zeros(P), 5)) is None
+    assert "not a key-sharing participant" in srv.offer(Update("b", torch.zeros(P), 5))  # second update
+
+
+def test_begin_without_participants_is_a_clear_error():
+    with pytest.raises(ConfigError, match="participants"):
+        SecureAggregator().begin(1, P)
+
+
+@pytest.mark.parametrize("name", ["median", "trimmed_mean"])
+def test_plaintext_aggregators_refuse_to_combine_with_secagg(name):
+    with pytest.raises(ConfigError, match="in the clear"):
+        make_aggregator(name, secure=True)
+    with pytest.raises(ConfigError, match="in the clear"):
+        make_aggregator("secagg", inner=name)
+    with pytest.raises(ConfigError, match="in the clear"):
+        SecureAggregator(inner=make_aggregator(name))
+
+
+def test_secagg_aggregator_flags_fold_into_options_and_are_validated():
+    cfg = build_config(None, {"aggregator": "secagg", "secagg_neighbours": 4, "secagg_threshold": 3,
+                              "clip": 2.5, "bits": 12})
+    agg = make_aggregator(cfg.aggregator, **cfg.aggregator_options)
+    assert (agg.neighbours, agg.threshold, agg.clip, agg.bits) == (4, 3, 2.5, 12)
+    assert not agg.linear and not agg.needs_all_updates and not agg.needs_plaintext
+    with pytest.raises(ConfigError, match="only apply to --aggregator secagg"):
+        RunConfig(aggregator="fedavg", clip=1.0)
+    with pytest.raises(ConfigError, match="clip"):
+        RunConfig(aggregator="secagg", clip=-1.0)
+    with pytest.raises(ConfigError, match="exceed half"):
+        make_aggregator("secagg", neighbours=6, threshold=3)
+
+
+def test_cli_rejects_secagg_flags_without_secagg(capsys, tmp_path):
+    from fedopt.cli import main
+
+    assert main(["simulate", "--clip", "1", "--rounds", "1", "--out", str(tmp_path)]) == 2
+    assert "only apply to --aggregator secagg" in capsys.readouterr().err
+
+
+def test_digits_with_secagg_matches_plain_fedavg_within_half_a_point():
+    """Same seed and settings, 16-bit quantisation: accuracy within 0.5 points at the same round count."""
+    from clients.simulation import Simulation
+
+    base = dict(task="digits", clients=6, rounds=3, local_epochs=1, seed=0, progress="off", eval_every=1)
+    plain = Simulation(RunConfig(**base))
+    secure = Simulation(RunConfig(**base, aggregator="secagg", clip=10.0, bits=16))
+    plain.run()
+    secure.run()
+    acc_plain, acc_secure = plain.evaluate()["accuracy"], secure.evaluate()["accuracy"]
+    assert acc_plain > 0.5
+    assert abs(acc_plain - acc_secure) <= 0.005, (acc_plain, acc_secure)
+    diff = float((plain.server.global_vec - secure.server.global_vec).abs().max())
+    assert 0 < diff < 1e-2  # quantised, so not identical, but close
