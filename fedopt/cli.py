@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from .errors import ConfigError, FedoptError
 
-__all__ = ["main", "add_round_options", "round_overrides", "parse_kv"]
+__all__ = ["main", "add_round_options", "add_bus_options", "round_overrides", "parse_kv"]
 
 # name -> (module implementing configure/run, one-line description)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -83,12 +83,6 @@ def add_round_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--server-lr", type=float, default=S, help="server learning rate")
     g.add_argument("--server-option", dest="server_options", action="append", type=parse_kv, default=S,
                    metavar="KEY=VALUE", help="server optimizer option: momentum, beta1, beta2, tau (repeatable)")
-    g.add_argument("--secagg-neighbours", type=int, default=S,
-                   help="secagg: neighbours per client k (default 2*ceil(log2 n); n-1 = complete graph)")
-    g.add_argument("--secagg-threshold", type=int, default=S,
-                   help="secagg: Shamir threshold t, k/2 < t <= k (default floor(k/2)+1)")
-    g.add_argument("--clip", type=float, default=S, help="secagg: L2 clip norm of each update (default 10)")
-    g.add_argument("--bits", type=int, default=S, help="secagg: quantisation bits per coordinate (default 16)")
     g.add_argument("--buffers", choices=("average", "local"), default=S,
                    help="float buffers such as BatchNorm statistics: averaged or kept on each client")
     g = p.add_argument_group("run")
@@ -96,6 +90,22 @@ def add_round_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=S, help="auto | cpu | cuda (auto = CUDA when present)")
     g.add_argument("--out", default=S, help="output directory (default runs/latest)")
     g.add_argument("--progress", choices=("auto", "bar", "lines", "off"), default=S)
+
+
+def add_bus_options(p: argparse.ArgumentParser) -> None:
+    """Options of runs over the ZeroMQ bus (`coordinator`, and `simulate --transport ipc|tcp`)."""
+    S = argparse.SUPPRESS
+    g = p.add_argument_group("bus")
+    g.add_argument("--deadline", type=float, default=S, help="seconds a round waits for updates (default 60)")
+    g.add_argument("--min-clients", type=int, default=S, help="quorum to close a round at its deadline (default 1)")
+    g.add_argument("--heartbeat", type=float, default=S, help="heartbeat interval in seconds (default 1)")
+    g.add_argument("--join-timeout", type=float, default=S,
+                   help="seconds to wait for every client before starting a round with fewer (default 30)")
+    g.add_argument("--wire-dtype", choices=("float32", "bfloat16", "float16"), default=S,
+                   help="precision of models and deltas on the wire (default float32)")
+    g.add_argument("--upload-slots", type=int, default=S, help="updates pulled at once (default 2)")
+    g.add_argument("--fed-eval-every", type=int, default=S,
+                   help="federated evaluation on the clients' test splits every k rounds (default 0 = never)")
 
 
 def round_overrides(args: argparse.Namespace, skip: Sequence[str] = ("config",)) -> dict:
@@ -117,6 +127,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--transport", choices=("inproc", "ipc", "tcp"), default=S,
                    help="inproc: this process (default); ipc/tcp: a coordinator and real client processes")
     g.add_argument("--processes", type=int, default=S, help="client processes for --transport ipc|tcp")
+    add_bus_options(p)
     g.add_argument("--backend", choices=("sequential", "vmap"), default=S)
     g.add_argument("--workers", type=int, default=S, help="simulation worker processes (default: cores)")
 

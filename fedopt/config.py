@@ -69,11 +69,14 @@ class RunConfig:
     backend: str = "sequential"  # sequential | vmap
     workers: int | None = None  # simulation worker processes (default: cores)
     progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | off
-    # secure aggregation (--aggregator secagg); folded into aggregator_options
-    secagg_neighbours: int | None = None  # k: neighbours per client (default 2*ceil(log2 n); n-1 = plain SecAgg)
-    secagg_threshold: int | None = None  # t: Shamir threshold, k/2 < t <= k (default floor(k/2)+1)
-    clip: float | None = None  # L2 clip norm of each update before quantisation (secagg default 10)
-    bits: int | None = None  # quantisation bits per coordinate (secagg default 16)
+    # the ZeroMQ bus (fedopt coordinator, and simulate --transport ipc|tcp)
+    deadline: float = 60.0  # seconds a round waits for updates before closing with the quorum it has
+    min_clients: int = 1  # quorum: a round closes with at least this many updates, else it is retried
+    heartbeat: float = 1.0  # seconds between heartbeats; a peer silent for 3 of them is dead
+    join_timeout: float = 30.0  # seconds a round waits for every client to be connected before starting with fewer
+    wire_dtype: str = "float32"  # float32 | bfloat16 | float16: precision of models and deltas on the wire
+    upload_slots: int = 2  # updates the coordinator pulls at once (bounds its memory to this many updates)
+    fed_eval_every: int = 0  # federated evaluation on the clients' local test splits every k rounds (0 = never)
 
     def __post_init__(self):
         if not isinstance(self.task, str) or not self.task:
@@ -115,6 +118,14 @@ class RunConfig:
         _choice("progress", self.progress, ("auto", "bar", "lines", "off"))
         if self.processes is not None:
             _at_least("processes", self.processes, 1)
+        for name in ("deadline", "heartbeat", "join_timeout"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf:
+                raise ConfigError(f"{name.replace('_', '-')} must be a number of seconds > 0, not {v!r}")
+        _at_least("min_clients", self.min_clients, 1)
+        _at_least("upload_slots", self.upload_slots, 1)
+        _at_least("fed_eval_every", self.fed_eval_every, 0)
+        _choice("wire_dtype", self.wire_dtype, ("float32", "bfloat16", "float16"))
         if self.workers is not None:
             _at_least("workers", self.workers, 1)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -122,25 +133,6 @@ class RunConfig:
         for name in ("task_options", "aggregator_options", "server_options"):
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"{name.replace('_', '-')} must be a table of key = value")
-        self._fold_secagg()
-
-    def _fold_secagg(self) -> None:
-        """--secagg-neighbours/--secagg-threshold/--clip/--bits become secagg's aggregator options."""
-        given = {k: v for k, v in (("neighbours", self.secagg_neighbours), ("threshold", self.secagg_threshold),
-                                   ("clip", self.clip), ("bits", self.bits)) if v is not None}
-        if not given:
-            return
-        if self.aggregator != "secagg":
-            flags = ", ".join("--" + {"neighbours": "secagg-neighbours", "threshold": "secagg-threshold"}.get(k, k)
-                              for k in given)
-            raise ConfigError(f"{flags} only apply to --aggregator secagg (aggregator is {self.aggregator!r})")
-        for name in ("secagg_neighbours", "secagg_threshold", "bits"):
-            if getattr(self, name) is not None:
-                _at_least(name, getattr(self, name), 1)
-        if self.clip is not None and (not isinstance(self.clip, (int, float)) or isinstance(self.clip, bool)
-                                      or not 0 < self.clip < math.inf):
-            raise ConfigError(f"clip must be a number > 0, not {self.clip!r}")
-        object.__setattr__(self, "aggregator_options", {**self.aggregator_options, **given})
 
     # ---- derived facts ----------------------------------------------------------------------------------------------
     @property

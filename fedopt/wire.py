@@ -12,6 +12,8 @@ Message table (protocol version 1)::
     HELLO      client -> coordinator client: str, device: str                 -
     WELCOME    coordinator -> client spec: dict, config: dict                 -
     READY      client -> coordinator num_samples: int                         -
+    OFFER      client -> coordinator round, num_samples: int                  -
+    PULL       coordinator -> client round                                    -
     TRAIN      coordinator -> client round, config: dict (TrainConfig)        model (flat global vector)
     UPDATE     client -> coordinator round, num_samples: int, metrics: dict   delta (flat local - global)
     EVALUATE   coordinator -> client round                                    model
@@ -21,6 +23,11 @@ Message table (protocol version 1)::
 
 A client says HELLO, gets WELCOME (the ParamSpec and the run's data settings), loads its shard and says READY with its
 sample count; from then on it may be selected. Any message counts as a heartbeat (see :mod:`fedopt.liveness`).
+
+Uploads are credit-based (the ZeroMQ guide, chapter 7): a client that has finished training sends OFFER and uploads
+its UPDATE only when the coordinator answers PULL. The coordinator grants a few PULLs at a time, so however many
+clients finish together, at most that many update frames are in its memory at once (ZeroMQ would otherwise read every
+concurrent upload off the network into memory before the application sees the first one).
 
 Validation happens before anything is allocated for a message's payload (:func:`decode`): header size, msgpack
 well-formedness, version, type, each field's type, frame count, the dtype allow-list, a declared element count under
@@ -46,7 +53,7 @@ import torch
 from .errors import WireError
 
 __all__ = [
-    "VERSION", "Limits", "Message", "Hello", "Welcome", "Ready", "Train", "UpdateMsg", "Evaluate", "Result",
+    "VERSION", "Limits", "Message", "Hello", "Welcome", "Ready", "Offer", "Pull", "Train", "UpdateMsg", "Evaluate", "Result",
     "Heartbeat", "Bye", "MESSAGE_TYPES", "WIRE_DTYPES", "encode", "decode",
 ]
 
@@ -102,6 +109,17 @@ class Ready(Message):
 
 
 @dataclass(frozen=True)
+class Offer(Message):
+    TYPE: ClassVar[str] = "OFFER"
+    num_samples: int = 0  # the finished update's weight, announced before it is uploaded
+
+
+@dataclass(frozen=True)
+class Pull(Message):
+    TYPE: ClassVar[str] = "PULL"
+
+
+@dataclass(frozen=True)
 class Train(Message):
     TYPE: ClassVar[str] = "TRAIN"
     TENSORS: ClassVar[tuple[str, ...]] = ("model",)
@@ -144,7 +162,7 @@ class Bye(Message):
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    c.TYPE: c for c in (Hello, Welcome, Ready, Train, UpdateMsg, Evaluate, Result, Heartbeat, Bye)
+    c.TYPE: c for c in (Hello, Welcome, Ready, Offer, Pull, Train, UpdateMsg, Evaluate, Result, Heartbeat, Bye)
 }
 _SCALAR = (int, float, str, bool, type(None))
 

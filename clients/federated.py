@@ -1,0 +1,290 @@
+"""``fedopt client``: one federated client, a DEALER that registers, trains when asked and survives restarts.
+
+Two threads. The socket thread owns the DEALER and never blocks on anything but a poll with a timeout: it answers
+the coordinator, sends heartbeats and notices silence. The training thread runs :class:`~clients.runner.LocalTrainer`
+on the jobs it is handed through a queue and wakes the socket thread through an inproc PAIR pipe when a result is
+ready, so heartbeats keep flowing however long training takes (sockets stay with one thread, as ZeroMQ requires).
+
+Paranoid Pirate (the ZeroMQ guide, chapter 4): when the coordinator is silent for 3 heartbeat intervals, or says BYE
+for any reason but "done", the client closes its socket, waits a capped exponential backoff, opens a fresh one and
+says HELLO again; so a coordinator restarted with ``--resume`` gets its clients back without anyone touching them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import queue
+import threading
+import time
+
+import torch
+import zmq
+
+from fedopt import bus, wire
+from fedopt.data import PartitionSpec
+from fedopt.errors import AuthError, ConfigError, FedoptError
+from fedopt.liveness import Backoff, Liveness, Ticker
+from fedopt.params import ParamSpec
+from fedopt.task import TrainConfig, resolve_task
+
+from .runner import LocalTrainer, pick_device
+
+__all__ = ["FederatedClient", "configure", "run"]
+
+log = logging.getLogger("fedopt.client")
+_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"sampler"}
+
+
+class _Trainer(threading.Thread):
+    """The training thread: takes (kind, round, payload) jobs, puts results on ``results``, pokes the pipe."""
+
+    def __init__(self, ctx: zmq.Context, pipe_url: str, slow: float = 0.0) -> None:
+        super().__init__(name="fedopt-trainer", daemon=True)
+        self.ctx, self.pipe_url, self.slow = ctx, pipe_url, slow
+        self.jobs: queue.Queue = queue.Queue()
+        self.results: queue.Queue = queue.Queue()
+        self.stopping = threading.Event()
+        self.trainer: LocalTrainer | None = None
+        self.data = None
+
+    def run(self) -> None:
+        pipe = self.ctx.socket(zmq.PAIR)  # made in this thread: this thread's end of the pipe
+        pipe.setsockopt(zmq.LINGER, 0)
+        pipe.connect(self.pipe_url)
+        try:
+            while not self.stopping.is_set():
+                try:
+                    kind, rnd, payload = self.jobs.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                try:
+                    if kind == "setup":
+                        payload()  # loading the task and the shard can take a while: heartbeats go on meanwhile
+                        self.results.put(("ready", rnd, None))
+                    else:
+                        self.results.put(self._do(kind, rnd, payload))
+                except FedoptError as e:  # a set-up that cannot work (wrong task, bad shard): the client stops
+                    self.results.put(("fatal", rnd, e))
+                except Exception as e:  # a task that fails must not take the client down
+                    log.exception("round %d: %s failed", rnd, kind)
+                    self.results.put(("error", rnd, f"{type(e).__name__}: {e}"))
+                pipe.send(b"", zmq.NOBLOCK)
+        finally:
+            pipe.close(0)
+
+    def _do(self, kind: str, rnd: int, payload):
+        vec = payload["model"].to(self.trainer.spec.torch_dtype)
+        if kind == "train":
+            if self.slow:
+                time.sleep(self.slow)  # fault seam: a straggler slower than the deadline
+            cfg = TrainConfig(**{k: v for k, v in payload["config"].items() if k in _TRAIN_FIELDS})
+            update = self.trainer.train(payload["client"], vec, self.data, cfg)
+            # the trainer reuses its delta buffer; the copy keeps a queued zero-copy send intact
+            return ("update", rnd, (update.delta.detach().cpu().clone(), update.num_samples, update.metrics))
+        split = self.data.test if self.data.test is not None else self.data.train
+        metrics = self.trainer.evaluate(vec, split)
+        return ("result", rnd, (metrics, int(split[0].shape[0])))
+
+
+class FederatedClient:
+    """One client: ``serve()`` returns 0 when the coordinator says the run is done."""
+
+    def __init__(self, connect: str, security: bus.Security, client: str, shard: int, num_shards: int | None,
+                 task: str | None = None, task_options: dict | None = None, device: str = "auto",
+                 heartbeat: float = 1.0, give_up: float = 300.0, slow: float = 0.0,
+                 exit_with_parent: bool = False) -> None:
+        self.connect, self.security, self.client = connect, security, client
+        self.shard, self.num_shards = shard, num_shards
+        self.task_name, self.task_options = task, task_options
+        self.device = pick_device(device)
+        self.heartbeat, self.give_up = heartbeat, give_up
+        self.exit_with_parent = os.getppid() if exit_with_parent else None
+        self.ctx = zmq.Context()
+        self.pipe = self.ctx.socket(zmq.PAIR)
+        self.pipe.setsockopt(zmq.LINGER, 0)
+        url = f"inproc://fedopt-client-{id(self)}"
+        self.pipe.bind(url)
+        self.worker = _Trainer(self.ctx, url, slow)
+        self._settings: dict | None = None
+        self._pending: dict | None = None  # the finished update waiting for PULL: {"round", "delta", ...}
+
+    # ---- set-up from WELCOME ------------------------------------------------------------------------------------
+    def _setup(self, welcome: wire.Welcome) -> None:
+        s = welcome.config
+        if s == self._settings:
+            return  # a reconnect to the same run: keep the loaded shard
+        if self.task_name and s.get("task") != self.task_name:
+            raise ConfigError(f"this client runs task {self.task_name!r}, the coordinator runs {s.get('task')!r}")
+        task = resolve_task(s["task"], s.get("task_options") or self.task_options)
+        spec = ParamSpec.from_dict(welcome.spec)
+        trainer = LocalTrainer(task, spec, self.device, s.get("buffers", "average"))
+        if ParamSpec.from_module(trainer.model, s.get("buffers", "average")).to_dict() != spec.to_dict():
+            raise ConfigError(f"task {s['task']!r} builds a different model than the coordinator's")
+        n = self.num_shards or int(s["clients"])
+        data = task.load_data(self.shard, n, int(s["seed"]), PartitionSpec(s["partition"], s["alpha"]))
+        self.worker.trainer, self.worker.data = trainer, data.to(self.device)
+        self._settings = s
+        log.info("client %s: shard %d of %d, %d samples, on %s", self.client, self.shard, n, data.num_samples,
+                 self.device)
+
+    # ---- the socket thread --------------------------------------------------------------------------------------
+    def serve(self) -> int:
+        self.worker.start()
+        backoff = Backoff(0.25, cap=8.0)
+        last_contact = time.monotonic()
+        try:
+            while True:
+                outcome = self._session()
+                if outcome == "done":
+                    return 0
+                if outcome == "welcomed":
+                    backoff.reset()
+                    last_contact = time.monotonic()
+                if time.monotonic() - last_contact > self.give_up:
+                    raise FedoptError(f"no coordinator at {self.connect} for {self.give_up:.0f}s: giving up")
+                delay = backoff.next()
+                log.info("client %s: reconnecting in %.2fs", self.client, delay)
+                time.sleep(delay)
+        finally:
+            self.worker.stopping.set()
+            self.worker.join(timeout=5)
+            self.pipe.close(0)
+            self.ctx.term()
+
+    def _session(self) -> str:
+        """One connection; returns "done", "welcomed" (lost after registering) or "lost" (never registered)."""
+        sock = bus.dealer(self.ctx, self.connect, self.security)
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH) if self.security.curve else None
+        ep = bus.Endpoint(sock)
+        poller = zmq.Poller()
+        for s in (sock, self.pipe, monitor):
+            if s is not None:
+                poller.register(s, zmq.POLLIN)
+        live: Liveness[str] = Liveness(self.heartbeat)
+        live.heard("coordinator")  # the silence clock starts now
+        ticker = Ticker(self.heartbeat)
+        welcomed = False
+        ep.send(wire.Hello(client=self.client, device=self.device.type, sender=self.client))
+        try:
+            while True:
+                events = dict(poller.poll(int(max(0.01, ticker.remaining()) * 1000)))
+                if monitor is not None and monitor in events:
+                    monitor.recv_multipart()
+                    raise AuthError(f"the coordinator at {self.connect} refused this client's key "
+                                    f"(it is not in the coordinator's allow-list)")
+                if self.pipe in events:
+                    self.pipe.recv()
+                    self._deliver(ep)
+                if sock in events:
+                    try:
+                        _, msg = ep.recv(0)
+                    except bus.BadMessage as e:
+                        log.warning("dropped a message from the coordinator: %s", e)
+                        continue
+                    live.heard("coordinator")
+                    status = self._handle(ep, msg)
+                    if status == "welcomed":
+                        welcomed = True
+                        live = Liveness(self.heartbeat)
+                        live.heard("coordinator")
+                        ticker = Ticker(self.heartbeat)
+                    elif status is not None:
+                        return status if status == "done" else ("welcomed" if welcomed else "lost")
+                if ticker.due():
+                    ep.send(wire.Heartbeat(sender=self.client))
+                if live.expire():
+                    log.warning("client %s: coordinator silent for %d heartbeats", self.client, live.misses)
+                    return "welcomed" if welcomed else "lost"
+                if self.exit_with_parent is not None and os.getppid() != self.exit_with_parent:
+                    return "done"  # the process that started us is gone: no strays
+        finally:
+            if monitor is not None:
+                sock.disable_monitor()
+                monitor.close(0)
+            ep.close()
+
+    def _handle(self, ep: bus.Endpoint, msg: wire.Message) -> str | None:
+        if isinstance(msg, wire.Welcome):
+            hb = msg.config.get("heartbeat")
+            if isinstance(hb, (int, float)) and 0.01 <= hb <= 3600:
+                self.heartbeat = float(hb)  # the coordinator's interval, so both sides count misses alike
+            self.worker.jobs.put(("setup", 0, lambda: self._setup(msg)))
+            return "welcomed"
+        if isinstance(msg, wire.Train):
+            log.info("client %s: training round %d", self.client, msg.round)
+            self._pending = None
+            self.worker.jobs.put(("train", msg.round, {"model": msg.model, "config": msg.config,
+                                                       "client": self.client}))
+        elif isinstance(msg, wire.Evaluate):
+            self.worker.jobs.put(("evaluate", msg.round, {"model": msg.model}))
+        elif isinstance(msg, wire.Pull):
+            p = self._pending
+            if p is not None and p["round"] == msg.round:
+                ep.send(wire.UpdateMsg(round=p["round"], num_samples=p["num_samples"], metrics=p["metrics"],
+                                       delta=p["delta"], sender=self.client))
+                self._pending = None
+        elif isinstance(msg, wire.Bye):
+            if msg.reason == "done":
+                log.info("client %s: the run is done", self.client)
+                return "done"
+            log.info("client %s: coordinator said %r", self.client, msg.reason)
+            return "reconnect"
+        return None
+
+    def _deliver(self, ep: bus.Endpoint) -> None:
+        """Hand finished work from the training thread to the coordinator."""
+        while True:
+            try:
+                kind, rnd, payload = self.worker.results.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "update":
+                delta, n, metrics = payload
+                metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+                self._pending = {"round": rnd, "delta": delta, "num_samples": n, "metrics": metrics}
+                ep.send(wire.Offer(round=rnd, num_samples=n, sender=self.client))
+            elif kind == "ready":
+                ep.send(wire.Ready(num_samples=self.worker.data.num_samples, sender=self.client))
+            elif kind == "fatal":
+                raise payload
+            elif kind == "result":
+                metrics, n = payload
+                ep.send(wire.Result(round=rnd, num_samples=n, metrics=metrics, sender=self.client))
+
+
+# ---- `fedopt client` --------------------------------------------------------------------------------------------------
+def configure(p: argparse.ArgumentParser) -> None:
+    from fedopt.cli import parse_kv
+
+    p.add_argument("--connect", required=True, help="the coordinator: tcp://HOST:PORT or ipc://PATH")
+    p.add_argument("--keys", default=None, help="key directory holding coordinator.key and this client's secret")
+    p.add_argument("--key-name", default=None, help="this client's key name (default client-NNN for --shard NNN)")
+    p.add_argument("--insecure", action="store_true", help="allow plain TCP without authentication (warns)")
+    p.add_argument("--task", default=None, help="must match the coordinator's task (default: the coordinator's)")
+    p.add_argument("--task-option", dest="task_options", action="append", type=parse_kv, default=[])
+    p.add_argument("--shard", type=int, required=True, help="this client's data shard index")
+    p.add_argument("--num-shards", type=int, default=None, help="number of shards (default: the run's clients)")
+    p.add_argument("--id", default=None, help="stable client id (default: the shard index)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval before the coordinator's is known")
+    p.add_argument("--give-up", type=float, default=300.0, help="seconds without a coordinator before exiting")
+    p.add_argument("--fault-slow", type=float, default=0.0, help=argparse.SUPPRESS)  # test seam: a straggler
+    p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.shard < 0 or (args.num_shards is not None and not 0 <= args.shard < args.num_shards):
+        raise ConfigError(f"--shard {args.shard} is out of range for --num-shards {args.num_shards}")
+    if not args.heartbeat > 0 or not args.give_up > 0:
+        raise ConfigError("--heartbeat and --give-up must be > 0 seconds")
+    key_name = args.key_name or (f"client-{args.shard:03d}" if args.keys else None)
+    security = bus.security_for(args.connect, args.keys, args.insecure, "client", key_name)
+    client = FederatedClient(args.connect, security, args.id or str(args.shard), args.shard, args.num_shards,
+                             args.task, dict(args.task_options), args.device, args.heartbeat, args.give_up,
+                             args.fault_slow, args.exit_with_parent)
+    return client.serve()

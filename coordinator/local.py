@@ -1,0 +1,96 @@
+"""``fedopt simulate --transport ipc|tcp``: a coordinator in this process and one real client process per client.
+
+Everything runs over the real bus: over ``tcp`` on 127.0.0.1 with CurveZMQ keys made for the run in a temporary
+directory, over ``ipc`` through a socket file in one. Client processes each get their own process group and are torn
+down when the run ends, fails or is interrupted (SIGTERM, then SIGKILL after a grace period), and they also exit on
+their own if this process disappears, so no stray process outlives the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from fedopt import bus
+from fedopt.config import RunConfig
+from fedopt.errors import ConfigError
+
+__all__ = ["simulate_processes", "free_port", "spawn_client", "stop_processes"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_client(url: str, shard: int, num_shards: int, keys: str | None = None, extra: list[str] | None = None,
+                 log_path: str | os.PathLike | None = None) -> subprocess.Popen:
+    """Start ``fedopt client`` for ``shard`` in its own process group (stdout+stderr to ``log_path``)."""
+    cmd = [sys.executable, "-m", "fedopt", "client", "--connect", url, "--shard", str(shard),
+           "--num-shards", str(num_shards), "--exit-with-parent", *(["--keys", keys] if keys else []), *(extra or [])]
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    try:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        if log_path:
+            out.close()
+
+
+def stop_processes(procs: list[subprocess.Popen], grace: float = 3.0) -> None:
+    """SIGTERM every process group, wait up to ``grace`` seconds, SIGKILL what is left, reap everything."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    end = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=5)
+
+
+def simulate_processes(cfg: RunConfig) -> int:
+    """Run ``cfg`` as one coordinator (here) and ``cfg.clients`` client processes over ipc or tcp."""
+    from .server import Coordinator
+
+    k = cfg.processes or cfg.clients
+    if k != cfg.clients:
+        raise ConfigError(f"--transport {cfg.transport} runs one process per client: --processes ({k}) must equal "
+                          f"--clients ({cfg.clients})")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    with tempfile.TemporaryDirectory(prefix="fedopt-bus-") as tmp:
+        keys = None
+        if cfg.transport == "tcp":
+            keys = str(bus.generate_keys(Path(tmp) / "keys", k))
+            url = f"tcp://127.0.0.1:{free_port()}"
+        else:
+            url = f"ipc://{tmp}/coordinator.sock"
+        security = bus.security_for(url, keys, False, "coordinator")
+        coordinator = Coordinator(cfg, url, security)
+        logs = Path(cfg.out) / "clients"
+        logs.mkdir(parents=True, exist_ok=True)
+        extra = ["--heartbeat", str(cfg.heartbeat), "--log-level", "WARNING", "--device", cfg.device]
+        procs = [spawn_client(url, i, cfg.clients, keys, extra, logs / f"client-{i:03d}.log") for i in range(k)]
+        try:
+            return coordinator.serve()
+        finally:
+            stop_processes(procs)

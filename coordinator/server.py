@@ -1,0 +1,351 @@
+"""``fedopt coordinator``: the ROUTER side of federated mode, driving :class:`~coordinator.rounds.RoundServer`.
+
+One thread owns the socket and runs an event loop: receive (with a short poll timeout), send heartbeats, expire
+silent clients, and advance the round. A round::
+
+    wait   until every client is ready, or --join-timeout passed with at least --min-clients ready
+    train  plan (seeded selection) -> TRAIN to each selected client -> OFFER/PULL/UPDATE, each update folded into the
+           aggregator as it arrives and its frame released (streaming; see fedopt.wire on upload credit)
+    close  when every selected client answered or dropped, or at --deadline with >= --min-clients updates;
+           otherwise the round is retried (a fresh attempt with the clients alive now)
+    eval   the global model on the task's test set; federated EVALUATE every --fed-eval-every rounds
+    save   metrics.jsonl line, then the checkpoint (atomic), so --resume never repeats or loses a round
+
+Anything a client sends that does not fit (malformed, wrong round, unexpected) is logged with its reason and dropped;
+the loop never dies on input. Because planning is RoundServer's seeded ``plan`` over the same client ids, a bus run
+selects the same clients with the same seeds as ``fedopt simulate`` in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import time
+
+import torch
+import zmq
+
+from fedopt import bus, wire
+from fedopt.aggregators import Update, make_aggregator
+from fedopt.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedopt.config import RunConfig, build_config
+from fedopt.errors import ConfigError, RoundError
+from fedopt.liveness import Liveness, Ticker
+from fedopt.metrics import RunOutput
+from fedopt.optimizers import make_server_optimizer
+from fedopt.params import ParamSpec
+from fedopt.task import TrainConfig, resolve_task
+
+from .registry import Registry, RoundTracker
+from .rounds import RoundServer
+
+__all__ = ["Coordinator", "configure", "run"]
+
+log = logging.getLogger("fedopt.coordinator")
+MAX_ATTEMPTS = 5  # a round that misses its quorum this many times in a row ends the run (RoundError)
+#: what a client needs to load its shard and train: sent in WELCOME
+CLIENT_SETTINGS = ("task", "task_options", "clients", "partition", "alpha", "seed", "buffers", "heartbeat")
+
+
+class Coordinator:
+    """A federated run over one ROUTER socket. ``serve()`` returns when every round is done."""
+
+    def __init__(self, cfg: RunConfig, bind: str, security: bus.Security, resume: bool = False,
+                 ctx: zmq.Context | None = None, clock=time.monotonic) -> None:
+        if cfg.min_clients > cfg.per_round:
+            raise ConfigError(f"min-clients ({cfg.min_clients}) exceeds the clients selected per round "
+                              f"({cfg.per_round}): no round could ever close")
+        self.cfg, self.clock = cfg, clock
+        from clients.runner import LocalTrainer, pick_device  # evaluation reuses the trainer's model object
+
+        self.task = resolve_task(cfg.task, cfg.task_options)
+        device = pick_device(cfg.device)
+        torch.manual_seed(cfg.seed)  # the same initial model as the in-process engine
+        model = self.task.build_model()
+        self.spec = ParamSpec.from_module(model, cfg.buffers)
+        self.server = RoundServer(
+            self.spec, self.spec.flatten(model).to(device),
+            make_aggregator(cfg.aggregator, **cfg.aggregator_options),
+            make_server_optimizer(cfg.server_opt, cfg.server_lr, **cfg.server_options),
+            TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                        mu=cfg.mu),
+            per_round=cfg.per_round, seed=cfg.seed, stragglers=cfg.stragglers, keep_stragglers=cfg.keep_stragglers)
+        test = self.task.load_test(cfg.seed) if hasattr(self.task, "load_test") else None
+        self.test = None if test is None else tuple(t.to(device) for t in test)
+        self.evaluator = LocalTrainer(self.task, self.spec, device, cfg.buffers) if self.test is not None else None
+        self.round = 1
+        ckpt = load_checkpoint(cfg.out) if resume else None
+        if ckpt is not None:
+            if ckpt.spec.to_dict() != self.spec.to_dict():
+                raise ConfigError(f"checkpoint in {cfg.out} is for a different model than task {cfg.task!r}")
+            self.server.global_vec.copy_(ckpt.global_vec)
+            self.server.optimizer.load_state_dict(ckpt.optimizer_state)
+            self.round = ckpt.round + 1
+            log.info("resuming after round %d from %s", ckpt.round, cfg.out)
+        self.output = RunOutput(cfg.out, cfg.rounds, cfg.progress, title=f"fedopt coordinator: {cfg.task}",
+                                resume_after=ckpt.round if ckpt else None)
+        self.ctx = ctx or zmq.Context()
+        self._own_ctx = ctx is None
+        self.auth = bus.start_authenticator(self.ctx, security)
+        self.ep = bus.Endpoint(bus.router(self.ctx, bind, security), wire_dtype=cfg.wire_dtype)
+        self.registry = Registry()
+        self.live: Liveness[bytes] = Liveness(cfg.heartbeat, clock=clock)
+        self.ticker = Ticker(cfg.heartbeat, clock=clock)
+        self.welcome = wire.Welcome(spec=self.spec.to_dict(),
+                                    config={k: getattr(cfg, k) for k in CLIENT_SETTINGS})
+        self.tracker: RoundTracker | None = None
+        self.evals: dict | None = None  # federated evaluation in progress: {"pending", "deadline", "results"}
+        self._wait_since = clock()
+        self._attempt = 0
+        self._round_t0 = 0.0
+        self._bytes0 = (0, 0)
+        self.dropped_messages = 0  # malformed or unexpected messages, for tests and the summary
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    def serve(self) -> int:
+        try:
+            while self.round <= self.cfg.rounds:
+                self._pump(min(0.05, self.ticker.remaining()))
+                self._keepalive()
+                self._advance()
+            for peer in self.registry.peers():
+                self.ep.send(wire.Bye(reason="done"), to=peer)
+            self.output.finish(self.spec, self.server.global_vec,
+                               {"clients": f"{self.cfg.clients} ({self.cfg.per_round} per round)",
+                                "out": str(self.output.dir), "dropped messages": self.dropped_messages})
+            time.sleep(0.2)  # let the BYEs leave before the socket closes (linger is 0)
+            return 0
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.output.close()
+        self.ep.close()
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
+        if self._own_ctx:
+            self.ctx.term()
+
+    def _pump(self, timeout: float) -> None:
+        """Handle every message that arrives within ``timeout`` (then whatever is already queued)."""
+        for _ in range(1000):
+            try:
+                got = self.ep.recv(timeout)
+            except bus.BadMessage as e:
+                self._drop(e.peer, str(e))
+                continue
+            if got is None:
+                return
+            timeout = 0
+            peer, msg = got
+            if peer in self.live:
+                self.live.heard(peer)
+            self._handle(peer, msg)
+
+    def _drop(self, peer: bytes | None, reason: str) -> None:
+        self.dropped_messages += 1
+        rec = self.registry.get(peer) if peer else None
+        who = f"client {rec.client}" if rec else f"peer {bus.describe(peer)}"
+        log.warning("dropped a message from %s: %s", who, reason)
+
+    # ---- messages -----------------------------------------------------------------------------------------------
+    def _handle(self, peer: bytes, msg: wire.Message) -> None:
+        if isinstance(msg, wire.Hello):
+            if not msg.client or len(msg.client) > 128:
+                return self._drop(peer, f"HELLO with an invalid client id {msg.client[:40]!r}")
+            replaced = self.registry.hello(peer, msg.client, msg.device)
+            if replaced is not None:
+                self.live.forget(replaced)
+                self._lost(msg.client, "reconnected during the round")
+            self.live.heard(peer)
+            self.ep.send(self.welcome, to=peer)
+            log.info("client %s connected (%s)", msg.client, msg.device)
+            return
+        rec = self.registry.get(peer)
+        if rec is None:
+            # e.g. a client of the coordinator before a restart: tell it to register again
+            self.ep.send(wire.Bye(reason="unknown peer: send HELLO"), to=peer)
+            return self._drop(peer, f"{msg.TYPE} from a peer that never said HELLO")
+        if isinstance(msg, wire.Ready):
+            if msg.num_samples < 0:
+                return self._drop(peer, f"READY with num_samples {msg.num_samples}")
+            self.registry.ready(peer, msg.num_samples)
+        elif isinstance(msg, wire.Offer):
+            t = self.tracker
+            if t is None or msg.round != t.round or not t.offer(rec.client):
+                return self._drop(peer, f"late or unexpected OFFER for round {msg.round} from client {rec.client} "
+                                        f"(current round {self.round})")
+            self._grant()
+        elif isinstance(msg, wire.UpdateMsg):
+            self._update(peer, rec.client, msg)
+        elif isinstance(msg, wire.Result):
+            ev = self.evals
+            if ev is None or msg.round != self.round or rec.client not in ev["pending"]:
+                return self._drop(peer, f"late or unexpected RESULT for round {msg.round}")
+            ev["pending"].discard(rec.client)
+            acc, loss = msg.metrics.get("accuracy"), msg.metrics.get("loss")
+            if isinstance(acc, (int, float)) and isinstance(loss, (int, float)) and msg.num_samples > 0:
+                ev["results"].append((float(acc), float(loss), msg.num_samples))
+        elif isinstance(msg, wire.Bye):
+            log.info("client %s left: %s", rec.client, msg.reason[:200])
+            self._forget(peer, "left")
+        elif not isinstance(msg, wire.Heartbeat):
+            self._drop(peer, f"a client may not send {msg.TYPE}")
+
+    def _update(self, peer: bytes, client: str, msg: wire.UpdateMsg) -> None:
+        t = self.tracker
+        if t is None or msg.round != t.round or not t.expects(client):
+            return self._drop(peer, f"late UPDATE for round {msg.round} from client {client} "
+                                    f"(current round {self.round}{'' if t else ', closed'})")
+        delta = msg.delta if msg.delta.dtype == self.spec.torch_dtype else msg.delta.to(self.spec.torch_dtype)
+        partial = bool(msg.metrics.get("partial", False))
+        reason = self.server.offer(Update(client, delta, msg.num_samples, dict(msg.metrics), partial))
+        del delta, msg  # the frame is released here: nothing else refers to it
+        t.received(client, accepted=reason is None)
+        if reason is not None:
+            log.warning("rejected the update of client %s for round %d: %s", client, t.round, reason)
+        self._grant()
+
+    def _grant(self) -> None:
+        for client in self.tracker.grants() if self.tracker else ():
+            peer = self.registry.peer_of(client)
+            if peer is None or not self.ep.send(wire.Pull(round=self.tracker.round), to=peer):
+                self._lost(client, "unreachable")
+
+    def _lost(self, client: str, reason: str) -> None:
+        """A selected client will not deliver this round."""
+        if self.tracker is not None and self.tracker.drop(client):
+            self.server.reject(client, reason)
+            log.warning("round %d: client %s dropped (%s)", self.tracker.round, client, reason)
+            self._grant()
+        if self.evals is not None:
+            self.evals["pending"].discard(client)
+
+    def _forget(self, peer: bytes, reason: str) -> None:
+        rec = self.registry.remove(peer)
+        self.live.forget(peer)
+        if rec is not None:
+            self._lost(rec.client, reason)
+
+    def _keepalive(self) -> None:
+        for peer in self.live.expire():
+            rec = self.registry.get(peer)
+            log.warning("client %s is silent for %d heartbeats: dead", rec.client if rec else "?", self.live.misses)
+            self._forget(peer, "died (no heartbeat)")
+        if self.ticker.due():
+            for peer in self.registry.peers():
+                self.ep.send(wire.Heartbeat(), to=peer)
+
+    # ---- rounds -------------------------------------------------------------------------------------------------
+    def _advance(self) -> None:
+        now = self.clock()
+        if self.evals is not None:
+            if not self.evals["pending"] or now >= self.evals["deadline"]:
+                self._finish_round()
+        elif self.tracker is not None:
+            if self.tracker.complete or now >= self.tracker.deadline_at:
+                self._close()
+        else:
+            sizes = self.registry.sizes()
+            waited = now - self._wait_since >= self.cfg.join_timeout
+            if len(sizes) >= self.cfg.clients or (waited and len(sizes) >= self.cfg.min_clients):
+                self._start(sizes)
+
+    def _start(self, sizes: dict[str, int]) -> None:
+        r = self.round
+        self._attempt += 1
+        if self._attempt == 1:
+            self._round_t0 = time.perf_counter()
+            self._bytes0 = (self.ep.bytes_in, self.ep.bytes_out)
+        self.jobs = self.server.plan(r, sizes)
+        self.server.begin(r)
+        self.tracker = RoundTracker(r, [j.client for j in self.jobs], self.clock() + self.cfg.deadline,
+                                    self.cfg.upload_slots)
+        # one snapshot for every TRAIN: sends are zero-copy, and the global vector changes in place at close
+        snapshot = self.server.global_vec.detach().to("cpu", copy=True)
+        for job in self.jobs:
+            if job.straggler and not self.server.keep_stragglers:
+                self.tracker.drop(job.client)  # FedAvg drops stragglers: their partial work would be discarded
+                self.server.reject(job.client, "straggler dropped")
+                continue
+            config = {f.name: getattr(job.config, f.name) for f in dataclasses.fields(job.config)
+                      if f.name != "sampler"}
+            peer = self.registry.peer_of(job.client)
+            if peer is None or not self.ep.send(wire.Train(round=r, config=config, model=snapshot), to=peer):
+                self._lost(job.client, "unreachable")
+        log.info("round %d (attempt %d): %d clients selected of %d ready", r, self._attempt, len(self.jobs),
+                 len(sizes))
+
+    def _close(self) -> None:
+        t, self.tracker = self.tracker, None
+        for client in sorted(t.pending):
+            self.server.reject(client, "missed the deadline")
+            log.warning("round %d: client %s missed the deadline; its update will be dropped", t.round, client)
+        if t.accepted < self.cfg.min_clients:
+            self.server.begin(t.round)  # discard the partial aggregate
+            self._wait_since = self.clock()
+            log.warning("round %d: %d updates, below the quorum of %d: retrying", t.round, t.accepted,
+                        self.cfg.min_clients)
+            if self._attempt >= MAX_ATTEMPTS:
+                raise RoundError(f"round {t.round} missed its quorum of {self.cfg.min_clients} in "
+                                 f"{MAX_ATTEMPTS} attempts")
+            return
+        self.outcome = self.server.close()
+        r = self.round
+        self.evals = {"pending": set(), "deadline": self.clock() + self.cfg.deadline, "results": []}
+        if self.cfg.fed_eval_every and r % self.cfg.fed_eval_every == 0:
+            model = self.server.global_vec.detach().to("cpu", copy=True)
+            for client, _ in self.registry.sizes().items():
+                peer = self.registry.peer_of(client)
+                if peer is not None and self.ep.send(wire.Evaluate(round=r, model=model), to=peer):
+                    self.evals["pending"].add(client)
+
+    def _finish_round(self) -> None:
+        cfg, r, ev, outcome = self.cfg, self.round, self.evals, self.outcome
+        self.evals = None
+        test = {}
+        if self.evaluator is not None and (r % cfg.eval_every == 0 or r == cfg.rounds):
+            test = self.evaluator.evaluate(self.server.global_vec, self.test)
+        record = {
+            "round": r, "accuracy": test.get("accuracy"), "loss": test.get("loss"), "clients": outcome.count,
+            "selected": len(self.jobs), "stragglers": sum(j.straggler for j in self.jobs),
+            "rejected": len(outcome.rejected), "train_loss": outcome.train_loss,
+            "seconds": time.perf_counter() - self._round_t0, "attempts": self._attempt,
+            "bytes_up": self.ep.bytes_in - self._bytes0[0], "bytes_down": self.ep.bytes_out - self._bytes0[1],
+        }
+        if ev["results"]:
+            n = sum(k for _, _, k in ev["results"])
+            record["fed_accuracy"] = sum(a * k for a, _, k in ev["results"]) / n
+            record["fed_loss"] = sum(lo * k for _, lo, k in ev["results"]) / n
+            record["fed_clients"] = len(ev["results"])
+        self.output.round_done(record)  # the metrics line first, then the checkpoint: resume cuts back to it
+        save_checkpoint(cfg.out, Checkpoint(r, self.server.global_vec, self.server.optimizer.state_dict(),
+                                            self.spec, {"config": cfg.to_dict(), "attempts": self._attempt}))
+        self.round += 1
+        self._attempt = 0
+        self._wait_since = self.clock()
+
+
+# ---- `fedopt coordinator` -----------------------------------------------------------------------------------------------
+def configure(p: argparse.ArgumentParser) -> None:
+    from fedopt.cli import add_bus_options, add_round_options
+
+    p.add_argument("--bind", required=True, help="address to listen on: tcp://HOST:PORT, ipc://PATH")
+    p.add_argument("--keys", default=None, help="CurveZMQ key directory made by `fedopt keys generate`")
+    p.add_argument("--insecure", action="store_true", help="allow plain TCP without authentication (warns)")
+    p.add_argument("--resume", action="store_true", help="continue after the last completed round in --out")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    add_round_options(p)
+    add_bus_options(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedopt.cli import round_overrides
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    security = bus.security_for(args.bind, args.keys, args.insecure, "coordinator")
+    cfg = build_config(args.config, round_overrides(args, skip=("config", "bind", "keys", "insecure", "resume",
+                                                                 "log_level")))
+    return Coordinator(cfg, args.bind, security, resume=args.resume).serve()

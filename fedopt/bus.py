@@ -1,0 +1,271 @@
+"""The ZeroMQ edge: context, CurveZMQ, and send/receive with deadlines over :mod:`fedopt.wire`. The one zmq importer.
+
+Sockets: the coordinator binds a ROUTER, clients connect DEALERs. Every socket gets ``LINGER 0`` (closing never
+blocks), ``MAXMSGSIZE`` (ZeroMQ drops a larger message and the connection before any of it reaches Python) and, on the
+ROUTER, ``ROUTER_MANDATORY`` so a send to a vanished peer fails instead of vanishing silently. Sends never block
+(``NOBLOCK``); receives wait at most their timeout. A socket belongs to the thread that made it.
+
+Security (CurveZMQ, RFC 26): ``fedopt keys generate DIR`` writes::
+
+    DIR/coordinator.key, DIR/coordinator.key_secret    the coordinator's pair (give clients coordinator.key)
+    DIR/allowed/client-NNN.key                         the client public keys the coordinator admits
+    DIR/clients/client-NNN.key_secret                  each client's pair (give client NNN only its own)
+
+The coordinator (``--keys DIR``) runs a ZAP authenticator that admits exactly the public keys in ``DIR/allowed``;
+a client (``--keys DIR``) pins ``DIR/coordinator.key`` and uses its own secret. Plain TCP needs ``--insecure`` and
+prints a warning; ``ipc://`` and ``inproc://`` are local to the machine and need neither.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from . import wire
+from .errors import AuthError, ConfigError, WireError
+
+__all__ = ["Security", "security_for", "generate_keys", "router", "dealer", "Endpoint", "start_authenticator",
+           "configure", "run"]
+
+log = logging.getLogger("fedopt.bus")
+
+
+# ---- keys -----------------------------------------------------------------------------------------------------------
+def generate_keys(directory: str | os.PathLike, clients: int) -> Path:
+    """Write a coordinator key pair and ``clients`` client key pairs laid out as the module docstring shows."""
+    if clients < 1:
+        raise ConfigError(f"--clients must be >= 1, not {clients}")
+    d = Path(directory)
+    for sub in (d, d / "allowed", d / "clients"):
+        sub.mkdir(parents=True, exist_ok=True)
+    zmq.auth.create_certificates(d, "coordinator")
+    for i in range(clients):
+        public, secret = zmq.auth.create_certificates(d / "clients", f"client-{i:03d}")
+        Path(public).replace(d / "allowed" / Path(public).name)
+        os.chmod(secret, 0o600)
+    os.chmod(d / "coordinator.key_secret", 0o600)
+    return d
+
+
+def _load_pair(path: Path, what: str) -> tuple[bytes, bytes]:
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as e:
+        raise AuthError(f"cannot read the {what} key {path}: {e}") from None
+    if secret is None:
+        raise AuthError(f"{path} holds no secret key (the {what} needs its .key_secret file)")
+    return public, secret
+
+
+@dataclass(frozen=True)
+class Security:
+    """How one socket is secured: CurveZMQ keys, or none (local transports, or ``--insecure`` TCP)."""
+
+    public: bytes | None = None  # this side's public key
+    secret: bytes | None = None  # this side's secret key
+    server_key: bytes | None = None  # a client's pinned coordinator public key
+    allowed_dir: Path | None = None  # a coordinator's allow-list directory
+
+    @property
+    def curve(self) -> bool:
+        return self.secret is not None
+
+
+def security_for(url: str, keys: str | None, insecure: bool, role: str, name: str | None = None) -> Security:
+    """Check the transport/key combination and load the keys a ``role`` ("coordinator" or "client") needs.
+
+    Raises ConfigError for plain TCP without ``--insecure`` and AuthError for missing or unreadable keys.
+    """
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme not in ("tcp", "ipc", "inproc"):
+        raise ConfigError(f"endpoint {url!r} must start with tcp://, ipc:// or inproc://")
+    if keys is None:
+        if scheme == "tcp" and not insecure:
+            raise ConfigError(f"{url} is plain TCP: give --keys DIR (CurveZMQ) or --insecure to run unencrypted")
+        if scheme == "tcp":
+            print(f"fedopt: warning: {url} runs WITHOUT authentication or encryption (--insecure)", file=sys.stderr)
+        return Security()
+    d = Path(keys)
+    if not d.is_dir():
+        raise AuthError(f"key directory {d} does not exist (make one with: fedopt keys generate DIR)")
+    if role == "coordinator":
+        public, secret = _load_pair(d / "coordinator.key_secret", "coordinator")
+        allowed = d / "allowed"
+        if not allowed.is_dir() or not any(allowed.glob("*.key")):
+            raise AuthError(f"{allowed} holds no client public keys: no client could ever join")
+        return Security(public, secret, allowed_dir=allowed)
+    try:
+        server_key, _ = zmq.auth.load_certificate(d / "coordinator.key")
+    except (OSError, ValueError) as e:
+        raise AuthError(f"cannot read the coordinator's public key {d / 'coordinator.key'}: {e}") from None
+    candidates = [d / f"{name}.key_secret", d / "clients" / f"{name}.key_secret"] if name else []
+    if not name:
+        candidates = [p for p in [*d.glob("*.key_secret"), *(d / "clients").glob("*.key_secret")]
+                      if p.name != "coordinator.key_secret"]
+        if len(candidates) != 1:
+            raise AuthError(f"{d} holds {len(candidates)} client secret keys: name yours with --key-name")
+    path = next((p for p in candidates if p.exists()), None)
+    if path is None:
+        raise AuthError(f"no secret key for client {name!r} in {d} or {d / 'clients'}")
+    public, secret = _load_pair(path, "client")
+    return Security(public, secret, server_key=server_key)
+
+
+class _DenialLog:
+    """The authenticator's logger, with its accept/deny decisions raised from debug to warning/info level."""
+
+    def __init__(self, target: logging.Logger) -> None:
+        self._log = target
+
+    def debug(self, msg, *args, **kw):
+        text = msg % args if args else msg
+        if text.startswith("DENIED") or "code=400" in text:
+            self._log.warning("curve: refused a client: %s", text)
+        elif text.startswith("ALLOWED"):
+            self._log.info("curve: %s", text)
+
+    def __getattr__(self, name):
+        return getattr(self._log, name)
+
+
+def start_authenticator(ctx: zmq.Context, security: Security) -> ThreadAuthenticator | None:
+    """Run ZAP for ``ctx`` admitting only the keys in ``security.allowed_dir``; None when not using Curve."""
+    if security.allowed_dir is None:
+        return None
+    auth = ThreadAuthenticator(ctx, log=_DenialLog(log))  # type: ignore[arg-type]
+    auth.start()
+    auth.configure_curve(domain="*", location=str(security.allowed_dir))
+    return auth
+
+
+# ---- sockets --------------------------------------------------------------------------------------------------------
+def _common(sock: zmq.Socket, limits: wire.Limits) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
+
+
+def router(ctx: zmq.Context, url: str, security: Security, limits: wire.Limits = wire.Limits()) -> zmq.Socket:
+    """A bound ROUTER (the coordinator side). Raises ConfigError when the address cannot be bound."""
+    sock = ctx.socket(zmq.ROUTER)
+    _common(sock, limits)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    if security.curve:
+        sock.curve_server = True
+        sock.curve_publickey, sock.curve_secretkey = security.public, security.secret
+    try:
+        sock.bind(url)
+    except zmq.ZMQError as e:
+        sock.close(0)
+        raise ConfigError(f"cannot bind {url}: {e}") from None
+    return sock
+
+
+def dealer(ctx: zmq.Context, url: str, security: Security, limits: wire.Limits = wire.Limits()) -> zmq.Socket:
+    """A connected DEALER (the client side), pinned to the coordinator's key when using Curve."""
+    sock = ctx.socket(zmq.DEALER)
+    _common(sock, limits)
+    if security.curve:
+        sock.curve_publickey, sock.curve_secretkey = security.public, security.secret
+        sock.curve_serverkey = security.server_key
+    try:
+        sock.connect(url)
+    except zmq.ZMQError as e:
+        sock.close(0)
+        raise ConfigError(f"cannot connect to {url}: {e}") from None
+    return sock
+
+
+class Endpoint:
+    """One socket plus the wire codec: ``send`` never blocks, ``recv`` waits at most its timeout.
+
+    For a ROUTER, messages carry the peer's routing id (``send(msg, to=peer)``, ``recv() -> (peer, msg)``);
+    for a DEALER the peer is ``None``. Counts the bytes it moves in ``bytes_in``/``bytes_out``.
+    """
+
+    def __init__(self, sock: zmq.Socket, limits: wire.Limits = wire.Limits(), wire_dtype: str | None = None) -> None:
+        self.sock = sock
+        self.limits = limits
+        self.wire_dtype = wire_dtype
+        self.routed = sock.type == zmq.ROUTER
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def send(self, msg: wire.Message, to: bytes | None = None) -> bool:
+        """Queue ``msg`` for sending (zero-copy for tensors). False when the peer is gone or its queue is full."""
+        frames = wire.encode(msg, self.wire_dtype)
+        if self.routed:
+            frames = [to, *frames]
+        try:
+            self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as e:
+            if e.errno == zmq.EHOSTUNREACH:
+                return False
+            raise
+        self.bytes_out += sum(len(memoryview(f)) for f in frames[1 if self.routed else 0:])
+        return True
+
+    def poll(self, timeout: float) -> bool:
+        """Whether a message is waiting, after at most ``timeout`` seconds."""
+        return bool(self.sock.poll(max(0, int(timeout * 1000)), zmq.POLLIN))
+
+    def recv(self, timeout: float = 0.0) -> tuple[bytes | None, wire.Message] | None:
+        """The next message as ``(peer, message)``, or None when none came within ``timeout`` seconds.
+
+        Raises :class:`BadMessage` (a WireError carrying the peer) for a message that fails validation; the socket
+        stays usable.
+        """
+        if not self.poll(timeout):
+            return None
+        frames = self.sock.recv_multipart(copy=False)
+        peer = None
+        if self.routed:
+            peer, frames = frames[0].bytes, frames[1:]
+        self.bytes_in += sum(len(f) for f in frames)
+        try:
+            return peer, wire.decode(frames, self.limits)
+        except WireError as e:
+            raise BadMessage(peer, str(e)) from None
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+class BadMessage(WireError):
+    """A message that failed validation, with the routing id of the peer that sent it (None on a DEALER)."""
+
+    def __init__(self, peer: bytes | None, reason: str) -> None:
+        super().__init__(reason)
+        self.peer = peer
+
+
+# ---- `fedopt keys generate DIR` -----------------------------------------------------------------------------------------
+def configure(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True)
+    g = sub.add_parser("generate", help="write a coordinator key pair and N client key pairs into DIR")
+    g.add_argument("dir", help="directory to write the keys into (created if missing)")
+    g.add_argument("--clients", type=int, default=8, help="number of client key pairs (default 8)")
+
+
+def run(args: argparse.Namespace) -> int:
+    d = generate_keys(args.dir, args.clients)
+    print(f"wrote CurveZMQ keys to {d}:\n"
+          f"  coordinator: {d / 'coordinator.key_secret'} (keep here), {d / 'coordinator.key'} (give to clients)\n"
+          f"  allow-list:  {d / 'allowed'}/ ({args.clients} client public keys the coordinator admits)\n"
+          f"  clients:     {d / 'clients'}/client-NNN.key_secret (give each client only its own)")
+    return 0
+
+
+def describe(peer: Any) -> str:
+    """A routing id as a short printable string for logs."""
+    return peer.hex() if isinstance(peer, (bytes, bytearray)) else str(peer)
