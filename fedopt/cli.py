@@ -83,6 +83,12 @@ def add_round_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--server-lr", type=float, default=S, help="server learning rate")
     g.add_argument("--server-option", dest="server_options", action="append", type=parse_kv, default=S,
                    metavar="KEY=VALUE", help="server optimizer option: momentum, beta1, beta2, tau (repeatable)")
+    g.add_argument("--secagg-neighbours", type=int, default=S,
+                   help="secagg: neighbours per client k (default 2*ceil(log2 n); n-1 = complete graph)")
+    g.add_argument("--secagg-threshold", type=int, default=S,
+                   help="secagg: Shamir threshold t, k/2 < t <= k (default floor(k/2)+1)")
+    g.add_argument("--clip", type=float, default=S, help="secagg: L2 clip norm of each update (default 10)")
+    g.add_argument("--bits", type=int, default=S, help="secagg: quantisation bits per coordinate (default 16)")
     g.add_argument("--buffers", choices=("average", "local"), default=S,
                    help="float buffers such as BatchNorm statistics: averaged or kept on each client")
     g = p.add_argument_group("run")

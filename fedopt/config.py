@@ -77,6 +77,11 @@ class RunConfig:
     wire_dtype: str = "float32"  # float32 | bfloat16 | float16: precision of models and deltas on the wire
     upload_slots: int = 2  # updates the coordinator pulls at once (bounds its memory to this many updates)
     fed_eval_every: int = 0  # federated evaluation on the clients' local test splits every k rounds (0 = never)
+    # secure aggregation (--aggregator secagg); folded into aggregator_options
+    secagg_neighbours: int | None = None  # k: neighbours per client (default 2*ceil(log2 n); n-1 = plain SecAgg)
+    secagg_threshold: int | None = None  # t: Shamir threshold, k/2 < t <= k (default floor(k/2)+1)
+    clip: float | None = None  # L2 clip norm of each update before quantisation (secagg default 10)
+    bits: int | None = None  # quantisation bits per coordinate (secagg default 16)
 
     def __post_init__(self):
         if not isinstance(self.task, str) or not self.task:
@@ -133,6 +138,25 @@ class RunConfig:
         for name in ("task_options", "aggregator_options", "server_options"):
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"{name.replace('_', '-')} must be a table of key = value")
+        self._fold_secagg()
+
+    def _fold_secagg(self) -> None:
+        """--secagg-neighbours/--secagg-threshold/--clip/--bits become secagg's aggregator options."""
+        given = {k: v for k, v in (("neighbours", self.secagg_neighbours), ("threshold", self.secagg_threshold),
+                                   ("clip", self.clip), ("bits", self.bits)) if v is not None}
+        if not given:
+            return
+        if self.aggregator != "secagg":
+            flags = ", ".join("--" + {"neighbours": "secagg-neighbours", "threshold": "secagg-threshold"}.get(k, k)
+                              for k in given)
+            raise ConfigError(f"{flags} only apply to --aggregator secagg (aggregator is {self.aggregator!r})")
+        for name in ("secagg_neighbours", "secagg_threshold", "bits"):
+            if getattr(self, name) is not None:
+                _at_least(name, getattr(self, name), 1)
+        if self.clip is not None and (not isinstance(self.clip, (int, float)) or isinstance(self.clip, bool)
+                                      or not 0 < self.clip < math.inf):
+            raise ConfigError(f"clip must be a number > 0, not {self.clip!r}")
+        object.__setattr__(self, "aggregator_options", {**self.aggregator_options, **given})
 
     # ---- derived facts ----------------------------------------------------------------------------------------------
     @property
