@@ -1,16 +1,27 @@
 """``fedopt simulate``: N virtual clients on one machine, driven by the same RoundServer as the real coordinator.
 
-A virtual client is its data shard and nothing else: no process, socket or model object per client. The engine
-plans each round with :class:`~coordinator.rounds.RoundServer`, hands the jobs to an executor that trains them, and
-records metrics exactly as the other modes do.
+A virtual client is its data shard plus whatever state its algorithm needs: no process, socket or model object per
+client. Shards are loaded lazily (:class:`~clients.shards.ShardSource`), so memory grows with the data and the number
+of workers, not with the number of clients. The engine plans each round with :class:`~coordinator.rounds.RoundServer`,
+hands the jobs to an executor that trains them, and records metrics exactly as the other modes do.
 
-Executors:
+Executors (``run_round(server, jobs)`` feeds the round's results into ``server``, by ``offer`` or ``merge``):
 
 * :class:`SequentialExecutor` — in this process, one reused model object, updates streamed into the aggregator.
+  The default for small models: on a few cores the worker processes' messaging costs more than it saves.
+* :class:`~clients.pool.PoolExecutor` (``--workers W``, W > 1) — W spawned worker processes; each trains its share of
+  the round with one model and pre-aggregates, so a round costs O(W) messages (per-client updates when the aggregator
+  needs every one). The global model and results travel through shared memory.
+* :class:`~clients.vmap.VmapExecutor` (``--backend vmap``) — a whole batch of clients at once with ``torch.func``.
+
+``--algorithm scaffold`` keeps SCAFFOLD's server control variate here, in the engine, and each client's ``c_i`` in a
+:class:`~clients.state.ClientStateStore` where the client trains (see :mod:`clients.scaffold`).
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,9 +37,16 @@ from fedopt.optimizers import make_server_optimizer
 from fedopt.params import ParamSpec
 from fedopt.task import ClientData, Task, TrainConfig, resolve_task
 
+from .host import ClientHost
 from .runner import LocalTrainer, pick_device
+from .scaffold import ScaffoldClients, ScaffoldServer, check_scaffold_task
+from .shards import ShardSource
 
-__all__ = ["Simulation", "SequentialExecutor", "simulate", "SimResult"]
+__all__ = ["Simulation", "SequentialExecutor", "simulate", "SimResult", "default_workers"]
+
+#: Below this many parameters a client's training is dominated by Python overhead, not arithmetic: a worker pool's
+#: messaging and start-up cost more than a second core saves (measured on 2 cores; see benchmarks/).
+SMALL_MODEL = 1_000_000
 
 
 class Executor(Protocol):
@@ -39,23 +57,34 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
+def default_workers(cfg: RunConfig, spec: ParamSpec) -> int:
+    """``--workers`` when given; otherwise 1 (in-process) for small models and the number of cores for large ones."""
+    if cfg.workers is not None:
+        return cfg.workers
+    return 1 if spec.size < SMALL_MODEL else max(1, len(os.sched_getaffinity(0)))
+
+
 class SequentialExecutor:
-    def __init__(self, task: Task, spec: ParamSpec, shards: list[ClientData], device: torch.device,
-                 buffers: str = "average") -> None:
-        self.trainer = LocalTrainer(task, spec, device, buffers)
+    """In this process: one reused model trains the jobs one after another, each update offered to the server."""
+
+    def __init__(self, task: Task, spec: ParamSpec, shards, device: torch.device, buffers: str = "average",
+                 scaffold: ScaffoldServer | None = None, state_budget_bytes: int = 256 << 20) -> None:
+        self.control = scaffold
+        clients = ScaffoldClients(task, spec, state_budget_bytes) if scaffold is not None else None
+        self.host = ClientHost(task, spec, shards, device, buffers, clients)
+        self.trainer = self.host.trainer
         self.shards = shards
 
     def run_round(self, server: RoundServer, jobs: list[Job]) -> None:
-        for job in jobs:
-            if job.straggler and not server.keep_stragglers:
-                # FedAvg drops a straggler at the deadline; its work would be discarded, so it is not done here.
-                server.reject(job.client, "straggler dropped")
-                continue
-            update = self.trainer.train(job.client, server.global_vec, self.shards[int(job.client)], job.config)
-            server.offer(update)
+        sc = self.host.scaffold
+        if sc is not None:
+            sc.begin()
+        self.host.run(server, jobs, server.global_vec, None if self.control is None else self.control.control)
+        if sc is not None:
+            self.control.add(sc.sum, sc.count)
 
     def close(self) -> None:
-        pass
+        self.host.close()
 
 
 @dataclass
@@ -65,6 +94,10 @@ class SimResult:
     spec: ParamSpec
 
 
+def _note(message: str) -> None:
+    print(f"fedopt simulate: {message}", file=sys.stderr, flush=True)
+
+
 class Simulation:
     """Builds everything a simulated run needs from a RunConfig; ``run()`` trains and writes the outputs."""
 
@@ -72,39 +105,56 @@ class Simulation:
         self.cfg = cfg
         self.task = resolve_task(cfg.task, cfg.task_options)
         self.device = pick_device(cfg.device)
+        if cfg.algorithm == "scaffold":
+            check_scaffold_task(self.task)
         torch.manual_seed(cfg.seed)
         model = self.task.build_model()
         self.spec = ParamSpec.from_module(model, cfg.buffers)
         global_vec = self.spec.flatten(model).to(self.device)
-        partition = PartitionSpec(cfg.partition, cfg.alpha)
-        self.shards = [self.task.load_data(i, cfg.clients, cfg.seed, partition).to(self.device)
-                       for i in range(cfg.clients)]
+        self.partition = PartitionSpec(cfg.partition, cfg.alpha)
+        self.shards = ShardSource(self.task, cfg.clients, cfg.seed, self.partition, self.device)
         test = self.task.load_test(cfg.seed) if hasattr(self.task, "load_test") else None
         self.test = None if test is None else tuple(t.to(self.device) for t in test)
-        self.sizes = {str(i): s.num_samples for i, s in enumerate(self.shards)}
-        opt_lr = cfg.server_lr
+        self.sizes = self.shards.sizes
+        self.scaffold = ScaffoldServer(self.spec.size, cfg.clients, self.device) \
+            if cfg.algorithm == "scaffold" else None
         self.server = RoundServer(
             self.spec, global_vec,
             make_aggregator(cfg.aggregator, **cfg.aggregator_options),
-            make_server_optimizer(cfg.server_opt, opt_lr, **cfg.server_options),
+            make_server_optimizer(cfg.server_opt, cfg.server_lr, **cfg.server_options),
             TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
                         mu=cfg.mu),
             per_round=cfg.per_round, seed=cfg.seed, stragglers=cfg.stragglers, keep_stragglers=cfg.keep_stragglers,
         )
-        self.executor: Executor = SequentialExecutor(self.task, self.spec, self.shards, self.device, cfg.buffers)
-        self._eval_trainer = self.executor.trainer if isinstance(self.executor, SequentialExecutor) else \
+        self.executor: Executor = self._make_executor()
+        self._eval_trainer = getattr(self.executor, "trainer", None) or \
             LocalTrainer(self.task, self.spec, self.device, cfg.buffers)
+
+    def _make_executor(self) -> Executor:
+        cfg = self.cfg
+        budget = int(cfg.state_budget_mb * (1 << 20))
+        if cfg.backend == "vmap":
+            from .vmap import VmapExecutor, vmap_unsupported
+
+            reason = vmap_unsupported(self.task, self.spec, self.shards, self.server.train, self.device)
+            if reason is None:
+                return VmapExecutor(self.task, self.spec, self.shards, self.device, self.scaffold, budget)
+            _note(f"vmap backend unavailable ({reason}); using the sequential backend")
+        workers = default_workers(cfg, self.spec)
+        if workers > 1:
+            from .pool import PoolExecutor
+
+            return PoolExecutor(cfg, self.spec, workers, self.sizes, self.scaffold)
+        return SequentialExecutor(self.task, self.spec, self.shards, self.device, cfg.buffers, self.scaffold, budget)
 
     def evaluate(self) -> dict:
         """The global model on the shared test set; without one, the sample-weighted mean over clients' local tests."""
         if self.test is not None:
             return self._eval_trainer.evaluate(self.server.global_vec, self.test)
         acc = loss = n = 0.0
-        for s in self.shards:
-            if s.test is None:
-                continue
-            m = self._eval_trainer.evaluate(self.server.global_vec, s.test)
-            k = s.test[0].shape[0]
+        for test in self.shards.local_tests():
+            m = self._eval_trainer.evaluate(self.server.global_vec, test)
+            k = test[0].shape[0]
             acc, loss, n = acc + m["accuracy"] * k, loss + m["loss"] * k, n + k
         return {"accuracy": acc / n, "loss": loss / n} if n else {"accuracy": None, "loss": None}
 
@@ -112,31 +162,43 @@ class Simulation:
         cfg = self.cfg
         P = self.spec.size
         itemsize = torch.empty((), dtype=self.spec.torch_dtype).element_size()
-        for r in range(1, cfg.rounds + 1):
-            t0 = time.perf_counter()
-            jobs = self.server.plan(r, self.sizes)
-            self.server.begin(r)
-            self.executor.run_round(self.server, jobs)
-            outcome = self.server.close()
-            ev = self.evaluate() if (r % cfg.eval_every == 0 or r == cfg.rounds) else {}
-            seconds = time.perf_counter() - t0
-            record = {
-                "round": r,
-                "accuracy": ev.get("accuracy"),
-                "loss": ev.get("loss"),
-                "clients": outcome.count,
-                "selected": len(jobs),
-                "stragglers": sum(j.straggler for j in jobs),
-                "rejected": len(outcome.rejected),
-                "train_loss": outcome.train_loss,
-                "seconds": seconds,
-                # what the round's messages carry on the bus: the model down to each selected client, a delta back
-                "bytes_down": len(jobs) * P * itemsize,
-                "bytes_up": outcome.count * P * itemsize,
-            }
-            if output is not None:
-                output.round_done(record)
-        self.executor.close()
+        threads = torch.get_num_threads()
+        if self.spec.size < SMALL_MODEL and self.device.type == "cpu":
+            # A small model's ops are microseconds long: a second intra-op thread only adds hand-off and spinning
+            # (30x slower per step on a loaded 2-core machine). Restored when the run ends.
+            torch.set_num_threads(1)
+        try:
+            for r in range(1, cfg.rounds + 1):
+                t0 = time.perf_counter()
+                jobs = self.server.plan(r, self.sizes)
+                self.server.begin(r)
+                if self.scaffold is not None:
+                    self.scaffold.begin()
+                self.executor.run_round(self.server, jobs)
+                outcome = self.server.close()
+                if self.scaffold is not None and outcome.applied:
+                    self.scaffold.step()
+                ev = self.evaluate() if (r % cfg.eval_every == 0 or r == cfg.rounds) else {}
+                seconds = time.perf_counter() - t0
+                record = {
+                    "round": r,
+                    "accuracy": ev.get("accuracy"),
+                    "loss": ev.get("loss"),
+                    "clients": outcome.count,
+                    "selected": len(jobs),
+                    "stragglers": sum(j.straggler for j in jobs),
+                    "rejected": len(outcome.rejected),
+                    "train_loss": outcome.train_loss,
+                    "seconds": seconds,
+                    # what the round's messages carry on the bus: the model down to each selected client, a delta back
+                    "bytes_down": len(jobs) * P * itemsize,
+                    "bytes_up": outcome.count * P * itemsize,
+                }
+                if output is not None:
+                    output.round_done(record)
+        finally:
+            self.executor.close()
+            torch.set_num_threads(threads)
         records = output.records if output is not None else []
         return SimResult(records, self.server.global_vec, self.spec)
 
@@ -148,7 +210,8 @@ def simulate(cfg: RunConfig) -> SimResult:
     try:
         result = sim.run(output)
         output.finish(sim.spec, sim.server.global_vec,
-                      {"clients": f"{cfg.clients} ({cfg.per_round} per round)", "out": str(output.dir)})
+                      {"clients": f"{cfg.clients} ({cfg.per_round} per round)",
+                       "executor": type(sim.executor).__name__, "out": str(output.dir)})
     finally:
         output.close()
     return result

@@ -135,7 +135,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--processes", type=int, default=S, help="client processes for --transport ipc|tcp")
     add_bus_options(p)
     g.add_argument("--backend", choices=("sequential", "vmap"), default=S)
-    g.add_argument("--workers", type=int, default=S, help="simulation worker processes (default: cores)")
+    g.add_argument("--workers", type=int, default=S,
+                   help="simulation worker processes (default: 1 = in-process for small models, else cores)")
+    g.add_argument("--algorithm", choices=("fedavg", "scaffold"), default=S,
+                   help="fedavg: plain local SGD (FedProx with --mu); scaffold: SCAFFOLD control variates")
+    g.add_argument("--state-budget-mb", type=float, default=S,
+                   help="memory for per-client state (SCAFFOLD); past it, state spills to disk (default 256)")
 
 
 def run(args: argparse.Namespace) -> int:

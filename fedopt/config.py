@@ -68,7 +68,14 @@ class RunConfig:
     processes: int | None = None  # client processes for ipc/tcp runs
     backend: str = "sequential"  # sequential | vmap
     workers: int | None = None  # simulation worker processes (default: cores)
+    algorithm: str = "fedavg"  # fedavg (plain local SGD, FedProx with mu) | scaffold (control variates)
+    state_budget_mb: float = 256.0  # per-client state (SCAFFOLD's c_i) held in memory; the rest spills to disk
     progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | off
+    # secure aggregation (--aggregator secagg); folded into aggregator_options
+    secagg_neighbours: int | None = None  # k: neighbours per client (default 2*ceil(log2 n); n-1 = plain SecAgg)
+    secagg_threshold: int | None = None  # t: Shamir threshold, k/2 < t <= k (default floor(k/2)+1)
+    clip: float | None = None  # L2 clip norm of each update before quantisation (secagg default 10)
+    bits: int | None = None  # quantisation bits per coordinate (secagg default 16)
     # the ZeroMQ bus (fedopt coordinator, and simulate --transport ipc|tcp)
     deadline: float = 60.0  # seconds a round waits for updates before closing with the quorum it has
     min_clients: int = 1  # quorum: a round closes with at least this many updates, else it is retried
@@ -77,11 +84,6 @@ class RunConfig:
     wire_dtype: str = "float32"  # float32 | bfloat16 | float16: precision of models and deltas on the wire
     upload_slots: int = 2  # updates the coordinator pulls at once (bounds its memory to this many updates)
     fed_eval_every: int = 0  # federated evaluation on the clients' local test splits every k rounds (0 = never)
-    # secure aggregation (--aggregator secagg); folded into aggregator_options
-    secagg_neighbours: int | None = None  # k: neighbours per client (default 2*ceil(log2 n); n-1 = plain SecAgg)
-    secagg_threshold: int | None = None  # t: Shamir threshold, k/2 < t <= k (default floor(k/2)+1)
-    clip: float | None = None  # L2 clip norm of each update before quantisation (secagg default 10)
-    bits: int | None = None  # quantisation bits per coordinate (secagg default 16)
 
     def __post_init__(self):
         if not isinstance(self.task, str) or not self.task:
@@ -121,6 +123,10 @@ class RunConfig:
         _choice("transport", self.transport, ("inproc", "ipc", "tcp"))
         _choice("backend", self.backend, ("sequential", "vmap"))
         _choice("progress", self.progress, ("auto", "bar", "lines", "off"))
+        _choice("algorithm", self.algorithm, ("fedavg", "scaffold"))
+        if not isinstance(self.state_budget_mb, (int, float)) or isinstance(self.state_budget_mb, bool) \
+                or not 0 <= self.state_budget_mb < math.inf:
+            raise ConfigError(f"state-budget-mb must be a number >= 0, not {self.state_budget_mb!r}")
         if self.processes is not None:
             _at_least("processes", self.processes, 1)
         for name in ("deadline", "heartbeat", "join_timeout"):

@@ -36,8 +36,12 @@ class WeightedMean:
     def begin(self, round: int, size: int) -> None:
         self._size, self._mean, self._weight, self._count = size, None, 0.0, 0
 
+    def weight(self, update: Update) -> float:
+        """The weight this aggregator gives ``update`` (lets an engine pre-aggregate many deltas in one matmul)."""
+        return float(self._weight_of(update))
+
     def add(self, update: Update) -> None:
-        self.merge(update.delta, float(self._weight_of(update)), 1)
+        self.merge(update.delta, self.weight(update), 1)
 
     def merge(self, delta: torch.Tensor, weight: float, count: int) -> None:
         """Fold in a (pre-aggregated) mean ``delta`` that carries ``weight`` over ``count`` client updates."""
