@@ -18,6 +18,7 @@ equally likely: the scheme is information-theoretically hiding.
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Iterable, Mapping
 
@@ -80,16 +81,26 @@ def reconstruct(shares: Mapping[int, int], t: int, length: int = SECRET_BYTES) -
         if not isinstance(shares[x], int) or not 0 <= shares[x] < PRIME:
             raise SecAggError(f"Shamir share value for id {x} is outside the field")
     secret = 0
+    for xi, li in zip(xs, _lagrange_at_zero(tuple(xs))):
+        secret = (secret + shares[xi] * li) % PRIME
+    if secret >> (8 * length):
+        raise SecAggError("reconstructed Shamir secret is too large: shares are corrupted")
+    return secret.to_bytes(length, "big")
+
+
+@functools.lru_cache(maxsize=256)
+def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
+    """Lagrange basis values at 0 for ids ``xs``; cached, since a round reconstructs many secrets from the
+    same holders."""
+    out = []
     for i, xi in enumerate(xs):
         num, den = 1, 1
         for j, xj in enumerate(xs):
             if i != j:
                 num = num * xj % PRIME  # (0 - xj) / (xi - xj) with both signs flipped
                 den = den * (xj - xi) % PRIME
-        secret = (secret + shares[xi] * num * pow(den, -1, PRIME)) % PRIME
-    if secret >> (8 * length):
-        raise SecAggError("reconstructed Shamir secret is too large: shares are corrupted")
-    return secret.to_bytes(length, "big")
+        out.append(num * pow(den, -1, PRIME) % PRIME)
+    return tuple(out)
 
 
 def encode_share(value: int) -> bytes:
