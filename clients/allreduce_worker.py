@@ -82,13 +82,31 @@ def train_worker(cfg: AllreduceConfig) -> dict:
         torch.cuda.set_device(device)
     own_group = not dist.is_initialized()
     if own_group:
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout),
-                                device_id=device if backend == "nccl" else None)
+        timeout = datetime.timedelta(seconds=cfg.timeout)
+        dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None,
+                                **_attempt_store(rank, world, timeout))
     try:
         return AllreduceWorker(cfg, rank, world, device).run()
     finally:
         if own_group:
             dist.destroy_process_group()
+
+
+def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dict:
+    """Under torchrun's agent store, a store namespace of this restart attempt's own (else: plain env://).
+
+    The elastic agent keeps one TCPStore (same MASTER_PORT) across restarts, and the process group's keys from the
+    failed attempt are still in it: restarted workers would read a dead peer's gloo address and fail to connect
+    (seen with torch 2.13 and a c10d rendezvous). Prefixing the keys with the restart count gives every attempt a clean
+    namespace.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"fedopt/allreduce/attempt_{attempt}", store), "rank": rank,
+            "world_size": world}
 
 
 class AllreduceWorker:
