@@ -1,0 +1,102 @@
+"""A client's side of secure aggregation, over any transport: feed it messages, send what it returns.
+
+Wraps one :class:`fedopt.secagg.ClientSession` per round (Bonawitz et al., CCS 2017; Bell et al., CCS 2020)::
+
+    sa = SecAggClient(client_id, identity, pinned)   # long-term Ed25519 key; every peer's pinned public key
+    replies = sa.handle(parts)                       # an incoming secagg message -> list of messages to send
+    replies = sa.provide_update(delta, num_samples)  # once local training is done
+
+Each reply is ``codec.pack(message)`` (``[msgpack body, *raw frames]``) for the coordinator. The masked input goes
+out as soon as both the share delivery and the update are there, in whichever order they arrive. A message the
+protocol refuses (bad signature, inconsistent unmask request, malformed bytes) is logged, the round's session is
+dropped (the client then sends nothing more for that round) and ``handle`` returns ``[]``: it never raises into the
+client's loop. A new ``setup`` starts a fresh session (fresh keys) for the new round.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from fedopt.errors import SecAggError, WireError
+from fedopt.secagg import ClientSession, encode_update
+from fedopt.secagg import codec
+from fedopt.secagg.messages import NeighbourKeys, ShareDelivery, UnmaskRequest
+
+__all__ = ["SecAggClient"]
+
+log = logging.getLogger("fedopt.secagg")
+
+
+class SecAggClient:
+    def __init__(self, client_id: str, identity, pinned: Mapping[str, bytes]) -> None:
+        self.id = client_id
+        self._identity = identity
+        self._pinned = dict(pinned)
+        self._session: ClientSession | None = None
+        self._setup: codec.Setup | None = None
+        self._delivery: ShareDelivery | None = None
+        self._update: tuple[np.ndarray, int] | None = None
+        self.clip_rate: float | None = None  # 1.0 if the last update was clipped, else 0.0
+
+    @property
+    def round(self) -> int | None:
+        return None if self._setup is None else self._setup.round
+
+    def handle(self, parts: Sequence) -> list[list]:
+        """Process one incoming secagg message; returns the messages to send (possibly none)."""
+        try:
+            msg = codec.unpack(parts)
+            return self._dispatch(msg)
+        except (WireError, SecAggError) as e:
+            log.warning("client %s: secagg message refused, leaving the round: %s", self.id, e)
+            self._session = None
+            return []
+
+    def provide_update(self, delta, num_samples: int) -> list[list]:
+        """Hand over this round's update (flat float vector); returns the masked input if it can go now."""
+        self._update = (np.asarray(delta, dtype=np.float64).ravel(), int(num_samples))
+        try:
+            return self._maybe_mask()
+        except SecAggError as e:
+            log.warning("client %s: cannot mask its update, leaving the round: %s", self.id, e)
+            self._session = None
+            return []
+
+    def _dispatch(self, msg) -> list[list]:
+        if isinstance(msg, codec.Setup):
+            if self.id not in msg.config.participants:
+                raise SecAggError(f"setup for round {msg.round} does not list this client")
+            self._setup, self._delivery, self._update = msg, None, None
+            self._session = ClientSession(self.id, self._identity, self._pinned, msg.config)
+            return [codec.pack(self._session.advertise())]
+        if isinstance(msg, codec.Abort):
+            if self._setup is not None and msg.round == self._setup.round:
+                log.warning("client %s: coordinator aborted secagg round %s: %s", self.id, msg.round, msg.reason)
+                self._session = None
+            return []
+        if self._session is None or self._setup is None or msg.round != self._setup.round:
+            raise SecAggError(f"{type(msg).__name__} for round {msg.round} without a live session for it")
+        if isinstance(msg, NeighbourKeys):
+            return [codec.pack(self._session.share_keys(msg))]
+        if isinstance(msg, ShareDelivery):
+            self._delivery = msg
+            return self._maybe_mask()
+        if isinstance(msg, UnmaskRequest):
+            return [codec.pack(self._session.unmask(msg))]
+        raise SecAggError(f"a client does not accept {type(msg).__name__}")
+
+    def _maybe_mask(self) -> list[list]:
+        if self._session is None or self._delivery is None or self._update is None:
+            return []
+        x, n = self._update
+        quant = self._setup.quant
+        if x.size + (1 if quant.weighted else 0) != self._setup.config.vector_length:
+            raise SecAggError(f"update has {x.size} values; round {self.round} expects "
+                              f"{self._setup.config.vector_length} words")
+        enc = encode_update(x, quant, np.random.default_rng(), n if quant.weighted else None)
+        self.clip_rate = float(enc.clipped)
+        delivery, self._delivery, self._update = self._delivery, None, None
+        return [codec.pack(self._session.masked_input(delivery, enc.vector))]
