@@ -216,6 +216,7 @@ class FederatedClient:
         if isinstance(msg, wire.Train):
             log.info("client %s: training round %d", self.client, msg.round)
             self._pending = None
+            self._discard_queued_training()  # a newer TRAIN supersedes one not yet started
             self.worker.jobs.put(("train", msg.round, {"model": msg.model, "config": msg.config,
                                                        "client": self.client}))
         elif isinstance(msg, wire.Evaluate):
@@ -233,6 +234,18 @@ class FederatedClient:
             log.info("client %s: coordinator said %r", self.client, msg.reason)
             return "reconnect"
         return None
+
+    def _discard_queued_training(self) -> None:
+        keep = []
+        while True:
+            try:
+                job = self.worker.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job[0] != "train":
+                keep.append(job)
+        for job in keep:
+            self.worker.jobs.put(job)
 
     def _deliver(self, ep: bus.Endpoint) -> None:
         """Hand finished work from the training thread to the coordinator."""

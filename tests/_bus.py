@@ -1,0 +1,87 @@
+"""Helpers for tests that run real coordinator and client processes on loopback (not a test module)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from coordinator.local import free_port, stop_processes
+
+__all__ = ["Cluster", "free_port", "wait_for", "read_rounds"]
+
+
+def wait_for(predicate, timeout: float, what: str, step: float = 0.1):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def read_rounds(out: Path) -> list[dict]:
+    p = Path(out) / "metrics.jsonl"
+    if not p.exists():
+        return []
+    rows = []
+    for line in p.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+class Cluster:
+    """A coordinator and clients as real processes, each in its own process group, all killed on ``stop()``."""
+
+    def __init__(self, tmp: Path, keys: str | None = None, transport: str = "tcp") -> None:
+        self.tmp = Path(tmp)
+        self.keys = keys
+        self.url = f"tcp://127.0.0.1:{free_port()}" if transport == "tcp" else f"ipc://{self.tmp}/c.sock"
+        self.out = self.tmp / "out"
+        self.procs: list[subprocess.Popen] = []
+        self.coordinator: subprocess.Popen | None = None
+        self.clients: dict[int, subprocess.Popen] = {}
+
+    def _spawn(self, args: list[str], log: str) -> subprocess.Popen:
+        f = open(self.tmp / log, "ab")
+        try:
+            p = subprocess.Popen([sys.executable, "-m", "fedopt", *args], stdout=f, stderr=subprocess.STDOUT,
+                                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+        finally:
+            f.close()
+        self.procs.append(p)
+        return p
+
+    def security(self, role_keys: str | None) -> list[str]:
+        return ["--keys", role_keys] if role_keys else ["--insecure"]
+
+    def start_coordinator(self, *options: str, resume: bool = False) -> subprocess.Popen:
+        args = ["coordinator", "--bind", self.url, *self.security(self.keys), "--out", str(self.out),
+                "--progress", "lines", *options, *(["--resume"] if resume else [])]
+        self.coordinator = self._spawn(args, "coordinator.log")
+        return self.coordinator
+
+    def start_client(self, shard: int, *options: str, keys: str | None = "same") -> subprocess.Popen:
+        keys = self.keys if keys == "same" else keys
+        args = ["client", "--connect", self.url, *self.security(keys), "--shard", str(shard), "--give-up", "60",
+                *options]
+        self.clients[shard] = self._spawn(args, f"client-{shard}.log")
+        return self.clients[shard]
+
+    def log(self, name: str = "coordinator") -> str:
+        p = self.tmp / f"{name}.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def rounds(self) -> list[dict]:
+        return read_rounds(self.out)
+
+    def stop(self) -> None:
+        stop_processes(self.procs, grace=2.0)
+        assert all(p.poll() is not None for p in self.procs)
