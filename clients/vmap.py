@@ -98,29 +98,39 @@ class VmapExecutor:
         datas = [self.shards[int(j.client)].train for j in jobs]
         sizes = [int(d[0].shape[0]) for d in datas]
         bs = jobs[0].config.batch_size
-        totals, orders = [], []
+        totals, per_epoch, vals, epoch_of = [], [], [], []
         for job, n in zip(jobs, sizes):
             c = job.config
-            per_epoch = math.ceil(n / bs)
-            total = c.epochs * per_epoch if c.max_steps is None else min(c.epochs * per_epoch, c.max_steps)
+            s = math.ceil(n / bs)
+            total = c.epochs * s if c.max_steps is None else min(c.epochs * s, c.max_steps)
+            # sgd_loop's shuffle, exactly: a generator seeded by the job's seed, one randperm per epoch
             gen = torch.Generator(device="cpu").manual_seed(int(c.seed) & 0x7FFF_FFFF_FFFF_FFFF)
-            epochs_needed = math.ceil(total / per_epoch) if per_epoch else 0
-            pad = per_epoch * bs - n
-            rows = []
-            for _ in range(epochs_needed):
-                order = torch.randperm(n, generator=gen)
-                rows.append(torch.cat([order, torch.full((pad,), -1, dtype=torch.long)]).view(per_epoch, bs))
-            orders.append(torch.cat(rows)[:total] if rows else torch.empty(0, bs, dtype=torch.long))
+            epochs = math.ceil(total / s) if s else 0
+            vals.extend(torch.randperm(n, generator=gen) for _ in range(epochs))
+            epoch_of.append(epochs)
             totals.append(total)
+            per_epoch.append(s)
         rank = sorted(range(len(jobs)), key=lambda i: -totals[i])
-        offsets = torch.tensor([0] + sizes).cumsum(0)
-        steps = totals[rank[0]] if rank else 0
+        pos = torch.empty(len(jobs), dtype=torch.long)
+        pos[torch.tensor(rank, dtype=torch.long)] = torch.arange(len(jobs))
+        n_t = torch.tensor(sizes, dtype=torch.long)
+        e_t = torch.tensor(epoch_of, dtype=torch.long)
+        # one entry per (client, epoch, sample): where it goes in the (step, client, slot) index
+        reps = n_t * e_t
+        client = torch.repeat_interleave(torch.arange(len(jobs)), reps)
+        start = torch.cumsum(reps, 0) - reps
+        k = torch.arange(int(reps.sum())) - start[client]
+        epoch, j = k // n_t[client], k % n_t[client]
+        step = epoch * torch.tensor(per_epoch, dtype=torch.long)[client] + j // bs
+        offsets = torch.cumsum(n_t, 0) - n_t
+        val = (torch.cat(vals) if vals else torch.empty(0, dtype=torch.long)) + offsets[client]
+        keep = step < torch.tensor(totals, dtype=torch.long)[client]
+        steps = max(totals) if totals else 0
         idx = torch.full((steps, len(jobs), bs), -1, dtype=torch.long)
-        for pos, i in enumerate(rank):
-            o = orders[i]
-            idx[: o.shape[0], pos] = torch.where(o >= 0, o + offsets[i], -1)
-        active = [sum(1 for i in rank if totals[i] > t) for t in range(steps)]
-        cat = tuple(torch.cat([d[k] for d in datas]) for k in range(len(datas[0])))
+        idx[step[keep], pos[client[keep]], (j % bs)[keep]] = val[keep]
+        ordered = sorted(totals, reverse=True)
+        active = [sum(1 for t in ordered if t > s) for s in range(steps)]
+        cat = tuple(torch.cat([d[i] for d in datas]) for i in range(len(datas[0])))
         return rank, [totals[i] for i in rank], [sizes[i] for i in rank], idx.to(self.device), active, cat
 
     # ---- the round --------------------------------------------------------------------------------------------------
@@ -208,7 +218,7 @@ class VmapExecutor:
         updates = [Update(j.client, deltas[b], sizes[b], {"loss": losses[b], "steps": totals[b],
                                                           "samples": sizes[b], "partial": totals[b] < full[b]},
                           totals[b] < full[b]) for b, j in enumerate(jobs)]
-        finite = torch.isfinite(deltas).all(dim=1).tolist()
+        finite = torch.isfinite(deltas.sum(dim=1)).tolist()  # NaN and Inf survive the sum: one pass
         agg = server.aggregator
         keep = []
         if getattr(agg, "linear", False) and callable(getattr(agg, "weight", None)) \
