@@ -20,6 +20,16 @@ Message table (protocol version 1)::
     RESULT     client -> coordinator round, num_samples: int, metrics: dict   -
     HEARTBEAT  both ways             -                                        -
     BYE        both ways             reason: str                              -
+    GOSSIP_PUSH  peer -> peer         round, xid, version, num_samples: int,   model (the sender's flat vector)
+                                     addr: str, peers: dict
+    GOSSIP_REPLY peer -> peer         round, xid, version, num_samples: int,   model (the replier's vector before mixing)
+                                     addr: str, peers: dict
+    GOSSIP_BUSY  peer -> peer         xid: int, addr: str                      -
+    GOSSIP_FETCH peer -> peer         xid: int, addr: str                      -
+
+Gossip peers (:mod:`clients.gossip`) speak only the GOSSIP_* types: a push is answered by a reply (both sides mix) or a
+busy refusal; a fetch (a newcomer pulling a model before it trains) is answered by a reply that the fetcher adopts.
+``addr`` is the sender's own bind address, ``peers`` a map of live peer addresses it knows (membership rumours).
 
 A client says HELLO, gets WELCOME (the ParamSpec and the run's data settings), loads its shard and says READY with its
 sample count; from then on it may be selected. Any message counts as a heartbeat (see :mod:`fedopt.liveness`).
@@ -54,7 +64,7 @@ from .errors import WireError
 
 __all__ = [
     "VERSION", "Limits", "Message", "Hello", "Welcome", "Ready", "Offer", "Pull", "Train", "UpdateMsg", "Evaluate", "Result",
-    "Heartbeat", "Bye", "MESSAGE_TYPES", "WIRE_DTYPES", "encode", "decode",
+    "Heartbeat", "Bye", "GossipPush", "GossipReply", "GossipBusy", "GossipFetch", "MESSAGE_TYPES", "WIRE_DTYPES", "encode", "decode",
 ]
 
 VERSION = 1
@@ -161,8 +171,40 @@ class Bye(Message):
     reason: str = ""  # "done" ends a client; anything else is logged and the client reconnects
 
 
+@dataclass(frozen=True)
+class GossipPush(Message):
+    TYPE: ClassVar[str] = "GOSSIP_PUSH"
+    TENSORS: ClassVar[tuple[str, ...]] = ("model",)
+    xid: int = 0  # exchange id chosen by the initiator; the reply carries it back
+    version: int = 0  # the model's logical clock (a stale model never overwrites a newer one)
+    num_samples: int = 0  # the sender's mixing weight
+    addr: str = ""  # the sender's bind address (its identity in the swarm)
+    peers: dict = field(default_factory=dict)  # {address: 1} of peers the sender holds alive
+    model: Any = None
+
+
+@dataclass(frozen=True)
+class GossipReply(GossipPush):
+    TYPE: ClassVar[str] = "GOSSIP_REPLY"
+
+
+@dataclass(frozen=True)
+class GossipBusy(Message):
+    TYPE: ClassVar[str] = "GOSSIP_BUSY"
+    xid: int = 0
+    addr: str = ""
+
+
+@dataclass(frozen=True)
+class GossipFetch(Message):
+    TYPE: ClassVar[str] = "GOSSIP_FETCH"
+    xid: int = 0
+    addr: str = ""
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    c.TYPE: c for c in (Hello, Welcome, Ready, Offer, Pull, Train, UpdateMsg, Evaluate, Result, Heartbeat, Bye)
+    c.TYPE: c for c in (Hello, Welcome, Ready, Offer, Pull, Train, UpdateMsg, Evaluate, Result, Heartbeat, Bye,
+                        GossipPush, GossipReply, GossipBusy, GossipFetch)
 }
 _SCALAR = (int, float, str, bool, type(None))
 
