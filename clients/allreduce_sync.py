@@ -23,14 +23,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.model_averaging.averagers import ModelAverager
-from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.utils.data.distributed import DistributedSampler
 
 from fedopt.errors import ConfigError
 from fedopt.params import ParamSpec
 
 __all__ = ["parse_sync", "ring_bytes", "CommCounter", "counting_allreduce_hook", "LocalSGDAverager",
-           "CountingZeroRedundancyOptimizer", "ShardSampler", "steps_per_rank"]
+           "ShardSampler", "steps_per_rank"]
 
 
 def parse_sync(text: str) -> int | None:
@@ -72,9 +71,10 @@ class CommCounter:
         self.bytes_sent += b
         self.bytes_received += b
 
-    def broadcast_shards(self, nbytes: int) -> None:
-        """ZeRO's parameter sync: each rank's shard goes to every other rank, about (N-1)/N of the model each way."""
-        b = 0 if self.world <= 1 else int((self.world - 1) * nbytes // self.world)
+    def broadcast_shards(self, nbytes: int, times: int = 1) -> None:
+        """ZeRO's parameter sync after each step: each rank's shard goes to every other rank, so about (N-1)/N of
+        the model each way per step (``times`` steps)."""
+        b = 0 if self.world <= 1 else int(times * (self.world - 1) * nbytes // self.world)
         self.bytes_sent += b
         self.bytes_received += b
 
@@ -86,21 +86,6 @@ def counting_allreduce_hook(state: CommCounter, bucket: dist.GradBucket) -> torc
     """DDP comm hook: count the bucket, then torch's own ``allreduce_hook`` (all-reduce, divide by world size)."""
     state.allreduce(bucket.buffer())
     return default_hooks.allreduce_hook(state.process_group, bucket)
-
-
-class CountingZeroRedundancyOptimizer(ZeroRedundancyOptimizer):
-    """torch's ZeroRedundancyOptimizer whose ``step`` also tallies its parameter broadcast in a :class:`CommCounter`."""
-
-    def __init__(self, params, counter: CommCounter, **kwargs) -> None:
-        params = list(params)
-        super().__init__(params, **kwargs)
-        self._counter = counter
-        self._nbytes = sum(p.numel() * p.element_size() for p in params)
-
-    def step(self, closure=None, **kwargs):
-        out = super().step(closure, **kwargs)
-        self._counter.broadcast_shards(self._nbytes)
-        return out
 
 
 class LocalSGDAverager(ModelAverager):

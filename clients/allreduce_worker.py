@@ -28,7 +28,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import PostLocalSGDState, post_localSGD_hook
 from torch.distributed.algorithms.join import Join
-from torch.distributed.optim import PostLocalSGDOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fedopt.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -39,8 +38,7 @@ from fedopt.params import ParamSpec
 from fedopt.task import TrainConfig, resolve_task
 
 from .allreduce_config import AllreduceConfig
-from .allreduce_sync import (CommCounter, CountingZeroRedundancyOptimizer, LocalSGDAverager, ShardSampler,
-                             counting_allreduce_hook, steps_per_rank)
+from .allreduce_sync import CommCounter, LocalSGDAverager, ShardSampler, counting_allreduce_hook, steps_per_rank
 
 __all__ = ["dist_env", "pick_backend", "train_worker", "AllreduceWorker"]
 
@@ -138,10 +136,14 @@ class AllreduceWorker:
                                         post_localSGD_hook)
         hyper = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.averager: LocalSGDAverager | None = None
+        # torch.distributed.optim is imported only when used: it costs most of a second per worker to import
         if cfg.zero:
-            self.optimizer = CountingZeroRedundancyOptimizer(self.params, self.counter,
-                                                             optimizer_class=torch.optim.SGD, **hyper)
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            self.optimizer = ZeroRedundancyOptimizer(self.params, optimizer_class=torch.optim.SGD, **hyper)
         elif period is not None:
+            from torch.distributed.optim import PostLocalSGDOptimizer
+
             self.averager = LocalSGDAverager(self.module, self.spec, period, self.counter,
                                              cfg.outer_lr, cfg.outer_momentum)
             self.optimizer = PostLocalSGDOptimizer(torch.optim.SGD(self.params, **hyper), self.averager)
@@ -192,6 +194,7 @@ class AllreduceWorker:
         t0 = time.perf_counter()
         self.sampler.epoch_offset = epoch - 1
         self.counter.reset()
+        t_train = time.perf_counter()
         if self.averager is None:
             joinables = [self.ddp] + ([self.optimizer] if self.cfg.zero else [])
             with Join(joinables, enable=self.uneven):
@@ -203,6 +206,10 @@ class AllreduceWorker:
                             "need its train() to use TrainConfig.make_optimizer (fedopt.task.sgd_loop does)")
         if self.averager is not None:
             self.averager.flush()  # end every epoch on the consensus model
+        train_seconds = time.perf_counter() - t_train
+        if self.cfg.zero:  # ZeRO broadcasts the updated shards once per step
+            self.counter.broadcast_shards(sum(p.numel() * p.element_size() for p in self.params),
+                                          int(metrics.get("steps", 0)))
         ev = self.task.evaluate(self.module, self.test) if self.test is not None else {}
         return {
             "round": epoch,
@@ -210,6 +217,7 @@ class AllreduceWorker:
             "loss": ev.get("loss"),
             "clients": self.world,
             "seconds": time.perf_counter() - t0,
+            "train_seconds": train_seconds,  # this rank's training part of the epoch (no evaluation)
             # estimated ring all-reduce traffic of this rank (see clients.allreduce_sync)
             "bytes_up": self.counter.bytes_sent,
             "bytes_down": self.counter.bytes_received,

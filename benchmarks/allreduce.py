@@ -1,0 +1,126 @@
+"""Datacenter mode, side by side: ``fedopt allreduce`` against a plain hand-written torch DDP script.
+
+1. Overhead: ``fedopt allreduce --nproc 2`` and ``benchmarks/plain_ddp.py`` under torchrun train the same model (the
+   digits MLP, widened), on the same data and sampler, with the same per-worker batch and steps per epoch. Each run
+   reports its training seconds per epoch; the step time of a run is the median over its epochs after the first
+   (warm-up), and ``step_time_ratio`` = median over repeats of fedopt / median over repeats of plain. Runs alternate
+   between the two so machine noise hits both alike.
+2. Scaling: ``fedopt allreduce`` with 1 and with 2 processes on a compute-heavier model at a fixed per-worker batch
+   (weak scaling). ``scaling_efficiency_2proc`` = throughput(2) / (2 * throughput(1)) = step_time(1) / step_time(2).
+
+Every process is pinned to one intra-op thread (OMP_NUM_THREADS=1), so N processes use N cores. On CPU the backend is
+gloo over loopback; on a CUDA machine both sides pick NCCL, one GPU per process. The last line is JSON with
+``step_time_ratio`` and ``scaling_efficiency_2proc``.
+
+    python benchmarks/allreduce.py [--repeats 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import emit, table  # noqa: E402
+
+
+def _env() -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if "GLOO_SOCKET_IFNAME" not in env:
+        from clients.allreduce import _loopback_interface
+
+        lo = _loopback_interface()
+        if lo:
+            env["GLOO_SOCKET_IFNAME"] = lo
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd: list[str], timeout: float) -> None:
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed:\n{p.stdout[-3000:]}")
+
+
+def _step_time(seconds: list[float], steps: list[int]) -> float:
+    per = [s / max(n, 1) for s, n in zip(seconds, steps)]
+    return statistics.median(per[1:] if len(per) > 1 else per)
+
+
+def fedopt_step(nproc: int, hidden: int, batch: int, steps: int, epochs: int) -> float:
+    with tempfile.TemporaryDirectory() as out:
+        _run([sys.executable, "-m", "fedopt", "allreduce", "--nproc", str(nproc), "--task", "digits",
+              "--task-option", f"hidden={hidden}", "--batch-size", str(batch), "--max-steps", str(steps),
+              "--epochs", str(epochs), "--lr", "0.05", "--out", out, "--progress", "off"], timeout=600)
+        recs = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return _step_time([r["train_seconds"] for r in recs], [r["steps"] for r in recs])
+
+
+def plain_step(nproc: int, hidden: int, batch: int, steps: int, epochs: int) -> float:
+    with tempfile.TemporaryDirectory() as d:
+        result = Path(d, "plain.json")
+        _run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--monitor-interval", "0.2",
+              str(ROOT / "benchmarks" / "plain_ddp.py"), "--task", "digits", "--task-option", f"hidden={hidden}",
+              "--batch-size", str(batch), "--steps", str(steps), "--epochs", str(epochs), "--lr", "0.05",
+              "--result", str(result)], timeout=600)
+        r = json.loads(result.read_text())
+    return _step_time(r["train_seconds"], r["steps"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="fedopt allreduce vs plain DDP")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run; noisier)")
+    args = p.parse_args()
+    import torch
+
+    steps, epochs = (10, 3) if args.quick else (25, 5)
+    device = "cuda (nccl)" if torch.cuda.is_available() else "cpu (gloo)"
+    # overhead: a mid-size MLP 64-1024-10, batch 64 per worker; scaling: 64-4096-10, batch 256 per worker
+    ov = dict(hidden=1024, batch=64, steps=steps, epochs=epochs)
+    sc = dict(hidden=4096, batch=256, steps=steps, epochs=epochs)
+    times: dict[str, list[float]] = {"fedopt": [], "plain": [], "fedopt 1 proc": [], "fedopt 2 proc": []}
+    for _ in range(args.repeats):  # interleaved
+        times["fedopt"].append(fedopt_step(2, **ov))
+        times["plain"].append(plain_step(2, **ov))
+        times["fedopt 1 proc"].append(fedopt_step(1, **sc))
+        times["fedopt 2 proc"].append(fedopt_step(2, **sc))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = med["fedopt"] / med["plain"]
+    eff = med["fedopt 1 proc"] / med["fedopt 2 proc"]
+    rows = [
+        ("overhead", "fedopt allreduce, 2 proc", f"MLP 64-{ov['hidden']}-10, b={ov['batch']}",
+         f"{med['fedopt'] * 1e3:.2f}", ", ".join(f"{t * 1e3:.2f}" for t in times["fedopt"])),
+        ("overhead", "plain DDP script, 2 proc", f"MLP 64-{ov['hidden']}-10, b={ov['batch']}",
+         f"{med['plain'] * 1e3:.2f}", ", ".join(f"{t * 1e3:.2f}" for t in times["plain"])),
+        ("scaling", "fedopt allreduce, 1 proc", f"MLP 64-{sc['hidden']}-10, b={sc['batch']}",
+         f"{med['fedopt 1 proc'] * 1e3:.2f}", ", ".join(f"{t * 1e3:.2f}" for t in times["fedopt 1 proc"])),
+        ("scaling", "fedopt allreduce, 2 proc", f"MLP 64-{sc['hidden']}-10, b={sc['batch']}",
+         f"{med['fedopt 2 proc'] * 1e3:.2f}", ", ".join(f"{t * 1e3:.2f}" for t in times["fedopt 2 proc"])),
+    ]
+    print(f"datacenter mode on {device}, {os.cpu_count()} cores, {steps} steps x {epochs} epochs per run, "
+          f"{args.repeats} interleaved repeats (median step time over epochs 2..{epochs}, then over repeats)")
+    print(table(rows, ("part", "run", "model / per-worker batch", "median step ms", "per repeat ms")))
+    print(f"step time ratio fedopt / plain DDP: {ratio:.3f}   "
+          f"1->2 process scaling efficiency: {eff:.2f} (throughput x{2 * eff:.2f})")
+    emit({"step_time_ratio": round(ratio, 4), "scaling_efficiency_2proc": round(eff, 4)})
+
+
+if __name__ == "__main__":
+    main()
