@@ -133,6 +133,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--transport", choices=("inproc", "ipc", "tcp"), default=S,
                    help="inproc: this process (default); ipc/tcp: a coordinator and real client processes")
     g.add_argument("--processes", type=int, default=S, help="client processes for --transport ipc|tcp")
+    g.add_argument("--peers", type=int, default=S, help="--mode gossip: number of peer processes (default --clients)")
+    g.add_argument("--topology", choices=("ring", "exponential", "complete"), default=S,
+                   help="--mode gossip: synchronous D-PSGD on this graph (default: random pairwise gossip)")
     add_bus_options(p)
     g.add_argument("--backend", choices=("sequential", "vmap"), default=S)
     g.add_argument("--workers", type=int, default=S,

@@ -84,6 +84,9 @@ class RunConfig:
     wire_dtype: str = "float32"  # float32 | bfloat16 | float16: precision of models and deltas on the wire
     upload_slots: int = 2  # updates the coordinator pulls at once (bounds its memory to this many updates)
     fed_eval_every: int = 0  # federated evaluation on the clients' local test splits every k rounds (0 = never)
+    # gossip (simulate --mode gossip)
+    peers: int | None = None  # number of gossip peer processes (default: --clients)
+    topology: str | None = None  # None = random pairwise gossip; ring | exponential | complete = synchronous D-PSGD
 
     def __post_init__(self):
         if not isinstance(self.task, str) or not self.task:
@@ -139,6 +142,12 @@ class RunConfig:
         _choice("wire_dtype", self.wire_dtype, ("float32", "bfloat16", "float16"))
         if self.workers is not None:
             _at_least("workers", self.workers, 1)
+        if self.peers is not None:
+            _at_least("peers", self.peers, 2)
+        if self.topology is not None:
+            _choice("topology", self.topology, ("ring", "exponential", "complete"))
+        if (self.peers is not None or self.topology is not None) and self.mode != "gossip":
+            raise ConfigError("peers and topology apply only to --mode gossip")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"seed must be an integer, not {self.seed!r}")
         for name in ("task_options", "aggregator_options", "server_options"):

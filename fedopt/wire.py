@@ -20,16 +20,17 @@ Message table (protocol version 1)::
     RESULT     client -> coordinator round, num_samples: int, metrics: dict   -
     HEARTBEAT  both ways             -                                        -
     BYE        both ways             reason: str                              -
-    GOSSIP_PUSH  peer -> peer         round, xid, version, num_samples: int,   model (the sender's flat vector)
-                                     addr: str, peers: dict
+    GOSSIP_FETCH peer -> peer         xid: int, addr: str, kind: str           -
     GOSSIP_REPLY peer -> peer         round, xid, version, num_samples: int,   model (the replier's vector before mixing)
                                      addr: str, peers: dict
+    GOSSIP_PUSH  peer -> peer         round, xid, version, num_samples: int,   model (the initiator's vector before
+                                     addr: str, peers: dict                   mixing; a D-PSGD round's model)
     GOSSIP_BUSY  peer -> peer         xid: int, addr: str                      -
-    GOSSIP_FETCH peer -> peer         xid: int, addr: str                      -
 
-Gossip peers (:mod:`clients.gossip`) speak only the GOSSIP_* types: a push is answered by a reply (both sides mix) or a
-busy refusal; a fetch (a newcomer pulling a model before it trains) is answered by a reply that the fetcher adopts.
-``addr`` is the sender's own bind address, ``peers`` a map of live peer addresses it knows (membership rumours).
+Gossip peers (:mod:`clients.gossip`) speak only the GOSSIP_* types. An exchange is FETCH(kind="exchange") -> REPLY
+(the replier reserves itself for this exchange) -> PUSH (both sides mix), or FETCH -> BUSY, so a refusal moves no
+model; FETCH(kind="fetch") is a newcomer pulling a model, which it adopts when newer. ``addr`` is the sender's own
+bind address, ``peers`` a map of live peer addresses it knows (membership rumours).
 
 A client says HELLO, gets WELCOME (the ParamSpec and the run's data settings), loads its shard and says READY with its
 sample count; from then on it may be selected. Any message counts as a heartbeat (see :mod:`fedopt.liveness`).
@@ -200,6 +201,7 @@ class GossipFetch(Message):
     TYPE: ClassVar[str] = "GOSSIP_FETCH"
     xid: int = 0
     addr: str = ""
+    kind: str = "fetch"  # "fetch" (pull a model to adopt) or "exchange" (propose a push-pull exchange)
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {

@@ -1,0 +1,148 @@
+"""``fedopt simulate --mode gossip --peers N``: N gossip peers as local processes, and a summary of the swarm.
+
+Peers listen on 127.0.0.1 (TCP with CurveZMQ keys made for the run, ``--transport tcp``, the default) or on socket
+files (``--transport ipc``); peer ``i`` is seeded with peers ``i-1`` and ``i+1`` and learns the rest from rumours, or,
+with ``--topology``, gets the whole member list. Each peer writes ``OUT/peer-NNN/`` (metrics.jsonl, model.safetensors,
+log). At the end this process writes ``OUT/metrics.jsonl`` (per round: the peers' mean accuracy, min, max),
+``OUT/model.safetensors`` (the sample-weighted mean of the peers' final models), ``OUT/summary.json``, and prints every
+peer's accuracy, their spread and the final consensus distance. Processes are started in their own process groups
+and torn down with :func:`coordinator.local.stop_processes`, whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from coordinator.local import free_port, stop_processes
+from fedopt import bus
+from fedopt.config import RunConfig
+from fedopt.errors import FedoptError
+from fedopt.metrics import RunOutput, read_metrics
+from fedopt.params import ParamSpec
+
+from .gossip_state import consensus_distance
+
+__all__ = ["simulate_gossip", "peer_command", "swarm_summary"]
+
+
+def peer_command(url: str, shard: int, n: int, seeds: list[str], cfg: RunConfig, out: Path,
+                 keys: str | None = None, extra: list[str] | None = None) -> list[str]:
+    """The ``fedopt gossip`` command line of peer ``shard`` of a simulated swarm."""
+    cmd = [sys.executable, "-m", "fedopt", "gossip", "--bind", url, "--peers", ",".join(seeds),
+           "--shard", str(shard), "--num-shards", str(n), "--task", cfg.task, "--partition", cfg.partition,
+           "--alpha", str(cfg.alpha), "--seed", str(cfg.seed), "--rounds", str(cfg.rounds),
+           "--local-epochs", str(cfg.local_epochs), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr),
+           "--momentum", str(cfg.momentum), "--out", str(out), "--progress", "off", "--log-level", "WARNING",
+           "--exit-with-parent", *(["--keys", keys] if keys else []),
+           *(["--topology", cfg.topology] if cfg.topology else []), *(extra or [])]
+    for k, v in cfg.task_options.items():
+        cmd += ["--task-option", f"{k}={v}"]
+    return cmd
+
+
+def spawn(cmd: list[str], log_path: Path) -> subprocess.Popen:
+    with open(log_path, "ab") as f:
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+
+
+def swarm_summary(peer_dirs: list[Path], weights: list[int] | None = None) -> dict:
+    """Final accuracy of every peer, their mean/spread, and the consensus distance of their final models."""
+    rows, vecs = [], []
+    for d in peer_dirs:
+        recs = read_metrics(d / "metrics.jsonl")
+        if recs:
+            rows.append({"peer": d.name, **{k: recs[-1].get(k) for k in ("round", "accuracy", "local_accuracy")}})
+        if (d / "model.safetensors").exists():
+            state = load_file(str(d / "model.safetensors"))
+            vecs.append(torch.cat([state[k].flatten().to(torch.float64) for k in sorted(state)]))
+    accs = [r["accuracy"] for r in rows if r["accuracy"] is not None]
+    mean = sum(accs) / len(accs) if accs else None
+    dist = consensus_distance(vecs) if len(vecs) > 1 else 0.0
+    norm = float(torch.stack(vecs).mean(0).norm()) if vecs else 1.0
+    return {"peers": rows, "mean_accuracy": mean, "min_accuracy": min(accs, default=None),
+            "max_accuracy": max(accs, default=None), "spread": (max(accs) - min(accs)) if accs else None,
+            "consensus_distance": dist, "relative_consensus_distance": dist / max(norm, 1e-12),
+            "finished": len(vecs)}
+
+
+def simulate_gossip(cfg: RunConfig, timeout: float | None = None) -> int:
+    n = cfg.peers or cfg.processes or cfg.clients
+    if n < 2:
+        raise FedoptError("--mode gossip needs at least 2 peers")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timeout = timeout or max(120.0, cfg.rounds * cfg.local_epochs * 10.0)
+    with tempfile.TemporaryDirectory(prefix="fedopt-gossip-") as tmp:
+        keys = None
+        if cfg.transport == "ipc":
+            urls = [f"ipc://{tmp}/peer-{i:03d}.sock" for i in range(n)]
+        else:
+            keys = str(bus.generate_keys(Path(tmp) / "keys", n))
+            urls = [f"tcp://127.0.0.1:{free_port()}" for _ in range(n)]
+        procs, dirs = [], [out / f"peer-{i:03d}" for i in range(n)]
+        try:
+            for i in range(n):
+                dirs[i].mkdir(parents=True, exist_ok=True)
+                seeds = urls if cfg.topology else sorted({urls[(i - 1) % n], urls[(i + 1) % n]} - {urls[i]})
+                procs.append(spawn(peer_command(urls[i], i, n, seeds, cfg, dirs[i], keys), dirs[i] / "peer.log"))
+            end = time.monotonic() + timeout
+            while any(p.poll() is None for p in procs) and time.monotonic() < end:
+                time.sleep(0.2)
+        finally:
+            stop_processes(procs)
+    failed = [i for i, p in enumerate(procs) if p.returncode != 0]
+    summary = swarm_summary(dirs)
+    summary["failed_peers"] = failed
+    _write_outputs(cfg, dirs, summary)
+    return 1 if failed or summary["finished"] < n else 0
+
+
+def _write_outputs(cfg: RunConfig, dirs: list[Path], summary: dict) -> None:
+    out = Path(cfg.out)
+    per_peer = [read_metrics(d / "metrics.jsonl") for d in dirs]
+    output = RunOutput(out, cfg.rounds, "off", title=f"fedopt simulate --mode gossip: {cfg.task}, {len(dirs)} peers")
+    try:
+        for r in range(1, cfg.rounds + 1):
+            recs = [next((x for x in p if x["round"] == r), None) for p in per_peer]
+            recs = [x for x in recs if x is not None]
+            if not recs:
+                continue
+            accs = [x["accuracy"] for x in recs if x.get("accuracy") is not None]
+            losses = [x["loss"] for x in recs if x.get("loss") is not None]
+            output.round_done({
+                "round": r, "accuracy": sum(accs) / len(accs) if accs else None,
+                "min_accuracy": min(accs, default=None), "max_accuracy": max(accs, default=None),
+                "loss": sum(losses) / len(losses) if losses else None, "clients": len(recs),
+                "seconds": max(x["seconds"] for x in recs),
+                "bytes_up": sum(x["bytes_up"] for x in recs), "bytes_down": sum(x["bytes_down"] for x in recs),
+                "max_node_bytes": max(x["bytes_up"] + x["bytes_down"] for x in recs),
+            })
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        vecs, spec = [], None
+        for d in dirs:
+            if (d / "model.safetensors").exists():
+                state = load_file(str(d / "model.safetensors"))
+                spec = ParamSpec.from_state_dict(state)
+                vecs.append(spec.flatten(state))
+        extra = {f"peer {r['peer']}": f"accuracy {r['accuracy']:.4f}" for r in summary["peers"]
+                 if r["accuracy"] is not None}
+        if summary["mean_accuracy"] is not None:
+            extra["peers' mean accuracy"] = f"{summary['mean_accuracy']:.4f} (spread {summary['spread']:.4f})"
+        extra["consensus distance"] = f"{summary['consensus_distance']:.4g} " \
+                                      f"({summary['relative_consensus_distance']:.2%} of the mean model's norm)"
+        if summary["failed_peers"]:
+            extra["failed peers"] = ", ".join(map(str, summary["failed_peers"]))
+        if vecs:
+            output.finish(spec, torch.stack(vecs).mean(0), extra)
+    finally:
+        output.close()
