@@ -168,6 +168,7 @@ class GossipPeer:
             "consensus": sum(dists) / len(dists) if dists else None,  # mean ||x_self - x_neighbour|| this round
             "version": version,
             "seconds": time.perf_counter() - t0,
+            "time": time.time(),  # wall clock at the end of the round (time-to-target across processes)
             "bytes_up": self.sockets.bytes_out - b_out,
             "bytes_down": self.sockets.bytes_in - b_in,
         }

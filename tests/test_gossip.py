@@ -1,0 +1,184 @@
+"""Gossip without processes: the mixing state, topologies, the wire messages, and two peers' socket threads in-process."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+
+import pytest
+import torch
+import zmq
+
+from clients import topology
+from clients.gossip_peer import PeerSockets, Request
+from clients.gossip_state import ModelState, consensus_distance
+from fedopt import bus, wire
+from fedopt.errors import WireError
+
+
+# ---- ModelState -----------------------------------------------------------------------------------------------------
+def test_push_pull_weights_by_samples_and_conserves_the_weighted_sum():
+    a = ModelState(torch.tensor([0.0, 0.0]), num_samples=30)
+    b = ModelState(torch.tensor([4.0, 8.0]), num_samples=10)
+    before_b, vb, out_b = b.accept_push(a.vec.clone(), a.num_samples, a.version)  # b mixes a in
+    out_a = a.complete_push(torch.tensor([0.0, 0.0]), 0, before_b, b.num_samples, vb)  # a mixes b's old model
+    expected = torch.tensor([1.0, 2.0])  # (30*0 + 10*x_b) / 40
+    assert torch.allclose(a.vec, expected) and torch.allclose(b.vec, expected)
+    assert out_a.action == out_b.action == "mixed" and a.version == b.version == 1
+
+
+def test_progress_made_during_an_exchange_is_kept():
+    a = ModelState(torch.zeros(3), num_samples=1)
+    sent, v = a.snapshot()
+    a.add_progress(torch.ones(3))  # the trainer finished an epoch while the exchange was in flight
+    a.complete_push(sent, v, torch.full((3,), 2.0), 1, 0)
+    assert torch.allclose(a.vec, torch.full((3,), 2.0))  # pair average (1.0) + own progress (1.0)
+
+
+def test_a_stale_model_never_overwrites_a_newer_one():
+    new = ModelState(torch.ones(2), 10, version=50, max_lag=5)
+    old = ModelState(torch.zeros(2), 10, version=3, max_lag=5)
+    before, v, outcome = new.accept_push(old.vec.clone(), 10, old.version)
+    assert outcome.action == "kept" and torch.equal(new.vec, torch.ones(2)) and new.version == 50
+    assert old.complete_push(old.vec.clone(), 3, before, 10, v).action == "adopted"  # the stale side catches up
+    assert torch.equal(old.vec, torch.ones(2)) and old.version == 50
+    assert new.adopt(torch.zeros(2), 49).action == "kept" and torch.equal(new.vec, torch.ones(2))
+    assert new.adopt(torch.zeros(2), 51).action == "adopted"
+
+
+@pytest.mark.parametrize("bad,reason", [(torch.zeros(3), "does not match"), (torch.zeros(2, 2), "does not match"),
+                                        (torch.tensor([1.0, float("nan"), 0, 0]), "non-finite"),
+                                        (torch.tensor([float("inf"), 0, 0, 0]), "non-finite")])
+def test_models_of_the_wrong_shape_or_with_nan_are_refused(bad, reason):
+    with pytest.raises(WireError, match=reason):
+        ModelState(torch.zeros(4), 1).check(bad)
+
+
+def test_random_pairwise_gossip_reaches_consensus_on_the_weighted_mean():
+    g = torch.Generator().manual_seed(0)
+    states = [ModelState(torch.randn(5, generator=g), int(n)) for n in torch.randint(1, 50, (8,), generator=g)]
+    target = sum(s.vec * s.num_samples for s in states) / sum(s.num_samples for s in states)
+    d0 = consensus_distance([s.vec for s in states])
+    for _ in range(400):
+        i, j = torch.randperm(8, generator=g)[:2].tolist()
+        before, v, _ = states[j].accept_push(states[i].vec.clone(), states[i].num_samples, states[i].version)
+        states[i].complete_push(states[i].vec.clone(), states[i].version, before, states[j].num_samples, v)
+    assert consensus_distance([s.vec for s in states]) < 1e-4 * d0
+    assert all(torch.allclose(s.vec, target, atol=1e-4) for s in states)
+
+
+# ---- topologies -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", topology.TOPOLOGIES)
+@pytest.mark.parametrize("n", [2, 5, 8, 16])
+def test_metropolis_hastings_weights_are_symmetric_and_doubly_stochastic(kind, n):
+    w = topology.mixing_matrix(n, kind)
+    assert torch.allclose(w, w.T) and torch.allclose(w.sum(1), torch.ones(n, dtype=torch.float64))
+    assert (w >= 0).all() and topology.second_eigenvalue(w) < 1 - 1e-9  # connected: it mixes
+
+
+def test_topology_shapes_and_mixing_rates():
+    assert topology.neighbours(0, 8, "ring") == [1, 7]
+    assert topology.neighbours(0, 8, "exponential") == [1, 2, 4, 6, 7]
+    assert topology.second_eigenvalue(topology.mixing_matrix(8, "complete")) < 1e-9  # one round averages exactly
+    lam = {k: topology.second_eigenvalue(topology.mixing_matrix(16, k)) for k in ("ring", "exponential")}
+    assert lam["exponential"] < lam["ring"]
+    with pytest.raises(ValueError, match="topology"):
+        topology.neighbours(0, 4, "star")
+
+
+def test_mix_row_gives_a_missing_neighbours_weight_to_itself():
+    row = topology.mh_weights(0, 4, "ring")  # neighbours 1 and 3, weight 1/3 each
+    own, got = torch.zeros(2), {1: torch.full((2,), 3.0)}
+    assert torch.allclose(topology.mix_row(0, own, got, row), torch.full((2,), 1.0))
+
+
+# ---- wire -----------------------------------------------------------------------------------------------------------
+def test_gossip_messages_round_trip():
+    m = wire.GossipPush(round=3, xid=7, version=9, num_samples=12, addr="tcp://127.0.0.1:1", peers={"ipc://x": 1},
+                        model=torch.arange(4.0))
+    back = wire.decode(wire.encode(m))
+    assert isinstance(back, wire.GossipPush) and back.peers == {"ipc://x": 1} and torch.equal(back.model, m.model)
+    assert wire.decode(wire.encode(wire.GossipFetch(xid=1, kind="exchange"))).kind == "exchange"
+
+
+# ---- two socket threads in this process -----------------------------------------------------------------------------
+def _pair(tmp_path, **kw):
+    ctx = zmq.Context()
+    urls = [f"ipc://{tmp_path}/p{i}.sock" for i in range(2)]
+    states = [ModelState(torch.full((6,), float(i)), 10) for i in range(2)]
+    peers = [PeerSockets(ctx, urls[i], urls[i], states[i], bus.Security(), bus.Security(), [urls[1 - i]], linger=0.3,
+                         **kw) for i in range(2)]
+    threads = [threading.Thread(target=p.serve, daemon=True) for p in peers]
+    for t in threads:
+        t.start()
+    return ctx, peers, states, threads
+
+
+def _stop(ctx, peers, threads):
+    for p in peers:
+        p.submit(Request("done", budget=1))
+        p.release()
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)
+    ctx.term()  # fails (hangs) if a socket leaked: the test's timeout catches it
+
+
+@pytest.mark.timeout(60)
+def test_two_peers_that_pick_each_other_at_once_do_not_deadlock(tmp_path):
+    ctx, peers, states, threads = _pair(tmp_path, exchange_timeout=5.0)
+    try:
+        for _ in range(5):
+            results = [None, None]
+
+            def ask(i):
+                results[i] = peers[i].submit(Request("push", 1, budget=5.0))
+
+            askers = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+            for t in askers:
+                t.start()
+            for t in askers:
+                t.join(timeout=20)
+            assert all(r is not None and r["status"] == "ok" for r in results), results
+        assert torch.allclose(states[0].vec, states[1].vec)  # every exchange completed on both sides
+        assert torch.allclose(states[0].vec, torch.full((6,), 0.5))  # and the mean was kept
+        fetched = peers[0].submit(Request("fetch", budget=5.0))
+        assert fetched["status"] == "ok" and fetched["action"] == "kept"  # same version: nothing to adopt
+    finally:
+        _stop(ctx, peers, threads)
+    assert sum(p.stats["busy_sent"] for p in peers) >= 0 and sum(p.stats["timeouts"] for p in peers) == 0
+
+
+@pytest.mark.timeout(60)
+def test_an_exchange_with_a_dead_peer_times_out_and_drops_it(tmp_path):
+    ctx = zmq.Context()
+    state = ModelState(torch.zeros(3), 1)
+    ghost = f"ipc://{tmp_path}/ghost.sock"
+    p = PeerSockets(ctx, f"ipc://{tmp_path}/me.sock", f"ipc://{tmp_path}/me.sock", state, bus.Security(),
+                    bus.Security(), [ghost], exchange_timeout=0.5, linger=0.1)
+    t = threading.Thread(target=p.serve, daemon=True)
+    t.start()
+    try:
+        got = p.submit(Request("push", 1, budget=1.5))
+        assert got["status"] in ("timeout", "alone") and p.stats["timeouts"] >= 1 and ghost not in p.live_peers()
+    finally:
+        p.submit(Request("done", budget=1))
+        p.release()
+        t.join(timeout=10)
+        ctx.term()
+
+
+def test_cli_rejects_bad_gossip_options():
+    from clients import gossip
+    from fedopt.errors import ConfigError
+
+    parser = argparse.ArgumentParser()
+    gossip.configure(parser)
+    for argv, msg in ((["--shard", "3", "--num-shards", "2"], "out of range"),
+                      (["--shard", "0", "--num-shards", "2", "--peers", "http://x"], "must start with"),
+                      (["--shard", "0", "--num-shards", "2", "--topology", "ring"], "every member"),
+                      (["--shard", "0", "--num-shards", "2", "--discover"], "--interface")):
+        args = parser.parse_args(["--bind", "ipc:///tmp/x.sock", *argv])
+        args.interface = None
+        with pytest.raises(ConfigError, match=msg):
+            gossip._check(args)
