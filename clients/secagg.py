@@ -99,4 +99,4 @@ class SecAggClient:
         enc = encode_update(x, quant, np.random.default_rng(), n if quant.weighted else None)
         self.clip_rate = float(enc.clipped)
         delivery, self._delivery, self._update = self._delivery, None, None
-        return [codec.pack(self._session.masked_input(delivery, enc.vector))]
+        return [codec.pack(self._session.masked_input(delivery, enc.vector, consume=True))]

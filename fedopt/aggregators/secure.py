@@ -192,8 +192,12 @@ class SecureAggregator:
                 raise ConfigError(f"client {update.client!r} reports {weight} samples, more than the {quant.max_weight} "
                                   f"it announced for this round")
         rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self._round, *update.client.encode()])
-        enc = encode_update(d.detach().to("cpu", torch.float64).numpy(), quant, rng, weight)
-        masked = client.masked_input(self._deliveries.pop(update.client), enc.vector)
+        d = d.detach()
+        if d.dtype not in (torch.float32, torch.float64):
+            d = d.float()
+        # read in place (float32 CPU tensors share memory with numpy); encode and mask reuse one buffer
+        enc = encode_update(d.cpu().numpy(), quant, rng, weight)
+        masked = client.masked_input(self._deliveries.pop(update.client), enc.vector, consume=True)
         self._clipped += enc.clipped  # the clip rate is public metadata, the encoding itself is not kept
         del enc
         self._server.receive_masked_input(masked)

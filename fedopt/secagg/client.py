@@ -152,8 +152,14 @@ class ClientSession:
             out.append(EncryptedShare(self.config.round, self.id, v, ct))
         return ShareKeys(self.config.round, self.id, tuple(out))
 
-    def masked_input(self, msg: ShareDelivery, encoded: np.ndarray) -> MaskedInput:
-        """MaskedInput: decrypt held shares, return y_u = x_u + PRG(b_u) + sum_v +-PRG(s_uv)."""
+    def masked_input(
+        self, msg: ShareDelivery, encoded: np.ndarray, consume: bool = False
+    ) -> MaskedInput:
+        """MaskedInput: decrypt held shares, return y_u = x_u + PRG(b_u) + sum_v +-PRG(s_uv).
+
+        With ``consume`` the masks are added into ``encoded`` in place (it becomes y_u's vector), which
+        saves a copy when the caller has no further use for the plaintext encoding.
+        """
         self._enter("mask", "unmask", msg.round, msg.recipient)
         encoded = np.asarray(encoded)
         cfg = self.config
@@ -184,7 +190,7 @@ class ClientSession:
                           round=cfg.round, me=self.id, peer=v)
             for v in self._held
         }
-        y = mask_input(encoded, self.id, self._self_seed, seeds)
+        y = mask_input(encoded, self.id, self._self_seed, seeds, in_place=consume)
         return MaskedInput(cfg.round, self.id, y)
 
     def unmask(self, msg: UnmaskRequest) -> UnmaskResponse:

@@ -40,11 +40,21 @@ def _check_vector(x: np.ndarray) -> None:
 
 
 def mask_input(
-    encoded: np.ndarray, me: str, self_seed: bytes, pair_seeds: Mapping[str, bytes]
+    encoded: np.ndarray,
+    me: str,
+    self_seed: bytes,
+    pair_seeds: Mapping[str, bytes],
+    in_place: bool = False,
 ) -> np.ndarray:
-    """y = encoded + PRG(self_seed) + sum_v sign(me, v) PRG(pair_seeds[v]) mod 2^k, as a new array."""
+    """y = encoded + PRG(self_seed) + sum_v sign(me, v) PRG(pair_seeds[v]) mod 2^k.
+
+    A new array, or with ``in_place`` ``encoded`` itself overwritten (the caller gives the plaintext
+    up: no second vector is allocated and the unmasked values no longer exist afterwards).
+    """
     _check_vector(encoded)
-    y = np.empty(encoded.shape, dtype=encoded.dtype)
+    if in_place and not encoded.flags.c_contiguous:
+        raise SecAggError("in-place masking needs a contiguous vector")
+    y = encoded if in_place else np.empty(encoded.shape, dtype=encoded.dtype)
     terms = [(self_seed, 1)] + [(seed, pair_sign(me, peer)) for peer, seed in pair_seeds.items()]
     accumulate_many(y, terms, base=encoded)
     return y

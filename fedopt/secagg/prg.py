@@ -137,13 +137,17 @@ def accumulate_many(
         if sign not in (1, -1):
             raise SecAggError(f"mask sign must be +1 or -1, got {sign}")
         streams.append((_encryptor(seed), np.add if sign == 1 else np.subtract))
-    if base is not None and base is not acc:
+    if base is acc:
+        base = None
+    if base is not None and not streams:
         np.copyto(acc, base)
     scratch = scratch or Scratch()
     words = _CHUNK_BYTES // dt.itemsize
     for start in range(0, acc.size, words):
         n = min(words, acc.size - start)
         block = acc[start : start + n]
+        src = block if base is None else base[start : start + n]  # the copy of base is fused into term 1
         for enc, op in streams:
             view = np.frombuffer(scratch.fill(enc, n * dt.itemsize), dtype=dt, count=n)
-            op(block, view, out=block)
+            op(src, view, out=block)
+            src = block

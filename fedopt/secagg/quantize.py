@@ -46,6 +46,7 @@ __all__ = [
     "clip_l2",
     "decode_sum",
     "encode_update",
+    "l2_norm",
 ]
 
 
@@ -121,12 +122,45 @@ def check_capacity(cfg: QuantConfig, n: int) -> None:
         )
 
 
+_NORM_CHUNK = 1 << 16  # float32 values widened to float64 per chunk for the norm (stays in cache)
+
+
+def _float_vector(x) -> np.ndarray:
+    """``x`` as a 1-D float32/float64 array, without copying when it already is one (torch CPU tensors
+    and numpy arrays share memory); other dtypes are converted to float64."""
+    x = np.asarray(x)
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float64)
+    return x.reshape(-1)
+
+
+def l2_norm(x: np.ndarray) -> float:
+    """The L2 norm of a float32/float64 vector, accumulated in float64; raises SecAggError on NaN/inf.
+
+    float32 input is widened chunk by chunk (no full-size float64 copy). A finite sum of squares means
+    every value is finite, so this is also the finiteness check (one pass instead of two).
+    """
+    if x.dtype == np.float64:
+        sq = float(np.dot(x, x))
+    else:
+        sq = 0.0
+        for i in range(0, x.size, _NORM_CHUNK):
+            c = x[i : i + _NORM_CHUNK].astype(np.float64)
+            sq += float(np.dot(c, c))
+    if not math.isfinite(sq):
+        if not np.all(np.isfinite(x)):
+            raise SecAggError("update contains NaN or infinite values")
+        return float(np.linalg.norm(x.astype(np.float64)))  # finite but the squares overflowed: rescales
+    return math.sqrt(sq)
+
+
 def clip_l2(x: np.ndarray, clip: float) -> tuple[np.ndarray, float, bool]:
-    """``(x scaled to L2 norm <= clip, original norm, whether it was clipped)``; float64 copy."""
+    """``(x scaled to L2 norm <= clip, original norm, whether it was clipped)``; a float64 copy.
+
+    (:func:`encode_update` does not call this: it folds the clip factor into its one scaling pass.)
+    """
     x = np.asarray(x, dtype=np.float64).ravel()
-    if not np.all(np.isfinite(x)):
-        raise SecAggError("update contains NaN or infinite values")
-    norm = float(np.linalg.norm(x))
+    norm = l2_norm(x)
     if norm > clip:
         return x * (clip / norm), norm, True
     return x.copy(), norm, False
@@ -140,30 +174,41 @@ def encode_update(
 ) -> Encoded:
     """Clip, weight, stochastically quantise and encode ``x`` modulo 2^k (see module docstring).
 
-    ``weight`` (num_samples, an int in [0, max_weight]) is required iff ``cfg`` is weighted.
+    ``x`` may be float32 or float64 (numpy, or anything ``np.asarray`` accepts, e.g. a CPU tensor);
+    it is read, never modified or copied to float64. Clip factor, weight and scale are folded into one
+    multiplier, so the work is: one norm pass, one scaling pass, the rounding noise, floor (cast to
+    the integer type in the same pass) and a clamp. ``weight`` (num_samples, an int in [0, max_weight])
+    is required iff ``cfg`` is weighted.
     """
-    clipped, norm, was_clipped = clip_l2(x, cfg.clip)
+    x = _float_vector(x)
+    norm = l2_norm(x)
+    was_clipped = norm > cfg.clip
+    factor = cfg.scale * (cfg.clip / norm if was_clipped else 1.0)
     if cfg.weighted:
         if weight is None or not isinstance(weight, (int, np.integer)) or not 0 <= weight <= cfg.max_weight:
             raise SecAggError(f"weight must be an int in [0, {cfg.max_weight}], got {weight!r}")
-        clipped *= int(weight) / cfg.max_weight
+        factor *= int(weight) / cfg.max_weight
     elif weight is not None:
         raise SecAggError("weight given but QuantConfig.max_weight is None (unweighted)")
     top = (1 << (cfg.bits - 1)) - 1  # clamp guards the one-ulp overshoot of s * c at |x_i| = c
-    m = clipped.size
+    m = x.size
     # float32 holds s*x + u to within 2^-8 of a step while |s*x| < 2^16, and costs half the memory traffic
     ft = np.float32 if cfg.bits <= 16 else np.float64
-    buf = np.multiply(clipped, cfg.scale, dtype=ft)
+    buf = np.multiply(x, ft(factor), dtype=ft)
     buf += rng.random(m, dtype=ft)  # stochastic rounding: floor(s*x + U[0,1)) is unbiased
-    np.floor(buf, out=buf)
-    np.clip(buf, -top, top, out=buf)
     # signed ints reinterpreted as unsigned (two's complement) are the residues mod 2^k
     it, ut = (np.int32, np.uint32) if cfg.modulus_bits == 32 else (np.int64, np.uint64)
     vec = np.empty(cfg.vector_length(m), dtype=it)
-    vec[:m] = buf
+    body = vec[:m]
+    if top + 1 > np.iinfo(it).max:  # bits == modulus_bits: clamp before the cast can overflow
+        np.clip(buf, -top, top, out=buf)
+    np.floor(buf, out=body, casting="unsafe")  # |buf| <= top + 1 <= 2^(k-1) - 1: the cast is exact
+    del buf
+    np.minimum(body, top, out=body)
+    np.maximum(body, -top, out=body)
     if cfg.weighted:
         vec[m] = weight
-    return Encoded(vec.view(ut), norm, was_clipped)
+    return Encoded(vec.view(ut), norm, bool(was_clipped))
 
 
 def clip_fraction(encoded: Iterable[Encoded]) -> float:
