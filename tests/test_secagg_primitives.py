@@ -63,6 +63,22 @@ def test_advertisement_signature():
         keys.verify_advertisement(keys.identity_public_bytes(other), sig, 5, "u1", c, s)
     with pytest.raises(SecAggError):
         keys.verify_advertisement(pk, b"", 5, "u1", c, s)
+    # a verified (cached) advertisement does not make a tampered signature pass, now or on a retry
+    keys.verify_advertisement(pk, sig, 5, "u1", c, s)
+    bad = bytes([sig[0] ^ 1]) + sig[1:]
+    for _ in range(2):
+        with pytest.raises(SecAggError, match="bad signature"):
+            keys.verify_advertisement(pk, bad, 5, "u1", c, s)
+
+
+def test_hkdf_matches_the_cryptography_package():
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    for n in (0, 1, 40, 300):
+        ikm, info = os.urandom(32), os.urandom(n)
+        ref = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(ikm)
+        assert keys.hkdf_sha256(ikm, info) == ref
 
 
 def test_aead_roundtrip_and_tamper():

@@ -17,16 +17,17 @@ Every failure (bad key, bad signature, failed decryption) raises :class:`fedopt.
 
 from __future__ import annotations
 
+import functools
+import hmac
 import os
 import struct
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedopt.errors import SecAggError
 
@@ -140,7 +141,21 @@ def agree(
         raise SecAggError(f"key agreement with {peer!r} failed: {exc}") from exc
     lo, hi = sorted((me, peer))
     info = _DOMAIN + _field(purpose) + struct.pack(">Q", round) + _id(lo) + _id(hi)
-    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(shared)
+    return hkdf_sha256(shared, info)
+
+
+_NO_SALT = bytes(32)  # RFC 5869 2.2: an absent salt is HashLen zero bytes
+
+
+def hkdf_sha256(ikm: bytes, info: bytes) -> bytes:
+    """HKDF-SHA256 (RFC 5869) with no salt and a 32-byte output: Extract, then one Expand block.
+
+    Byte-identical to ``cryptography``'s ``HKDF(SHA256(), 32, salt=None, info)``, written with the
+    standard library's one-shot HMAC because building an HKDF object per neighbour cost more than the
+    X25519 exchange itself.
+    """
+    prk = hmac.digest(_NO_SALT, ikm, "sha256")
+    return hmac.digest(prk, info + b"\x01", "sha256")
 
 
 # -- long-term identity ---------------------------------------------------------------------------
@@ -173,14 +188,25 @@ def sign_advertisement(
     return identity.sign(advertisement_bytes(round, client_id, c_pk, s_pk))
 
 
+@functools.lru_cache(maxsize=8192)
+def _verified(identity_pk: bytes, signature: bytes, message: bytes) -> bool:
+    """Ed25519 verification of exact bytes; only successes are cached (a failure raises).
+
+    Verification is a deterministic function of (public key, signature, message), so remembering a
+    success is sound. It matters when one process hosts many clients (the simulation): every
+    neighbour of u checks u's advertisement, and the server checks it too, on the same bytes.
+    """
+    Ed25519PublicKey.from_public_bytes(identity_pk).verify(signature, message)
+    return True
+
+
 def verify_advertisement(
     identity_pk: bytes, signature: bytes, round: int, client_id: str, c_pk: bytes, s_pk: bytes
 ) -> None:
     """Check an advertisement against the client's pinned identity key; raises SecAggError."""
     try:
-        pk = Ed25519PublicKey.from_public_bytes(identity_pk)
-        pk.verify(signature, advertisement_bytes(round, client_id, c_pk, s_pk))
-    except (InvalidSignature, ValueError) as exc:
+        _verified(bytes(identity_pk), bytes(signature), advertisement_bytes(round, client_id, c_pk, s_pk))
+    except (InvalidSignature, ValueError, TypeError) as exc:
         raise SecAggError(
             f"key advertisement of client {client_id!r} for round {round} has a bad signature"
         ) from exc
