@@ -260,6 +260,22 @@ def test_two_workers_batch_b_equal_one_worker_batch_2b(tmp_path):
 
 
 @pytest.mark.slow
+def test_uneven_shards_finish_under_join_with_zero(tmp_path):
+    # 1437 samples over 2 ranks with batch 359: rank 0 takes 3 steps (719 samples), rank 1 only 2 (718): the third
+    # step's gradient all-reduce and ZeRO's shard broadcast are shadowed by rank 1 through torch's Join
+    assert steps_per_rank(1437, 2, 359, True, None) == [3, 2]
+    proc = _start(tmp_path / "uneven", "--nproc", "2", "--zero", "--momentum", "0.9", "--batch-size", "359",
+                  "--epochs", "2", "--timeout", "60")
+    try:
+        _finish([proc], timeout=180)
+    finally:
+        _kill([proc])
+    recs = read_metrics(tmp_path / "uneven" / "metrics.jsonl")
+    assert [r["round"] for r in recs] == [1, 2] and all(r["steps"] == 3 for r in recs)
+    assert all(r["allreduce_calls"] == 3 for r in recs)
+
+
+@pytest.mark.slow
 def test_digits_two_workers_step_and_local_sgd(tmp_path):
     # batch 18 -> 40 steps an epoch on every rank (1437 samples over 2 ranks), a multiple of H = 8
     common = ["--nproc", "2", "--epochs", "20", "--lr", "0.3", "--batch-size", "18"]
