@@ -120,8 +120,12 @@ def main() -> None:
           f"{args.repeats} interleaved repeats (a run's step time: its fastest of epochs 2..{epochs}; "
           "then the median over repeats)")
     print(table(rows, ("part", "run", "model / per-worker batch", "median step ms", "per repeat ms")))
-    print(f"step time ratio fedopt / plain DDP: {ratio:.3f}   "
+    best = min(times["fedopt"]) / min(times["plain"])
+    paired = statistics.median(f / q for f, q in zip(times["fedopt"], times["plain"]))
+    print(f"step time ratio fedopt / plain DDP: {ratio:.3f} (ratio of medians; best-of-repeats {best:.3f}, "
+          f"median of adjacent pairs {paired:.3f})   "
           f"1->2 process scaling efficiency: {eff:.2f} (throughput x{2 * eff:.2f})")
+    print(f"load average during the run: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
     emit({"step_time_ratio": round(ratio, 4), "scaling_efficiency_2proc": round(eff, 4)})
 
 
