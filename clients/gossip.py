@@ -129,8 +129,6 @@ class GossipPeer:
                 out.round_done(self._round(r))
                 save_checkpoint(a.out, Checkpoint(r, self.state.snapshot()[0].cpu(), {}, self.spec,
                                                   {"version": self.state.version, "address": self.address}))
-            for _ in range(a.final_mixes):
-                self.sockets.submit(Request("push", a.rounds, budget=a.exchange_timeout))
             vec, _ = self.state.snapshot()
             stats = self.sockets.stats
             out.finish(self.spec, vec.cpu(), {"peer": self.address, "exchanges": stats["exchanges"],
@@ -144,6 +142,8 @@ class GossipPeer:
         t0 = time.perf_counter()
         b_in, b_out = self.sockets.bytes_in, self.sockets.bytes_out
         d0 = len(self.sockets.stats["distances"])
+        if a.fault_slow:
+            time.sleep(a.fault_slow)  # test seam: a peer whose training takes longer
         vec, _ = self.state.snapshot()
         cfg = TrainConfig(epochs=a.local_epochs, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
                           seed=a.seed * 100_003 + a.shard * 1009 + r)
@@ -152,7 +152,10 @@ class GossipPeer:
         if a.topology:
             got = self.sockets.submit(Request("sync", r, budget=a.exchange_timeout))
         else:
-            got = self.sockets.submit(Request("push", r, budget=a.exchange_timeout))
+            got = self.sockets.submit(Request("push", r, budget=3 * a.exchange_timeout))
+            if r == a.rounds:  # the last round ends with extra exchanges that only shrink the disagreement
+                for _ in range(a.final_mixes):
+                    self.sockets.submit(Request("push", r, budget=3 * a.exchange_timeout))
         vec, version = self.state.snapshot()
         shared = self.trainer.evaluate(vec, self.test) if self.test is not None else {}
         local = self.trainer.evaluate(vec, self.data.test) if self.data.test is not None else {}
@@ -216,11 +219,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu")
     g = p.add_argument_group("gossip")
     g.add_argument("--topology", choices=TOPOLOGIES, default=None, help="synchronous D-PSGD on this graph")
-    g.add_argument("--exchange-timeout", type=float, default=10.0, help="seconds one exchange may take")
+    g.add_argument("--exchange-timeout", type=float, default=3.0,
+                   help="seconds one neighbour has to answer (a round tries for up to 3x this)")
     g.add_argument("--peer-timeout", type=float, default=15.0, help="seconds of silence before a peer expires")
     g.add_argument("--max-accept", type=int, default=1, help="pushes accepted per round (bounds a node's traffic)")
     g.add_argument("--join-wait", type=float, default=5.0, help="seconds a newcomer tries to fetch a model")
-    g.add_argument("--final-mixes", type=int, default=0, help="extra exchanges after the last round")
+    g.add_argument("--final-mixes", type=int, default=2,
+                   help="extra exchanges (no training) that end the last round (default 2)")
     g.add_argument("--linger", type=float, default=2.0, help="after training, serve until quiet this long")
     g.add_argument("--max-lag", type=int, default=20, help="versions behind at which a model counts as stale")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
@@ -228,6 +233,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--progress", choices=("auto", "bar", "lines", "off"), default="auto")
     g.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     g.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--fault-slow", type=float, default=0.0, help=argparse.SUPPRESS)  # test seam: slow training
 
 
 def _check(args: argparse.Namespace) -> None:

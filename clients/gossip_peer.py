@@ -27,6 +27,7 @@ exchange times out is dropped at once and ignored in rumours for ``peer_timeout`
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import random
@@ -73,7 +74,7 @@ class _Pending:
 
 class PeerSockets:
     def __init__(self, ctx: zmq.Context, address: str, bind: str, state: ModelState, server: bus.Security,
-                 client: bus.Security, seeds: list[str], *, exchange_timeout: float = 5.0, peer_timeout: float = 15.0,
+                 client: bus.Security, seeds: list[str], *, exchange_timeout: float = 3.0, peer_timeout: float = 15.0,
                  max_accept: int = 1, linger: float = 2.0, members: list[str] | None = None,
                  topology: str | None = None, beacon=None, exit_with_parent: int | None = None) -> None:
         self.ctx, self.address, self.state = ctx, address, state
@@ -96,6 +97,7 @@ class PeerSockets:
         self.dealers: dict[str, bus.Endpoint] = {}
         self.live: Liveness[str] = Liveness(peer_timeout, 1)
         self.tombstones: dict[str, float] = {}
+        self.direct: dict[str, float] = {}  # when each peer was last heard from directly (not by rumour)
         for s in self.seeds:
             self.live.heard(s)
         # D-PSGD: fixed members ordered by rank
@@ -225,11 +227,13 @@ class PeerSockets:
         if direct:
             self.tombstones.pop(addr, None)
             self.live.heard(addr)
+            self.direct[addr] = time.monotonic()
         elif addr not in self.live and self.tombstones.get(addr, 0) < time.monotonic():
             self.live.heard(addr)  # a rumour adds a peer we do not know; it never refreshes one we do
 
     def _drop(self, addr: str) -> None:
         self.live.forget(addr)
+        self.direct.pop(addr, None)
         self.tombstones[addr] = time.monotonic() + self.peer_timeout
         ep = self.dealers.pop(addr, None)
         if ep is not None:
@@ -239,7 +243,11 @@ class PeerSockets:
             ep.close()
 
     def _rumour(self) -> dict:
-        return {p: 1 for p in self.live_peers()[:16]}
+        """Peers heard from directly within ``peer_timeout`` (hearsay is not passed on, so a dead peer's name
+        stops spreading once nobody has talked to it for that long)."""
+        now = time.monotonic()
+        fresh = [p for p in self.live_peers() if now - self.direct.get(p, -math.inf) < self.peer_timeout]
+        return {p: 1 for p in fresh[:16]}
 
     def _dealer(self, addr: str) -> bus.Endpoint:
         ep = self.dealers.get(addr)
@@ -281,7 +289,7 @@ class PeerSockets:
                     self.live.heard(s)
             candidates = self.live_peers()
         if not candidates:
-            if now >= p.give_up:
+            if now >= p.give_up or p.req.kind == "push":  # nobody to mix with: this round trains alone
                 self.pending = None
                 self._finish(p.req, status="alone")
             else:
@@ -347,15 +355,15 @@ class PeerSockets:
             self._heard(addr)
             for a in msg.peers:
                 self._heard(a, direct=False)
+            r = self.reserved
+            if not self.topology and (r is None or r["xid"] != msg.xid or r["addr"] != addr):
+                raise WireError(f"push from {addr!r} matches no exchange this peer agreed to")
             model = self.state.check(msg.model)  # raises WireError: wrong shape, NaN/Inf
             if msg.num_samples < 0:
                 raise WireError(f"push from {addr} declares {msg.num_samples} samples")
             if self.topology:
                 self._on_sync_push(addr, msg.round, model)
                 return
-            r = self.reserved
-            if r is None or r["xid"] != msg.xid or r["addr"] != addr:
-                raise WireError(f"push from {addr!r} matches no exchange this peer agreed to")
             self.reserved = None
             outcome = self.state.complete_push(r["before"], r["version"], model.clone(), msg.num_samples,
                                                msg.version)

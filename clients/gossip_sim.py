@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from coordinator.local import free_port, stop_processes
+from coordinator.local import stop_processes
 from fedopt import bus
 from fedopt.config import RunConfig
 from fedopt.errors import FedoptError
@@ -31,7 +31,7 @@ from fedopt.params import ParamSpec
 
 from .gossip_state import consensus_distance
 
-__all__ = ["simulate_gossip", "peer_command", "swarm_summary"]
+__all__ = ["simulate_gossip", "peer_command", "swarm_summary", "free_ports", "spawn"]
 
 
 def peer_command(url: str, shard: int, n: int, seeds: list[str], cfg: RunConfig, out: Path,
@@ -47,6 +47,25 @@ def peer_command(url: str, shard: int, n: int, seeds: list[str], cfg: RunConfig,
     for k, v in cfg.task_options.items():
         cmd += ["--task-option", f"{k}={v}"]
     return cmd
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on 127.0.0.1, drawn below the kernel's ephemeral range (where other programs'
+    outgoing connections land), so a port picked now is unlikely to be taken before the peer binds it."""
+    import random
+    import socket
+
+    out: list[int] = []
+    while len(out) < n:
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        if port not in out:
+            out.append(port)
+    return out
 
 
 def spawn(cmd: list[str], log_path: Path) -> subprocess.Popen:
@@ -88,7 +107,7 @@ def simulate_gossip(cfg: RunConfig, timeout: float | None = None) -> int:
             urls = [f"ipc://{tmp}/peer-{i:03d}.sock" for i in range(n)]
         else:
             keys = str(bus.generate_keys(Path(tmp) / "keys", n))
-            urls = [f"tcp://127.0.0.1:{free_port()}" for _ in range(n)]
+            urls = [f"tcp://127.0.0.1:{p}" for p in free_ports(n)]
         procs, dirs = [], [out / f"peer-{i:03d}" for i in range(n)]
         try:
             for i in range(n):

@@ -1,0 +1,180 @@
+"""Gossip benchmark: (a) consensus rate against randomized-gossip theory, (b) the busiest node's traffic against a
+FedAvg coordinator's, (c) wall time to an accuracy target against FedAvg, both as real processes on loopback.
+
+(a) Pure in-memory runs of the peers' own mixing code (:class:`clients.gossip_state.ModelState`): N peers, random
+    pairs on the complete graph, equal weights. For randomized gossip (Boyd, Ghosh, Prabhakar & Shah, IEEE Trans. IT
+    2006) each pairwise average is a projection ``W``, and ``E[W] = I - (N I - 11^T) / (N (N-1))``, whose second
+    eigenvalue ``1 - 1/(N-1)`` is the expected per-exchange contraction of the squared consensus distance. We fit the
+    measured per-exchange rate and report ``log(measured) / log(theory)`` (1.0 = as fast as theory).
+(b) The round protocol of :mod:`clients.gossip_peer` (each peer initiates one exchange per round; a peer accepts at
+    most ``max_accept`` = 1 per round, refusals move no model) simulated for N = 8 .. 256, and the bytes measured per
+    node in the real run of (c). A FedAvg coordinator moves ``2 N`` models per round.
+(c) ``fedopt simulate --mode gossip --peers 8`` against ``fedopt simulate --transport tcp --clients 8`` (a coordinator and
+    8 client processes), digits, Dirichlet alpha 0.5, same rounds and local epochs; the time from launch until the
+    accuracy target is reached (gossip: the peers' mean accuracy), polled from the metrics files as they are written.
+
+Usage: python benchmarks/gossip.py [--repeats R] [--rounds N] [--target ACC]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit, table  # noqa: E402
+
+from clients.gossip_state import ModelState, consensus_distance  # noqa: E402
+
+
+# ---- (a) consensus rate ---------------------------------------------------------------------------------------------
+def measured_rate(n: int, exchanges: int, trials: int, seed: int = 0) -> float:
+    """Per-exchange contraction of the squared consensus distance, fitted over ``exchanges`` random pairs."""
+    g = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    logs = []
+    for _ in range(trials):
+        states = [ModelState(torch.randn(64, generator=g, dtype=torch.float64), 1) for _ in range(n)]
+        d0 = consensus_distance([s.vec for s in states]) ** 2
+        for _ in range(exchanges):
+            i, j = rng.sample(range(n), 2)
+            before, v, _ = states[j].accept_push(states[i].vec.clone(), 1, states[i].version)
+            states[i].complete_push(states[i].vec.clone(), states[i].version, before, 1, v)
+        d = consensus_distance([s.vec for s in states]) ** 2
+        logs.append(math.log(d / d0) / exchanges)
+    return math.exp(statistics.mean(logs))
+
+
+# ---- (b) traffic per node -------------------------------------------------------------------------------------------
+def busiest_node(n: int, rounds: int, max_accept: int = 1, tries: int = 8, seed: int = 0) -> tuple[float, float, float]:
+    """(worst models moved by one node in one round, busiest node's mean per round, fraction of rounds exchanged)."""
+    rng = random.Random(seed)
+    worst, total, done = 0, [0] * n, 0
+    for _ in range(rounds):
+        accepted, moved = [0] * n, [0] * n
+        for i in rng.sample(range(n), n):
+            for _ in range(tries):
+                j = rng.choice([k for k in range(n) if k != i])
+                if accepted[j] < max_accept:
+                    accepted[j] += 1
+                    moved[i] += 2  # sends its model, receives one
+                    moved[j] += 2
+                    done += 1
+                    break
+        worst = max(worst, max(moved))
+        total = [a + b for a, b in zip(total, moved)]
+    return worst, max(total) / rounds, done / (n * rounds)
+
+
+# ---- (c) wall time to target ----------------------------------------------------------------------------------------
+def _read(p: Path) -> list[dict]:
+    out = []
+    if p.exists():
+        for line in p.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return out
+
+
+def time_to_target(cmd: list[str], out: Path, peers: int | None, target: float, limit: float) -> tuple[float, dict]:
+    """Seconds from launch until the run's accuracy reaches ``target`` (inf if never), and the run's end state."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    hit = math.inf
+    try:
+        while time.monotonic() - t0 < limit:
+            if peers:
+                latest = [r[-1]["accuracy"] for r in (_read(out / f"peer-{i:03d}" / "metrics.jsonl")
+                                                       for i in range(peers)) if r]
+                acc = statistics.mean(latest) if len(latest) == peers else 0.0
+            else:
+                recs = [r for r in _read(out / "metrics.jsonl") if r.get("accuracy") is not None]
+                acc = recs[-1]["accuracy"] if recs else 0.0
+            if acc >= target and hit == math.inf:
+                hit = time.monotonic() - t0
+            if proc.poll() is not None:
+                break
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            import os
+            import signal
+
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return hit, {"rc": proc.returncode, "seconds": time.monotonic() - t0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--target", type=float, default=0.85)
+    ap.add_argument("--limit", type=float, default=400.0, help="seconds one run may take")
+    args = ap.parse_args()
+
+    rows, ratios = [], []
+    for n in (8, 32):
+        theory = 1 - 1 / (n - 1)
+        rate = measured_rate(n, exchanges=20 * n, trials=20)
+        ratios.append(math.log(rate) / math.log(theory))
+        rows.append((n, f"{rate:.4f}", f"{theory:.4f}", f"{ratios[-1]:.3f}", f"{math.ceil(math.log(1e-6) / math.log(rate))}"))
+    print("(a) squared consensus distance per pairwise exchange (complete graph, random pairs)")
+    print(table(rows, ("peers", "measured rate", "theory 1-1/(N-1)", "log ratio", "exchanges to 1e-6")))
+
+    rows, worst_all = [], 0
+    for n in (8, 32, 128, 256):
+        worst, mean_busiest, frac = busiest_node(n, rounds=200)
+        worst_all = max(worst_all, worst)
+        rows.append((n, worst, f"{mean_busiest:.2f}", f"{frac:.2%}", 2 * n))
+    print("\n(b) models moved per round: gossip's busiest node vs a FedAvg coordinator")
+    print(table(rows, ("peers", "gossip worst node-round", "busiest node mean", "exchanges done",
+                       "FedAvg coordinator")))
+
+    common = ["--rounds", str(args.rounds), "--local-epochs", "1", "--alpha", "0.5", "--seed", "0", "--progress", "off"]
+    results: dict[str, list[float]] = {"gossip": [], "fedavg": []}
+    measured_models = []
+    for rep in range(args.repeats):
+        for name in ("gossip", "fedavg"):
+            with tempfile.TemporaryDirectory(prefix="fedopt-bench-gossip-") as tmp:
+                out = Path(tmp) / "out"
+                if name == "gossip":
+                    cmd = [sys.executable, "-m", "fedopt", "simulate", "--mode", "gossip", "--peers", "8",
+                           "--clients", "8", *common, "--out", str(out)]
+                    t, info = time_to_target(cmd, out, 8, args.target, args.limit)
+                    recs = _read(out / "metrics.jsonl")
+                    model_bytes = 4810 * 4
+                    if recs:
+                        measured_models.append(max(r["max_node_bytes"] for r in recs[1:-1] or recs) / model_bytes)
+                else:
+                    cmd = [sys.executable, "-m", "fedopt", "simulate", "--transport", "tcp", "--clients", "8",
+                           *common, "--out", str(out)]
+                    t, info = time_to_target(cmd, out, None, args.target, args.limit)
+                results[name].append(t)
+                print(f"  repeat {rep + 1}: {name:<7} time to {args.target:.2f}: {t:.1f}s (run {info['seconds']:.1f}s, "
+                      f"rc {info['rc']})", flush=True)
+    g, f = statistics.median(results["gossip"]), statistics.median(results["fedavg"])
+    print("\n(c) wall time to the accuracy target, 8 processes on loopback (median of repeats)")
+    print(table([("gossip (8 peers)", f"{g:.1f}"), ("FedAvg (coordinator + 8 clients)", f"{f:.1f}")],
+                ("run", f"seconds to {args.target:.2f}")))
+    if measured_models:
+        print(f"measured in the gossip run: busiest node moved at most {max(measured_models):.2f} models in a round "
+              f"(bytes incl. headers / model bytes; rounds 2..R-1)")
+    emit({"consensus_rate_vs_theory": round(min(ratios), 4), "busiest_node_models_per_round": worst_all,
+          "time_to_target_ratio_vs_fedavg": round(g / f, 3) if math.isfinite(g) and math.isfinite(f) else None})
+
+
+if __name__ == "__main__":
+    main()

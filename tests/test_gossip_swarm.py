@@ -1,0 +1,182 @@
+"""Gossip swarms of real processes on loopback: accuracy against FedAvg, consensus, churn, bad input, refused keys."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import torch
+import zmq
+from safetensors.torch import load_file
+
+from clients.gossip_sim import free_ports, peer_command, spawn, swarm_summary
+from coordinator.local import stop_processes
+from fedopt import bus, wire
+from fedopt.config import RunConfig
+from fedopt.metrics import read_metrics
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+CONSENSUS_TOLERANCE = 0.10  # final consensus distance, relative to the mean model's norm
+
+
+def rows(d: Path) -> list[dict]:
+    return read_metrics(d / "metrics.jsonl")
+
+
+def log(d: Path) -> str:
+    p = d / "peer.log"
+    return p.read_text(errors="replace") if p.exists() else ""
+
+
+def wait_for(pred, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_eight_peers_match_fedavg_and_survive_bad_input_and_a_rogue_key(tmp_path):
+    from clients.simulation import simulate
+
+    n = 8
+    cfg = RunConfig(clients=n, rounds=20, local_epochs=1, partition="dirichlet", alpha=0.5, seed=0, progress="off",
+                    out=str(tmp_path / "fedavg"), mode="gossip")
+    keys = bus.generate_keys(tmp_path / "keys", n + 1)  # client-008 is the raw test socket's (allow-listed) key
+    rogue = bus.generate_keys(tmp_path / "rogue", 1)
+    urls = [f"tcp://127.0.0.1:{p}" for p in free_ports(n)]
+    dirs = [tmp_path / f"peer-{i}" for i in range(n)]
+    procs = []
+    ctx = zmq.Context()
+    try:
+        for i in range(n):
+            dirs[i].mkdir()
+            seeds = [urls[(i - 1) % n], urls[(i + 1) % n]]
+            procs.append(spawn(peer_command(urls[i], i, n, seeds, cfg, dirs[i], str(keys), ["--final-mixes", "3"]),
+                               dirs[i] / "peer.log"))
+        wait_for(lambda: len(rows(dirs[0])) >= 2, 120, "peer 0 to train two rounds")
+        _battery(ctx, urls[0], keys, dirs[0])
+        _rogue(ctx, urls[0], keys, rogue)
+        wait_for(lambda: all(p.poll() is not None for p in procs), 200, "every peer to finish")
+    finally:
+        ctx.destroy(0)
+        stop_processes(procs)
+    assert [p.returncode for p in procs] == [0] * n, log(dirs[0])[-3000:]
+    reference = simulate(cfg.replace(mode="federated")).records  # FedAvg, same data, epochs and rounds, in-process
+    fedavg = reference[-1]["accuracy"]
+    s = swarm_summary(dirs)
+    print(f"\ngossip mean {s['mean_accuracy']:.4f} (spread {s['spread']:.4f}) vs FedAvg {fedavg:.4f}; "
+          f"consensus {s['relative_consensus_distance']:.4f}")
+    assert s["mean_accuracy"] >= fedavg - 0.02
+    # the consensus distance each peer measures shrinks, and the final models agree within the tolerance
+    early = [r["consensus"] for d in dirs for r in rows(d)[:3] if r["consensus"] is not None]
+    late = [r["consensus"] for d in dirs for r in rows(d)[-3:] if r["consensus"] is not None]
+    assert sum(late) / len(late) < 0.7 * sum(early) / len(early)
+    assert s["relative_consensus_distance"] < CONSENSUS_TOLERANCE
+    # the attacked peer logged every bad message, kept training to the end and refused the bad models
+    text = log(dirs[0])
+    for reason in ("header is not msgpack", "unknown message type 'EXPLODE'", "frame has 12", "over the limit",
+                   "non-finite values", "does not match this peer's", "matches no exchange", "curve: refused"):
+        assert reason in text, reason
+    assert [r["round"] for r in rows(dirs[0])] == list(range(1, 21))
+    model = load_file(str(dirs[0] / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in model.values())
+
+
+def _battery(ctx: zmq.Context, url: str, keys: Path, out: Path) -> None:
+    """The bus's malformed-message battery, aimed at a running peer's socket by an allow-listed raw DEALER."""
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    pub, sec = zmq.auth.load_certificate(keys / "clients" / "client-008.key_secret")
+    raw.curve_publickey, raw.curve_secretkey = pub, sec
+    raw.curve_serverkey, _ = zmq.auth.load_certificate(keys / "coordinator.key")
+    raw.connect(url)
+    head = lambda **kw: msgpack.packb({"v": 1, **kw})  # noqa: E731
+    me = "tcp://127.0.0.1:1"
+    raw.send_multipart([b"\x00garbage\xff"])
+    raw.send_multipart([b"\xc1 not msgpack"])
+    raw.send_multipart([head(type="EXPLODE")])
+    push = dict(type="GOSSIP_PUSH", xid=1, version=1, num_samples=10, addr=me, peers={})
+    raw.send_multipart([head(**push, tensors=[{"dtype": "float32", "shape": [100]}]), b"\0" * 12])
+    raw.send_multipart([head(**push, tensors=[{"dtype": "float32", "shape": [10**12]}]), b"\0" * 16])
+    raw.send_multipart(wire.encode(wire.GossipPush(xid=5, num_samples=10, addr=me, model=torch.zeros(10))))  # unasked
+    for bad in ("nan", "short"):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # ask for an exchange until the peer agrees, then push a bad model
+            raw.send_multipart(wire.encode(wire.GossipFetch(xid=9, addr=me, kind="exchange")))
+            if raw.poll(5000):
+                msg = wire.decode(raw.recv_multipart())
+                if isinstance(msg, wire.GossipReply):
+                    n = msg.model.numel()
+                    model = torch.full((n,), math.nan) if bad == "nan" else torch.zeros(n - 1)
+                    raw.send_multipart(wire.encode(wire.GossipPush(xid=9, num_samples=10, addr=me, model=model)))
+                    break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the peer never agreed to an exchange")
+    wait_for(lambda: "does not match this peer's" in log(out), 30, "the peer to refuse the short model")
+    raw.close(0)
+
+
+def _rogue(ctx: zmq.Context, url: str, keys: Path, rogue: Path) -> None:
+    """A peer whose key is not in the allow-list: refused at the handshake, and the refusal is logged."""
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.curve_publickey, s.curve_secretkey = zmq.auth.load_certificate(rogue / "clients" / "client-000.key_secret")
+    s.curve_serverkey, _ = zmq.auth.load_certificate(keys / "coordinator.key")
+    s.connect(url)
+    s.send_multipart(wire.encode(wire.GossipFetch(xid=1, addr="tcp://127.0.0.1:2", kind="fetch")))
+    assert not s.poll(3000)  # nothing comes back
+    s.close(0)
+
+
+def test_churn_kill_join_and_restart(tmp_path):
+    n, rounds = 5, 30
+    cfg = RunConfig(clients=n + 1, rounds=rounds, local_epochs=1, alpha=0.5, seed=1, mode="gossip")
+    urls = [f"ipc://{tmp_path}/p{i}.sock" for i in range(n + 1)]
+    dirs = [tmp_path / f"peer-{i}" for i in range(n + 1)]
+    fast = ["--exchange-timeout", "2", "--peer-timeout", "6", "--log-level", "INFO", "--fault-slow", "0.5"]
+    procs: dict[int, object] = {}
+
+    def start(i, *extra):
+        dirs[i].mkdir(exist_ok=True)
+        seeds = [u for j, u in enumerate(urls[:n]) if j != i and (j - i) % n in (1, n - 1)] or urls[:2]
+        procs[i] = spawn(peer_command(urls[i], i, n + 1, seeds, cfg, dirs[i], None, [*fast, *extra]),
+                         dirs[i] / "peer.log")
+        started.append(procs[i])
+
+    started = []
+    try:
+        for i in range(n):
+            start(i)
+        wait_for(lambda: len(rows(dirs[0])) >= 5, 150, "round 5")
+        for i in (3, 4):  # kill -9 two peers mid-run
+            os.killpg(procs[i].pid, signal.SIGKILL)
+            procs[i].wait(timeout=10)
+        wait_for(lambda: len(rows(dirs[0])) >= 10, 150, "round 10")
+        start(5, "--rounds", "8")  # a newcomer joins (it trains 8 rounds of its own)
+        start(3, "--resume")  # a killed peer restarts from its (now stale) checkpoint
+        wait_for(lambda: all(procs[i].poll() is not None for i in (0, 1, 2, 3, 5)), 200, "the peers to finish")
+    finally:
+        stop_processes(started)
+    for i in (0, 1, 2, 3, 5):
+        assert procs[i].returncode == 0, log(dirs[i])[-2000:]
+    survivors = [rows(dirs[i])[-1]["accuracy"] for i in (0, 1, 2)]
+    assert min(survivors) >= 0.80, survivors  # the rest finished and reached the target
+    assert "timed out: dropping it" in "".join(log(dirs[i]) for i in (0, 1, 2))  # they noticed the dead ones
+    # the newcomer pulled the swarm's model before training and caught up within a few exchanges
+    assert "joined: adopted version" in log(dirs[5])
+    new = rows(dirs[5])
+    assert new[0]["round"] == 1 and new[0]["version"] > 20
+    assert new[2]["accuracy"] >= min(survivors) - 0.10, (new[:3], survivors)
+    # the restarted peer continued from its checkpoint, adopted the newer swarm model, and finished
+    back = rows(dirs[3])
+    assert back[0]["round"] <= 6 and back[-1]["round"] == rounds and back[-1]["accuracy"] >= 0.75
+    assert "joined: adopted version" in log(dirs[3])
