@@ -8,6 +8,11 @@ ready, so heartbeats keep flowing however long training takes (sockets stay with
 Paranoid Pirate (the ZeroMQ guide, chapter 4): when the coordinator is silent for 3 heartbeat intervals, or says BYE
 for any reason but "done", the client closes its socket, waits a capped exponential backoff, opens a fresh one and
 says HELLO again; so a coordinator restarted with ``--resume`` gets its clients back without anyone touching them.
+
+Secure aggregation: when WELCOME says the run uses ``secagg``, the client answers SECAGG messages through a
+:class:`~clients.secagg.SecAggClient` on the socket thread and, once trained, sends its masked update (SECAGG) instead
+of OFFER/UPDATE. Its long-term identity key and every peer's pinned public identity come from ``--identities DIR``
+(default: ``--keys DIR``), never from the coordinator (trust model: :mod:`fedopt.identity`).
 """
 
 from __future__ import annotations
@@ -17,8 +22,12 @@ import dataclasses
 import logging
 import os
 import queue
+import signal
 import threading
 import time
+from pathlib import Path
+
+import numpy as np
 
 import torch
 import zmq
@@ -30,12 +39,19 @@ from fedopt.liveness import Backoff, Liveness, Ticker
 from fedopt.params import ParamSpec
 from fedopt.task import TrainConfig, resolve_task
 
+from fedopt.identity import find_identity_dir, load_identity, load_pinned
+from fedopt.secagg import codec
+
 from .runner import LocalTrainer, pick_device
+from .secagg import SecAggClient
 
 __all__ = ["FederatedClient", "configure", "run"]
 
 log = logging.getLogger("fedopt.client")
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"sampler"}
+#: test seam --fault-exit-at-stage: the incoming secagg message on which the client kills itself (SIGKILL)
+FAULT_STAGES = {"advertise": codec.Setup, "share": codec.NeighbourKeys, "mask": codec.ShareDelivery,
+                "unmask": codec.UnmaskRequest}
 
 
 class _Trainer(threading.Thread):
@@ -95,7 +111,8 @@ class FederatedClient:
     def __init__(self, connect: str, security: bus.Security, client: str, shard: int, num_shards: int | None,
                  task: str | None = None, task_options: dict | None = None, device: str = "auto",
                  heartbeat: float = 1.0, give_up: float = 300.0, slow: float = 0.0,
-                 exit_with_parent: bool = False) -> None:
+                 exit_with_parent: bool = False, secure: SecAggClient | None = None,
+                 fault_stage: str | None = None, fault_round: int | None = None) -> None:
         self.connect, self.security, self.client = connect, security, client
         self.shard, self.num_shards = shard, num_shards
         self.task_name, self.task_options = task, task_options
@@ -110,12 +127,17 @@ class FederatedClient:
         self.worker = _Trainer(self.ctx, url, slow)
         self._settings: dict | None = None
         self._pending: dict | None = None  # the finished update waiting for PULL: {"round", "delta", ...}
+        self.secure = secure  # this client's secure-aggregation side (None: no identity key)
+        self.fault = (FAULT_STAGES[fault_stage], fault_round) if fault_stage else None  # test seam
 
     # ---- set-up from WELCOME ------------------------------------------------------------------------------------
     def _setup(self, welcome: wire.Welcome) -> None:
         s = welcome.config
         if s == self._settings:
             return  # a reconnect to the same run: keep the loaded shard
+        if s.get("secagg") and self.secure is None:
+            raise ConfigError("the coordinator runs secure aggregation and this client has no identity key: give "
+                              "--identities DIR (or --keys DIR) made by `fedopt keys generate`")
         if self.task_name and s.get("task") != self.task_name:
             raise ConfigError(f"this client runs task {self.task_name!r}, the coordinator runs {s.get('task')!r}")
         task = resolve_task(s["task"], s.get("task_options") or self.task_options)
@@ -227,6 +249,8 @@ class FederatedClient:
                 ep.send(wire.UpdateMsg(round=p["round"], num_samples=p["num_samples"], metrics=p["metrics"],
                                        delta=p["delta"], sender=self.client))
                 self._pending = None
+        elif isinstance(msg, wire.SecAgg):
+            self._secure_message(ep, msg)
         elif isinstance(msg, wire.Bye):
             if msg.reason == "done":
                 log.info("client %s: the run is done", self.client)
@@ -234,6 +258,23 @@ class FederatedClient:
             log.info("client %s: coordinator said %r", self.client, msg.reason)
             return "reconnect"
         return None
+
+    def _secure_message(self, ep: bus.Endpoint, msg: wire.SecAgg) -> None:
+        if self.secure is None:
+            log.warning("client %s: dropped a SECAGG message: this client has no identity key", self.client)
+            return
+        if self.fault is not None and self.fault[1] in (None, msg.round):
+            try:
+                kind = type(codec.unpack(msg.parts))
+            except FedoptError:
+                kind = None
+            if kind is self.fault[0]:
+                log.warning("client %s: fault seam: SIGKILL on %s of round %d", self.client, kind.__name__, msg.round)
+                for h in logging.getLogger().handlers:
+                    h.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+        for parts in self.secure.handle(msg.parts):
+            ep.send(wire.SecAgg(round=msg.round, parts=parts, sender=self.client))
 
     def _discard_queued_training(self) -> None:
         keep = []
@@ -254,7 +295,11 @@ class FederatedClient:
                 kind, rnd, payload = self.worker.results.get_nowait()
             except queue.Empty:
                 return
-            if kind == "update":
+            if kind == "update" and self._settings and self._settings.get("secagg"):
+                # the masked update goes out as soon as this round's key shares are in (now, or on their arrival)
+                for parts in self.secure.provide_update(payload[0].numpy(), payload[1], rnd):
+                    ep.send(wire.SecAgg(round=rnd, parts=parts, sender=self.client))
+            elif kind == "update":
                 delta, n, metrics = payload
                 metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
                 self._pending = {"round": rnd, "delta": delta, "num_samples": n, "metrics": metrics}
@@ -284,7 +329,15 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval before the coordinator's is known")
     p.add_argument("--give-up", type=float, default=300.0, help="seconds without a coordinator before exiting")
+    p.add_argument("--identities", default=None,
+                   help="secagg: folder with identities/*.pub (every client's pinned identity) and this client's "
+                        "identity secret (default: --keys)")
     p.add_argument("--fault-slow", type=float, default=0.0, help=argparse.SUPPRESS)  # test seam: a straggler
+    # test seams: SIGKILL this client when a secagg stage begins (optionally only in one round); dump its encoded
+    # (quantised, unmasked) vectors to a folder so a test can check the coordinator's sum bit for bit
+    p.add_argument("--fault-exit-at-stage", choices=tuple(FAULT_STAGES), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--fault-round", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--debug-secagg-dump", default=None, help=argparse.SUPPRESS)
     p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
@@ -297,7 +350,19 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--heartbeat and --give-up must be > 0 seconds")
     key_name = args.key_name or (f"client-{args.shard:03d}" if args.keys else None)
     security = bus.security_for(args.connect, args.keys, args.insecure, "client", key_name)
-    client = FederatedClient(args.connect, security, args.id or str(args.shard), args.shard, args.num_shards,
+    client_id = args.id or str(args.shard)
+    secure = None
+    ident = find_identity_dir(args.identities, args.keys)
+    if ident is not None:
+        pinned = load_pinned(ident)
+        identity = load_identity(ident, args.key_name or f"client-{args.shard:03d}", client_id, pinned)
+        secure = SecAggClient(client_id, identity, pinned)
+        if args.debug_secagg_dump:
+            dump = Path(args.debug_secagg_dump)
+            dump.mkdir(parents=True, exist_ok=True)
+            secure.on_encoded = lambda r, vec: np.save(dump / f"encoded-{r}-{client_id}.npy", vec)
+    client = FederatedClient(args.connect, security, client_id, args.shard, args.num_shards,
                              args.task, dict(args.task_options), args.device, args.heartbeat, args.give_up,
-                             args.fault_slow, args.exit_with_parent)
+                             args.fault_slow, args.exit_with_parent, secure, args.fault_exit_at_stage,
+                             args.fault_round)
     return client.serve()

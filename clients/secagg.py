@@ -4,10 +4,11 @@ Wraps one :class:`fedopt.secagg.ClientSession` per round (Bonawitz et al., CCS 2
 
     sa = SecAggClient(client_id, identity, pinned)   # long-term Ed25519 key; every peer's pinned public key
     replies = sa.handle(parts)                       # an incoming secagg message -> list of messages to send
-    replies = sa.provide_update(delta, num_samples)  # once local training is done
+    replies = sa.provide_update(delta, num_samples, round)  # once local training is done
 
 Each reply is ``codec.pack(message)`` (``[msgpack body, *raw frames]``) for the coordinator. The masked input goes
-out as soon as both the share delivery and the update are there, in whichever order they arrive. A message the
+out as soon as both the share delivery and the update are there, in whichever order they arrive; an update for a
+round whose ``setup`` has not arrived yet is kept until it does (a transport may deliver TRAIN's result first). A message the
 protocol refuses (bad signature, inconsistent unmask request, malformed bytes) is logged, the round's session is
 dropped (the client then sends nothing more for that round) and ``handle`` returns ``[]``: it never raises into the
 client's loop. A new ``setup`` starts a fresh session (fresh keys) for the new round.
@@ -38,8 +39,10 @@ class SecAggClient:
         self._session: ClientSession | None = None
         self._setup: codec.Setup | None = None
         self._delivery: ShareDelivery | None = None
-        self._update: tuple[np.ndarray, int] | None = None
+        self._update: tuple[np.ndarray, int, int | None] | None = None  # (delta, num_samples, round)
         self.clip_rate: float | None = None  # 1.0 if the last update was clipped, else 0.0
+        #: test seam: called with (round, encoded vector) just before masking; the vector never leaves the client
+        self.on_encoded = None
 
     @property
     def round(self) -> int | None:
@@ -55,9 +58,13 @@ class SecAggClient:
             self._session = None
             return []
 
-    def provide_update(self, delta, num_samples: int) -> list[list]:
-        """Hand over this round's update (flat float vector); returns the masked input if it can go now."""
-        self._update = (np.asarray(delta, dtype=np.float64).ravel(), int(num_samples))
+    def provide_update(self, delta, num_samples: int, round: int | None = None) -> list[list]:
+        """Hand over the update for ``round`` (default: the current one) as a flat float vector; returns the masked
+        input if it can go now. An update for a later round than the current setup waits for that round's setup."""
+        if round is not None and self.round is not None and round < self.round:
+            log.warning("client %s: dropped an update for round %s, secagg is at round %s", self.id, round, self.round)
+            return []
+        self._update = (np.asarray(delta, dtype=np.float64).ravel(), int(num_samples), round)
         try:
             return self._maybe_mask()
         except SecAggError as e:
@@ -69,7 +76,8 @@ class SecAggClient:
         if isinstance(msg, codec.Setup):
             if self.id not in msg.config.participants:
                 raise SecAggError(f"setup for round {msg.round} does not list this client")
-            self._setup, self._delivery, self._update = msg, None, None
+            keep = self._update is not None and self._update[2] == msg.round
+            self._setup, self._delivery, self._update = msg, None, (self._update if keep else None)
             self._session = ClientSession(self.id, self._identity, self._pinned, msg.config)
             return [codec.pack(self._session.advertise())]
         if isinstance(msg, codec.Abort):
@@ -91,12 +99,16 @@ class SecAggClient:
     def _maybe_mask(self) -> list[list]:
         if self._session is None or self._delivery is None or self._update is None:
             return []
-        x, n = self._update
+        x, n, r = self._update
+        if r is not None and r != self.round:
+            return []  # an update for a round whose setup has not come yet
         quant = self._setup.quant
         if x.size + (1 if quant.weighted else 0) != self._setup.config.vector_length:
             raise SecAggError(f"update has {x.size} values; round {self.round} expects "
                               f"{self._setup.config.vector_length} words")
         enc = encode_update(x, quant, np.random.default_rng(), n if quant.weighted else None)
         self.clip_rate = float(enc.clipped)
+        if self.on_encoded is not None:
+            self.on_encoded(self.round, enc.vector)
         delivery, self._delivery, self._update = self._delivery, None, None
         return [codec.pack(self._session.masked_input(delivery, enc.vector, consume=True))]

@@ -4,6 +4,10 @@ Everything runs over the real bus: over ``tcp`` on 127.0.0.1 with CurveZMQ keys 
 directory, over ``ipc`` through a socket file in one. Client processes each get their own process group and are torn
 down when the run ends, fails or is interrupted (SIGTERM, then SIGKILL after a grace period), and they also exit on
 their own if this process disappears, so no stray process outlives the run.
+
+With ``--aggregator secagg`` every client needs a long-term identity key and every peer's pinned public identity
+(:mod:`fedopt.identity`): the run writes a fresh set into its temporary directory (beside the CurveZMQ keys over
+tcp, alone over ipc), which plays the part of the out-of-band enrolment of a real deployment.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 from fedopt import bus
 from fedopt.config import RunConfig
 from fedopt.errors import ConfigError
+from fedopt.identity import load_pinned, write_identities
 
 __all__ = ["simulate_processes", "free_port", "spawn_client", "stop_processes"]
 
@@ -85,10 +90,16 @@ def simulate_processes(cfg: RunConfig) -> int:
         else:
             url = f"ipc://{tmp}/coordinator.sock"
         security = bus.security_for(url, keys, False, "coordinator")
-        coordinator = Coordinator(cfg, url, security)
+        extra = ["--heartbeat", str(cfg.heartbeat), "--log-level", "WARNING", "--device", cfg.device]
+        pinned = None
+        if cfg.aggregator == "secagg":
+            ident = keys or str(write_identities(Path(tmp) / "identities", [str(i) for i in range(k)],
+                                                 [f"client-{i:03d}" for i in range(k)]))
+            pinned = load_pinned(ident)
+            extra += ["--identities", ident]
+        coordinator = Coordinator(cfg, url, security, identities=pinned)
         logs = Path(cfg.out) / "clients"
         logs.mkdir(parents=True, exist_ok=True)
-        extra = ["--heartbeat", str(cfg.heartbeat), "--log-level", "WARNING", "--device", cfg.device]
         procs = [spawn_client(url, i, cfg.clients, keys, extra, logs / f"client-{i:03d}.log") for i in range(k)]
         try:
             return coordinator.serve()

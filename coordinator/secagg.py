@@ -8,6 +8,9 @@ is two callables, so the ZeroMQ coordinator, a test's in-memory queues or anythi
     send(client_id, parts)            # parts = fedopt.secagg.codec.pack(message): [msgpack body, *raw frames]
     recv(timeout_s) -> (client_id, parts) | None   # the next secagg message from any client, or None on timeout
 
+``gone()`` (optional) returns the clients the transport knows to be dead (e.g. silent for 3 heartbeats): a stage
+stops waiting for them at once instead of at its deadline.
+
 ``client_id`` in ``recv`` is who the transport says sent it (the socket identity); a message whose ``sender``
 field differs is dropped. Malformed messages and messages the protocol refuses are logged and dropped; the round
 goes on. When the protocol cannot complete (fewer than t live neighbours for some client), every participant gets
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +49,8 @@ class SecAggOutcome:
     survivors: tuple[str, ...]  # U3: whose updates are in ``mean``
     dropped: tuple[str, ...]  # U2 minus U3: shared keys, never sent a masked input
     bytes_received: int  # every secagg message's size, as packed
+    total: np.ndarray | None = None  # the exact modular sum of the survivors' encoded vectors (uint32/uint64)
+    quant: QuantConfig | None = None  # the encoding that ``total`` is in
 
 
 def run_round(
@@ -57,6 +62,7 @@ def run_round(
     stage_timeout: float,
     identities: Mapping[str, bytes] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    gone: Callable[[], Collection[str]] | None = None,
 ) -> SecAggOutcome:
     """Run one round with the clients in ``config.participants``; raises SecAggError when it aborts."""
     server = ServerSession(config, identities)
@@ -68,8 +74,12 @@ def run_round(
 
     def gather(kind: type, expected: set[str], accept: Callable) -> None:
         deadline = clock() + stage_timeout
-        waiting = set(expected)
+        waiting, answered = set(expected), set()
         while waiting:
+            if gone is not None:
+                waiting -= set(gone())
+                if not waiting:
+                    break
             left = deadline - clock()
             if left <= 0:
                 break
@@ -91,9 +101,11 @@ def run_round(
                 log.warning("secagg round %s: dropped a message from %r: %s", config.round, client, e)
                 continue
             waiting.discard(client)
-        if waiting:
-            log.info("secagg round %s: %d client(s) dropped in %s: %s", config.round, len(waiting), kind.__name__,
-                     ", ".join(sorted(waiting)[:10]))
+            answered.add(client)
+        missing = set(expected) - answered
+        if missing:
+            log.info("secagg round %s: %d client(s) dropped in %s: %s", config.round, len(missing), kind.__name__,
+                     ", ".join(sorted(missing)[:10]))
 
     everyone = set(config.participants)
     try:
@@ -120,4 +132,4 @@ def run_round(
         mean, weight = mean / n, float(n)
     else:
         weight = float(total_w)
-    return SecAggOutcome(mean, weight, result.survivors, result.dropped, received[0])
+    return SecAggOutcome(mean, weight, result.survivors, result.dropped, received[0], result.total, quant)

@@ -11,6 +11,11 @@ silent clients, and advance the round. A round::
     eval   the global model on the task's test set; federated EVALUATE every --fed-eval-every rounds
     save   metrics.jsonl line, then the checkpoint (atomic), so --resume never repeats or loses a round
 
+With ``--aggregator secagg`` the train step is SecAgg+ over the bus instead of OFFER/PULL/UPDATE (see
+:mod:`coordinator.secure_bus`): clients send only masked vectors, and a round the protocol aborts is recorded with
+its reason while the run goes on. The coordinator pins the clients' identity keys from ``--identities`` (default:
+``--keys`` when it holds ``identities/``), so a forged key advertisement is refused on arrival.
+
 Anything a client sends that does not fit (malformed, wrong round, unexpected) is logged with its reason and dropped;
 the loop never dies on input. Because planning is RoundServer's seeded ``plan`` over the same client ids, a bus run
 selects the same clients with the same seeds as ``fedopt simulate`` in-process.
@@ -31,6 +36,7 @@ from fedopt.aggregators import Update, make_aggregator
 from fedopt.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedopt.config import RunConfig, build_config
 from fedopt.errors import ConfigError, RoundError
+from fedopt.identity import find_identity_dir, load_pinned
 from fedopt.liveness import Liveness, Ticker
 from fedopt.metrics import RunOutput
 from fedopt.optimizers import make_server_optimizer
@@ -52,11 +58,16 @@ class Coordinator:
     """A federated run over one ROUTER socket. ``serve()`` returns when every round is done."""
 
     def __init__(self, cfg: RunConfig, bind: str, security: bus.Security, resume: bool = False,
-                 ctx: zmq.Context | None = None, clock=time.monotonic) -> None:
+                 ctx: zmq.Context | None = None, clock=time.monotonic, identities: dict[str, bytes] | None = None,
+                 secagg_dump: str | None = None) -> None:
         if cfg.min_clients > cfg.per_round:
             raise ConfigError(f"min-clients ({cfg.min_clients}) exceeds the clients selected per round "
                               f"({cfg.per_round}): no round could ever close")
         self.cfg, self.clock = cfg, clock
+        self.pinned = identities  # client id -> pinned Ed25519 identity (secure aggregation), or None
+        self.secagg_dump = secagg_dump  # test seam: where secure rounds write the sum they learn
+        self.secure = None  # the secure-aggregation round in progress (coordinator.secure_bus.BusTransport)
+        self._round_info: dict = {}  # extra metrics fields of the round being closed
         from clients.runner import LocalTrainer, pick_device  # evaluation reuses the trainer's model object
 
         self.task = resolve_task(cfg.task, cfg.task_options)
@@ -93,7 +104,8 @@ class Coordinator:
         self.live: Liveness[bytes] = Liveness(cfg.heartbeat, clock=clock)
         self.ticker = Ticker(cfg.heartbeat, clock=clock)
         self.welcome = wire.Welcome(spec=self.spec.to_dict(),
-                                    config={k: getattr(cfg, k) for k in CLIENT_SETTINGS})
+                                    config={**{k: getattr(cfg, k) for k in CLIENT_SETTINGS},
+                                            "secagg": cfg.aggregator == "secagg"})
         self.tracker: RoundTracker | None = None
         self.evals: dict | None = None  # federated evaluation in progress: {"pending", "deadline", "results"}
         self._wait_since = clock()
@@ -188,6 +200,10 @@ class Coordinator:
             acc, loss = msg.metrics.get("accuracy"), msg.metrics.get("loss")
             if isinstance(acc, (int, float)) and isinstance(loss, (int, float)) and msg.num_samples > 0:
                 ev["results"].append((float(acc), float(loss), msg.num_samples))
+        elif isinstance(msg, wire.SecAgg):
+            reason = "SECAGG outside a secure round" if self.secure is None else self.secure.deliver(rec.client, msg)
+            if reason is not None:
+                self._drop(peer, reason)
         elif isinstance(msg, wire.Bye):
             log.info("client %s left: %s", rec.client, msg.reason[:200])
             self._forget(peer, "left")
@@ -220,6 +236,8 @@ class Coordinator:
             self.server.reject(client, reason)
             log.warning("round %d: client %s dropped (%s)", self.tracker.round, client, reason)
             self._grant()
+        if self.secure is not None:
+            self.secure.gone.add(client)
         if self.evals is not None:
             self.evals["pending"].discard(client)
 
@@ -259,6 +277,11 @@ class Coordinator:
         if self._attempt == 1:
             self._round_t0 = time.perf_counter()
             self._bytes0 = (self.ep.bytes_in, self.ep.bytes_out)
+        if self.cfg.aggregator == "secagg":
+            from .secure_bus import secure_round
+
+            self.outcome, self._round_info = secure_round(self, r, sizes)
+            return self._evaluate()
         self.jobs = self.server.plan(r, sizes)
         self.server.begin(r)
         self.tracker = RoundTracker(r, [j.client for j in self.jobs], self.clock() + self.cfg.deadline,
@@ -293,6 +316,10 @@ class Coordinator:
                                  f"{MAX_ATTEMPTS} attempts")
             return
         self.outcome = self.server.close()
+        self._evaluate()
+
+    def _evaluate(self) -> None:
+        """After the global step: federated evaluation when due, then _finish_round."""
         r = self.round
         self.evals = {"pending": set(), "deadline": self.clock() + self.cfg.deadline, "results": []}
         if self.cfg.fed_eval_every and r % self.cfg.fed_eval_every == 0:
@@ -314,7 +341,9 @@ class Coordinator:
             "rejected": len(outcome.rejected), "train_loss": outcome.train_loss,
             "seconds": time.perf_counter() - self._round_t0, "attempts": self._attempt,
             "bytes_up": self.ep.bytes_in - self._bytes0[0], "bytes_down": self.ep.bytes_out - self._bytes0[1],
+            **self._round_info,
         }
+        self._round_info = {}
         if ev["results"]:
             n = sum(k for _, _, k in ev["results"])
             record["fed_accuracy"] = sum(a * k for a, _, k in ev["results"]) / n
@@ -336,6 +365,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keys", default=None, help="CurveZMQ key directory made by `fedopt keys generate`")
     p.add_argument("--insecure", action="store_true", help="allow plain TCP without authentication (warns)")
     p.add_argument("--resume", action="store_true", help="continue after the last completed round in --out")
+    p.add_argument("--identities", default=None,
+                   help="secagg: folder with identities/*.pub, the clients' pinned identity keys (default: --keys)")
+    p.add_argument("--debug-secagg-dump", default=None, help=argparse.SUPPRESS)  # test seam: write each secure sum
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     add_round_options(p)
     add_bus_options(p)
@@ -347,5 +379,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     security = bus.security_for(args.bind, args.keys, args.insecure, "coordinator")
     cfg = build_config(args.config, round_overrides(args, skip=("config", "bind", "keys", "insecure", "resume",
-                                                                 "log_level")))
-    return Coordinator(cfg, args.bind, security, resume=args.resume).serve()
+                                                                 "log_level", "identities", "debug_secagg_dump")))
+    ident = find_identity_dir(args.identities, args.keys)
+    pinned = load_pinned(ident) if ident is not None and cfg.aggregator == "secagg" else None
+    if cfg.aggregator == "secagg" and pinned is None:
+        log.warning("secure aggregation without --identities: only the clients check key advertisements")
+    return Coordinator(cfg, args.bind, security, resume=args.resume, identities=pinned,
+                       secagg_dump=args.debug_secagg_dump).serve()

@@ -10,6 +10,9 @@ Security (CurveZMQ, RFC 26): ``fedopt keys generate DIR`` writes::
     DIR/coordinator.key, DIR/coordinator.key_secret    the coordinator's pair (give clients coordinator.key)
     DIR/allowed/client-NNN.key                         the client public keys the coordinator admits
     DIR/clients/client-NNN.key_secret                  each client's pair (give client NNN only its own)
+    DIR/identities/client-NNN.pub                      secure aggregation: every client's public identity (give
+                                                       the folder to every client: see fedopt.identity)
+    DIR/clients/client-NNN.identity_secret             client NNN's secret identity (give client NNN only its own)
 
 The coordinator (``--keys DIR``) runs a ZAP authenticator that admits exactly the public keys in ``DIR/allowed``;
 a client (``--keys DIR``) pins ``DIR/coordinator.key`` and uses its own secret. Plain TCP needs ``--insecure`` and
@@ -53,6 +56,9 @@ def generate_keys(directory: str | os.PathLike, clients: int) -> Path:
         Path(public).replace(d / "allowed" / Path(public).name)
         os.chmod(secret, 0o600)
     os.chmod(d / "coordinator.key_secret", 0o600)
+    from .identity import write_identities  # secure aggregation's Ed25519 identities, same naming
+
+    write_identities(d, [str(i) for i in range(clients)], [f"client-{i:03d}" for i in range(clients)])
     return d
 
 
@@ -262,7 +268,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote CurveZMQ keys to {d}:\n"
           f"  coordinator: {d / 'coordinator.key_secret'} (keep here), {d / 'coordinator.key'} (give to clients)\n"
           f"  allow-list:  {d / 'allowed'}/ ({args.clients} client public keys the coordinator admits)\n"
-          f"  clients:     {d / 'clients'}/client-NNN.key_secret (give each client only its own)")
+          f"  clients:     {d / 'clients'}/client-NNN.key_secret (give each client only its own)\n"
+          f"  secagg:      {d / 'identities'}/ (identity public keys: give to every client), "
+          f"{d / 'clients'}/client-NNN.identity_secret (give each client only its own)")
     return 0
 
 

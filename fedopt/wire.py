@@ -26,11 +26,19 @@ Message table (protocol version 1)::
     GOSSIP_PUSH  peer -> peer         round, xid, version, num_samples: int,   model (the initiator's vector before
                                      addr: str, peers: dict                   mixing; a D-PSGD round's model)
     GOSSIP_BUSY  peer -> peer         xid: int, addr: str                      -
+    SECAGG     both ways             round, parts: int                        the secure-aggregation message's
+                                                                             parts, opaque (see below)
 
 Gossip peers (:mod:`clients.gossip`) speak only the GOSSIP_* types. An exchange is FETCH(kind="exchange") -> REPLY
 (the replier reserves itself for this exchange) -> PUSH (both sides mix), or FETCH -> BUSY, so a refusal moves no
 model; FETCH(kind="fetch") is a newcomer pulling a model, which it adopts when newer. ``addr`` is the sender's own
 bind address, ``peers`` a map of live peer addresses it knows (membership rumours).
+
+SECAGG carries one message of the secure-aggregation protocol (:mod:`fedopt.secagg.codec`: a msgpack body plus, for
+a masked input, one raw uint32/uint64 vector) as opaque frames: this module checks only their number and sizes, and
+``codec.unpack`` validates their content (kinds, fields, key sizes, dtype, length) before anything is allocated.
+Its frames are not tensors: they are listed under ``parts`` (a count), not ``tensors``. A coordinator running
+``--aggregator secagg`` sends SECAGG after TRAIN, and its clients answer with SECAGG instead of OFFER/UPDATE.
 
 A client says HELLO, gets WELCOME (the ParamSpec and the run's data settings), loads its shard and says READY with its
 sample count; from then on it may be selected. Any message counts as a heartbeat (see :mod:`fedopt.liveness`).
@@ -65,7 +73,7 @@ from .errors import WireError
 
 __all__ = [
     "VERSION", "Limits", "Message", "Hello", "Welcome", "Ready", "Offer", "Pull", "Train", "UpdateMsg", "Evaluate", "Result",
-    "Heartbeat", "Bye", "GossipPush", "GossipReply", "GossipBusy", "GossipFetch", "MESSAGE_TYPES", "WIRE_DTYPES", "encode", "decode",
+    "Heartbeat", "Bye", "GossipPush", "GossipReply", "GossipBusy", "GossipFetch", "SecAgg", "MESSAGE_TYPES", "WIRE_DTYPES", "encode", "decode",
 ]
 
 VERSION = 1
@@ -204,9 +212,16 @@ class GossipFetch(Message):
     kind: str = "fetch"  # "fetch" (pull a model to adopt) or "exchange" (propose a push-pull exchange)
 
 
+@dataclass(frozen=True)
+class SecAgg(Message):
+    TYPE: ClassVar[str] = "SECAGG"
+    OPAQUE: ClassVar[str] = "parts"  # the field whose frames travel unparsed (validated by fedopt.secagg.codec)
+    parts: Any = ()  # codec.pack(message): [msgpack body, *raw vector frames] as buffers
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     c.TYPE: c for c in (Hello, Welcome, Ready, Offer, Pull, Train, UpdateMsg, Evaluate, Result, Heartbeat, Bye,
-                        GossipPush, GossipReply, GossipBusy, GossipFetch)
+                        GossipPush, GossipReply, GossipBusy, GossipFetch, SecAgg)
 }
 _SCALAR = (int, float, str, bool, type(None))
 
@@ -215,7 +230,7 @@ def _field_types(cls: type[Message]) -> dict[str, type]:
     """Python types of a message's non-tensor fields, read from the dataclass annotations."""
     out = {}
     for f in fields(cls):
-        if f.name in cls.TENSORS:
+        if f.name in cls.TENSORS or f.name == getattr(cls, "OPAQUE", None):
             continue
         out[f.name] = {"int": int, "str": str, "dict": dict}[f.type]
     return out
@@ -258,6 +273,14 @@ def encode(msg: Message, wire_dtype: str | None = None) -> list:
         else:
             header[f.name] = value
     header["tensors"] = specs
+    opaque = getattr(msg, "OPAQUE", None)
+    if opaque is not None:
+        parts = list(getattr(msg, opaque))
+        header[opaque] = len(parts)
+        try:
+            frames.extend(memoryview(b).cast("B") for b in parts)
+        except TypeError:
+            raise WireError(f"{msg.TYPE}: every part must be a buffer") from None
     try:
         head = msgpack.packb(header, use_bin_type=True)
     except (TypeError, ValueError) as e:
@@ -341,6 +364,9 @@ def decode(frames: Sequence[Any], limits: Limits = Limits()) -> Message:
         if typ is dict:
             _check_value(name, v)
         values[name] = v
+    opaque = getattr(cls, "OPAQUE", None)
+    if opaque is not None:
+        return _decode_opaque(cls, kind, header, frames, values, limits)
     declared = header.get("tensors", [])
     if not isinstance(declared, list) or len(declared) > limits.max_frames:
         raise WireError(f"{kind}: tensor declarations must be a list of at most {limits.max_frames}")
@@ -363,4 +389,21 @@ def decode(frames: Sequence[Any], limits: Limits = Limits()) -> Message:
         if dtype == "bfloat16":
             t = t.view(torch.bfloat16)
         values[name] = t.view(shape)
+    return cls(**values)
+
+
+def _decode_opaque(cls, kind: str, header: dict, frames: Sequence[Any], values: dict, limits: Limits) -> Message:
+    """A message whose frames travel unparsed: check their count and sizes, hand them over as views."""
+    count = header.get(cls.OPAQUE)
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= limits.max_frames:
+        raise WireError(f"{kind}: {cls.OPAQUE!r} must count 1..{limits.max_frames} frames, not {count!r}")
+    if header.get("tensors", []) != []:
+        raise WireError(f"{kind}: carries no tensors")
+    if len(frames) - 1 != count:
+        raise WireError(f"{kind}: header declares {count} part(s) and {len(frames) - 1} arrived")
+    parts = tuple(_buffer(f) for f in frames[1:])
+    total = sum(p.nbytes for p in parts)
+    if total > limits.max_message_bytes:
+        raise WireError(f"{kind}: {total} bytes, over the limit of {limits.max_message_bytes}")
+    values[cls.OPAQUE] = parts
     return cls(**values)

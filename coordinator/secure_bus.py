@@ -1,0 +1,150 @@
+"""Secure aggregation over the bus: one :func:`coordinator.secagg.run_round` carried by the coordinator's ROUTER.
+
+When the run's aggregator is ``secagg``, a round of :class:`~coordinator.server.Coordinator` goes::
+
+    plan (seeded selection, as for FedAvg) -> TRAIN to each selected client
+    SecAgg+ (Bonawitz et al., CCS 2017; Bell et al., CCS 2020) among the clients that got TRAIN, every message a
+    wire SECAGG: Setup -> AdvertiseKeys -> ShareKeys -> MaskedInput (sent when training is done) -> Unmask
+    global step with the decoded weighted mean of the survivors' updates
+
+The protocol driver blocks the coordinator's loop for the round, but its ``recv`` pumps the ROUTER: heartbeats go
+out, silent clients are declared dead (and the protocol stops waiting for them at once), and any other message is
+handled as usual. Each stage waits at most ``--deadline`` seconds. The protocol's own quorum is the threshold t:
+
+- enough survivors -> the global model takes the server optimizer's step with their weighted mean;
+- too few at any stage (SecAggError) -> every participant gets Abort, one error line is logged, the round is recorded
+  in metrics.jsonl with ``clients: 0`` and its ``aborted`` reason, the global model stays unchanged, and the run goes
+  on to the next round (a retry would meet the same dead clients; the next round selects among the live ones).
+
+The coordinator only ever holds masked vectors and the survivors' sum; clients' unmasked updates never reach it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from fedopt import wire
+from fedopt.aggregators.secure import round_parameters
+from fedopt.errors import SecAggError
+from fedopt.secagg import QuantConfig, RoundConfig, check_capacity
+
+from .rounds import RoundOutcome
+from .secagg import run_round
+
+if TYPE_CHECKING:
+    from .server import Coordinator
+
+__all__ = ["BusTransport", "secure_round"]
+
+log = logging.getLogger("fedopt.coordinator")
+_SLICE = 0.05  # seconds: how often recv comes back to let the protocol see clients that died
+
+
+class BusTransport:
+    """``send``/``recv`` of :func:`run_round` over a :class:`Coordinator`'s socket, for one round."""
+
+    def __init__(self, coord: Coordinator, round: int) -> None:
+        self.coord, self.round = coord, round
+        self.inbox: deque[tuple[str, tuple]] = deque()
+        self.gone: set[str] = set()  # participants known dead or unreachable
+
+    def send(self, client: str, parts: list) -> None:
+        peer = self.coord.registry.peer_of(client)
+        if peer is None or not self.coord.ep.send(wire.SecAgg(round=self.round, parts=parts), to=peer):
+            self.gone.add(client)
+
+    def deliver(self, client: str, msg: wire.SecAgg) -> str | None:
+        """Queue a SECAGG message from ``client``; the reason it was refused, or None."""
+        if msg.round != self.round:
+            return f"SECAGG for round {msg.round} during secure round {self.round}"
+        self.inbox.append((client, msg.parts))
+        return None
+
+    def recv(self, timeout: float):
+        end = self.coord.clock() + min(timeout, _SLICE * 4)
+        while not self.inbox:
+            left = end - self.coord.clock()
+            if left <= 0:
+                return None
+            self.coord._pump(min(left, _SLICE))
+            self.coord._keepalive()
+        return self.inbox.popleft()
+
+
+def _quant(agg, participants: dict[str, int]) -> QuantConfig:
+    """The round's encoding: 32-bit words when the sum of n updates cannot wrap them, else 64-bit."""
+    max_weight = max(1, max(participants.values())) if agg.weighting == "samples" else None
+    quant = QuantConfig(agg.clip, agg.bits, 32, max_weight)
+    try:
+        check_capacity(quant, len(participants))
+    except SecAggError:
+        quant = QuantConfig(agg.clip, agg.bits, 64, max_weight)
+        check_capacity(quant, len(participants))
+    return quant
+
+
+def secure_round(coord: Coordinator, r: int, sizes: dict[str, int]) -> tuple[RoundOutcome, dict]:
+    """Plan round ``r``, send TRAIN, run SecAgg+ over the bus and apply the result: ``(outcome, metrics fields)``.
+
+    Never raises for a protocol failure: an aborted round comes back with ``applied=False`` and ``aborted`` set.
+    """
+    server, cfg = coord.server, coord.cfg
+    coord.jobs = server.plan(r, sizes)
+    snapshot = server.global_vec.detach().to("cpu", copy=True)
+    rejected: dict[str, str] = {}
+    participants: dict[str, int] = {}
+    for job in coord.jobs:
+        if job.straggler and not server.keep_stragglers:
+            rejected[job.client] = "straggler dropped"
+            continue
+        config = {f.name: getattr(job.config, f.name) for f in dataclasses.fields(job.config) if f.name != "sampler"}
+        peer = coord.registry.peer_of(job.client)
+        if peer is None or not coord.ep.send(wire.Train(round=r, config=config, model=snapshot), to=peer):
+            rejected[job.client] = "unreachable"
+            continue
+        participants[job.client] = sizes[job.client]
+    log.info("round %d (attempt %d): %d clients selected of %d ready, secure aggregation among %d", r,
+             coord._attempt, len(coord.jobs), len(sizes), len(participants))
+    transport = BusTransport(coord, r)
+    coord.secure = transport
+    info: dict = {"aborted": None}
+    try:
+        agg = server.aggregator
+        k, t = round_parameters(len(participants), agg.neighbours, agg.threshold)
+        quant = _quant(agg, participants)
+        rcfg = RoundConfig.create(r, list(participants), quant.vector_length(coord.spec.size),
+                                  modulus_bits=quant.modulus_bits, k=k, t=t)
+        info.update(k=k, t=t, modulus_bits=quant.modulus_bits)
+        out = run_round(rcfg, quant, transport.send, transport.recv, stage_timeout=cfg.deadline,
+                        identities=coord.pinned, clock=coord.clock, gone=lambda: transport.gone)
+    except SecAggError as e:
+        # run_round has sent Abort and logged; a failure before it started (e.g. n < 2) is logged here
+        if "aborted" not in str(e):
+            log.error("secure aggregation round %d aborted, global model unchanged: %s", r, e)
+        info["aborted"] = str(e)
+        rejected.update({c: "secure aggregation aborted" for c in participants})
+        return RoundOutcome(r, False, 0, 0.0, rejected, None), info
+    finally:
+        coord.secure = None
+    for c in participants:
+        if c not in out.survivors:
+            rejected[c] = "dropped out of secure aggregation"
+    server.optimizer.step(server.global_vec, torch.from_numpy(out.mean).to(server.global_vec.device, server.global_vec.dtype))
+    info.update(survivors=len(out.survivors), secagg_dropped=len(out.dropped))
+    log.info("round %d: secure sum of %d survivors (%d dropped after sharing keys)", r, len(out.survivors),
+             len(out.dropped))
+    if coord.secagg_dump is not None:  # test seam: the sum the coordinator learns, to check it bit for bit
+        d = Path(coord.secagg_dump)
+        d.mkdir(parents=True, exist_ok=True)
+        np.save(d / f"sum-{r}.npy", out.total)
+        (d / f"sum-{r}.json").write_text(json.dumps({"survivors": list(out.survivors), "dropped": list(out.dropped),
+                                                     "modulus_bits": quant.modulus_bits}))
+    return RoundOutcome(r, True, len(out.survivors), out.weight, rejected, None), info
