@@ -34,7 +34,7 @@ import zmq
 from fedopt import bus
 from fedopt.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedopt.data import PartitionSpec
-from fedopt.errors import ConfigError
+from fedopt.errors import ConfigError, FedoptError
 from fedopt.metrics import RunOutput
 from fedopt.params import ParamSpec
 from fedopt.task import TrainConfig, resolve_task
@@ -90,6 +90,8 @@ class GossipPeer:
             linger=args.linger, members=members, topology=args.topology, beacon=beacon,
             exit_with_parent=os.getppid() if args.exit_with_parent else None)
         self.failure: BaseException | None = None
+        if args.exit_with_parent and os.getppid() == 1:
+            raise FedoptError("the process that started this peer has already exited")
 
     def serve(self) -> int:
         worker = threading.Thread(target=self._train_guarded, name="fedopt-gossip-trainer", daemon=True)

@@ -182,3 +182,30 @@ def test_cli_rejects_bad_gossip_options():
         args.interface = None
         with pytest.raises(ConfigError, match=msg):
             gossip._check(args)
+
+
+@pytest.mark.timeout(60)
+def test_dpsgd_round_mixes_with_metropolis_hastings_weights(tmp_path):
+    n = 4
+    ctx = zmq.Context()
+    urls = [f"ipc://{tmp_path}/d{i}.sock" for i in range(n)]
+    states = [ModelState(torch.full((3,), float(i * i)), 10) for i in range(n)]
+    peers = [PeerSockets(ctx, urls[i], urls[i], states[i], bus.Security(), bus.Security(), [], members=urls,
+                         topology="ring", linger=0.3) for i in range(n)]
+    threads = [threading.Thread(target=p.serve, daemon=True) for p in peers]
+    for t in threads:
+        t.start()
+    x = torch.stack([s.vec.clone() for s in states]).to(torch.float64)
+    try:
+        results = [None] * n
+        askers = [threading.Thread(target=lambda i=i: results.__setitem__(i, peers[i].submit(Request("sync", 1, 10))))
+                  for i in range(n)]
+        for t in askers:
+            t.start()
+        for t in askers:
+            t.join(timeout=30)
+        assert all(r["status"] == "ok" and r["received"] == 2 for r in results), results
+    finally:
+        _stop(ctx, peers, threads)
+    expected = topology.mixing_matrix(n, "ring") @ x
+    assert all(torch.allclose(states[i].vec.to(torch.float64), expected[i]) for i in range(n))
