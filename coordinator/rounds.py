@@ -13,6 +13,7 @@ way, which is what makes their results comparable seed for seed::
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -30,9 +31,11 @@ __all__ = ["Job", "RoundOutcome", "RoundServer", "client_seed"]
 
 
 def client_seed(seed: int, round: int, client: str) -> int:
-    """A per-(run, round, client) seed, independent of how clients are spread over processes."""
-    key = [seed & 0xFFFFFFFF, round, *client.encode()]
-    return int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0] >> 1)
+    """A per-(run, round, client) seed, independent of how clients are spread over processes.
+
+    BLAKE2b of the three, cut to 63 bits: about a microsecond, so planning 10,000 clients costs milliseconds."""
+    h = hashlib.blake2b(f"{seed}/{round}/{client}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
 
 
 @dataclass

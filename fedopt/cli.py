@@ -66,7 +66,7 @@ def add_round_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rounds", type=int, default=S, help="default 50")
     g.add_argument("--clients-per-round", type=int, default=S, help="default: all clients")
     g.add_argument("--fraction", type=float, default=S, help="clients per round as a fraction in (0, 1]")
-    g.add_argument("--local-epochs", type=int, default=S, help="default 3")
+    g.add_argument("--local-epochs", type=int, default=S, help="default 5")
     g.add_argument("--batch-size", type=int, default=S, help="default 16")
     g.add_argument("--lr", type=float, default=S, help="client learning rate (default 0.1)")
     g.add_argument("--momentum", type=float, default=S, help="client SGD momentum (default 0)")

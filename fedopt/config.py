@@ -44,7 +44,7 @@ class RunConfig:
     clients_per_round: int | None = None  # clients selected each round (default: all, or --fraction)
     fraction: float | None = None  # alternative to clients_per_round: a fraction in (0, 1]
     rounds: int = 50
-    local_epochs: int = 3
+    local_epochs: int = 5
     batch_size: int = 16
     lr: float = 0.1  # client learning rate (local SGD)
     momentum: float = 0.0  # client SGD momentum

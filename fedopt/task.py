@@ -44,6 +44,7 @@ __all__ = [
     "Task",
     "BaseTask",
     "sgd_loop",
+    "LocalSGD",
     "evaluate_classifier",
     "register_task",
     "builtin_tasks",
@@ -141,7 +142,8 @@ def sgd_loop(
     * Shuffles with a generator seeded by ``config.seed`` (or iterates ``config.sampler``), so a run is reproducible.
     * FedProx (Li et al., MLSys 2020): with ``config.mu > 0`` the loss gains ``mu/2 * ||w - w_global||^2``, where
       ``w_global`` is the model as it was when this call started (the global model the engine loaded).
-    * ``config.make_optimizer``, when given, supplies the optimizer (default: a fresh ``torch.optim.SGD`` per call).
+    * ``config.make_optimizer``, when given, supplies the optimizer (default: a fresh :class:`LocalSGD` per call, the
+      same update as ``torch.optim.SGD``).
     * ``config.max_steps`` cuts the work short (a straggler); ``partial`` reports whether it did.
     * The loss is accumulated on-device and read once at the end, so there is no host sync per step.
     """
@@ -150,7 +152,7 @@ def sgd_loop(
     if config.make_optimizer is not None:
         opt = config.make_optimizer(params, config)
     else:
-        opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        opt = LocalSGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     anchor = [p.detach().clone() for p in params] if config.mu > 0 else None
     n = int(train[0].shape[0])
     device = train[0].device
@@ -192,6 +194,42 @@ def sgd_loop(
         "samples": samples,
         "partial": steps < full,
     }
+
+
+class LocalSGD:
+    """Plain SGD with momentum and weight decay — the update of ``torch.optim.SGD`` (no dampening, no Nesterov) — as
+    a few foreach ops.
+
+    Why not ``torch.optim.SGD``: constructing any ``torch.optim`` optimizer imports ``torch._dynamo`` (over a second
+    of start-up on a small machine), and its ``step`` wrapper costs tens of microseconds, which matters when a virtual
+    client does a single step. Same arithmetic: ``d = g + wd * p``; ``b = d`` on the first step, else
+    ``b = momentum * b + d``; ``p -= lr * b``.
+    """
+
+    def __init__(self, params: list[torch.Tensor], lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+        self.params, self.lr, self.momentum, self.weight_decay = list(params), lr, momentum, weight_decay
+        self._bufs: list[torch.Tensor] | None = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        live = [p for p in self.params if p.grad is not None]
+        if not live:
+            return
+        grads = [p.grad for p in live]
+        if self.weight_decay:
+            grads = torch._foreach_add(grads, live, alpha=self.weight_decay)
+        if self.momentum:
+            if self._bufs is None:
+                self._bufs = [g.detach().clone() for g in grads]
+            else:
+                torch._foreach_mul_(self._bufs, self.momentum)
+                torch._foreach_add_(self._bufs, grads)
+            grads = self._bufs
+        torch._foreach_add_(live, grads, alpha=-self.lr)
 
 
 @torch.no_grad()

@@ -81,3 +81,22 @@ def test_same_seed_same_result():
         sgd_loop(t.loss, m, data.train, TrainConfig(epochs=1, batch_size=4, seed=5))
         outs.append(m.weight.detach().clone())
     assert torch.equal(*outs)
+
+
+@pytest.mark.parametrize("momentum, wd", [(0.0, 0.0), (0.9, 0.0), (0.9, 1e-3)])
+def test_local_sgd_matches_torch_optim_sgd(momentum, wd):
+    from fedopt.task import LocalSGD
+
+    t = Tiny()
+    data = t.load_data(0, 1, 0)
+    a, b = t.build_model(), t.build_model()
+    oa = LocalSGD(list(a.parameters()), lr=0.1, momentum=momentum, weight_decay=wd)
+    ob = torch.optim.SGD(b.parameters(), lr=0.1, momentum=momentum, weight_decay=wd)
+    for i in range(5):
+        batch = tuple(x[i * 8:(i + 1) * 8] for x in data.train)
+        for m, o in ((a, oa), (b, ob)):
+            o.zero_grad()
+            t.loss(m, batch).backward()
+            o.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-7, rtol=0)

@@ -7,9 +7,16 @@ about 0.97 test accuracy on this split.
 
 from __future__ import annotations
 
+import gzip
+import math
+import importlib.util
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import nn
 
+from ..errors import DataError
 from ..task import register_task
 from .array import ArrayTask
 
@@ -18,15 +25,42 @@ __all__ = ["DigitsTask", "digits_arrays"]
 SPLIT_SEED = 0  # the train/test split is part of the data set, not of the run
 
 
-def digits_arrays() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+def _digits_file() -> Path:
+    """scikit-learn's bundled copy of the UCI digits (1797 rows of 64 pixels + label), found without importing
+    scikit-learn: the import costs more than a second of start-up and nothing else of it is needed."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the digits task needs scikit-learn installed (it ships the data set)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+    if not path.exists():
+        raise DataError(f"scikit-learn's digits data file is missing: {path}")
+    return path
 
-    d = load_digits()
-    x = (d.data / 16.0).astype("float32")
-    xtr, xte, ytr, yte = train_test_split(x, d.target, test_size=0.2, stratify=d.target, random_state=SPLIT_SEED)
-    as_t = lambda a, dt: torch.as_tensor(a, dtype=dt).contiguous()  # noqa: E731
-    return as_t(xtr, torch.float32), as_t(ytr, torch.long), as_t(xte, torch.float32), as_t(yte, torch.long)
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train/test indices with every class split in the same proportion (largest-remainder rounding, so the test
+    set has exactly ceil(test_fraction * n) samples)."""
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    want = test_fraction * counts
+    take = np.floor(want).astype(int)
+    short = math.ceil(test_fraction * len(labels)) - int(take.sum())
+    take[np.argsort(-(want - take), kind="stable")[:short]] += 1
+    train, test = [], []
+    for c, k in zip(classes, take):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        test.append(idx[:k])
+        train.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def digits_arrays() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with gzip.open(_digits_file(), "rt") as f:
+        raw = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    x, y = raw[:, :-1] / 16.0, raw[:, -1].astype(np.int64)
+    tr, te = stratified_split(y, 0.2, SPLIT_SEED)
+    return (torch.from_numpy(np.ascontiguousarray(x[tr])), torch.from_numpy(y[tr]),
+            torch.from_numpy(np.ascontiguousarray(x[te])), torch.from_numpy(y[te]))
 
 
 class DigitsTask(ArrayTask):
