@@ -210,41 +210,63 @@ class VmapExecutor:
 
     def _finish(self, server, jobs, totals, sizes, params, g, loss_sum) -> None:
         B = len(jobs)
-        deltas = torch.cat([params[f"model.{n}"].reshape(B, -1) for n in self._names], dim=1).sub_(g)
-        steps = torch.tensor(totals, dtype=torch.float32, device=deltas.device)
+        rows = [params[f"model.{n}"].reshape(B, -1) for n in self._names]  # views: no copy of B models
+        steps = torch.tensor(totals, dtype=torch.float32, device=g.device)
         losses = (loss_sum / steps.clamp(min=1)).tolist()
         cfg = jobs[0].config
         full = [c.config.epochs * math.ceil(n / c.config.batch_size) for c, n in zip(jobs, sizes)]
-        updates = [Update(j.client, deltas[b], sizes[b], {"loss": losses[b], "steps": totals[b],
-                                                          "samples": sizes[b], "partial": totals[b] < full[b]},
-                          totals[b] < full[b]) for b, j in enumerate(jobs)]
-        finite = torch.isfinite(deltas.sum(dim=1)).tolist()  # NaN and Inf survive the sum: one pass
+        partial = [totals[b] < full[b] for b in range(B)]
+        metrics = [{"loss": losses[b], "steps": totals[b], "samples": sizes[b], "partial": partial[b]}
+                   for b in range(B)]
         agg = server.aggregator
+        linear = getattr(agg, "linear", False) and callable(getattr(agg, "weight", None)) \
+            and not getattr(agg, "needs_plaintext", False)
+        if not linear or self.clients is not None:
+            # every update on its own (secure/robust aggregators, SCAFFOLD's per-client state): one B x P matrix
+            deltas = torch.cat(rows, dim=1).sub_(g)
+            updates = [Update(j.client, deltas[b], sizes[b], metrics[b], partial[b]) for b, j in enumerate(jobs)]
+            if linear:
+                keep = self._merge_linear(server, agg, updates, deltas, losses, rows=None, g=g)
+            else:
+                keep = [b for b, u in enumerate(updates) if server.offer(u) is None]
+            if self.clients is not None:
+                c = self.control.control.to(deltas.device, torch.float32)
+                for b in keep:
+                    self.clients.commit(jobs[b].client, self.clients.control_delta(deltas[b], c, totals[b], cfg.lr))
+            return
+        # Linear aggregation straight from the stacked parameters: the weighted mean of (local - global) is the
+        # weighted mean of local minus global, so no B x P matrix of deltas is ever built.
+        updates = [Update(j.client, None, sizes[b], metrics[b], partial[b]) for b, j in enumerate(jobs)]
+        self._merge_linear(server, agg, updates, None, losses, rows=rows, g=g)
+
+    def _merge_linear(self, server, agg, updates, deltas, losses, *, rows, g) -> list[int]:
+        """Validate every update and merge the survivors' weighted mean into ``server``; returns the kept indices."""
+        B = len(updates)
+        sums = deltas.sum(dim=1) if deltas is not None else sum(r.sum(dim=1) for r in rows)
+        finite = torch.isfinite(sums).tolist()  # NaN and Inf survive the sum: one pass
         keep = []
-        if getattr(agg, "linear", False) and callable(getattr(agg, "weight", None)) \
-                and not getattr(agg, "needs_plaintext", False):
-            for b, u in enumerate(updates):
-                reason = None if finite[b] else "non-finite values (NaN or Inf) in the update"
-                reason = reason or (server.check(u) if u.partial else None)
-                if reason is None:
-                    keep.append(b)
-                else:
-                    server.reject(u.client, reason)
-            if keep:
-                w = torch.tensor([agg.weight(updates[b]) for b in keep], dtype=deltas.dtype, device=deltas.device)
-                total = float(w.sum())
-                if total > 0:
-                    mean = (w / total) @ deltas[keep]
-                    n = [updates[b].num_samples for b in keep]
-                    loss = sum(losses[b] * updates[b].num_samples for b in keep) / max(sum(n), 1)
-                    server.merge(mean, total, len(keep), loss, sum(n))
-        else:
-            keep = [b for b, u in enumerate(updates) if server.offer(u) is None]
-        if self.clients is not None:
-            c = self.control.control.to(deltas.device, torch.float32)
-            for b in keep:
-                steps_b = totals[b]
-                self.clients.commit(jobs[b].client, self.clients.control_delta(deltas[b], c, steps_b, cfg.lr))
+        for b, u in enumerate(updates):
+            reason = None if finite[b] else "non-finite values (NaN or Inf) in the update"
+            if reason is None and u.partial:
+                if u.delta is None:
+                    u.delta = torch.cat([r[b] for r in rows]).sub_(g)
+                reason = server.check(u)
+            if reason is None:
+                keep.append(b)
+            else:
+                server.reject(u.client, reason)
+        if not keep:
+            return keep
+        w = torch.zeros(B, dtype=g.dtype, device=g.device)
+        w[keep] = torch.tensor([agg.weight(updates[b]) for b in keep], dtype=g.dtype, device=g.device)
+        total = float(w.sum())
+        if total > 0:
+            w /= total
+            mean = (w @ deltas) if deltas is not None else torch.cat([w @ r for r in rows]).sub_(g)
+            n = [updates[b].num_samples for b in keep]
+            loss = sum(losses[b] * updates[b].num_samples for b in keep) / max(sum(n), 1)
+            server.merge(mean, total, len(keep), loss, sum(n))
+        return keep
 
     @property
     def trainer(self):
