@@ -255,7 +255,7 @@ def run_fedopt(n: int, rounds: int, backend: str, workers: int | None, timeout: 
     out = tempfile.mkdtemp(prefix="fedopt-bench-")
     argv = [sys.executable, "-m", "fedopt", "simulate", "--task", "digits", "--clients", str(n), "--rounds",
             str(rounds), "--local-epochs", "1", "--batch-size", str(BS), "--lr", str(LR), "--partition", "dirichlet",
-            "--alpha", str(ALPHA), "--seed", str(SEED), "--backend", backend, "--progress", "off", "--out", out,
+            "--alpha", str(ALPHA), "--seed", str(SEED), "--backend", backend, "--progress", "off", "--no-plot", "--out", out,
             "--device", "cpu"]
     if workers:
         argv += ["--workers", str(workers)]

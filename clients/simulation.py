@@ -206,7 +206,7 @@ class Simulation:
 def simulate(cfg: RunConfig) -> SimResult:
     """Run a simulation with outputs in ``cfg.out`` (metrics.jsonl, model.safetensors, accuracy.png, summary)."""
     sim = Simulation(cfg)
-    output = RunOutput(cfg.out, cfg.rounds, cfg.progress, title=f"fedopt simulate: {cfg.task}")
+    output = RunOutput(cfg.out, cfg.rounds, cfg.progress, title=f"fedopt simulate: {cfg.task}", plot=cfg.plot)
     try:
         result = sim.run(output)
         output.finish(sim.spec, sim.server.global_vec,

@@ -95,7 +95,7 @@ class Coordinator:
             self.round = ckpt.round + 1
             log.info("resuming after round %d from %s", ckpt.round, cfg.out)
         self.output = RunOutput(cfg.out, cfg.rounds, cfg.progress, title=f"fedopt coordinator: {cfg.task}",
-                                resume_after=ckpt.round if ckpt else None)
+                                resume_after=ckpt.round if ckpt else None, plot=cfg.plot)
         self.ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
         self.auth = bus.start_authenticator(self.ctx, security)

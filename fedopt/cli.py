@@ -96,6 +96,8 @@ def add_round_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=S, help="auto | cpu | cuda (auto = CUDA when present)")
     g.add_argument("--out", default=S, help="output directory (default runs/latest)")
     g.add_argument("--progress", choices=("auto", "bar", "lines", "off"), default=S)
+    g.add_argument("--no-plot", dest="plot", action="store_false", default=S,
+                   help="skip OUT/accuracy.png (saves about a second of matplotlib start-up)")
 
 
 def add_bus_options(p: argparse.ArgumentParser) -> None:

@@ -70,6 +70,7 @@ class RunConfig:
     workers: int | None = None  # simulation worker processes (default: cores)
     algorithm: str = "fedavg"  # fedavg (plain local SGD, FedProx with mu) | scaffold (control variates)
     state_budget_mb: float = 256.0  # per-client state (SCAFFOLD's c_i) held in memory; the rest spills to disk
+    plot: bool = True  # write OUT/accuracy.png (when matplotlib is installed)
     progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | off
     # secure aggregation (--aggregator secagg); folded into aggregator_options
     secagg_neighbours: int | None = None  # k: neighbours per client (default 2*ceil(log2 n); n-1 = plain SecAgg)

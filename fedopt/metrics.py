@@ -166,8 +166,9 @@ class RunOutput:
     ``model.safetensors``, ``accuracy.png`` (when matplotlib is installed) and the summary printed at the end."""
 
     def __init__(self, out_dir: str | os.PathLike, total_rounds: int, progress: str = "auto",
-                 title: str = "fedopt", resume_after: int | None = None) -> None:
+                 title: str = "fedopt", resume_after: int | None = None, plot: bool = True) -> None:
         self.dir = Path(out_dir)
+        self.plot = plot  # accuracy.png costs about a second of matplotlib import; --no-plot skips it
         self.dir.mkdir(parents=True, exist_ok=True)
         self.title = title
         self.writer = MetricsWriter(self.dir / "metrics.jsonl", resume_after)
@@ -185,7 +186,8 @@ class RunOutput:
         self.reporter.close()
         self.writer.close()
         save_model(self.dir / "model.safetensors", spec, vec, {"rounds": len(self.records)})
-        plot_accuracy(self.records, self.dir / "accuracy.png", self.title)
+        if self.plot:
+            plot_accuracy(self.records, self.dir / "accuracy.png", self.title)
         print(summary_table(self.records, self.title, extra), file=stream or sys.stdout, flush=True)
 
     def close(self) -> None:
