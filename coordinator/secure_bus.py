@@ -113,25 +113,30 @@ def secure_round(coord: Coordinator, r: int, sizes: dict[str, int]) -> tuple[Rou
         participants[job.client] = sizes[job.client]
     log.info("round %d (attempt %d): %d clients selected of %d ready, secure aggregation among %d", r,
              coord._attempt, len(coord.jobs), len(sizes), len(participants))
-    transport = BusTransport(coord, r)
-    coord.secure = transport
     info: dict = {"aborted": None}
+
+    def aborted(reason: str) -> tuple[RoundOutcome, dict]:
+        info["aborted"] = reason
+        rejected.update({c: "secure aggregation aborted" for c in participants})
+        return RoundOutcome(r, False, 0, 0.0, rejected, None), info
+
+    agg = server.aggregator
     try:
-        agg = server.aggregator
         k, t = round_parameters(len(participants), agg.neighbours, agg.threshold)
         quant = _quant(agg, participants)
         rcfg = RoundConfig.create(r, list(participants), quant.vector_length(coord.spec.size),
                                   modulus_bits=quant.modulus_bits, k=k, t=t)
-        info.update(k=k, t=t, modulus_bits=quant.modulus_bits)
+    except SecAggError as e:  # e.g. fewer than 2 clients: no protocol message went out
+        log.error("secure aggregation round %d aborted, global model unchanged: %s", r, e)
+        return aborted(str(e))
+    info.update(k=k, t=t, modulus_bits=quant.modulus_bits)
+    transport = BusTransport(coord, r)
+    coord.secure = transport
+    try:
         out = run_round(rcfg, quant, transport.send, transport.recv, stage_timeout=cfg.deadline,
                         identities=coord.pinned, clock=coord.clock, gone=lambda: transport.gone)
-    except SecAggError as e:
-        # run_round has sent Abort and logged; a failure before it started (e.g. n < 2) is logged here
-        if "aborted" not in str(e):
-            log.error("secure aggregation round %d aborted, global model unchanged: %s", r, e)
-        info["aborted"] = str(e)
-        rejected.update({c: "secure aggregation aborted" for c in participants})
-        return RoundOutcome(r, False, 0, 0.0, rejected, None), info
+    except SecAggError as e:  # run_round has sent Abort to every participant and logged one error line
+        return aborted(str(e))
     finally:
         coord.secure = None
     for c in participants:
