@@ -144,13 +144,14 @@ def test_digits_with_secagg_matches_plain_fedavg_within_half_a_point():
     """Same seed and settings, 16-bit quantisation: accuracy within 0.5 points at the same round count."""
     from clients.simulation import Simulation
 
-    base = dict(task="digits", clients=6, rounds=3, local_epochs=1, seed=0, progress="off", eval_every=1)
+    # trained far enough (10 rounds of 2 epochs) for the comparison to be about a converging model
+    base = dict(task="digits", clients=6, rounds=10, local_epochs=2, seed=0, progress="off", eval_every=1)
     plain = Simulation(RunConfig(**base))
     secure = Simulation(RunConfig(**base, aggregator="secagg", clip=10.0, bits=16))
     plain.run()
     secure.run()
     acc_plain, acc_secure = plain.evaluate()["accuracy"], secure.evaluate()["accuracy"]
-    assert acc_plain > 0.5
+    assert acc_plain > 0.85
     assert abs(acc_plain - acc_secure) <= 0.005, (acc_plain, acc_secure)
     diff = float((plain.server.global_vec - secure.server.global_vec).abs().max())
     assert 0 < diff < 1e-2  # quantised, so not identical, but close
