@@ -79,15 +79,21 @@ def train_worker(cfg: AllreduceConfig) -> dict:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     own_group = not dist.is_initialized()
+    store: dict = {}
     if own_group:
         timeout = datetime.timedelta(seconds=cfg.timeout)
-        dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None,
-                                **_attempt_store(rank, world, timeout))
+        store = _attempt_store(rank, world, timeout)
+        dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None, **store)
     try:
-        return AllreduceWorker(cfg, rank, world, device).run()
+        record = AllreduceWorker(cfg, rank, world, device).run()
+        # leave together: a rank tearing its gloo context down while rank 0 still writes the model and summary was
+        # seen to abort ("terminate called without an active exception") now and then
+        dist.barrier()
+        return record
     finally:
         if own_group:
             dist.destroy_process_group()
+            store.clear()  # drop our store client now, not during interpreter shutdown
 
 
 def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dict:
