@@ -3,7 +3,8 @@
 A peer binds one socket, finds others from ``--peers`` (a seed list) and/or ``--discover`` (keyed UDP beacons on
 ``--interface``), pulls a newer model from the swarm if there is one (a newcomer, or a peer restarted from an old
 checkpoint), then repeats for ``--rounds`` rounds: ``--local-epochs`` epochs of the task's training on its own shard,
-then one push-pull exchange with a random live neighbour, averaged by sample counts (:mod:`clients.gossip_state`).
+then ``--exchanges`` push-pull exchanges, each with a random live neighbour, averaged by sample counts
+(:mod:`clients.gossip_state`); the last round adds ``--final-mixes`` more.
 With ``--topology ring|exponential|complete`` it runs synchronous D-PSGD instead (``--peers`` then lists every member in
 rank order, this peer included). Nothing is central: any peer may leave, crash or join at any time.
 
@@ -127,6 +128,7 @@ class GossipPeer:
                 got = self.sockets.submit(Request("fetch", budget=a.join_wait))
                 if got.get("action") == "adopted":
                     log.info("joined: adopted version %d from %s", got["version"], got["peer"])
+            self._counters = self._open_round(self.start_round + 1)
             for r in range(self.start_round + 1, a.rounds + 1):
                 out.round_done(self._round(r))
                 save_checkpoint(a.out, Checkpoint(r, self.state.snapshot()[0].cpu(), {}, self.spec,
@@ -142,7 +144,6 @@ class GossipPeer:
     def _round(self, r: int) -> dict:
         a = self.args
         t0 = time.perf_counter()
-        b_in, b_out = self.sockets.bytes_in, self.sockets.bytes_out
         d0 = len(self.sockets.stats["distances"])
         if a.fault_slow:
             time.sleep(a.fault_slow)  # test seam: a peer whose training takes longer
@@ -151,17 +152,21 @@ class GossipPeer:
                           seed=a.seed * 100_003 + a.shard * 1009 + r)
         update = self.trainer.train(self.address, vec, self.data, cfg)
         self.state.add_progress(update.delta)
+        slots = self._slots(r)
         if a.topology:
             got = self.sockets.submit(Request("sync", r, budget=a.exchange_timeout))
         else:
-            got = self.sockets.submit(Request("push", r, budget=3 * a.exchange_timeout))
-            if r == a.rounds:  # the last round ends with extra exchanges that only shrink the disagreement
-                for _ in range(a.final_mixes):
-                    self.sockets.submit(Request("push", r, budget=3 * a.exchange_timeout))
+            # several pairwise mixes between local epochs (the last round adds --final-mixes): with one per round the
+            # peers' models drift apart on non-IID shards faster than one random pair can pull them together
+            kinds = ["push"] * a.exchanges + ["final"] * (slots - a.exchanges)
+            results = [self.sockets.submit(Request(k, r, budget=3 * a.exchange_timeout)) for k in kinds]
+            got = {"status": "ok" if any(x.get("status") == "ok" for x in results) else results[-1].get("status"),
+                   "done": sum(x.get("status") == "ok" for x in results)}
         vec, version = self.state.snapshot()
         shared = self.trainer.evaluate(vec, self.test) if self.test is not None else {}
         local = self.trainer.evaluate(vec, self.data.test) if self.data.test is not None else {}
         dists = self.sockets.stats["distances"][d0:]
+        (b_in, b_out, models), self._counters = self._counters, self._open_round(r + 1)
         return {
             "round": r,
             "accuracy": shared.get("accuracy", local.get("accuracy")),
@@ -170,13 +175,26 @@ class GossipPeer:
             "train_loss": update.metrics.get("loss"),
             "clients": len(self.sockets.live_peers()) + 1,
             "exchange": got.get("status"),
+            "exchanges_done": got.get("done", got.get("received")),
+            "slots": slots,  # exchange slots this round (bytes per slot <= 2 (1 + max_accept) models)
             "consensus": sum(dists) / len(dists) if dists else None,  # mean ||x_self - x_neighbour|| this round
             "version": version,
             "seconds": time.perf_counter() - t0,
             "time": time.time(),  # wall clock at the end of the round (time-to-target across processes)
-            "bytes_up": self.sockets.bytes_out - b_out,
-            "bytes_down": self.sockets.bytes_in - b_in,
+            "bytes_up": self._counters[1] - b_out,  # counted at the sockets, over this round's accept window
+            "bytes_down": self._counters[0] - b_in,
+            "models_moved": self._counters[2] - models,  # model messages sent + received in that window
         }
+
+    def _slots(self, r: int) -> int:
+        a = self.args
+        return 1 if a.topology else a.exchanges + (a.final_mixes if r == a.rounds else 0)
+
+    def _open_round(self, r: int) -> tuple[int, int]:
+        """Start round ``r``'s budget in the socket thread; returns its counters (bytes in, bytes out, models)."""
+        got = self.sockets.submit(Request("round", r, budget=1.0, slots=self._slots(r)))
+        return (got.get("bytes_in", self.sockets.bytes_in), got.get("bytes_out", self.sockets.bytes_out),
+                got.get("models", self.sockets.stats["models"]))
 
 
 def _swarm_secret(args: argparse.Namespace) -> bytes:
@@ -224,10 +242,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exchange-timeout", type=float, default=3.0,
                    help="seconds one neighbour has to answer (a round tries for up to 3x this)")
     g.add_argument("--peer-timeout", type=float, default=15.0, help="seconds of silence before a peer expires")
-    g.add_argument("--max-accept", type=int, default=1, help="pushes accepted per round (bounds a node's traffic)")
+    g.add_argument("--exchanges", type=int, default=3,
+                   help="pairwise exchanges (slots) after each round's local training (default 3)")
+    g.add_argument("--max-accept", type=int, default=1,
+                   help="exchanges accepted per slot (bounds a node's traffic to 2 (1 + this) models per slot)")
     g.add_argument("--join-wait", type=float, default=5.0, help="seconds a newcomer tries to fetch a model")
-    g.add_argument("--final-mixes", type=int, default=2,
-                   help="extra exchanges (no training) that end the last round (default 2)")
+    g.add_argument("--final-mixes", type=int, default=6,
+                   help="exchanges that end the last round, only among peers whose training is over (default 6)")
     g.add_argument("--linger", type=float, default=2.0, help="after training, serve until quiet this long")
     g.add_argument("--max-lag", type=int, default=20, help="versions behind at which a model counts as stale")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
@@ -241,7 +262,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 def _check(args: argparse.Namespace) -> None:
     if not 0 <= args.shard < args.num_shards:
         raise ConfigError(f"--shard {args.shard} is out of range for --num-shards {args.num_shards}")
-    for name in ("rounds", "local_epochs", "batch_size", "max_accept"):
+    for name in ("rounds", "local_epochs", "batch_size", "max_accept", "exchanges"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("lr", "exchange_timeout", "peer_timeout", "join_wait"):

@@ -1,33 +1,44 @@
-"""The gossip peer's socket side: one thread owns every socket; exchanges are atomic and never deadlock.
+"""The gossip peer's socket side: one thread owns every socket; exchanges never deadlock and never half-apply.
 
 Sockets, all owned by the thread that calls :meth:`PeerSockets.serve`: one ROUTER bound at the peer's address
-(incoming pushes and fetches, answered in place), one DEALER per neighbour it initiates exchanges with (replies come
-back there), an inproc PAIR pipe from the training thread, and the discovery beacon's UDP socket when ``--discover``.
+(incoming proposals, pushes and fetches, answered in place), one DEALER per neighbour it initiates exchanges with
+(replies come back there), an inproc PAIR pipe from the training thread, and the discovery beacon's UDP socket.
 
-Random pairwise gossip (the default), in three messages. When the training thread asks for an exchange, this
-thread picks a random live neighbour ``b`` and proposes (GOSSIP_FETCH kind="exchange"). ``b`` answers GOSSIP_BUSY, or
-reserves itself for this exchange and answers GOSSIP_REPLY with its model ``x_b``. ``a`` mixes ``x_b`` in under its
-model lock and sends GOSSIP_PUSH with its own model as it was before mixing; ``b`` mixes that in and is free again
-(:class:`~clients.gossip_state.ModelState`). A refusal therefore moves no model. A peer answers BUSY while its own
-proposal is in flight, while it is reserved, and after it has accepted ``max_accept`` exchanges in its current round;
-two peers that pick each other at once both refuse, back off a random 20-150 ms (during which they accept others)
-and pick again, so nothing waits on a peer that is itself waiting, and every wait has a deadline (a reservation whose
-PUSH never comes is released without mixing). The cap bounds the busiest node's traffic: per round it sends and
-receives at most ``2 (1 + max_accept)`` models, whatever the swarm's size.
+Random pairwise gossip (Boyd et al. 2006), in three messages. For one *exchange slot* the training thread asks for an
+exchange; this thread picks a random live neighbour ``b`` and proposes (GOSSIP_FETCH kind="exchange"). ``b`` answers
+GOSSIP_BUSY, or reserves itself and answers GOSSIP_REPLY with its model ``x_b``. ``a`` mixes ``x_b`` in and sends
+GOSSIP_PUSH with its model as it was just before mixing; ``b`` mixes that in and is free again. Two peers that pick each
+other at once both refuse, back off 20-150 ms (accepting others meanwhile) and pick again; a slot gives up after
+``max_tries`` refusals, and every wait has a deadline. *Final* slots (kind="final", after the last round's training)
+pair only peers whose training is over (a training peer refuses them), so the consensus they reach is what each peer
+records, instead of being undone by a partner's last local epoch; they retry until their deadline.
 
-Synchronous D-PSGD (``--topology``): in round ``t`` each peer sends its model to its graph neighbours, waits for
-theirs (or the deadline: a missing neighbour's weight goes to itself and it is not waited for again until it is heard
-from), and mixes with Metropolis-Hastings weights (:mod:`clients.topology`).
+Atomicity. Each side mixes exactly once, under its model lock, and only on receipt of the other side's whole model
+(:class:`~clients.gossip_state.ModelState`), so no peer is ever in a half-applied state. The two sides' updates are
+``+w_b (x_b - x_a)`` and ``+w_a (x_a - x_b)`` with ``n_a w_b = n_b w_a``: together they keep ``sum_i n_i x_i``; each alone
+is a convex step towards a neighbour's model. No finite protocol makes two peers agree on a lossy link (the two
+generals), so we choose the rule whose one-sided completion is still valid: if ``b`` never receives the PUSH (``a``
+crashed after mixing), ``a`` has taken a convex step, every model stays in the convex hull of the swarm's models and
+consensus is unaffected; only the weighted mean moves, by at most ``w_b ||x_a - x_b||`` once. A PUSH that arrives after
+``b`` released its reservation (a slow ``a``) is still mixed against the snapshot ``b`` sent, which restores the sum
+exactly; likewise a REPLY that arrives after ``a`` gave up is completed when ``a`` is idle. A commit message would
+only move the same window to the other side.
 
-Membership: peers come from the seed list, discovery beacons and rumours (each push/reply carries the sender's live
-peers). Liveness (:class:`fedopt.liveness.Liveness`) expires a peer not heard from for ``peer_timeout``; a peer whose
-exchange times out is dropped at once and ignored in rumours for ``peer_timeout`` (direct contact brings it back).
+Traffic bound (no hotspot): a training round has ``slots`` exchange slots, opened by a ``round`` request that also
+reads the counters, so the budget's window and the window the metrics report coincide. The budget is
+``2 (1 + max_accept)`` model messages per slot (4 with the default ``max_accept`` = 1), counted at the sockets: every
+model sent or received, wanted or not (a late reply, a stray push). In a slot a peer initiates at most one exchange
+(two messages; after a timeout the slot ends), and it accepts a proposal (two messages), a fetch (one) or completes a
+late reply (one more) only while the messages moved so far plus those, plus two for each of its own slots still to
+come, fit the budget; so the busiest node moves at most 4 models per slot whatever the swarm's size (plus headers,
+about 3% of a 19 KB model). After training a lingering peer accepts freely. D-PSGD is not budgeted (degree-bound).
+
+Synchronous D-PSGD (``--topology``) lives in :mod:`clients.gossip_dpsgd`; membership in :mod:`clients.gossip_members`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import queue
 import random
@@ -35,15 +46,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import torch
 import zmq
 
 from fedopt import bus, wire
 from fedopt.errors import WireError
-from fedopt.liveness import Liveness
 
+from .gossip_dpsgd import SyncRounds
+from .gossip_members import Membership
 from .gossip_state import ModelState
-from .topology import mh_weights, mix_row, neighbours
 
 __all__ = ["Request", "PeerSockets"]
 
@@ -52,12 +62,14 @@ log = logging.getLogger("fedopt.gossip")
 
 @dataclass
 class Request:
-    """A job from the training thread: ``push`` (one exchange), ``fetch`` (pull a newer model), ``sync`` (a D-PSGD
-    round), ``done`` (training finished: linger, then stop). ``result`` is filled before ``event`` is set."""
+    """A job from the training thread: ``round`` (open a training round of ``slots`` exchange slots; returns the byte
+    counters), ``push`` (one exchange slot), ``final`` (a final-mix slot: only with peers whose training is over), ``fetch`` (pull a newer model), ``sync`` (a D-PSGD round), ``done``
+    (training finished: linger, then stop). ``result`` is filled before ``event`` is set."""
 
     kind: str
     round: int = 0
     budget: float = 10.0  # seconds this request may take in all
+    slots: int = 1
     event: threading.Event = field(default_factory=threading.Event)
     result: dict = field(default_factory=dict)
 
@@ -70,19 +82,21 @@ class _Pending:
     peer: str = ""
     deadline: float = 0.0  # this attempt's deadline
     retry_at: float | None = None  # when to pick again after BUSY / nobody to ask
+    busy: int = 0  # BUSY answers so far
 
 
-class PeerSockets:
+class PeerSockets(SyncRounds):
     def __init__(self, ctx: zmq.Context, address: str, bind: str, state: ModelState, server: bus.Security,
                  client: bus.Security, seeds: list[str], *, exchange_timeout: float = 3.0, peer_timeout: float = 15.0,
                  max_accept: int = 1, linger: float = 2.0, members: list[str] | None = None,
-                 topology: str | None = None, beacon=None, exit_with_parent: int | None = None) -> None:
+                 topology: str | None = None, beacon=None, exit_with_parent: int | None = None,
+                 max_tries: int = 6) -> None:
         self.ctx, self.address, self.state = ctx, address, state
         self.client_sec = client
-        self.seeds = [s for s in seeds if s != address]
         self.exchange_timeout, self.peer_timeout = exchange_timeout, peer_timeout
         self.max_accept, self.linger, self.beacon = max_accept, linger, beacon
         self.exit_with_parent = exit_with_parent
+        self.max_tries = max_tries  # BUSY answers after which an exchange slot gives up (refusals cost bytes too)
         self.requests: queue.Queue[Request] = queue.Queue()
         self.router = bus.Endpoint(bus.router(ctx, bind, server))
         self.pipe = ctx.socket(zmq.PAIR)
@@ -95,28 +109,23 @@ class PeerSockets:
         if beacon is not None:
             self.poller.register(beacon.fileno(), zmq.POLLIN)
         self.dealers: dict[str, bus.Endpoint] = {}
-        self.live: Liveness[str] = Liveness(peer_timeout, 1)
-        self.tombstones: dict[str, float] = {}
-        self.direct: dict[str, float] = {}  # when each peer was last heard from directly (not by rumour)
-        for s in self.seeds:
-            self.live.heard(s)
-        # D-PSGD: fixed members ordered by rank
+        self.members_view = Membership(address, seeds, peer_timeout)
         self.topology, self.members = topology, list(members or [])
         if topology:
-            self.rank = self.members.index(address)
-            n = len(self.members)
-            self.row = mh_weights(self.rank, n, topology)
-            self.graph = [self.members[j] for j in neighbours(self.rank, n, topology)]
-            self.missing: set[str] = set()
-            self.inbox: dict[int, dict[int, torch.Tensor]] = {}
+            self._init_sync(self.members, topology)
         self.pending: _Pending | None = None
+        self.abandoned: tuple[str, int] | None = None  # (peer, xid) of the last exchange this peer gave up on
         self.reserved: dict | None = None  # the exchange this peer agreed to and awaits the PUSH of
+        self.released: dict[tuple[str, int], dict] = {}  # reservations that expired: a late PUSH still completes
         self.sync: dict | None = None
+        # the current training round's budget of model messages (None before the first round: then one accept)
+        self.window: dict | None = None
         self.accepted = 0
         self.training = True
+        self.finishing = False  # in the final mixes: training is over, the model is not recorded yet
         self.last_inbound = time.monotonic()
         self.stats = {"exchanges": 0, "accepted": 0, "busy_sent": 0, "busy_got": 0, "timeouts": 0, "refused": 0,
-                      "distances": []}
+                      "late": 0, "models": 0, "distances": []}  # models: model messages sent + received
         self._retired_in = self._retired_out = 0
         self._xid = random.getrandbits(31)
         self._poke: zmq.Socket | None = None
@@ -132,9 +141,7 @@ class PeerSockets:
         return self._retired_out + self.router.bytes_out + sum(d.bytes_out for d in list(self.dealers.values()))
 
     def live_peers(self) -> list[str]:
-        now = time.monotonic()
-        return [p for p in list(self.live._last) if self.live.alive(p) and p != self.address
-                and self.tombstones.get(p, 0) < now]
+        return self.members_view.live_peers()
 
     def submit(self, req: Request) -> dict:
         """Called from the training thread: hand ``req`` to the socket thread and wait for its result."""
@@ -183,7 +190,7 @@ class PeerSockets:
                 if self.beacon is not None:
                     if self.beacon.fileno() in events:
                         for addr in self.beacon.receive():
-                            self._heard(addr)
+                            self.members_view.heard(addr)
                     self.beacon.tick()
                 self._timers()
                 if not self.training and self.pending is None and self.reserved is None \
@@ -220,34 +227,13 @@ class PeerSockets:
                 log.warning("refused a model: %s", e)
                 self.stats["refused"] += 1
 
-    # ---- membership -------------------------------------------------------------------------------------------------
-    def _heard(self, addr: str, direct: bool = True) -> None:
-        if not addr or addr == self.address or len(addr) > 512:
-            return
-        if direct:
-            self.tombstones.pop(addr, None)
-            self.live.heard(addr)
-            self.direct[addr] = time.monotonic()
-        elif addr not in self.live and self.tombstones.get(addr, 0) < time.monotonic():
-            self.live.heard(addr)  # a rumour adds a peer we do not know; it never refreshes one we do
-
-    def _drop(self, addr: str) -> None:
-        self.live.forget(addr)
-        self.direct.pop(addr, None)
-        self.tombstones[addr] = time.monotonic() + self.peer_timeout
+    def _close_dealer(self, addr: str) -> None:
         ep = self.dealers.pop(addr, None)
         if ep is not None:
             self.poller.unregister(ep.sock)
             self._retired_in += ep.bytes_in
             self._retired_out += ep.bytes_out
             ep.close()
-
-    def _rumour(self) -> dict:
-        """Peers heard from directly within ``peer_timeout`` (hearsay is not passed on, so a dead peer's name
-        stops spreading once nobody has talked to it for that long)."""
-        now = time.monotonic()
-        fresh = [p for p in self.live_peers() if now - self.direct.get(p, -math.inf) < self.peer_timeout]
-        return {p: 1 for p in fresh[:16]}
 
     def _dealer(self, addr: str) -> bus.Endpoint:
         ep = self.dealers.get(addr)
@@ -268,10 +254,18 @@ class PeerSockets:
                 self.training = False
                 self.last_inbound = time.monotonic()
                 self._finish(req, status="ok")
+            elif req.kind == "round":  # a new training round: a fresh budget, and the counters it starts at
+                b_in, b_out, m = self.bytes_in, self.bytes_out, self.stats["models"]
+                self.window = {"start": m, "slots_left": max(1, req.slots),
+                               "budget": 2 * (1 + self.max_accept) * max(1, req.slots)}
+                self._finish(req, status="ok", bytes_in=b_in, bytes_out=b_out, models=m)
             elif req.kind == "sync":
                 self._start_sync(req)
             else:
-                self.accepted = 0  # a new round: this peer may accept pushes again
+                self.finishing = self.finishing or req.kind == "final"
+                if req.kind in ("push", "final") and self.window is not None:
+                    self.window["slots_left"] = max(0, self.window["slots_left"] - 1)
+                self.abandoned = None
                 self.pending = _Pending(req, time.monotonic() + req.budget)
                 self._attempt()
 
@@ -282,14 +276,9 @@ class PeerSockets:
     def _attempt(self) -> None:
         p = self.pending
         now = time.monotonic()
-        candidates = self.live_peers()
-        if not candidates and self.seeds:
-            for s in self.seeds:  # nobody known: try the seeds again
-                if self.tombstones.get(s, 0) < now:
-                    self.live.heard(s)
-            candidates = self.live_peers()
+        candidates = self.members_view.candidates()
         if not candidates:
-            if now >= p.give_up or p.req.kind == "push":  # nobody to mix with: this round trains alone
+            if now >= p.give_up or p.req.kind in ("push", "final"):  # nobody to mix with: this slot trains alone
                 self.pending = None
                 self._finish(p.req, status="alone")
             else:
@@ -298,7 +287,7 @@ class PeerSockets:
         self._xid = (self._xid + 1) & 0x7FFF_FFFF
         p.xid, p.peer, p.retry_at = self._xid, random.choice(candidates), None
         p.deadline = min(p.give_up, now + self.exchange_timeout)
-        kind = "fetch" if p.req.kind == "fetch" else "exchange"
+        kind = {"fetch": "fetch", "final": "final"}.get(p.req.kind, "exchange")
         if not self._dealer(p.peer).send(wire.GossipFetch(xid=p.xid, addr=self.address, kind=kind,
                                                           sender=self.address)):
             p.deadline = now  # queue full: the peer is gone; the timer drops it
@@ -308,63 +297,99 @@ class PeerSockets:
         p = self.pending
         if p is not None:
             if p.retry_at is not None and now >= p.retry_at:
-                self._attempt()
+                if now >= p.give_up:  # only BUSY answers until the end: this slot trains alone
+                    self.pending = None
+                    self._finish(p.req, status="busy")
+                else:
+                    self._attempt()
             elif p.retry_at is None and now >= p.deadline:
                 log.warning("exchange with %s timed out: dropping it", p.peer)
                 self.stats["timeouts"] += 1
-                self._drop(p.peer)
-                if now >= p.give_up:
+                self.members_view.drop(p.peer)  # its DEALER stays open: a late reply can still complete the exchange
+                # a push slot ends here (at most one late reply may still arrive); a fetch tries someone else
+                if now >= p.give_up or p.req.kind in ("push", "final"):
                     self.pending = None
+                    self.abandoned = (p.peer, p.xid) if p.req.kind != "fetch" else None
                     self._finish(p.req, status="timeout")
                 else:
                     self._attempt()
         r = self.reserved
         if r is not None and now >= r["deadline"]:
-            log.warning("%s reserved an exchange but never pushed: released without mixing", r["addr"])
+            log.warning("%s reserved an exchange but has not pushed yet: released (a late push still completes it)",
+                        r["addr"])
             self.reserved = None
+            self.released[(r["addr"], r["xid"])] = {**r, "deadline": now + self.peer_timeout}
+        for key in [k for k, v in self.released.items() if v["deadline"] < now]:
+            del self.released[key]
         if self.sync is not None:
             self._check_sync()
-        for addr in self.live.expire():
+        for addr in self.members_view.expire():
             log.info("peer %s silent for %.0fs: expired", addr, self.peer_timeout)
-            self._drop(addr)
-        for addr in [a for a, t in self.tombstones.items() if t < now]:
-            del self.tombstones[addr]
+            self._close_dealer(addr)
 
-    # ---- inbound: pushes and fetches on the ROUTER -----------------------------------------------------------------
-    def _busy(self) -> bool:
+    # ---- inbound: proposals, pushes and fetches on the ROUTER ------------------------------------------------------
+    def _over_budget(self, models: int) -> bool:
+        """Would a request that moves ``models`` more model messages break this round's budget, keeping room for
+        this peer's own slots still to come (two each)? Every model message sent or received counts, wanted or not."""
+        if not self.training:
+            return False  # training is over: a lingering peer helps whoever still mixes
+        w = self.window
+        if w is None:
+            return self.accepted >= self.max_accept
+        own = w["slots_left"] + (self.pending is not None and self.pending.req.kind in ("push", "final"))
+        return self.stats["models"] - w["start"] + models + 2 * own > w["budget"]
+
+    def _busy(self, kind: str) -> bool:
+        over = self._over_budget(1 if kind == "fetch" else 2)
+        if kind == "fetch":
+            return over
+        if kind == "final" and self.training and not self.finishing:
+            return True  # final mixes pair only peers whose training is over, so the consensus they reach lasts
         in_flight = self.pending is not None and self.pending.retry_at is None
-        return in_flight or self.reserved is not None or (self.training and self.accepted >= self.max_accept)
+        return in_flight or self.reserved is not None or over
 
     def _on_inbound(self, ep: bus.Endpoint, peer: bytes, msg: wire.Message) -> None:
         self.last_inbound = time.monotonic()
+        if isinstance(msg, wire.GossipPush):
+            self.stats["models"] += 1
         addr = getattr(msg, "addr", "")
         if isinstance(msg, wire.GossipFetch):
-            self._heard(addr)
-            if msg.kind == "exchange" and self._busy():
+            self.members_view.heard(addr)
+            if self._busy(msg.kind):
                 self.stats["busy_sent"] += 1
                 ep.send(wire.GossipBusy(xid=msg.xid, addr=self.address, sender=self.address), to=peer)
                 return
             vec, version = self.state.snapshot()
-            if msg.kind == "exchange":
+            self.accepted += 1  # counts only before the first round opens a byte budget
+            if msg.kind in ("exchange", "final"):
                 self.reserved = {"xid": msg.xid, "addr": addr, "before": vec, "version": version,
                                  "deadline": time.monotonic() + self.exchange_timeout}
-                self.accepted += 1
             ep.send(wire.GossipReply(xid=msg.xid, version=version, num_samples=self.state.num_samples,
-                                     addr=self.address, peers=self._rumour(), model=vec, sender=self.address), to=peer)
+                                     addr=self.address, peers=self.members_view.rumour(), model=vec,
+                                     sender=self.address), to=peer)
+            self.stats["models"] += 1
         elif isinstance(msg, wire.GossipPush) and not isinstance(msg, wire.GossipReply):
-            self._heard(addr)
+            self.members_view.heard(addr)
             for a in msg.peers:
-                self._heard(a, direct=False)
+                self.members_view.heard(a, direct=False)
             r = self.reserved
+            late = None
             if not self.topology and (r is None or r["xid"] != msg.xid or r["addr"] != addr):
-                raise WireError(f"push from {addr!r} matches no exchange this peer agreed to")
+                late = self.released.get((addr, msg.xid))
+                if late is None:
+                    raise WireError(f"push from {addr!r} matches no exchange this peer agreed to")
             model = self.state.check(msg.model)  # raises WireError: wrong shape, NaN/Inf
             if msg.num_samples < 0:
                 raise WireError(f"push from {addr} declares {msg.num_samples} samples")
             if self.topology:
                 self._on_sync_push(addr, msg.round, model)
                 return
-            self.reserved = None
+            if late is not None:
+                del self.released[(addr, msg.xid)]
+                r = late
+                self.stats["late"] += 1
+            else:
+                self.reserved = None
             outcome = self.state.complete_push(r["before"], r["version"], model.clone(), msg.num_samples,
                                                msg.version)
             self.stats["accepted"] += 1
@@ -377,74 +402,54 @@ class PeerSockets:
     def _on_reply(self, ep: bus.Endpoint, _peer, msg: wire.Message) -> None:
         p = self.pending
         if isinstance(msg, (wire.GossipReply, wire.GossipBusy)):
-            self._heard(msg.addr)
+            self.members_view.heard(msg.addr)
+        if isinstance(msg, wire.GossipPush):
+            self.stats["models"] += 1
+        if p is None and isinstance(msg, wire.GossipReply) and self.abandoned == (msg.addr, msg.xid) \
+                and not self._over_budget(1):
+            self.abandoned = None  # the reply to the exchange this peer gave up on, and nothing else in flight
+            self.stats["late"] += 1
+            self._mix_reply(ep, msg, msg.xid, 0)
+            return
         if p is None or getattr(msg, "xid", None) != p.xid or p.retry_at is not None:
             if isinstance(msg, wire.GossipReply):
                 log.info("late reply from %s dropped (exchange already closed)", msg.addr)
             return
         if isinstance(msg, wire.GossipBusy):
             self.stats["busy_got"] += 1
+            p.busy += 1
+            if p.req.kind == "push" and p.busy >= self.max_tries:  # everyone asked is full: this slot trains alone
+                self.pending = None
+                self._finish(p.req, status="busy")
+                return
             p.retry_at = time.monotonic() + random.uniform(0.02, 0.15)
             return
         if not isinstance(msg, wire.GossipReply):
             log.warning("refused a %s message from neighbour %s", msg.TYPE, p.peer)
             return
-        for a in msg.peers:
-            self._heard(a, direct=False)
         try:
-            model = self.state.check(msg.model)
+            self.state.check(msg.model)
         except WireError:
             p.retry_at = time.monotonic()  # ask someone else
             raise
         self.pending = None
         if p.req.kind == "fetch":
-            outcome = self.state.adopt(model.clone(), msg.version)
+            outcome = self.state.adopt(self.state.check(msg.model).clone(), msg.version)
         else:
-            before, v_before, outcome = self.state.accept_push(model.clone(), msg.num_samples, msg.version)
-            ep.send(wire.GossipPush(round=p.req.round, xid=p.xid, version=v_before,
-                                    num_samples=self.state.num_samples, addr=self.address, peers=self._rumour(),
-                                    model=before, sender=self.address))
-            self.stats["exchanges"] += 1
-            self.stats["distances"].append(outcome.distance)
+            outcome = self._mix_reply(ep, msg, p.xid, p.req.round)
         self._finish(p.req, status="ok", peer=p.peer, action=outcome.action, distance=outcome.distance,
                      version=outcome.version)
 
-    # ---- D-PSGD rounds ---------------------------------------------------------------------------------------------
-    def _start_sync(self, req: Request) -> None:
-        vec, version = self.state.snapshot()
-        for addr in self.graph:
-            self._dealer(addr).send(wire.GossipPush(round=req.round, version=version,
-                                                    num_samples=self.state.num_samples, addr=self.address,
-                                                    model=vec, sender=self.address))
-        self.sync = {"req": req, "vec": vec, "deadline": time.monotonic() + req.budget}
-        self._check_sync()
-
-    def _on_sync_push(self, addr: str, rnd: int, model: torch.Tensor) -> None:
-        if addr not in self.members or addr == self.address:
-            raise WireError(f"D-PSGD push from {addr!r}, which is not a member of this topology")
-        self.missing.discard(addr)
-        if rnd > self.sync_done:
-            self.inbox.setdefault(rnd, {})[self.members.index(addr)] = model.clone()
-        if self.sync is not None:
-            self._check_sync()
-
-    def _check_sync(self) -> None:
-        s = self.sync
-        rnd = s["req"].round
-        got = self.inbox.get(rnd, {})
-        waiting = [a for a in self.graph if a not in self.missing and self.members.index(a) not in got]
-        if waiting and time.monotonic() < s["deadline"]:
-            return
-        for a in waiting:
-            log.warning("D-PSGD round %d: no model from %s by the deadline; mixing without it", rnd, a)
-            self.missing.add(a)
-        mixed = mix_row(self.rank, s["vec"], got, self.row)
-        with self.state.lock:
-            self.state.vec.copy_(mixed)
-            self.state.version += 1
-        self.inbox = {r: v for r, v in self.inbox.items() if r > rnd}
-        self.sync_done = rnd
-        self.sync = None
-        self.stats["exchanges"] += len(got)
-        self.stats["distances"] += [float(torch.linalg.vector_norm(s["vec"] - v)) for v in got.values()]
-        self._finish(s["req"], status="ok", received=len(got))
+    def _mix_reply(self, ep: bus.Endpoint, msg: wire.GossipReply, xid: int, rnd: int):
+        """Mix the replier's model in, then push ours as it was before mixing (the exchange's last message)."""
+        for a in msg.peers:
+            self.members_view.heard(a, direct=False)
+        model = self.state.check(msg.model)
+        before, v_before, outcome = self.state.accept_push(model.clone(), msg.num_samples, msg.version)
+        ep.send(wire.GossipPush(round=rnd, xid=xid, version=v_before, num_samples=self.state.num_samples,
+                                addr=self.address, peers=self.members_view.rumour(), model=before,
+                                sender=self.address))
+        self.stats["models"] += 1
+        self.stats["exchanges"] += 1
+        self.stats["distances"].append(outcome.distance)
+        return outcome

@@ -209,7 +209,7 @@ class GossipFetch(Message):
     TYPE: ClassVar[str] = "GOSSIP_FETCH"
     xid: int = 0
     addr: str = ""
-    kind: str = "fetch"  # "fetch" (pull a model to adopt) or "exchange" (propose a push-pull exchange)
+    kind: str = "fetch"  # "fetch" (pull a model to adopt), "exchange" (propose a push-pull exchange) or "final"
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,7 @@ def test_two_peers_that_pick_each_other_at_once_do_not_deadlock(tmp_path):
             results = [None, None]
 
             def ask(i):
+                peers[i].submit(Request("round", 1, budget=1.0))  # a fresh accept budget: one exchange per slot
                 results[i] = peers[i].submit(Request("push", 1, budget=5.0))
 
             askers = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
@@ -142,6 +143,8 @@ def test_two_peers_that_pick_each_other_at_once_do_not_deadlock(tmp_path):
             assert all(r is not None and r["status"] == "ok" for r in results), results
         assert torch.allclose(states[0].vec, states[1].vec)  # every exchange completed on both sides
         assert torch.allclose(states[0].vec, torch.full((6,), 0.5))  # and the mean was kept
+        assert peers[0].submit(Request("fetch", budget=1.0))["status"] == "busy"  # peer 1 spent its round's accept
+        peers[1].submit(Request("round", 2, budget=1.0))
         fetched = peers[0].submit(Request("fetch", budget=5.0))
         assert fetched["status"] == "ok" and fetched["action"] == "kept"  # same version: nothing to adopt
     finally:
