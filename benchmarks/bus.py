@@ -192,8 +192,10 @@ def main() -> None:
         results[f"throughput_ratio_{size}mb"] = raw / via
         rows.append((f"one-way {size} MB", f"raw {size / raw:7.0f} MB/s", f"bus {size / via:7.0f} MB/s",
                      f"{raw / via:.2f}"))
-    floor = floor_round(8, 40 * MB, 3)
-    secs, growth = coordinator_round(8, 5)
+    # 8 client processes and the coordinator share this machine's cores, so single rounds swing with scheduling:
+    # medians over 11 rounds (the first, which includes registration, is left out) and 7 floor repeats
+    floor = floor_round(8, 40 * MB, 7)
+    secs, growth = coordinator_round(8, 12)
     results["ingest_ratio"] = secs / floor
     results["rss_growth_updates"] = growth
     rows.append(("8 x 40 MB round", f"floor {floor:7.3f} s", f"bus {secs:7.3f} s", f"{secs / floor:.2f}"))
