@@ -42,6 +42,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--out", default="runs/fedprox-bench")
     a = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)  # tiny models: intra-op threads only add contention
     out = Path(a.out)
     curves: dict[str, list[list[float]]] = {"FedAvg (mu=0, drops stragglers)": [], "FedProx (mu=1, keeps them)": []}
     for seed in a.seeds:

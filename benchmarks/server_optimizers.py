@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="runs/server-opt-bench")
     a = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)  # tiny models: intra-op threads only add contention
     rows, med = [], {}
     for name in SETTINGS:
         res = [rounds_to(a.target, name, a.rounds, s, Path(a.out)) for s in a.seeds]
