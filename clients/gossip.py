@@ -151,7 +151,7 @@ class GossipPeer:
         cfg = TrainConfig(epochs=a.local_epochs, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
                           seed=a.seed * 100_003 + a.shard * 1009 + r)
         update = self.trainer.train(self.address, vec, self.data, cfg)
-        self.state.add_progress(update.delta)
+        self.state.add_progress(update.delta, r)
         slots = self._slots(r)
         if a.topology:
             got = self.sockets.submit(Request("sync", r, budget=a.exchange_timeout))
@@ -242,15 +242,17 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exchange-timeout", type=float, default=3.0,
                    help="seconds one neighbour has to answer (a round tries for up to 3x this)")
     g.add_argument("--peer-timeout", type=float, default=15.0, help="seconds of silence before a peer expires")
-    g.add_argument("--exchanges", type=int, default=3,
-                   help="pairwise exchanges (slots) after each round's local training (default 3)")
+    g.add_argument("--exchanges", type=int, default=5,
+                   help="pairwise exchanges (slots) after each round's local training (default 5)")
     g.add_argument("--max-accept", type=int, default=1,
                    help="exchanges accepted per slot (bounds a node's traffic to 2 (1 + this) models per slot)")
     g.add_argument("--join-wait", type=float, default=5.0, help="seconds a newcomer tries to fetch a model")
     g.add_argument("--final-mixes", type=int, default=6,
                    help="exchanges that end the last round, only among peers whose training is over (default 6)")
-    g.add_argument("--linger", type=float, default=2.0, help="after training, serve until quiet this long")
-    g.add_argument("--max-lag", type=int, default=20, help="versions behind at which a model counts as stale")
+    g.add_argument("--linger", type=float, default=4.0,
+                   help="after training, serve until quiet this long, for peers still finishing (default 4)")
+    g.add_argument("--max-lag", type=int, default=10,
+                   help="rounds of training behind at which a model counts as stale (default 10)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     g.add_argument("--out", default="runs/gossip")
     g.add_argument("--progress", choices=("auto", "bar", "lines", "off"), default="auto")

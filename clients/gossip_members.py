@@ -1,7 +1,8 @@
 """A gossip peer's view of the swarm: who is alive, who was heard from directly, and what it tells others.
 
-Peers come from the seed list, discovery beacons and rumours (each reply and push carries the sender's recently met
-peers). :class:`fedopt.liveness.Liveness` expires a peer not heard from for ``peer_timeout``; a peer whose exchange
+Peers come from the seed list, discovery beacons, incoming messages and rumours (each reply and push carries the
+sender's recently met peers). A peer counts as *met* only once this peer has reached it at the address it dialled;
+an address that merely arrives in a message is treated as a rumour. :class:`fedopt.liveness.Liveness` expires a peer not heard from for ``peer_timeout``; a peer whose exchange
 timed out is dropped at once and ignored in rumours for ``peer_timeout`` (a *tombstone*; direct contact brings it
 back). Only peers heard from directly within ``peer_timeout`` are passed on, so a dead peer's name stops spreading once
 nobody has talked to it for that long. Used only by the socket thread; nothing here is locked.
@@ -52,6 +53,15 @@ class Membership:
             self.direct[addr] = time.monotonic()
         elif addr not in self.live and self.tombstones.get(addr, 0) < time.monotonic():
             self.live.heard(addr)  # a rumour adds a peer we do not know; it never refreshes one we do
+
+    def heard_inbound(self, addr: str) -> None:
+        """A message came in claiming to be from ``addr``. The claim is unverified (any allow-listed key can write any
+        address), so it refreshes only a peer this one has reached itself, and otherwise counts as a rumour: a bogus
+        address costs this peer at most one timed-out exchange and is never passed on."""
+        if addr in self.direct:
+            self.heard(addr)
+        else:
+            self.heard(addr, direct=False)
 
     def drop(self, addr: str) -> None:
         self.live.forget(addr)

@@ -184,9 +184,9 @@ class PeerSockets(SyncRounds):
                 self._take_requests()
                 if self.router.sock in events:
                     self._drain(self.router, self._on_inbound)
-                for ep in list(self.dealers.values()):
+                for addr, ep in list(self.dealers.items()):
                     if ep.sock in events:
-                        self._drain(ep, self._on_reply)
+                        self._drain(ep, lambda e, _peer, msg, addr=addr: self._on_reply(e, addr, msg))
                 if self.beacon is not None:
                     if self.beacon.fileno() in events:
                         for addr in self.beacon.receive():
@@ -354,7 +354,7 @@ class PeerSockets(SyncRounds):
             self.stats["models"] += 1
         addr = getattr(msg, "addr", "")
         if isinstance(msg, wire.GossipFetch):
-            self.members_view.heard(addr)
+            self.members_view.heard_inbound(addr)
             if self._busy(msg.kind):
                 self.stats["busy_sent"] += 1
                 ep.send(wire.GossipBusy(xid=msg.xid, addr=self.address, sender=self.address), to=peer)
@@ -369,7 +369,7 @@ class PeerSockets(SyncRounds):
                                      sender=self.address), to=peer)
             self.stats["models"] += 1
         elif isinstance(msg, wire.GossipPush) and not isinstance(msg, wire.GossipReply):
-            self.members_view.heard(addr)
+            self.members_view.heard_inbound(addr)
             for a in msg.peers:
                 self.members_view.heard(a, direct=False)
             r = self.reserved
@@ -378,9 +378,14 @@ class PeerSockets(SyncRounds):
                 late = self.released.get((addr, msg.xid))
                 if late is None:
                     raise WireError(f"push from {addr!r} matches no exchange this peer agreed to")
-            model = self.state.check(msg.model)  # raises WireError: wrong shape, NaN/Inf
-            if msg.num_samples < 0:
-                raise WireError(f"push from {addr} declares {msg.num_samples} samples")
+            try:
+                model = self.state.check(msg.model)  # raises WireError: wrong shape, NaN/Inf
+                if msg.num_samples < 0:
+                    raise WireError(f"push from {addr} declares {msg.num_samples} samples")
+            except WireError:
+                if late is None and not self.topology:
+                    self.reserved = None  # the exchange ends unmixed here, and this peer is free at once
+                raise
             if self.topology:
                 self._on_sync_push(addr, msg.round, model)
                 return
@@ -399,13 +404,13 @@ class PeerSockets(SyncRounds):
             self.stats["refused"] += 1
 
     # ---- replies on the DEALERs ------------------------------------------------------------------------------------
-    def _on_reply(self, ep: bus.Endpoint, _peer, msg: wire.Message) -> None:
+    def _on_reply(self, ep: bus.Endpoint, dialled: str, msg: wire.Message) -> None:
         p = self.pending
         if isinstance(msg, (wire.GossipReply, wire.GossipBusy)):
-            self.members_view.heard(msg.addr)
+            self.members_view.heard(dialled)  # reached at the address this peer dialled: met
         if isinstance(msg, wire.GossipPush):
             self.stats["models"] += 1
-        if p is None and isinstance(msg, wire.GossipReply) and self.abandoned == (msg.addr, msg.xid) \
+        if p is None and isinstance(msg, wire.GossipReply) and self.abandoned == (dialled, msg.xid) \
                 and not self._over_budget(1):
             self.abandoned = None  # the reply to the exchange this peer gave up on, and nothing else in flight
             self.stats["late"] += 1

@@ -11,9 +11,15 @@ The initiator of an exchange sent ``x_a`` and later receives ``x_b`` (the replie
 model may have moved by local training since, so it applies ``x_a_now + w_b (x_b - x_a_sent)``: the pair average of
 the states that were exchanged, plus its own progress.
 
-Version counters are Lamport clocks: +1 per local epoch, ``max(v_a, v_b) + 1`` per mix. A model more than ``max_lag``
-versions behind is *stale*: it is never mixed into a newer one (the newer side replies without mixing) and the stale
-side adopts the newer model instead; an explicit fetch (a newcomer, a restarted peer) adopts only a newer version.
+Versions are round clocks: a peer that trains its round ``r`` sets its version to ``max(version, r)``, and a mix takes
+``max(v_a, v_b)`` (a mix adds no training), so a version is the latest training round in the model's history. Peers
+that train side by side stay within a round or two of each other, however many exchanges they make; a model from a
+peer restarted from an old checkpoint, or one cut off for a while, is many rounds behind. (Ticking on every mix, or
++1 on every local round as a Lamport clock over training events, made versions race ahead with the exchange rate and
+drift apart: live peers ended up more than ``max_lag`` apart and refused to mix, so the swarm stopped averaging.)
+A model more than ``max_lag`` rounds behind is *stale*: it is never mixed into a newer one (the newer side replies
+without mixing) and the stale side adopts the newer model instead; an explicit fetch (a newcomer, a restarted peer)
+adopts only a newer version.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ class MixOutcome:
 class ModelState:
     """The peer's current model. Every read and write holds ``lock``; vectors handed out are copies."""
 
-    def __init__(self, vec: torch.Tensor, num_samples: int, version: int = 0, max_lag: int = 20) -> None:
+    def __init__(self, vec: torch.Tensor, num_samples: int, version: int = 0, max_lag: int = 10) -> None:
         if num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, not {num_samples}")
         self.lock = threading.Lock()
@@ -67,11 +73,12 @@ class ModelState:
         with self.lock:
             return self.vec.clone(), self.version
 
-    def add_progress(self, delta: torch.Tensor) -> int:
-        """Local training finished: add its delta (trained - snapshot) and tick the clock; returns the new version."""
+    def add_progress(self, delta: torch.Tensor, round: int | None = None) -> int:
+        """Local training of ``round`` finished: add its delta (trained - snapshot) and advance the clock to that round
+        (by one when no round is given); returns the version."""
         with self.lock:
             self.vec += delta
-            self.version += 1
+            self.version = self.version + 1 if round is None else max(self.version, int(round))
             return self.version
 
     def _stale(self, other_version: int) -> bool:
@@ -91,7 +98,7 @@ class ModelState:
             total = self.num_samples + n_other
             w = 0.5 if total == 0 else n_other / total
             self.vec.add_(other - before, alpha=w)
-            self.version = max(self.version, v_other) + 1
+            self.version = max(self.version, v_other)
             return before, v_before, MixOutcome("mixed", dist, self.version)
 
     def complete_push(self, sent: torch.Tensor, v_sent: int, other: torch.Tensor, n_other: int,
@@ -108,7 +115,7 @@ class ModelState:
             total = self.num_samples + n_other
             w = 0.5 if total == 0 else n_other / total
             self.vec.add_(other - sent, alpha=w)
-            self.version = max(self.version, v_other) + 1
+            self.version = max(self.version, v_other)
             return MixOutcome("mixed", dist, self.version)
 
     def adopt(self, other: torch.Tensor, v_other: int) -> MixOutcome:

@@ -100,7 +100,7 @@ class Lan:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(150)
 def test_peers_in_separate_namespaces_discover_each_other_and_train(tmp_path):
     if shutil.which("ip") is None:
         pytest.skip("LAN discovery test skipped: the `ip` command (iproute2) is not installed")
@@ -118,13 +118,13 @@ def test_peers_in_separate_namespaces_discover_each_other_and_train(tmp_path):
             out.mkdir()
             cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "fedopt", "gossip", "--bind",
                    f"tcp://{lan.ips[i]}:{port}", "--discover", "--interface", "eth0", "--insecure",
-                   "--swarm-secret", "lan-test", "--shard", str(i), "--num-shards", "3", "--rounds", "8",
+                   "--swarm-secret", "lan-test", "--shard", str(i), "--num-shards", "3", "--rounds", "6", "--final-mixes", "2",
                    "--join-wait", "3", "--out", str(out), "--progress", "off", "--log-level", "INFO",
                    "--exit-with-parent"]
             with open(out / "peer.log", "wb") as f:
                 procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
                                               env={**os.environ, "OMP_NUM_THREADS": "1"}))
-        end = time.monotonic() + 150
+        end = time.monotonic() + 100
         while any(p.poll() is None for p in procs) and time.monotonic() < end:
             time.sleep(0.3)
     finally:
@@ -134,7 +134,7 @@ def test_peers_in_separate_namespaces_discover_each_other_and_train(tmp_path):
     assert all(p.returncode == 0 for p in procs), logs
     for i in range(3):
         rows = read_metrics(tmp_path / f"peer-{i}" / "metrics.jsonl")
-        assert [r["round"] for r in rows] == list(range(1, 9))
+        assert [r["round"] for r in rows] == list(range(1, 7))
         assert max(r["clients"] for r in rows) == 3, rows  # it knew both others, learned only from beacons
-        assert sum(r["exchange"] == "ok" for r in rows) >= 4  # and trained with them
+        assert sum(r["exchange"] == "ok" for r in rows) >= 3  # and trained with them
     assert not any(Path(f"/var/run/netns/{ns}").exists() for ns in lan.spaces)

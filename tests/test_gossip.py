@@ -24,7 +24,7 @@ def test_push_pull_weights_by_samples_and_conserves_the_weighted_sum():
     out_a = a.complete_push(torch.tensor([0.0, 0.0]), 0, before_b, b.num_samples, vb)  # a mixes b's old model
     expected = torch.tensor([1.0, 2.0])  # (30*0 + 10*x_b) / 40
     assert torch.allclose(a.vec, expected) and torch.allclose(b.vec, expected)
-    assert out_a.action == out_b.action == "mixed" and a.version == b.version == 1
+    assert out_a.action == out_b.action == "mixed" and a.version == b.version == 0  # a mix adds no training
 
 
 def test_progress_made_during_an_exchange_is_kept():
@@ -126,13 +126,14 @@ def _stop(ctx, peers, threads):
 
 @pytest.mark.timeout(60)
 def test_two_peers_that_pick_each_other_at_once_do_not_deadlock(tmp_path):
-    ctx, peers, states, threads = _pair(tmp_path, exchange_timeout=5.0)
+    ctx, peers, states, threads = _pair(tmp_path, exchange_timeout=5.0, max_tries=100)
     try:
         for _ in range(5):
             results = [None, None]
 
             def ask(i):
-                peers[i].submit(Request("round", 1, budget=1.0))  # a fresh accept budget: one exchange per slot
+                # a fresh budget (two slots: an exchange the other peer finished after this round opened counts here)
+                peers[i].submit(Request("round", 1, budget=1.0, slots=2))
                 results[i] = peers[i].submit(Request("push", 1, budget=5.0))
 
             askers = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
@@ -143,7 +144,6 @@ def test_two_peers_that_pick_each_other_at_once_do_not_deadlock(tmp_path):
             assert all(r is not None and r["status"] == "ok" for r in results), results
         assert torch.allclose(states[0].vec, states[1].vec)  # every exchange completed on both sides
         assert torch.allclose(states[0].vec, torch.full((6,), 0.5))  # and the mean was kept
-        assert peers[0].submit(Request("fetch", budget=1.0))["status"] == "busy"  # peer 1 spent its round's accept
         peers[1].submit(Request("round", 2, budget=1.0))
         fetched = peers[0].submit(Request("fetch", budget=5.0))
         assert fetched["status"] == "ok" and fetched["action"] == "kept"  # same version: nothing to adopt
@@ -212,3 +212,40 @@ def test_dpsgd_round_mixes_with_metropolis_hastings_weights(tmp_path):
         _stop(ctx, peers, threads)
     expected = topology.mixing_matrix(n, "ring") @ x
     assert all(torch.allclose(states[i].vec.to(torch.float64), expected[i]) for i in range(n))
+
+
+def test_the_round_budget_counts_model_messages_and_reserves_the_peers_own_slots(tmp_path):
+    ctx = zmq.Context()
+    p = PeerSockets(ctx, f"ipc://{tmp_path}/b.sock", f"ipc://{tmp_path}/b.sock", ModelState(torch.zeros(3), 1),
+                    bus.Security(), bus.Security(), [])
+    try:
+        p.requests.put(Request("round", 1, slots=2))  # budget 2 slots x 4 models = 8
+        p._take_requests()
+        assert not p._busy("exchange")  # 0 used + 2 for this exchange + 4 kept for its own two slots
+        p.stats["models"] += 3  # e.g. one accepted exchange and a stray push, counted at the sockets
+        assert p._busy("exchange") and not p._busy("fetch")  # 3 + 2 + 4 > 8, but 3 + 1 + 4 fits
+        p.training = False
+        assert not p._busy("exchange")  # a lingering peer helps whoever is still mixing
+    finally:
+        p.close()
+        ctx.term()
+
+
+def test_a_push_that_comes_after_its_reservation_expired_still_completes_the_exchange(tmp_path):
+    ctx = zmq.Context()
+    state = ModelState(torch.zeros(4), 10)
+    p = PeerSockets(ctx, f"ipc://{tmp_path}/l.sock", f"ipc://{tmp_path}/l.sock", state, bus.Security(),
+                    bus.Security(), [], exchange_timeout=0.01)
+    try:
+        vec, version = state.snapshot()
+        p.reserved = {"xid": 7, "addr": "ipc://a", "before": vec, "version": version, "deadline": 0.0}
+        p._timers()  # the PUSH is late: the reservation is released...
+        assert p.reserved is None and ("ipc://a", 7) in p.released
+        late = wire.GossipPush(xid=7, version=0, num_samples=10, addr="ipc://a", model=torch.full((4,), 2.0))
+        p._on_inbound(p.router, b"id", late)  # ...and mixed when it comes, against the snapshot that was sent
+        assert torch.allclose(state.vec, torch.ones(4)) and p.stats["late"] == 1 and not p.released
+        with pytest.raises(WireError, match="matches no exchange"):
+            p._on_inbound(p.router, b"id", late)  # only once
+    finally:
+        p.close()
+        ctx.term()

@@ -20,9 +20,9 @@ from fedopt import bus, wire
 from fedopt.config import RunConfig
 from fedopt.metrics import read_metrics
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
-CONSENSUS_TOLERANCE = 0.10  # final consensus distance, relative to the mean model's norm
+CONSENSUS_TOLERANCE = 0.02  # final consensus distance, relative to the mean model's norm
 
 
 def rows(d: Path) -> list[dict]:
@@ -46,8 +46,8 @@ def wait_for(pred, timeout: float, what: str):
 def test_eight_peers_match_fedavg_and_survive_bad_input_and_a_rogue_key(tmp_path):
     from clients.simulation import simulate
 
-    n = 8
-    cfg = RunConfig(clients=n, rounds=20, local_epochs=1, partition="dirichlet", alpha=0.5, seed=0, progress="off",
+    n, rounds = 8, 16
+    cfg = RunConfig(clients=n, rounds=rounds, local_epochs=2, partition="dirichlet", alpha=0.5, seed=0, progress="off",
                     out=str(tmp_path / "fedavg"), mode="gossip")
     keys = bus.generate_keys(tmp_path / "keys", n + 1)  # client-008 is the raw test socket's (allow-listed) key
     rogue = bus.generate_keys(tmp_path / "rogue", 1)
@@ -59,12 +59,11 @@ def test_eight_peers_match_fedavg_and_survive_bad_input_and_a_rogue_key(tmp_path
         for i in range(n):
             dirs[i].mkdir()
             seeds = [urls[(i - 1) % n], urls[(i + 1) % n]]
-            procs.append(spawn(peer_command(urls[i], i, n, seeds, cfg, dirs[i], str(keys), ["--final-mixes", "3"]),
-                               dirs[i] / "peer.log"))
-        wait_for(lambda: len(rows(dirs[0])) >= 2, 120, "peer 0 to train two rounds")
+            procs.append(spawn(peer_command(urls[i], i, n, seeds, cfg, dirs[i], str(keys)), dirs[i] / "peer.log"))
+        wait_for(lambda: len(rows(dirs[0])) >= 1, 60, "peer 0 to train a round")
         _battery(ctx, urls[0], keys, dirs[0])
         _rogue(ctx, urls[0], keys, rogue)
-        wait_for(lambda: all(p.poll() is not None for p in procs), 200, "every peer to finish")
+        wait_for(lambda: all(p.poll() is not None for p in procs), 120, "every peer to finish")
     finally:
         ctx.destroy(0)
         stop_processes(procs)
@@ -85,7 +84,13 @@ def test_eight_peers_match_fedavg_and_survive_bad_input_and_a_rogue_key(tmp_path
     for reason in ("header is not msgpack", "unknown message type 'EXPLODE'", "frame has 12", "over the limit",
                    "non-finite values", "does not match this peer's", "matches no exchange", "curve: refused"):
         assert reason in text, reason
-    assert [r["round"] for r in rows(dirs[0])] == list(range(1, 21))
+    assert [r["round"] for r in rows(dirs[0])] == list(range(1, rounds + 1))
+    # no hotspot: outside the attacked peer, no peer moved more than 4 models per exchange slot in any round
+    # (model messages counted at its sockets; the bytes, headers and refusals included, stay within 10% of that)
+    params = sum(t.numel() for t in load_file(str(dirs[1] / "model.safetensors")).values())
+    load = [(r["models_moved"] / r["slots"], (r["bytes_up"] + r["bytes_down"]) / (r["slots"] * 4 * params))
+            for d in dirs[1:] for r in rows(d)]
+    assert max(m for m, _ in load) <= 4 and max(b for _, b in load) <= 4.4, max(load)
     model = load_file(str(dirs[0] / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in model.values())
 
@@ -138,32 +143,35 @@ def _rogue(ctx: zmq.Context, url: str, keys: Path, rogue: Path) -> None:
 
 
 def test_churn_kill_join_and_restart(tmp_path):
-    n, rounds = 5, 30
-    cfg = RunConfig(clients=n + 1, rounds=rounds, local_epochs=1, alpha=0.5, seed=1, mode="gossip")
+    """One swarm, every kind of churn: two peers killed with SIGKILL mid-run, a newcomer, and a killed peer restarted
+    from its checkpoint. Peers are slowed a little (``--fault-slow``) so the run lasts long enough to churn in."""
+    n, rounds = 5, 12
+    cfg = RunConfig(clients=n + 1, rounds=rounds, local_epochs=2, alpha=0.5, seed=1, mode="gossip")
     urls = [f"ipc://{tmp_path}/p{i}.sock" for i in range(n + 1)]
     dirs = [tmp_path / f"peer-{i}" for i in range(n + 1)]
-    fast = ["--exchange-timeout", "2", "--peer-timeout", "6", "--log-level", "INFO", "--fault-slow", "0.5"]
+    fast = ["--exchange-timeout", "1", "--peer-timeout", "4", "--join-wait", "4", "--linger", "1",
+            "--log-level", "INFO", "--fault-slow", "0.3"]
     procs: dict[int, object] = {}
+    started = []
 
     def start(i, *extra):
         dirs[i].mkdir(exist_ok=True)
-        seeds = [u for j, u in enumerate(urls[:n]) if j != i and (j - i) % n in (1, n - 1)] or urls[:2]
+        seeds = [urls[(i - 1) % n], urls[(i + 1) % n]] if i < n else urls[:2]
         procs[i] = spawn(peer_command(urls[i], i, n + 1, seeds, cfg, dirs[i], None, [*fast, *extra]),
                          dirs[i] / "peer.log")
         started.append(procs[i])
 
-    started = []
     try:
         for i in range(n):
             start(i)
-        wait_for(lambda: len(rows(dirs[0])) >= 5, 150, "round 5")
+        wait_for(lambda: len(rows(dirs[0])) >= 3 and len(rows(dirs[3])) >= 2, 90, "round 3")
         for i in (3, 4):  # kill -9 two peers mid-run
             os.killpg(procs[i].pid, signal.SIGKILL)
             procs[i].wait(timeout=10)
-        wait_for(lambda: len(rows(dirs[0])) >= 10, 150, "round 10")
-        start(5, "--rounds", "8")  # a newcomer joins (it trains 8 rounds of its own)
+        wait_for(lambda: len(rows(dirs[0])) >= 5, 60, "round 5")
+        start(5, "--rounds", "5")  # a newcomer joins (it trains 5 rounds of its own)
         start(3, "--resume")  # a killed peer restarts from its (now stale) checkpoint
-        wait_for(lambda: all(procs[i].poll() is not None for i in (0, 1, 2, 3, 5)), 200, "the peers to finish")
+        wait_for(lambda: all(procs[i].poll() is not None for i in (0, 1, 2, 3, 5)), 120, "the peers to finish")
     finally:
         stop_processes(started)
     for i in (0, 1, 2, 3, 5):
@@ -174,9 +182,9 @@ def test_churn_kill_join_and_restart(tmp_path):
     # the newcomer pulled the swarm's model before training and caught up within a few exchanges
     assert "joined: adopted version" in log(dirs[5])
     new = rows(dirs[5])
-    assert new[0]["round"] == 1 and new[0]["version"] > 20
-    assert new[2]["accuracy"] >= min(survivors) - 0.10, (new[:3], survivors)
+    assert new[0]["round"] == 1 and new[0]["version"] >= 5  # it adopted a model trained for 4+ rounds
+    assert new[1]["accuracy"] >= min(survivors) - 0.10, (new[:2], survivors)
     # the restarted peer continued from its checkpoint, adopted the newer swarm model, and finished
     back = rows(dirs[3])
-    assert back[0]["round"] <= 6 and back[-1]["round"] == rounds and back[-1]["accuracy"] >= 0.75
+    assert 2 <= back[0]["round"] <= 5 and back[-1]["round"] == rounds and back[-1]["accuracy"] >= 0.75
     assert "joined: adopted version" in log(dirs[3])
