@@ -122,7 +122,7 @@ class GossipPeer:
         a = self.args
         title = f"fedopt gossip {self.address}"
         out = RunOutput(a.out, a.rounds, a.progress, title=title,
-                        resume_after=self.start_round if self.start_round else None)
+                        resume_after=self.start_round if self.start_round else None, plot=a.plot)
         try:
             if not a.topology:  # a newcomer (or a restarted peer) pulls the swarm's model before training
                 got = self.sockets.submit(Request("fetch", budget=a.join_wait))
@@ -256,6 +256,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     g.add_argument("--out", default="runs/gossip")
     g.add_argument("--progress", choices=("auto", "bar", "lines", "off"), default="auto")
+    g.add_argument("--no-plot", dest="plot", action="store_false", help="do not draw OUT/accuracy.png")
     g.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     g.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--fault-slow", type=float, default=0.0, help=argparse.SUPPRESS)  # test seam: slow training

@@ -28,10 +28,11 @@ Traffic bound (no hotspot): a training round has ``slots`` exchange slots, opene
 reads the counters, so the budget's window and the window the metrics report coincide. The budget is
 ``2 (1 + max_accept)`` model messages per slot (4 with the default ``max_accept`` = 1), counted at the sockets: every
 model sent or received, wanted or not (a late reply, a stray push). In a slot a peer initiates at most one exchange
-(two messages; after a timeout the slot ends), and it accepts a proposal (two messages), a fetch (one) or completes a
-late reply (one more) only while the messages moved so far plus those, plus two for each of its own slots still to
+(two messages; after a timeout the slot ends), and it accepts a proposal (two messages) or completes a late reply
+(one more) only while the messages moved so far plus those, plus two for each of its own slots still to
 come, fit the budget; so the busiest node moves at most 4 models per slot whatever the swarm's size (plus headers,
-about 3% of a 19 KB model). After training a lingering peer accepts freely. D-PSGD is not budgeted (degree-bound).
+about 3% of a 19 KB model). A fetch (a newcomer's or restarted peer's pull: one model, once per join) is always
+answered and falls outside the budget. After training a lingering peer accepts freely. D-PSGD is not budgeted (degree-bound).
 
 Synchronous D-PSGD (``--topology``) lives in :mod:`clients.gossip_dpsgd`; membership in :mod:`clients.gossip_members`.
 """
@@ -340,9 +341,9 @@ class PeerSockets(SyncRounds):
         return self.stats["models"] - w["start"] + models + 2 * own > w["budget"]
 
     def _busy(self, kind: str) -> bool:
-        over = self._over_budget(1 if kind == "fetch" else 2)
         if kind == "fetch":
-            return over
+            return False  # a newcomer's pull (one model, once per join) is always answered, outside the budget
+        over = self._over_budget(2)
         if kind == "final" and self.training and not self.finishing:
             return True  # final mixes pair only peers whose training is over, so the consensus they reach lasts
         in_flight = self.pending is not None and self.pending.retry_at is None

@@ -42,7 +42,7 @@ def peer_command(url: str, shard: int, n: int, seeds: list[str], cfg: RunConfig,
            "--alpha", str(cfg.alpha), "--seed", str(cfg.seed), "--rounds", str(cfg.rounds),
            "--local-epochs", str(cfg.local_epochs), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr),
            "--momentum", str(cfg.momentum), "--out", str(out), "--progress", "off", "--log-level", "WARNING",
-           "--exit-with-parent", *(["--keys", keys] if keys else []),
+           "--exit-with-parent", "--no-plot", *(["--keys", keys] if keys else []),
            *(["--topology", cfg.topology] if cfg.topology else []), *(extra or [])]
     for k, v in cfg.task_options.items():
         cmd += ["--task-option", f"{k}={v}"]
@@ -129,7 +129,8 @@ def simulate_gossip(cfg: RunConfig, timeout: float | None = None) -> int:
 def _write_outputs(cfg: RunConfig, dirs: list[Path], summary: dict) -> None:
     out = Path(cfg.out)
     per_peer = [read_metrics(d / "metrics.jsonl") for d in dirs]
-    output = RunOutput(out, cfg.rounds, "off", title=f"fedopt simulate --mode gossip: {cfg.task}, {len(dirs)} peers")
+    output = RunOutput(out, cfg.rounds, "off", title=f"fedopt simulate --mode gossip: {cfg.task}, {len(dirs)} peers",
+                       plot=cfg.plot)
     try:
         for r in range(1, cfg.rounds + 1):
             recs = [next((x for x in p if x["round"] == r), None) for p in per_peer]

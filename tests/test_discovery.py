@@ -136,5 +136,5 @@ def test_peers_in_separate_namespaces_discover_each_other_and_train(tmp_path):
         rows = read_metrics(tmp_path / f"peer-{i}" / "metrics.jsonl")
         assert [r["round"] for r in rows] == list(range(1, 7))
         assert max(r["clients"] for r in rows) == 3, rows  # it knew both others, learned only from beacons
-        assert sum(r["exchange"] == "ok" for r in rows) >= 3  # and trained with them
+        assert sum(r["exchange"] == "ok" for r in rows) >= 2  # and trained with them
     assert not any(Path(f"/var/run/netns/{ns}").exists() for ns in lan.spaces)

@@ -223,7 +223,7 @@ def test_the_round_budget_counts_model_messages_and_reserves_the_peers_own_slots
         p._take_requests()
         assert not p._busy("exchange")  # 0 used + 2 for this exchange + 4 kept for its own two slots
         p.stats["models"] += 3  # e.g. one accepted exchange and a stray push, counted at the sockets
-        assert p._busy("exchange") and not p._busy("fetch")  # 3 + 2 + 4 > 8, but 3 + 1 + 4 fits
+        assert p._busy("exchange") and not p._busy("fetch")  # 3 + 2 + 4 > 8; a newcomer's pull is always answered
         p.training = False
         assert not p._busy("exchange")  # a lingering peer helps whoever is still mixing
     finally:

@@ -43,13 +43,13 @@ def wait_for(pred, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def test_eight_peers_match_fedavg_and_survive_bad_input_and_a_rogue_key(tmp_path):
+def test_eight_peers_match_fedavg_and_refuse_a_rogue_key(tmp_path):
     from clients.simulation import simulate
 
-    n, rounds = 8, 16
+    n, rounds = 8, 20
     cfg = RunConfig(clients=n, rounds=rounds, local_epochs=2, partition="dirichlet", alpha=0.5, seed=0, progress="off",
                     out=str(tmp_path / "fedavg"), mode="gossip")
-    keys = bus.generate_keys(tmp_path / "keys", n + 1)  # client-008 is the raw test socket's (allow-listed) key
+    keys = bus.generate_keys(tmp_path / "keys", n)
     rogue = bus.generate_keys(tmp_path / "rogue", 1)
     urls = [f"tcp://127.0.0.1:{p}" for p in free_ports(n)]
     dirs = [tmp_path / f"peer-{i}" for i in range(n)]
@@ -59,9 +59,9 @@ def test_eight_peers_match_fedavg_and_survive_bad_input_and_a_rogue_key(tmp_path
         for i in range(n):
             dirs[i].mkdir()
             seeds = [urls[(i - 1) % n], urls[(i + 1) % n]]
-            procs.append(spawn(peer_command(urls[i], i, n, seeds, cfg, dirs[i], str(keys)), dirs[i] / "peer.log"))
+            procs.append(spawn(peer_command(urls[i], i, n, seeds, cfg, dirs[i], str(keys), ["--exchanges", "8"]),
+                               dirs[i] / "peer.log"))
         wait_for(lambda: len(rows(dirs[0])) >= 1, 60, "peer 0 to train a round")
-        _battery(ctx, urls[0], keys, dirs[0])
         _rogue(ctx, urls[0], keys, rogue)
         wait_for(lambda: all(p.poll() is not None for p in procs), 120, "every peer to finish")
     finally:
@@ -79,29 +79,20 @@ def test_eight_peers_match_fedavg_and_survive_bad_input_and_a_rogue_key(tmp_path
     late = [r["consensus"] for d in dirs for r in rows(d)[-3:] if r["consensus"] is not None]
     assert sum(late) / len(late) < 0.7 * sum(early) / len(early)
     assert s["relative_consensus_distance"] < CONSENSUS_TOLERANCE
-    # the attacked peer logged every bad message, kept training to the end and refused the bad models
-    text = log(dirs[0])
-    for reason in ("header is not msgpack", "unknown message type 'EXPLODE'", "frame has 12", "over the limit",
-                   "non-finite values", "does not match this peer's", "matches no exchange", "curve: refused"):
-        assert reason in text, reason
-    assert [r["round"] for r in rows(dirs[0])] == list(range(1, rounds + 1))
-    # no hotspot: outside the attacked peer, no peer moved more than 4 models per exchange slot in any round
-    # (model messages counted at its sockets; the bytes, headers and refusals included, stay within 10% of that)
+    assert "curve: refused" in log(dirs[0])  # the rogue key was refused at the handshake, and logged
+    # no hotspot: no peer moved more than 4 models per exchange slot in any round after
+    # the first (where the peers' start-up pulls land, which are outside the budget); counted at its sockets, the
+    # bytes (headers and refusals included) stay within 10% of that
     params = sum(t.numel() for t in load_file(str(dirs[1] / "model.safetensors")).values())
     load = [(r["models_moved"] / r["slots"], (r["bytes_up"] + r["bytes_down"]) / (r["slots"] * 4 * params))
-            for d in dirs[1:] for r in rows(d)]
+            for d in dirs for r in rows(d)[1:]]
     assert max(m for m, _ in load) <= 4 and max(b for _, b in load) <= 4.4, max(load)
-    model = load_file(str(dirs[0] / "model.safetensors"))
-    assert all(torch.isfinite(t).all() for t in model.values())
 
 
-def _battery(ctx: zmq.Context, url: str, keys: Path, out: Path) -> None:
-    """The bus's malformed-message battery, aimed at a running peer's socket by an allow-listed raw DEALER."""
+def _battery(ctx: zmq.Context, url: str, out: Path) -> None:
+    """The bus's malformed-message battery, aimed at a running peer's socket by a raw DEALER."""
     raw = ctx.socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)
-    pub, sec = zmq.auth.load_certificate(keys / "clients" / "client-008.key_secret")
-    raw.curve_publickey, raw.curve_secretkey = pub, sec
-    raw.curve_serverkey, _ = zmq.auth.load_certificate(keys / "coordinator.key")
     raw.connect(url)
     head = lambda **kw: msgpack.packb({"v": 1, **kw})  # noqa: E731
     me = "tcp://127.0.0.1:1"
@@ -142,9 +133,9 @@ def _rogue(ctx: zmq.Context, url: str, keys: Path, rogue: Path) -> None:
     s.close(0)
 
 
-def test_churn_kill_join_and_restart(tmp_path):
+def test_churn_kill_join_restart_and_bad_input(tmp_path):
     """One swarm, every kind of churn: two peers killed with SIGKILL mid-run, a newcomer, and a killed peer restarted
-    from its checkpoint. Peers are slowed a little (``--fault-slow``) so the run lasts long enough to churn in."""
+    from its checkpoint; and the malformed-message battery aimed at a survivor while all that goes on. Peers are slowed a little (``--fault-slow``) so the run lasts long enough to churn in."""
     n, rounds = 5, 12
     cfg = RunConfig(clients=n + 1, rounds=rounds, local_epochs=2, alpha=0.5, seed=1, mode="gossip")
     urls = [f"ipc://{tmp_path}/p{i}.sock" for i in range(n + 1)]
@@ -169,6 +160,11 @@ def test_churn_kill_join_and_restart(tmp_path):
             os.killpg(procs[i].pid, signal.SIGKILL)
             procs[i].wait(timeout=10)
         wait_for(lambda: len(rows(dirs[0])) >= 5, 60, "round 5")
+        ctx = zmq.Context()
+        try:
+            _battery(ctx, urls[1], dirs[1])  # malformed messages and bad models aimed at a survivor
+        finally:
+            ctx.destroy(0)
         start(5, "--rounds", "5")  # a newcomer joins (it trains 5 rounds of its own)
         start(3, "--resume")  # a killed peer restarts from its (now stale) checkpoint
         wait_for(lambda: all(procs[i].poll() is not None for i in (0, 1, 2, 3, 5)), 120, "the peers to finish")
@@ -186,5 +182,14 @@ def test_churn_kill_join_and_restart(tmp_path):
     assert new[1]["accuracy"] >= min(survivors) - 0.10, (new[:2], survivors)
     # the restarted peer continued from its checkpoint, adopted the newer swarm model, and finished
     back = rows(dirs[3])
-    assert 2 <= back[0]["round"] <= 5 and back[-1]["round"] == rounds and back[-1]["accuracy"] >= 0.75
+    assert [r["round"] for r in back] == list(range(1, rounds + 1))  # one metrics file, continued after the restart
+    assert back[-1]["accuracy"] >= 0.75
     assert "joined: adopted version" in log(dirs[3])
+    # the attacked peer logged every bad message, kept training to the end and refused the bad models
+    text = log(dirs[1])
+    for reason in ("header is not msgpack", "unknown message type 'EXPLODE'", "frame has 12", "over the limit",
+                   "non-finite values", "does not match this peer's", "matches no exchange"):
+        assert reason in text, reason
+    assert [r["round"] for r in rows(dirs[1])] == list(range(1, rounds + 1))
+    model = load_file(str(dirs[1] / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in model.values())
