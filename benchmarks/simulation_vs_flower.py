@@ -31,7 +31,8 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LR, BS, ALPHA, SEED = 0.05, 16, 0.5, 0
+LR, BS, ALPHA = 0.05, 16, 0.5
+SEED = int(os.environ.get("FEDOPT_BENCH_SEED", "0"))  # children inherit it (see --accuracy-seeds)
 
 
 # ---- the shared workload (data exactly as fedopt partitions it) ---------------------------------------------------------
@@ -275,17 +276,44 @@ def median_after_first(times: list[float]) -> float:
     return statistics.median(times[1:] if len(times) > 1 else times)
 
 
+def accuracy_over_seeds(k: int, rounds: int = 20) -> None:
+    """Final accuracy after ``rounds`` rounds, fedopt and Flower, per seed: one seed's figure is noisy this early in
+    training (about one SGD step per client per round at N = 100), so the comparison is of means over seeds."""
+    me = [sys.executable, os.path.abspath(__file__), "--child"]
+    acc: dict[tuple[str, int], list[float]] = {}
+    for seed in range(k):
+        os.environ["FEDOPT_BENCH_SEED"] = str(seed)
+        global SEED
+        SEED = seed
+        for n in (10, 100):
+            for name, go in (("flower", lambda: measure(me + ["flower", "--n", str(n), "--rounds", str(rounds)], 1800)),
+                             ("fedopt", lambda: run_fedopt(n, rounds, "sequential", None, 900))):
+                a = go()["accuracy"][-1]
+                acc.setdefault((name, n), []).append(a)
+                print(f"seed {seed} N={n:<4} {name:<7} final accuracy {a:.4f}", file=sys.stderr, flush=True)
+    out = {}
+    for n in (10, 100):
+        f, o = statistics.mean(acc[("flower", n)]), statistics.mean(acc[("fedopt", n)])
+        print(f"N={n:<4} mean over {k} seeds: Flower {f:.4f}, fedopt {o:.4f}, difference {100 * (o - f):+.2f} points")
+        out[f"accuracy_gap_points_{n}"] = round(100 * (o - f), 2)
+    print(json.dumps(out), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="N in {10, 100}, 5 rounds: a smoke run of a few minutes")
     ap.add_argument("--child", choices=("loop", "vmapfloor", "flower"))
     ap.add_argument("--n", type=int)
     ap.add_argument("--rounds", type=int)
+    ap.add_argument("--accuracy-seeds", type=int, default=0, metavar="K",
+                    help="only compare final accuracy, fedopt vs Flower, at N = 10 and 100 over seeds 0..K-1")
     a = ap.parse_args()
     if a.child:
         fn = {"loop": child_loop, "vmapfloor": child_vmapfloor, "flower": child_flower}[a.child]
         print(json.dumps(fn(a.n, a.rounds)), flush=True)
         return
+    if a.accuracy_seeds:
+        return accuracy_over_seeds(a.accuracy_seeds)
     sizes = [10, 100] if a.quick else [10, 100, 1000]
     rounds = 5 if a.quick else 20
     flower_rounds = {10: rounds, 100: rounds, 1000: 3}
