@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from fedopt import wire
-from fedopt.aggregators.secure import round_parameters
+from fedopt.aggregators.secure import round_encoding, round_parameters
 from fedopt.errors import SecAggError
-from fedopt.secagg import QuantConfig, RoundConfig, check_capacity
+from fedopt.secagg import RoundConfig
 
 from .rounds import RoundOutcome
 from .secagg import run_round
@@ -79,18 +79,6 @@ class BusTransport:
         return self.inbox.popleft()
 
 
-def _quant(agg, participants: dict[str, int]) -> QuantConfig:
-    """The round's encoding: 32-bit words when the sum of n updates cannot wrap them, else 64-bit."""
-    max_weight = max(1, max(participants.values())) if agg.weighting == "samples" else None
-    quant = QuantConfig(agg.clip, agg.bits, 32, max_weight)
-    try:
-        check_capacity(quant, len(participants))
-    except SecAggError:
-        quant = QuantConfig(agg.clip, agg.bits, 64, max_weight)
-        check_capacity(quant, len(participants))
-    return quant
-
-
 def secure_round(coord: Coordinator, r: int, sizes: dict[str, int]) -> tuple[RoundOutcome, dict]:
     """Plan round ``r``, send TRAIN, run SecAgg+ over the bus and apply the result: ``(outcome, metrics fields)``.
 
@@ -123,7 +111,7 @@ def secure_round(coord: Coordinator, r: int, sizes: dict[str, int]) -> tuple[Rou
     agg = server.aggregator
     try:
         k, t = round_parameters(len(participants), agg.neighbours, agg.threshold)
-        quant = _quant(agg, participants)
+        quant = round_encoding(agg, participants)
         rcfg = RoundConfig.create(r, list(participants), quant.vector_length(coord.spec.size),
                                   modulus_bits=quant.modulus_bits, k=k, t=t)
     except SecAggError as e:  # e.g. fewer than 2 clients: no protocol message went out

@@ -72,6 +72,19 @@ def round_parameters(n: int, neighbours: int | None, threshold: int | None) -> t
     return k, t
 
 
+
+def round_encoding(agg: "SecureAggregator", participants: Mapping[str, int]) -> QuantConfig:
+    """The round's encoding: 32-bit words when the sum of n updates cannot wrap them, else 64-bit. Shared by the
+    in-process aggregator and the coordinator's bus driver, so both encode a round identically."""
+    max_weight = max(1, max(int(w) for w in participants.values())) if agg.weighting == "samples" else None
+    quant = QuantConfig(agg.clip, agg.bits, 32, max_weight)
+    try:
+        check_capacity(quant, len(participants))
+    except SecAggError:
+        quant = QuantConfig(agg.clip, agg.bits, 64, max_weight)
+        check_capacity(quant, len(participants))
+    return quant
+
 class SecureAggregator:
     """Weighted mean of client deltas computed under SecAgg+ masking (see the module docstring)."""
 
@@ -145,16 +158,7 @@ class SecureAggregator:
         self.last_round = {"round": round, "participants": len(ids)}
         try:
             k, t = round_parameters(len(ids), self.neighbours, self.threshold)
-            max_weight = None
-            if self.weighting == "samples":
-                max_weight = max(1, max(int(w) for w in participants.values()))
-            quant = QuantConfig(self.clip, self.bits, 32, max_weight)
-            try:
-                check_capacity(quant, len(ids))
-            except SecAggError:
-                quant = QuantConfig(self.clip, self.bits, 64, max_weight)
-                check_capacity(quant, len(ids))
-            self._quant = quant
+            quant = self._quant = round_encoding(self, participants)
             cfg = RoundConfig.create(round, ids, quant.vector_length(size), modulus_bits=quant.modulus_bits, k=k, t=t)
             for c in ids:
                 self._enrol(c)
