@@ -35,7 +35,7 @@ from fedopt.data import PartitionSpec
 from fedopt.metrics import RunOutput
 from fedopt.optimizers import make_server_optimizer
 from fedopt.params import ParamSpec
-from fedopt.task import ClientData, Task, TrainConfig, resolve_task
+from fedopt.task import Task, TrainConfig, resolve_task
 
 from .host import ClientHost
 from .runner import LocalTrainer, pick_device

@@ -13,7 +13,7 @@ import importlib
 import sys
 from typing import Any, Sequence
 
-from .errors import ConfigError, FedoptError
+from .errors import FedoptError
 
 __all__ = ["main", "add_round_options", "add_bus_options", "round_overrides", "parse_kv"]
 
