@@ -13,8 +13,10 @@ Measured, each as a median over ``--repeats`` (spreads are printed too; the mach
   same wire precision (4 bytes per parameter: float32 vs uint32), encoded by :mod:`fedopt.wire` when present;
 * client masking time (``ClientSession.masked_input``: decrypt shares, key agreement, PRG masks) against the PRG
   floor: the AES-256-CTR keystream that client must generate (one stream for b_u, one per neighbour that shared
-  keys, each ``4 * vector_length`` bytes), timed with a bare cipher right before and right after *each* client's
-  masking (averaged), so job and floor see the same load; the ratio is the median over all clients and repeats;
+  keys, each ``4 * vector_length`` bytes), timed with bare cipher calls right before and right after *each*
+  client's masking (averaged), so job and floor see the same load; the ratio is the median over all clients and
+  repeats. Masking, encoding and unmasking split long vectors across threads (``--threads``, default: the usable
+  CPUs up to 8); the floor is generated over the same threads and ranges, so the ratio compares like with like;
 * server unmasking time (take the unmask responses, reconstruct seeds and keys, remove masks) against its PRG floor
   (one stream per survivor's b_u, one per (surviving neighbour, dropped client) pair), timed the same way;
 * client encoding (clip + quantise from the float32 delta) is reported apart, not in the masking ratio;
@@ -59,7 +61,7 @@ from fedopt.secagg import (
     generate_identity,
     identity_public_bytes,
 )
-from fedopt.secagg import codec
+from fedopt.secagg import codec, parallel, prg
 
 
 def aes_ctr_speed(repeats: int = 5, total: int = 64 << 20) -> float:
@@ -77,18 +79,21 @@ def aes_ctr_speed(repeats: int = 5, total: int = 64 << 20) -> float:
 
 
 def prg_floor(seeds: int, nbytes: int) -> float:
-    """Seconds to generate ``seeds`` AES-256-CTR keystreams of ``nbytes`` each, in 1 MiB calls into one reused
-    buffer (a fresh key per stream, as the masking code does): the PRG floor of one masking or unmasking job."""
-    chunk = 1 << 20
-    zeros, buf = bytes(chunk), bytearray(chunk + 15)
-    tail = memoryview(zeros)[: nbytes % chunk]
+    """Seconds to generate ``seeds`` AES-256-CTR keystreams of ``nbytes`` each (a fresh key per stream, as the
+    masking code does), in 1 MiB calls into reused buffers, split over the same threads and ranges as masking
+    (:func:`fedopt.secagg.parallel.for_ranges`): the PRG floor of one masking or unmasking job."""
+    chunk = prg.CHUNK_BYTES
+    keys = [os.urandom(32) for _ in range(seeds)]
+
+    def walk(start: int, stop: int) -> None:
+        sc = prg.scratch()
+        for key in keys:
+            enc = prg.cipher(key, start * 4 // 16)
+            for i in range(start * 4, stop * 4, chunk):
+                sc.fill(enc, min(chunk, stop * 4 - i))
+
     t = time.perf_counter()
-    for _ in range(seeds):
-        enc = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(bytes(16))).encryptor()
-        for _ in range(nbytes // chunk):
-            enc.update_into(zeros, buf)
-        if len(tail):
-            enc.update_into(tail, buf)
+    parallel.for_ranges(walk, nbytes // 4, 4)
     return time.perf_counter() - t
 
 
@@ -238,7 +243,10 @@ def main() -> None:
     ap.add_argument("--flower-p", type=int, default=None, help="Flower's P (default: --params)")
     ap.add_argument("--flower-timeout", type=float, default=900.0)
     ap.add_argument("--no-flower", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads for masking, encoding and unmasking (default: fedopt's, the usable CPUs up to 8)")
     a = ap.parse_args()
+    parallel.set_threads(a.threads)
     n, P, d = a.clients, a.params, a.dropout
 
     speed, proto, rounds_s, rounds_p, round_ratios = [], [], [], [], []
@@ -270,7 +278,7 @@ def main() -> None:
     def spread(xs) -> str:
         return f"{min(xs):.2f}-{max(xs):.2f}"
     rows = [
-        ("AES-256-CTR keystream", f"{aes / 1e9:.2f} GB/s", ""),
+        ("AES-256-CTR keystream, one thread", f"{aes / 1e9:.2f} GB/s", ""),
         ("graph", f"k = {p0['k']}, t = {p0['t']}", f"{p0['dropped']} of {n} drop at masked input"),
         ("bytes sent per client", f"{client_bytes:,.0f} B", f"plain {plain_bytes:,} B ({plain_how})"),
         ("client: encode (clip+quantise)", f"{med([p['encode'] for p in proto]) * 1e3:.1f} ms", "not masking"),
@@ -303,7 +311,8 @@ def main() -> None:
         else:
             rows.append((f"Flower SecAgg+ (n={fn}, P={fp:.0e})", "failed", str(fl)[:80]))
     w = max(len(r[0]) for r in rows)
-    print(f"secure aggregation, n = {n}, P = {P:,}, dropout {d:.0%}, {a.repeats} repeats (medians)")
+    print(f"secure aggregation, n = {n}, P = {P:,}, dropout {d:.0%}, {a.repeats} repeats (medians), "
+          f"{parallel.threads()} secagg thread(s), {torch.get_num_threads()} torch thread(s)")
     for name, val, note in rows:
         print(f"  {name:<{w}}  {val:>14}  {note}")
     print(f"  ratios: bytes {bytes_ratio:.4f}x, client/PRG {client_ratio:.2f}x, server/PRG {server_ratio:.2f}x, "

@@ -17,6 +17,7 @@ client's loop. A new ``setup`` starts a fresh session (fresh keys) for the new r
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -106,7 +107,7 @@ class SecAggClient:
         if x.size + (1 if quant.weighted else 0) != self._setup.config.vector_length:
             raise SecAggError(f"update has {x.size} values; round {self.round} expects "
                               f"{self._setup.config.vector_length} words")
-        enc = encode_update(x, quant, np.random.default_rng(), n if quant.weighted else None)
+        enc = encode_update(x, quant, os.urandom(32), n if quant.weighted else None)
         self.clip_rate = float(enc.clipped)
         if self.on_encoded is not None:
             self.on_encoded(self.round, enc.vector)

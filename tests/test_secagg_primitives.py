@@ -11,7 +11,7 @@ import pytest
 
 import fedopt.secagg as secagg
 from fedopt.errors import SecAggError
-from fedopt.secagg import graph, keys, masking, prg, quantize, shamir
+from fedopt.secagg import graph, keys, masking, parallel, prg, quantize, shamir
 
 
 # -- key agreement, signatures, AEAD --------------------------------------------------------------
@@ -146,6 +146,68 @@ def test_prg_rejects_bad_input():
         prg.accumulate(np.zeros(4, np.uint32), os.urandom(32), 2)
 
 
+@pytest.fixture
+def split_small(monkeypatch):
+    """Split even short vectors across threads; yields a function that sets the thread count."""
+    monkeypatch.setattr(parallel, "MIN_BYTES_PER_THREAD", 64)
+    yield parallel.set_threads
+    parallel.set_threads(None)
+
+
+@pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
+def test_threaded_masking_is_bit_identical(split_small, dtype):
+    """Ranges start their ciphers at their own counter block: any thread count gives the same bytes."""
+    seeds = [os.urandom(32) for _ in range(4)]
+    terms = list(zip(seeds, [1, -1, 1, -1]))
+    m = 1001  # ragged: not a multiple of the 16-byte alignment
+    base = np.random.default_rng(3).integers(0, np.iinfo(dtype).max, m, dtype=dtype)
+    out = {}
+    for t in (1, 2, 3, 7):
+        split_small(t)
+        got = np.empty_like(base)
+        prg.accumulate_many(got, terms, base=base)
+        out[t] = got
+    split_small(1)
+    want = base.copy()
+    for seed, sign in terms:
+        want += prg.expand(seed, m, dtype) if sign == 1 else -prg.expand(seed, m, dtype)
+    for t, got in out.items():
+        assert np.array_equal(got, want), t
+
+
+def test_threaded_encoding_is_bit_identical(split_small):
+    x = np.random.default_rng(4).normal(0, 0.3, 5003).astype(np.float32)
+    for cfg in (quantize.QuantConfig(clip=1.0, bits=16), quantize.QuantConfig(clip=1.0, bits=24, modulus_bits=64)):
+        seed = os.urandom(32)
+        encs = []
+        for t in (1, 3):
+            split_small(t)
+            encs.append(quantize.encode_update(x, cfg, seed))
+        assert np.array_equal(encs[0].vector, encs[1].vector)
+        assert encs[0].norm == pytest.approx(encs[1].norm, rel=1e-6)
+        assert encs[0].norm == pytest.approx(float(np.linalg.norm(x.astype(np.float64))), rel=1e-6)
+        assert not np.array_equal(encs[0].vector, quantize.encode_update(x, cfg, os.urandom(32)).vector)
+
+
+def test_thread_errors_reach_the_caller(split_small, monkeypatch):
+    split_small(4)
+
+    def fn(a, b):
+        if a > 0:
+            raise SecAggError(f"range {a}")
+
+    with pytest.raises(SecAggError, match="range"):
+        parallel.for_ranges(fn, 1000, 4)
+    with pytest.raises(SecAggError, match="threads"):
+        parallel.set_threads(0)
+    split_small(None)
+    monkeypatch.setenv("FEDOPT_SECAGG_THREADS", "two")
+    with pytest.raises(SecAggError, match="FEDOPT_SECAGG_THREADS"):
+        parallel.threads()
+    monkeypatch.setenv("FEDOPT_SECAGG_THREADS", "2")
+    assert parallel.threads() == 2
+
+
 # -- Shamir ---------------------------------------------------------------------------------------
 
 
@@ -204,6 +266,18 @@ def test_quantise_error_bound_and_sum_bound():
     err = np.abs(back - np.sum(xs, axis=0))
     assert np.max(err) < n * cfg.step
     assert abs(np.mean(back - np.sum(xs, axis=0))) < 0.05 * cfg.step * math.sqrt(n)  # unbiased
+
+
+@pytest.mark.parametrize("bits,modulus", [(16, 32), (24, 64)])
+def test_stochastic_rounding_is_unbiased(bits, modulus):
+    """A value 0.3 or -1.7 steps rounds up with probability 0.3: the keystream noise is uniform on [0, 1)."""
+    cfg = quantize.QuantConfig(clip=1e3, bits=bits, modulus_bits=modulus)
+    m = 200_000
+    for frac in (0.3, -1.7):
+        q = quantize.encode_update(np.full(m, frac * cfg.step), cfg, os.urandom(32)).vector
+        q = q.view(np.int32 if modulus == 32 else np.int64)
+        assert set(np.unique(q)) == {math.floor(frac), math.floor(frac) + 1}
+        assert np.mean(q) == pytest.approx(frac, abs=4 * 0.5 / math.sqrt(m))
 
 
 def test_quantise_clips_l2_and_reports():

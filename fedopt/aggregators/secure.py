@@ -28,6 +28,7 @@ not move) and the next :meth:`begin` starts a fresh round. ``last_round`` descri
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -195,12 +196,14 @@ class SecureAggregator:
             if weight > quant.max_weight:
                 raise ConfigError(f"client {update.client!r} reports {weight} samples, more than the {quant.max_weight} "
                                   f"it announced for this round")
-        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self._round, *update.client.encode()])
+        # rounding noise, reproducible per (run seed, round, client); not a mask, so it may be derived from public values
+        noise = hashlib.blake2b(f"{self.seed}/{self._round}/{update.client}".encode(), digest_size=32,
+                                person=b"fedopt-sa-noise").digest()
         d = d.detach()
         if d.dtype not in (torch.float32, torch.float64):
             d = d.float()
         # read in place (float32 CPU tensors share memory with numpy); encode and mask reuse one buffer
-        enc = encode_update(d.cpu().numpy(), quant, rng, weight)
+        enc = encode_update(d.cpu().numpy(), quant, noise, weight)
         masked = client.masked_input(self._deliveries.pop(update.client), enc.vector, consume=True)
         self._clipped += enc.clipped  # the clip rate is public metadata, the encoding itself is not kept
         del enc

@@ -11,8 +11,9 @@ Encoding of one client's update ``x`` (length m) with clip ``c``, ``bits`` b and
 2. **Weighting** (weighted FedAvg): x <- x * w / W, with integer weight ``w`` = num_samples in
    [0, W] and W = ``max_weight`` public, so |x_i| <= c still holds.
 3. **Signed stochastic quantisation**: scale s = (2^(b-1) - 1) / c; q = floor(s*x + U), U ~ U[0, 1)
-   from a caller-seeded numpy Generator (this is rounding noise, not a mask). E[q] = s*x (unbiased)
-   and q lies in [-(2^(b-1)-1), 2^(b-1)-1].
+   (rounding noise, not a mask: it is drawn from an AES-CTR keystream under a caller-given 32-byte
+   seed, 23 or 52 random mantissa bits per coordinate, which costs a quarter of numpy's generator).
+   E[q] = s*x (unbiased) and q lies in [-(2^(b-1)-1), 2^(b-1)-1].
 4. **Two's complement mod 2^k** (k = 32 -> uint32, k = 64 -> uint64); with weights the integer ``w``
    is appended as coordinate m (unscaled), so the vector has m+1 words.
 
@@ -37,6 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedopt.errors import SecAggError
+from fedopt.secagg import prg
+from fedopt.secagg.parallel import for_ranges
 
 __all__ = [
     "Encoded",
@@ -122,7 +125,7 @@ def check_capacity(cfg: QuantConfig, n: int) -> None:
         )
 
 
-_NORM_CHUNK = 1 << 16  # float32 values widened to float64 per chunk for the norm (stays in cache)
+_BLOCK = 1 << 16  # values per block of the chunked passes (a few 256 KiB buffers: they stay in cache)
 
 
 def _float_vector(x) -> np.ndarray:
@@ -134,25 +137,38 @@ def _float_vector(x) -> np.ndarray:
     return x.reshape(-1)
 
 
-def l2_norm(x: np.ndarray) -> float:
-    """The L2 norm of a float32/float64 vector, accumulated in float64; raises SecAggError on NaN/inf.
+def _sum_squares(x: np.ndarray) -> float:
+    """Sum of squares, block by block and split across threads. Squares of float32 values are summed in
+    float32 per block (numpy's pairwise sum: relative error ~ 1e-7 * log2(block)), block sums in float64."""
+    parts: list[float] = []
 
-    Squares are formed in float64 chunk by chunk into one cache-sized buffer and summed pairwise: no
-    full-size float64 copy, and no BLAS ``dot`` (whose worker threads spin and slow down by 10x or more
-    on a loaded machine). A finite sum of squares means every value is finite, so this is also the
-    finiteness check (one pass instead of two).
+    def walk(start: int, stop: int) -> None:
+        buf = np.empty(min(stop - start, _BLOCK), dtype=x.dtype)
+        total = 0.0
+        for i in range(start, stop, _BLOCK):
+            c = x[i : min(i + _BLOCK, stop)]
+            b = buf[: c.size]
+            np.multiply(c, c, out=b)
+            total += float(b.sum())
+        parts.append(total)
+
+    for_ranges(walk, x.size, x.itemsize)
+    return math.fsum(parts)
+
+
+def l2_norm(x: np.ndarray) -> float:
+    """The L2 norm of a float32/float64 vector; raises SecAggError on NaN/inf.
+
+    No full-size copy and no BLAS ``dot`` (whose worker threads spin and slow down by 10x or more on a
+    loaded machine). A finite sum of squares means every value is finite, so this is also the finiteness
+    check (one pass instead of two). Where float32 squares overflow or underflow, it is recomputed in
+    float64 with rescaling.
     """
-    buf = np.empty(min(x.size, _NORM_CHUNK), dtype=np.float64)
-    sq = 0.0
-    for i in range(0, x.size, _NORM_CHUNK):
-        c = x[i : i + _NORM_CHUNK]
-        b = buf[: c.size]
-        np.multiply(c, c, out=b, dtype=np.float64)
-        sq += float(b.sum())
-    if not math.isfinite(sq):
+    sq = _sum_squares(x) if x.size else 0.0
+    if not math.isfinite(sq) or (sq == 0.0 and x.size and np.any(x)):
         if not np.all(np.isfinite(x)):
             raise SecAggError("update contains NaN or infinite values")
-        return float(np.linalg.norm(x.astype(np.float64)))  # finite but the squares overflowed: rescales
+        return float(np.linalg.norm(x.astype(np.float64)))
     return math.sqrt(sq)
 
 
@@ -171,18 +187,21 @@ def clip_l2(x: np.ndarray, clip: float) -> tuple[np.ndarray, float, bool]:
 def encode_update(
     x: np.ndarray,
     cfg: QuantConfig,
-    rng: np.random.Generator,
+    noise: bytes | np.random.Generator,
     weight: int | None = None,
 ) -> Encoded:
     """Clip, weight, stochastically quantise and encode ``x`` modulo 2^k (see module docstring).
 
     ``x`` may be float32 or float64 (numpy, or anything ``np.asarray`` accepts, e.g. a CPU tensor);
-    it is read, never modified or copied to float64. Clip factor, weight and scale are folded into one
-    multiplier, so the work is: one norm pass, one scaling pass, the rounding noise, floor (cast to
-    the integer type in the same pass) and a clamp. ``weight`` (num_samples, an int in [0, max_weight])
-    is required iff ``cfg`` is weighted.
+    it is read, never modified or copied. ``noise`` seeds the rounding noise: 32 bytes, or a numpy
+    Generator that 32 seed bytes are drawn from. ``weight`` (num_samples, an int in [0, max_weight]) is
+    required iff ``cfg`` is weighted. Clip factor, weight and scale are folded into one multiplier;
+    after the norm pass, one blocked pass (split across threads) scales, adds the noise, clamps and
+    floors into the integer vector.
     """
     x = _float_vector(x)
+    if isinstance(noise, np.random.Generator):
+        noise = noise.bytes(prg.SEED_BYTES)
     norm = l2_norm(x)
     was_clipped = norm > cfg.clip
     factor = cfg.scale * (cfg.clip / norm if was_clipped else 1.0)
@@ -192,22 +211,37 @@ def encode_update(
         factor *= int(weight) / cfg.max_weight
     elif weight is not None:
         raise SecAggError("weight given but QuantConfig.max_weight is None (unweighted)")
-    top = (1 << (cfg.bits - 1)) - 1  # clamp guards the one-ulp overshoot of s * c at |x_i| = c
+    top = (1 << (cfg.bits - 1)) - 1
     m = x.size
-    # float32 holds s*x + u to within 2^-8 of a step while |s*x| < 2^16, and costs half the memory traffic
-    ft = np.float32 if cfg.bits <= 16 else np.float64
-    buf = np.multiply(x, ft(factor), dtype=ft)
-    buf += rng.random(m, dtype=ft)  # stochastic rounding: floor(s*x + U[0,1)) is unbiased
+    # float32 holds s*x + u to within 2^-8 of a step while |s*x| < 2^16, and costs half the memory traffic.
+    # Noise: random mantissa bits under the exponent of 1.0 make a float in [1, 2); minus 1 is U[0, 1), exact.
+    if cfg.bits <= 16:
+        ft, wt, shift, one = np.float32, np.uint32, 9, 0x3F800000
+    else:
+        ft, wt, shift, one = np.float64, np.uint64, 12, 0x3FF0000000000000
     # signed ints reinterpreted as unsigned (two's complement) are the residues mod 2^k
     it, ut = (np.int32, np.uint32) if cfg.modulus_bits == 32 else (np.int64, np.uint64)
     vec = np.empty(cfg.vector_length(m), dtype=it)
-    body = vec[:m]
-    if top + 1 > np.iinfo(it).max:  # bits == modulus_bits: clamp before the cast can overflow
-        np.clip(buf, -top, top, out=buf)
-    np.floor(buf, out=body, casting="unsafe")  # |buf| <= top + 1 <= 2^(k-1) - 1: the cast is exact
-    del buf
-    np.minimum(body, top, out=body)
-    np.maximum(body, -top, out=body)
+    f_one, f_top, f_factor = ft(1), ft(top), ft(factor)
+    words = np.dtype(wt).itemsize
+
+    def walk(start: int, stop: int) -> None:
+        enc, sc = prg.cipher(noise, start * words // 16), prg.scratch()
+        buf = np.empty(min(stop - start, _BLOCK), dtype=ft)
+        for i in range(start, stop, _BLOCK):
+            n = min(_BLOCK, stop - i)
+            f = buf[:n]
+            np.multiply(x[i : i + n], f_factor, out=f, casting="same_kind")
+            u = np.frombuffer(sc.fill(enc, n * words), dtype=wt, count=n)
+            np.right_shift(u, shift, out=u)
+            np.bitwise_or(u, one, out=u)
+            unit = u.view(ft)
+            np.subtract(unit, f_one, out=unit)  # U[0, 1)
+            np.add(f, unit, out=f)  # stochastic rounding: floor(s*x + U) is unbiased
+            np.clip(f, -f_top, f_top, out=f)  # guards the one-ulp overshoot of s * c at |x_i| = c
+            np.floor(f, out=vec[i : i + n], casting="unsafe")  # |f| <= top <= 2^(k-1) - 1: the cast is exact
+
+    for_ranges(walk, m, words)
     if cfg.weighted:
         vec[m] = weight
     return Encoded(vec.view(ut), norm, bool(was_clipped))
