@@ -10,8 +10,8 @@ for any reason but "done", the client closes its socket, waits a capped exponent
 says HELLO again; so a coordinator restarted with ``--resume`` gets its clients back without anyone touching them.
 
 Secure aggregation: when WELCOME says the run uses ``secagg``, the client answers SECAGG messages through a
-:class:`~clients.secagg.SecAggClient` on the socket thread and, once trained, sends its masked update (SECAGG) instead
-of OFFER/UPDATE. Its long-term identity key and every peer's pinned public identity come from ``--identities DIR``
+:class:`~clients.secagg.SecAggClient` on the socket thread and, once trained and masked, OFFERs its masked update and
+sends it (SECAGG instead of UPDATE) when the coordinator PULLs it, so masked uploads take upload credit too. Its long-term identity key and every peer's pinned public identity come from ``--identities DIR``
 (default: ``--keys DIR``), never from the coordinator (trust model: :mod:`fedopt.identity`).
 """
 
@@ -28,8 +28,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-import torch
 import zmq
 
 from fedopt import bus, wire
@@ -38,7 +36,6 @@ from fedopt.errors import AuthError, ConfigError, FedoptError
 from fedopt.liveness import Backoff, Liveness, Ticker
 from fedopt.params import ParamSpec
 from fedopt.task import TrainConfig, resolve_task
-
 from fedopt.identity import find_identity_dir, load_identity, load_pinned
 from fedopt.secagg import codec
 
@@ -46,6 +43,11 @@ from .runner import LocalTrainer, pick_device
 from .secagg import SecAggClient
 
 __all__ = ["FederatedClient", "configure", "run"]
+
+
+def _plain_metrics(metrics: dict) -> dict:
+    """The scalar training metrics (loss, steps, ...) that go on the wire."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
 
 log = logging.getLogger("fedopt.client")
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"sampler"}
@@ -127,7 +129,11 @@ class FederatedClient:
         self.worker = _Trainer(self.ctx, url, slow)
         self._settings: dict | None = None
         self._pending: dict | None = None  # the finished update waiting for PULL: {"round", "delta", ...}
+        self._offered: list | None = None  # the held masked input already offered
+        self._secure_metrics: dict = {}  # training metrics of the update being masked (sent with its OFFER)
         self.secure = secure  # this client's secure-aggregation side (None: no identity key)
+        if secure is not None:
+            secure.hold_masked = True  # the masked input is uploaded on credit: OFFER, then PULL
         self.fault = (FAULT_STAGES[fault_stage], fault_round) if fault_stage else None  # test seam
 
     # ---- set-up from WELCOME ------------------------------------------------------------------------------------
@@ -249,6 +255,10 @@ class FederatedClient:
                 ep.send(wire.UpdateMsg(round=p["round"], num_samples=p["num_samples"], metrics=p["metrics"],
                                        delta=p["delta"], sender=self.client))
                 self._pending = None
+            elif self.secure is not None and self.secure.masked is not None and self.secure.masked[0] == msg.round:
+                rnd, _, parts = self.secure.masked
+                self.secure.masked = None
+                ep.send(wire.SecAgg(round=rnd, parts=parts, sender=self.client))
         elif isinstance(msg, wire.SecAgg):
             self._secure_message(ep, msg)
         elif isinstance(msg, wire.Bye):
@@ -273,8 +283,16 @@ class FederatedClient:
                 for h in logging.getLogger().handlers:
                     h.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
-        for parts in self.secure.handle(msg.parts):
-            ep.send(wire.SecAgg(round=msg.round, parts=parts, sender=self.client))
+        self._send_secure(ep, msg.round, self.secure.handle(msg.parts))
+
+    def _send_secure(self, ep: bus.Endpoint, rnd: int, replies: list) -> None:
+        """Send secagg replies; a masked input that just became ready is offered (uploaded when PULLed)."""
+        for parts in replies:
+            ep.send(wire.SecAgg(round=rnd, parts=parts, sender=self.client))
+        held = self.secure.masked
+        if held is not None and held[2] is not self._offered:
+            self._offered = held[2]
+            ep.send(wire.Offer(round=held[0], num_samples=held[1], metrics=self._secure_metrics, sender=self.client))
 
     def _discard_queued_training(self) -> None:
         keep = []
@@ -297,11 +315,11 @@ class FederatedClient:
                 return
             if kind == "update" and self._settings and self._settings.get("secagg"):
                 # the masked update goes out as soon as this round's key shares are in (now, or on their arrival)
-                for parts in self.secure.provide_update(payload[0].numpy(), payload[1], rnd):
-                    ep.send(wire.SecAgg(round=rnd, parts=parts, sender=self.client))
+                self._secure_metrics = _plain_metrics(payload[2])
+                self._send_secure(ep, rnd, self.secure.provide_update(payload[0].numpy(), payload[1], rnd))
             elif kind == "update":
                 delta, n, metrics = payload
-                metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+                metrics = _plain_metrics(metrics)
                 self._pending = {"round": rnd, "delta": delta, "num_samples": n, "metrics": metrics}
                 ep.send(wire.Offer(round=rnd, num_samples=n, sender=self.client))
             elif kind == "ready":

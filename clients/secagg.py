@@ -6,8 +6,9 @@ Wraps one :class:`fedopt.secagg.ClientSession` per round (Bonawitz et al., CCS 2
     replies = sa.handle(parts)                       # an incoming secagg message -> list of messages to send
     replies = sa.provide_update(delta, num_samples, round)  # once local training is done
 
-Each reply is ``codec.pack(message)`` (``[msgpack body, *raw frames]``) for the coordinator. The masked input goes
-out as soon as both the share delivery and the update are there, in whichever order they arrive; an update for a
+Each reply is ``codec.pack(message)`` (``[msgpack body, *raw frames]``) for the coordinator. The masked input is
+made as soon as both the share delivery and the update are there, in whichever order they arrive (and returned, or
+with ``hold_masked`` kept in ``masked`` for an upload on credit); an update for a
 round whose ``setup`` has not arrived yet is kept until it does (a transport may deliver TRAIN's result first). A message the
 protocol refuses (bad signature, inconsistent unmask request, malformed bytes) is logged, the round's session is
 dropped (the client then sends nothing more for that round) and ``handle`` returns ``[]``: it never raises into the
@@ -44,6 +45,10 @@ class SecAggClient:
         self.clip_rate: float | None = None  # 1.0 if the last update was clipped, else 0.0
         #: test seam: called with (round, encoded vector) just before masking; the vector never leaves the client
         self.on_encoded = None
+        #: keep the masked input in :attr:`masked` as ``(round, num_samples, parts)`` instead of returning it, for a
+        #: transport that uploads on credit (OFFER, then the coordinator's PULL)
+        self.hold_masked = False
+        self.masked: tuple[int, int, list] | None = None
 
     @property
     def round(self) -> int | None:
@@ -79,6 +84,7 @@ class SecAggClient:
                 raise SecAggError(f"setup for round {msg.round} does not list this client")
             keep = self._update is not None and self._update[2] == msg.round
             self._setup, self._delivery, self._update = msg, None, (self._update if keep else None)
+            self.masked = None
             self._session = ClientSession(self.id, self._identity, self._pinned, msg.config)
             return [codec.pack(self._session.advertise())]
         if isinstance(msg, codec.Abort):
@@ -112,4 +118,8 @@ class SecAggClient:
         if self.on_encoded is not None:
             self.on_encoded(self.round, enc.vector)
         delivery, self._delivery, self._update = self._delivery, None, None
-        return [codec.pack(self._session.masked_input(delivery, enc.vector, consume=True))]
+        parts = codec.pack(self._session.masked_input(delivery, enc.vector, consume=True))
+        if self.hold_masked:
+            self.masked = (self.round, n, parts)
+            return []
+        return [parts]

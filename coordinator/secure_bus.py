@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +37,7 @@ from fedopt.aggregators.secure import round_encoding, round_parameters
 from fedopt.errors import SecAggError
 from fedopt.secagg import RoundConfig
 
+from .registry import RoundTracker
 from .rounds import RoundOutcome
 from .secagg import run_round
 
@@ -49,17 +51,54 @@ _SLICE = 0.05  # seconds: how often recv comes back to let the protocol see clie
 
 
 class BusTransport:
-    """``send``/``recv`` of :func:`run_round` over a :class:`Coordinator`'s socket, for one round."""
+    """``send``/``recv`` of :func:`run_round` over a :class:`Coordinator`'s socket, for one round.
 
-    def __init__(self, coord: Coordinator, round: int) -> None:
+    Masked inputs take upload credit like plain updates: a client whose masked vector is ready sends OFFER and
+    uploads it on PULL, and at most ``--upload-slots`` are pulled at once, so the coordinator holds that many masked
+    vectors plus the running sum however many clients finish together. A slot comes back when the client's next
+    SECAGG message is taken off the inbox (its masked input, added to the sum and released at once) or it is gone.
+    """
+
+    def __init__(self, coord: Coordinator, round: int, participants, slots: int) -> None:
         self.coord, self.round = coord, round
         self.inbox: deque[tuple[str, tuple]] = deque()
         self.gone: set[str] = set()  # participants known dead or unreachable
+        self.uploads = RoundTracker(round, list(participants), float("inf"), slots)
+        self.losses: dict[str, tuple[float, int]] = {}  # client -> (training loss, num_samples) from its OFFER
 
     def send(self, client: str, parts: list) -> None:
+        self._send(client, wire.SecAgg(round=self.round, parts=parts))
+
+    def _send(self, client: str, msg: wire.Message) -> None:
         peer = self.coord.registry.peer_of(client)
-        if peer is None or not self.coord.ep.send(wire.SecAgg(round=self.round, parts=parts), to=peer):
-            self.gone.add(client)
+        if peer is None or not self.coord.ep.send(msg, to=peer):
+            self.lost(client)
+
+    def lost(self, client: str) -> None:
+        self.gone.add(client)
+        if self.uploads.drop(client):
+            self._grant()
+
+    def offer(self, client: str, round: int, num_samples: int = 0, metrics: dict | None = None) -> str | None:
+        """A participant's masked input is ready; the reason the OFFER is refused, or None. Its training loss is kept
+        for :meth:`train_loss`."""
+        if round != self.round or not self.uploads.offer(client):
+            return f"unexpected OFFER for round {round} during secure round {self.round}"
+        loss = (metrics or {}).get("loss")
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss) and num_samples > 0:
+            self.losses[client] = (float(loss), num_samples)
+        self._grant()
+        return None
+
+    def train_loss(self, survivors) -> float | None:
+        """The sample-weighted mean training loss the survivors reported with their OFFERs (None if none did)."""
+        got = [self.losses[c] for c in survivors if c in self.losses]
+        weight = sum(n for _, n in got)
+        return sum(loss * n for loss, n in got) / weight if weight else None
+
+    def _grant(self) -> None:
+        for client in self.uploads.grants():
+            self._send(client, wire.Pull(round=self.round))
 
     def deliver(self, client: str, msg: wire.SecAgg) -> str | None:
         """Queue a SECAGG message from ``client``; the reason it was refused, or None."""
@@ -76,7 +115,11 @@ class BusTransport:
                 return None
             self.coord._pump(min(left, _SLICE))
             self.coord._keepalive()
-        return self.inbox.popleft()
+        client, parts = self.inbox.popleft()
+        if client in self.uploads.uploading:
+            self.uploads.received(client, accepted=True)
+            self._grant()
+        return client, parts
 
 
 def secure_round(coord: Coordinator, r: int, sizes: dict[str, int]) -> tuple[RoundOutcome, dict]:
@@ -118,7 +161,7 @@ def secure_round(coord: Coordinator, r: int, sizes: dict[str, int]) -> tuple[Rou
         log.error("secure aggregation round %d aborted, global model unchanged: %s", r, e)
         return aborted(str(e))
     info.update(k=k, t=t, modulus_bits=quant.modulus_bits)
-    transport = BusTransport(coord, r)
+    transport = BusTransport(coord, r, participants, cfg.upload_slots)
     coord.secure = transport
     try:
         out = run_round(rcfg, quant, transport.send, transport.recv, stage_timeout=cfg.deadline,
@@ -140,4 +183,4 @@ def secure_round(coord: Coordinator, r: int, sizes: dict[str, int]) -> tuple[Rou
         np.save(d / f"sum-{r}.npy", out.total)
         (d / f"sum-{r}.json").write_text(json.dumps({"survivors": list(out.survivors), "dropped": list(out.dropped),
                                                      "modulus_bits": quant.modulus_bits}))
-    return RoundOutcome(r, True, len(out.survivors), out.weight, rejected, None), info
+    return RoundOutcome(r, True, len(out.survivors), out.weight, rejected, transport.train_loss(out.survivors)), info

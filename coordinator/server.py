@@ -184,6 +184,10 @@ class Coordinator:
             if msg.num_samples < 0:
                 return self._drop(peer, f"READY with num_samples {msg.num_samples}")
             self.registry.ready(peer, msg.num_samples)
+        elif isinstance(msg, wire.Offer) and self.secure is not None:
+            reason = self.secure.offer(rec.client, msg.round, msg.num_samples, msg.metrics)
+            if reason is not None:
+                self._drop(peer, reason)
         elif isinstance(msg, wire.Offer):
             t = self.tracker
             if t is None or msg.round != t.round or not t.offer(rec.client):
@@ -237,7 +241,7 @@ class Coordinator:
             log.warning("round %d: client %s dropped (%s)", self.tracker.round, client, reason)
             self._grant()
         if self.secure is not None:
-            self.secure.gone.add(client)
+            self.secure.lost(client)
         if self.evals is not None:
             self.evals["pending"].discard(client)
 

@@ -38,7 +38,8 @@ SECAGG carries one message of the secure-aggregation protocol (:mod:`fedopt.seca
 a masked input, one raw uint32/uint64 vector) as opaque frames: this module checks only their number and sizes, and
 ``codec.unpack`` validates their content (kinds, fields, key sizes, dtype, length) before anything is allocated.
 Its frames are not tensors: they are listed under ``parts`` (a count), not ``tensors``. A coordinator running
-``--aggregator secagg`` sends SECAGG after TRAIN, and its clients answer with SECAGG instead of OFFER/UPDATE.
+``--aggregator secagg`` sends SECAGG after TRAIN, and its clients answer with SECAGG; the masked input takes upload
+credit like an UPDATE (OFFER with the training metrics, then SECAGG on PULL).
 
 A client says HELLO, gets WELCOME (the ParamSpec and the run's data settings), loads its shard and says READY with its
 sample count; from then on it may be selected. Any message counts as a heartbeat (see :mod:`fedopt.liveness`).
@@ -131,6 +132,7 @@ class Ready(Message):
 class Offer(Message):
     TYPE: ClassVar[str] = "OFFER"
     num_samples: int = 0  # the finished update's weight, announced before it is uploaded
+    metrics: dict = field(default_factory=dict)  # with secagg: the training metrics (loss, steps), as UPDATE carries
 
 
 @dataclass(frozen=True)

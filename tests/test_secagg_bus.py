@@ -80,6 +80,9 @@ def test_ipc_processes_match_the_in_process_secagg_run(tmp_path):
     assert [r["clients"] for r in rows] == [4, 4, 4] and all(r["aborted"] is None for r in rows)
     assert rows[-1]["accuracy"] > 0.5  # it learned
     assert abs(rows[-1]["accuracy"] - ref.records[-1]["accuracy"]) <= 0.005
+    # the clients' training loss comes with their OFFERs (the masked inputs themselves are uploaded on PULL)
+    for got, want in zip(rows, ref.records):
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-3)
 
 
 def _survivors_sum_matches(dump, r: int) -> dict:
