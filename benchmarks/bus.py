@@ -12,6 +12,7 @@ Run: ``python benchmarks/bus.py``. Prints a table, then one JSON line.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -142,22 +143,29 @@ def free_port() -> int:
     return fp()
 
 
-def coordinator_round(clients: int, rounds: int) -> tuple[float, float]:
-    """Median round seconds (rounds 2..) and RSS growth in updates of a real coordinator with real clients."""
+def coordinator_round(clients: int, rounds: int, secagg: bool = False) -> tuple[float, float]:
+    """Median round seconds (rounds 2..) and RSS growth in updates of a real coordinator with real clients.
+
+    ``secagg``: the same with ``--aggregator secagg`` (masked inputs are uploaded on credit too)."""
     from coordinator.local import spawn_client, stop_processes
 
     with tempfile.TemporaryDirectory(prefix="fedopt-busbench-") as tmp:
         url = f"tcp://127.0.0.1:{free_port()}"  # the same transport as the floor
         out = Path(tmp) / "out"
         env = {**os.environ, "PYTHONPATH": f"{ROOT / 'benchmarks'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
+        extra = []
+        if secagg:  # identity keys for the key advertisements; plain tcp like the FedAvg run, to compare like with like
+            ident = str(bus.generate_keys(Path(tmp) / "keys", clients))
+            extra = ["--aggregator", "secagg", "--deadline", "120", "--identities", ident]
         cmd = [sys.executable, "-m", "fedopt", "coordinator", "--bind", url, "--task", "bus:BigTask",
                "--clients", str(clients), "--rounds", str(rounds), "--out", str(out), "--progress", "off",
-               "--heartbeat", "5", "--log-level", "WARNING", "--partition", "iid", "--insecure"]
+               "--heartbeat", "5", "--log-level", "WARNING", "--partition", "iid", "--insecure", *extra]
         coord = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  start_new_session=True)
         old = os.environ.get("PYTHONPATH")
         os.environ["PYTHONPATH"] = env["PYTHONPATH"]
-        procs = [spawn_client(url, i, clients, None, ["--log-level", "WARNING", "--insecure"]) for i in range(clients)]
+        client_args = ["--log-level", "WARNING", "--insecure", *(["--identities", ident] if secagg else [])]
+        procs = [spawn_client(url, i, clients, None, client_args) for i in range(clients)]
         if old is None:
             os.environ.pop("PYTHONPATH")
         else:
@@ -185,8 +193,21 @@ def coordinator_round(clients: int, rounds: int) -> tuple[float, float]:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--secagg-memory", action="store_true",
+                    help="only: coordinator RSS growth under --aggregator secagg with 4 and 8 clients")
+    a = ap.parse_args()
     results = {}
     rows = []
+    if a.secagg_memory:
+        for n in (4, 8):
+            secs, growth = coordinator_round(n, 6, secagg=True)
+            results[f"secagg_rss_growth_updates_{n}"] = growth
+            rows.append((f"secagg, {n} clients", f"{secs:.2f} s/round", f"{growth:.2f} updates", ""))
+        for r in rows:
+            print(f"{r[0]:<30}{r[1]:>20}{r[2]:>22}")
+        print(json.dumps({k: round(v, 3) for k, v in results.items()}))
+        return
     for size, reps in ((40, 7), (400, 3)):
         raw, via = one_way(size * MB, reps)
         results[f"throughput_ratio_{size}mb"] = raw / via
