@@ -25,6 +25,7 @@ __all__ = ["MIN_BYTES_PER_THREAD", "for_ranges", "set_threads", "threads"]
 MIN_BYTES_PER_THREAD = 1 << 20
 _MAX_DEFAULT = 8
 _AES_BLOCK = 16
+_PREFIX = "fedopt-secagg"
 
 _lock = threading.Lock()
 _threads: int | None = None
@@ -69,7 +70,7 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         if _pool_key != key:
             if _pool is not None and _pool_key[0] == key[0]:
                 _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedopt-secagg")
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=_PREFIX)
             _pool_key = key
         return _pool
 
@@ -83,13 +84,13 @@ def for_ranges(fn: Callable[[int, int], None], size: int, itemsize: int) -> None
     """
     align = max(1, _AES_BLOCK // itemsize)
     parts = min(threads(), max(1, size * itemsize // MIN_BYTES_PER_THREAD))
-    if parts <= 1:
+    if parts <= 1 or threading.current_thread().name.startswith(_PREFIX):  # a pool thread never waits on the pool
         fn(0, size)
         return
     step = -(-size // parts)
     step += -step % align
     bounds = [(a, min(a + step, size)) for a in range(0, size, step)]
-    pool = _executor(len(bounds) - 1)
+    pool = _executor(threads() - 1)
     futures = [pool.submit(fn, a, b) for a, b in bounds[1:]]
     try:
         fn(*bounds[0])
@@ -98,3 +99,4 @@ def for_ranges(fn: Callable[[int, int], None], size: int, itemsize: int) -> None
     for e in errors:
         if e is not None:
             raise e
+
