@@ -143,29 +143,30 @@ def free_port() -> int:
     return fp()
 
 
-def coordinator_round(clients: int, rounds: int, secagg: bool = False) -> tuple[float, float]:
+def coordinator_round(clients: int, rounds: int, secagg: bool = False, curve: bool = False) -> tuple[float, float]:
     """Median round seconds (rounds 2..) and RSS growth in updates of a real coordinator with real clients.
 
-    ``secagg``: the same with ``--aggregator secagg`` (masked inputs are uploaded on credit too)."""
+    ``secagg``: the same with ``--aggregator secagg`` (masked inputs are uploaded on credit too); ``curve``: over
+    CurveZMQ instead of plain tcp."""
     from coordinator.local import spawn_client, stop_processes
 
     with tempfile.TemporaryDirectory(prefix="fedopt-busbench-") as tmp:
         url = f"tcp://127.0.0.1:{free_port()}"  # the same transport as the floor
         out = Path(tmp) / "out"
         env = {**os.environ, "PYTHONPATH": f"{ROOT / 'benchmarks'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
-        extra = []
-        if secagg:  # identity keys for the key advertisements; plain tcp like the FedAvg run, to compare like with like
-            ident = str(bus.generate_keys(Path(tmp) / "keys", clients))
-            extra = ["--aggregator", "secagg", "--deadline", "120", "--identities", ident]
+        keys = str(bus.generate_keys(Path(tmp) / "keys", clients)) if secagg or curve else None
+        security = ["--keys", keys] if curve else ["--insecure"]
+        extra = ["--aggregator", "secagg", "--deadline", "120", "--identities", keys] if secagg else []
         cmd = [sys.executable, "-m", "fedopt", "coordinator", "--bind", url, "--task", "bus:BigTask",
                "--clients", str(clients), "--rounds", str(rounds), "--out", str(out), "--progress", "off",
-               "--heartbeat", "5", "--log-level", "WARNING", "--partition", "iid", "--insecure", *extra]
+               "--heartbeat", "5", "--log-level", "WARNING", "--partition", "iid", *security, *extra]
         coord = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  start_new_session=True)
         old = os.environ.get("PYTHONPATH")
         os.environ["PYTHONPATH"] = env["PYTHONPATH"]
-        client_args = ["--log-level", "WARNING", "--insecure", *(["--identities", ident] if secagg else [])]
-        procs = [spawn_client(url, i, clients, None, client_args) for i in range(clients)]
+        client_args = ["--log-level", "WARNING", *([] if curve else ["--insecure"]),
+                       *(["--identities", keys] if secagg else [])]
+        procs = [spawn_client(url, i, clients, keys if curve else None, client_args) for i in range(clients)]
         if old is None:
             os.environ.pop("PYTHONPATH")
         else:
@@ -194,16 +195,18 @@ def coordinator_round(clients: int, rounds: int, secagg: bool = False) -> tuple[
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--secagg-memory", action="store_true",
-                    help="only: coordinator RSS growth under --aggregator secagg with 4 and 8 clients")
+    ap.add_argument("--memory", action="store_true",
+                    help="only: coordinator RSS growth (in updates) with 4 and 8 clients over plain tcp, CurveZMQ, "
+                         "and secagg over CurveZMQ; bounded means it does not grow with the number of clients")
     a = ap.parse_args()
     results = {}
     rows = []
-    if a.secagg_memory:
-        for n in (4, 8):
-            secs, growth = coordinator_round(n, 6, secagg=True)
-            results[f"secagg_rss_growth_updates_{n}"] = growth
-            rows.append((f"secagg, {n} clients", f"{secs:.2f} s/round", f"{growth:.2f} updates", ""))
+    if a.memory:
+        for name, kw in (("tcp", {}), ("curve", {"curve": True}), ("secagg_curve", {"curve": True, "secagg": True})):
+            for n in (4, 8):
+                secs, growth = coordinator_round(n, 6, **kw)
+                results[f"rss_growth_updates_{name}_{n}"] = growth
+                rows.append((f"{name}, {n} clients", f"{secs:.2f} s/round", f"{growth:.2f} updates"))
         for r in rows:
             print(f"{r[0]:<30}{r[1]:>20}{r[2]:>22}")
         print(json.dumps({k: round(v, 3) for k, v in results.items()}))

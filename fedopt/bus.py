@@ -190,6 +190,10 @@ def dealer(ctx: zmq.Context, url: str, security: Security, limits: wire.Limits =
     return sock
 
 
+#: frame size for tensors sent over CurveZMQ (see :class:`Endpoint`)
+CURVE_CHUNK_BYTES = 1 << 20
+
+
 class Endpoint:
     """One socket plus the wire codec: ``send`` never blocks, ``recv`` waits at most its timeout.
 
@@ -201,13 +205,18 @@ class Endpoint:
         self.sock = sock
         self.limits = limits
         self.wire_dtype = wire_dtype
+        # CurveZMQ encrypts each frame into a fresh buffer when its connection's turn comes to write it, so a model
+        # sent as one frame to n peers is held n times over until every peer has read it. Measured, 8 slow peers and
+        # one 40 MB model: +9.0 models of sender memory as one frame, +0.95 in 4 MiB frames, +0.23 in 1 MiB frames.
+        # Plain TCP sends zero-copy either way.
+        self.chunk_bytes = CURVE_CHUNK_BYTES if sock.getsockopt(zmq.MECHANISM) == zmq.CURVE else None
         self.routed = sock.type == zmq.ROUTER
         self.bytes_in = 0
         self.bytes_out = 0
 
     def send(self, msg: wire.Message, to: bytes | None = None) -> bool:
         """Queue ``msg`` for sending (zero-copy for tensors). False when the peer is gone or its queue is full."""
-        frames = wire.encode(msg, self.wire_dtype)
+        frames = wire.encode(msg, self.wire_dtype, self.chunk_bytes)
         if self.routed:
             frames = [to, *frames]
         try:

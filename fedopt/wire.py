@@ -54,6 +54,10 @@ well-formedness, version, type, each field's type, frame count, the dtype allow-
 the limit, and ``prod(shape) * itemsize == len(frame)``. Any failure raises :class:`~fedopt.errors.WireError` with the
 reason; callers log it and carry on.
 
+A tensor may travel as several frames (its spec says ``"frames": k``; :func:`encode` with ``chunk_bytes``): the bus
+does this over CurveZMQ, which encrypts frame by frame, so fanning a model out to n peers does not hold n encrypted
+copies. The receiver joins the chunks into one buffer (one copy); a one-frame tensor stays a view of its frame.
+
 Limits: a message is bounded by ``Limits.max_message_bytes`` (the socket's ``MAXMSGSIZE``, 16 GiB by default: ZeroMQ
 frames have 64-bit lengths, so there is no 2 GB cap); the receiver holds one message in memory at a time, so a
 P-parameter model costs one P-sized frame per message in flight plus the aggregator's running mean.
@@ -95,6 +99,7 @@ class Limits:
     max_header_bytes: int = 4 << 20  # a ParamSpec of tens of thousands of entries still fits
     max_message_bytes: int = 16 << 30  # the socket's MAXMSGSIZE; also caps one tensor frame
     max_frames: int = 16  # tensor frames per message
+    max_chunks: int = 1 << 16  # frames one tensor may be split into (see ``chunk_bytes`` in :func:`encode`)
     max_dims: int = 8  # dimensions of one tensor
 
 
@@ -259,8 +264,14 @@ def _as_wire(t: torch.Tensor, wire_dtype: str | None) -> tuple[str, memoryview, 
     return name, memoryview(arr).cast("B"), tuple(t.shape)
 
 
-def encode(msg: Message, wire_dtype: str | None = None) -> list:
-    """``[header bytes, tensor buffers...]`` ready for ``send_multipart(copy=False)``; buffers alias the tensors."""
+def encode(msg: Message, wire_dtype: str | None = None, chunk_bytes: int | None = None) -> list:
+    """``[header bytes, tensor buffers...]`` ready for ``send_multipart(copy=False)``; buffers alias the tensors.
+
+    ``chunk_bytes``: a tensor longer than this travels as several frames of at most that many bytes each (declared
+    as ``"frames": k`` in its spec; :func:`decode` joins them). Over CurveZMQ each frame is encrypted on its own, so
+    a sender fanning one model out to n peers holds n encrypted chunks instead of n encrypted models."""
+    if chunk_bytes is not None and chunk_bytes < 1:
+        raise WireError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     if type(msg) not in MESSAGE_TYPES.values():
         raise WireError(f"not a wire message: {type(msg).__name__}")
     header: dict[str, Any] = {"v": VERSION, "type": msg.TYPE}
@@ -270,8 +281,13 @@ def encode(msg: Message, wire_dtype: str | None = None) -> list:
         value = getattr(msg, f.name)
         if f.name in msg.TENSORS:
             dtype, buf, shape = _as_wire(value, wire_dtype)
-            specs.append({"dtype": dtype, "shape": list(shape)})
-            frames.append(buf)
+            spec = {"dtype": dtype, "shape": list(shape)}
+            if chunk_bytes is not None and buf.nbytes > chunk_bytes:
+                spec["frames"] = -(-buf.nbytes // chunk_bytes)
+                frames.extend(buf[i : i + chunk_bytes] for i in range(0, buf.nbytes, chunk_bytes))
+            else:
+                frames.append(buf)
+            specs.append(spec)
         else:
             header[f.name] = value
     header["tensors"] = specs
@@ -324,6 +340,24 @@ def _tensor_spec(i: int, spec: Any, limits: Limits) -> tuple[str, tuple[int, ...
     return dtype, tuple(shape), nbytes
 
 
+def _chunk_count(i: int, spec: Any, limits: Limits) -> int:
+    """How many frames tensor ``i`` was split into (``"frames"``, default 1), validated."""
+    k = spec.get("frames", 1) if isinstance(spec, dict) else 1
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= limits.max_chunks:
+        raise WireError(f"tensor {i}: frames must be an integer in [1, {limits.max_chunks}], not {k!r}")
+    return k
+
+
+def _join(bufs: list[memoryview], nbytes: int) -> memoryview:
+    """One writable buffer holding the chunks of a tensor in order (the sizes were checked)."""
+    out = np.empty(nbytes, dtype=np.uint8)
+    at = 0
+    for b in bufs:
+        out[at : at + len(b)] = np.frombuffer(b, dtype=np.uint8)
+        at += len(b)
+    return memoryview(out)
+
+
 def _buffer(frame: Any) -> memoryview:
     """The bytes of a received frame without copying (a zmq Frame, bytes or any buffer)."""
     buf = getattr(frame, "buffer", frame)
@@ -372,16 +406,23 @@ def decode(frames: Sequence[Any], limits: Limits = Limits()) -> Message:
     declared = header.get("tensors", [])
     if not isinstance(declared, list) or len(declared) > limits.max_frames:
         raise WireError(f"{kind}: tensor declarations must be a list of at most {limits.max_frames}")
-    if len(declared) != len(cls.TENSORS) or len(frames) - 1 != len(declared):
-        raise WireError(f"{kind}: expected {len(cls.TENSORS)} tensor frame(s), header declares {len(declared)} "
-                        f"and {len(frames) - 1} arrived")
+    if len(declared) != len(cls.TENSORS):
+        raise WireError(f"{kind}: expected {len(cls.TENSORS)} tensor(s), header declares {len(declared)} and "
+                        f"{len(frames) - 1} tensor frame(s) arrived")
+    counts = [_chunk_count(i, spec, limits) for i, spec in enumerate(declared)]
+    if len(frames) - 1 != sum(counts):
+        raise WireError(f"{kind}: header declares {sum(counts)} tensor frame(s) and {len(frames) - 1} arrived")
+    first = 1
     for i, (name, spec) in enumerate(zip(cls.TENSORS, declared)):
         dtype, shape, nbytes = _tensor_spec(i, spec, limits)
-        buf = _buffer(frames[i + 1])
-        if len(buf) != nbytes:
-            raise WireError(f"{kind}: tensor {i} declares {dtype}{list(shape)} = {nbytes} bytes but its frame has "
-                            f"{len(buf)}")
-        arr = np.frombuffer(buf, dtype=_NUMPY[dtype])  # a view of the frame: no copy
+        bufs = [_buffer(f) for f in frames[first : first + counts[i]]]
+        first += counts[i]
+        got = sum(len(b) for b in bufs)
+        if got != nbytes or (len(bufs) > 1 and not all(len(b) for b in bufs)):
+            raise WireError(f"{kind}: tensor {i} declares {dtype}{list(shape)} = {nbytes} bytes but its "
+                            f"{'frame has' if len(bufs) == 1 else f'{len(bufs)} frames have'} {got}")
+        buf = bufs[0] if len(bufs) == 1 else _join(bufs, nbytes)
+        arr = np.frombuffer(buf, dtype=_NUMPY[dtype])  # a view of the frame (or of the joined chunks): no copy
         if buf.readonly:  # bytes (tests, inproc copies): torch warns about sharing read-only memory; we never write
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)

@@ -47,7 +47,7 @@ def test_transport_and_key_rules(tmp_path, capsys):
     assert main(["coordinator", "--bind", "tcp://127.0.0.1:1", "--task", "digits"]) == 2
 
 
-def _curve_exchange(tmp_path, client_keys: Path, caplog) -> wire.Message | None:
+def _curve_exchange(tmp_path, client_keys: Path, caplog, msg: wire.Message = wire.Hello(client="0")):
     keys = bus.generate_keys(tmp_path / "k", 1) if not (tmp_path / "k").exists() else tmp_path / "k"
     url = f"tcp://127.0.0.1:{free_port()}"
     ctx = zmq.Context()
@@ -57,7 +57,8 @@ def _curve_exchange(tmp_path, client_keys: Path, caplog) -> wire.Message | None:
         srv = bus.Endpoint(bus.router(ctx, url, server_sec))
         cli = bus.Endpoint(bus.dealer(ctx, url, bus.security_for(url, str(client_keys), False, "client",
                                                                  "client-000")))
-        cli.send(wire.Hello(client="0"))
+        assert cli.chunk_bytes == srv.chunk_bytes == bus.CURVE_CHUNK_BYTES  # encrypted: tensors go in chunks
+        cli.send(msg)
         got = srv.recv(timeout=3)
         srv.close(), cli.close()
         return None if got is None else got[1]
@@ -76,11 +77,20 @@ def test_curve_admits_listed_keys_and_refuses_others(tmp_path, caplog):
     assert "refused a client" in caplog.text
 
 
+def test_curve_sends_a_large_tensor_in_chunks_and_it_arrives_whole(tmp_path, caplog):
+    keys = bus.generate_keys(tmp_path / "k", 1)
+    delta = torch.randn(bus.CURVE_CHUNK_BYTES // 4 * 3 + 5)  # 3 chunks and a ragged tail
+    assert len(wire.encode(wire.UpdateMsg(delta=delta), chunk_bytes=bus.CURVE_CHUNK_BYTES)) == 1 + 4
+    got = _curve_exchange(tmp_path, keys, caplog, wire.UpdateMsg(round=2, num_samples=7, delta=delta))
+    assert isinstance(got, wire.UpdateMsg) and got.num_samples == 7 and torch.equal(got.delta, delta)
+
+
 def test_endpoint_recv_honours_its_timeout_and_reports_the_peer_of_bad_input():
     ctx = zmq.Context()
     url = "inproc://ep-test"
     r = bus.Endpoint(bus.router(ctx, url, bus.Security()))
     d = bus.Endpoint(bus.dealer(ctx, url, bus.Security()))
+    assert r.chunk_bytes is None and d.chunk_bytes is None  # plain sockets send every tensor zero-copy, whole
     try:
         assert r.recv(timeout=0.05) is None
         d.sock.send(b"\xc1")

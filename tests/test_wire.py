@@ -61,6 +61,33 @@ def test_encoder_refuses_non_wire_dtypes_and_objects():
         wire.encode(wire.Train(model=[1, 2]))
 
 
+@pytest.mark.parametrize("nbytes, chunk", [(4000, 1000), (4000, 999), (4000, 4000), (4, 1)])
+def test_chunked_tensor_round_trips(nbytes, chunk):
+    vec = torch.randn(nbytes // 4)
+    frames = wire.encode(wire.Train(round=3, model=vec), chunk_bytes=chunk)
+    assert len(frames) - 1 == -(-nbytes // chunk) and all(len(memoryview(f)) <= chunk for f in frames[1:])
+    out = wire.decode([frames[0], *(bytes(f) for f in frames[1:])])
+    assert out.round == 3 and torch.equal(out.model, vec)
+    out.model.add_(1)  # the joined chunks are the message's own, writable memory
+
+
+def chunked(k, sizes):
+    return [header(tensors=[{"dtype": "float32", "shape": [4], "frames": k}]), *(b"\0" * n for n in sizes)]
+
+
+@pytest.mark.parametrize("frames, reason", [
+    (chunked(2, [8]), "declares 2 tensor frame"),
+    (chunked(2, [8, 4]), "2 frames have 12"),
+    (chunked(2, [16, 0]), "2 frames have 16"),
+    (chunked(0, []), "frames must be an integer"),
+    (chunked("2", [8, 8]), "frames must be an integer"),
+    (chunked(1 << 20, [8, 8]), "frames must be an integer"),
+])
+def test_malformed_chunks_are_rejected_with_a_reason(frames, reason):
+    with pytest.raises(WireError, match=reason):
+        wire.decode(frames)
+
+
 @pytest.mark.parametrize("frames, reason", [
     ([], "empty"),
     ([b"\xc1\xff garbage"], "not msgpack"),
