@@ -75,6 +75,7 @@ class RoundConfig:
                 f"can gather t b-shares and t sk-shares of one client"
             )
         object.__setattr__(self, "_graph", neighbour_graph(p, self.k, self.graph_seed))
+        object.__setattr__(self, "_position", {u: i + 1 for i, u in enumerate(p)})
 
     @classmethod
     def create(
@@ -109,7 +110,7 @@ class RoundConfig:
     def share_id(self, client: str) -> int:
         """The Shamir x-coordinate of ``client`` (1-based position in ``participants``)."""
         self.neighbours(client)
-        return self.participants.index(client) + 1
+        return self._position[client]
 
 
 @dataclass(frozen=True)

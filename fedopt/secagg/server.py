@@ -187,12 +187,18 @@ class ServerSession:
             shamir.decode_share(data)
         self._responses[msg.sender] = msg
 
-    def _reconstruct(self, owner: str, kind: int) -> bytes:
-        shares = {}
+    def _index_shares(self) -> tuple[dict[str, dict[int, int]], dict[str, dict[int, int]]]:
+        """``(b-shares, sk-shares)``, each ``{owner: {holder's share id: value}}``, in one pass over the responses."""
+        index: tuple[dict, dict] = ({}, {})
         for holder, resp in self._responses.items():
-            for v, data in (resp.b_shares, resp.sk_shares)[kind]:
-                if v == owner:
-                    shares[self.config.share_id(holder)] = shamir.decode_share(data)
+            x = self.config.share_id(holder)
+            for kind, shares in enumerate((resp.b_shares, resp.sk_shares)):
+                for owner, data in shares:
+                    index[kind].setdefault(owner, {})[x] = shamir.decode_share(data)
+        return index
+
+    def _reconstruct(self, index, owner: str, kind: int) -> bytes:
+        shares = index[kind].get(owner, {})
         if len(shares) < self.config.t:
             what = ("self-mask seed", "mask key")[kind]
             raise self._abort(f"{len(shares)} shares of the {what} of {owner!r}, threshold t={self.config.t}")
@@ -204,10 +210,11 @@ class ServerSession:
         cfg, u3 = self.config, frozenset(self._u3)
         dropped = self._u2 - u3
         try:
-            self_seeds = [self._reconstruct(w, 0) for w in sorted(u3)]
+            index = self._index_shares()
+            self_seeds = [self._reconstruct(index, w, 0) for w in sorted(u3)]
             pair_seeds = []
             for v in sorted(dropped):
-                sk = self._reconstruct(v, 1)
+                sk = self._reconstruct(index, v, 1)
                 if keys.public_from_private_bytes(sk) != self._adverts[v].s_pk:
                     raise self._abort(f"reconstructed mask key of {v!r} does not match its advertisement")
                 for w in sorted(cfg.neighbours(v) & u3):
