@@ -52,7 +52,6 @@ def cipher(seed: bytes, block: int = 0):
     return Cipher(algorithms.AES(_check_seed(seed)), modes.CTR(counter)).encryptor()
 
 
-
 def _check_dtype(dtype) -> np.dtype:
     dt = np.dtype(dtype)
     if dt not in (np.dtype(np.uint32), np.dtype(np.uint64)):
@@ -85,7 +84,7 @@ def expand(seed: bytes, m: int, dtype=np.uint32) -> np.ndarray:
 
 
 class Scratch:
-    """Reusable buffers for :func:`accumulate` (one per thread); avoids an allocation per seed."""
+    """Reusable keystream buffers for one thread (:func:`scratch`); avoid an allocation per seed and chunk."""
 
     def __init__(self) -> None:
         self._zeros = bytes(CHUNK_BYTES)
