@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import zmq
 
 from fedopt import bus, wire
@@ -39,7 +40,7 @@ from fedopt.task import TrainConfig, resolve_task
 from fedopt.identity import find_identity_dir, load_identity, load_pinned
 from fedopt.secagg import codec
 
-from .runner import LocalTrainer, pick_device
+from .runner import SMALL_MODEL, LocalTrainer, pick_device
 from .secagg import SecAggClient
 
 __all__ = ["FederatedClient", "configure", "run"]
@@ -154,6 +155,8 @@ class FederatedClient:
         n = self.num_shards or int(s["clients"])
         data = task.load_data(self.shard, n, int(s["seed"]), PartitionSpec(s["partition"], s["alpha"]))
         self.worker.trainer, self.worker.data = trainer, data.to(self.device)
+        if spec.size < SMALL_MODEL and self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(1)  # see SMALL_MODEL
         self._settings = s
         log.info("client %s: shard %d of %d, %d samples, on %s", self.client, self.shard, n, data.num_samples,
                  self.device)

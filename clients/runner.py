@@ -17,6 +17,11 @@ from fedopt.aggregators import Update
 from fedopt.params import ParamSpec
 from fedopt.task import ClientData, Task, TrainConfig
 
+#: Below this many parameters a client's training is dominated by Python overhead, not arithmetic: a worker pool's
+#: messaging and start-up cost more than a second core saves, and so does a second intra-op thread (hand-off and
+#: spinning: 30x slower per step on a loaded 2-core machine). Measured on 2 cores; see benchmarks/.
+SMALL_MODEL = 1_000_000
+
 __all__ = ["LocalTrainer", "pick_device"]
 
 

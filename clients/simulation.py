@@ -38,16 +38,11 @@ from fedopt.params import ParamSpec
 from fedopt.task import Task, TrainConfig, resolve_task
 
 from .host import ClientHost
-from .runner import LocalTrainer, pick_device
+from .runner import SMALL_MODEL, LocalTrainer, pick_device
 from .scaffold import ScaffoldClients, ScaffoldServer, check_scaffold_task
 from .shards import ShardSource
 
 __all__ = ["Simulation", "SequentialExecutor", "simulate", "SimResult", "default_workers"]
-
-#: Below this many parameters a client's training is dominated by Python overhead, not arithmetic: a worker pool's
-#: messaging and start-up cost more than a second core saves (measured on 2 cores; see benchmarks/).
-SMALL_MODEL = 1_000_000
-
 
 class Executor(Protocol):
     """Trains a round's jobs and feeds the results into ``server`` (``offer`` per update or ``merge`` partials)."""

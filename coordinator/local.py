@@ -27,7 +27,7 @@ from fedopt.config import RunConfig
 from fedopt.errors import ConfigError
 from fedopt.identity import load_pinned, write_identities
 
-__all__ = ["simulate_processes", "free_port", "spawn_client", "stop_processes"]
+__all__ = ["simulate_processes", "free_port", "shared_cores_env", "spawn_client", "stop_processes"]
 
 
 def free_port() -> int:
@@ -37,14 +37,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def shared_cores_env(processes: int) -> dict[str, str]:
+    """This environment for ``processes`` processes that share this machine: each may use its share of the cores
+    for torch's intra-op threads and secagg's threads, unless the user set those variables. (Without this, 6 client
+    processes of a small model on 2 cores each spun 2 threads: rounds took 5-7 s instead of 0.11 s.)"""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    share = str(max(1, cpus // max(1, processes)))
+    env = dict(os.environ)
+    for name in ("OMP_NUM_THREADS", "FEDOPT_SECAGG_THREADS"):
+        env.setdefault(name, share)
+    return env
+
+
 def spawn_client(url: str, shard: int, num_shards: int, keys: str | None = None, extra: list[str] | None = None,
-                 log_path: str | os.PathLike | None = None) -> subprocess.Popen:
-    """Start ``fedopt client`` for ``shard`` in its own process group (stdout+stderr to ``log_path``)."""
+                 log_path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``fedopt client`` for ``shard`` in its own process group (stdout+stderr to ``log_path``; ``env``
+    replaces this process's environment)."""
     cmd = [sys.executable, "-m", "fedopt", "client", "--connect", url, "--shard", str(shard),
            "--num-shards", str(num_shards), "--exit-with-parent", *(["--keys", keys] if keys else []), *(extra or [])]
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     try:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     finally:
         if log_path:
             out.close()
@@ -100,7 +116,8 @@ def simulate_processes(cfg: RunConfig) -> int:
         coordinator = Coordinator(cfg, url, security, identities=pinned)
         logs = Path(cfg.out) / "clients"
         logs.mkdir(parents=True, exist_ok=True)
-        procs = [spawn_client(url, i, cfg.clients, keys, extra, logs / f"client-{i:03d}.log") for i in range(k)]
+        env = shared_cores_env(k)
+        procs = [spawn_client(url, i, cfg.clients, keys, extra, logs / f"client-{i:03d}.log", env) for i in range(k)]
         try:
             return coordinator.serve()
         finally:
