@@ -11,8 +11,9 @@ says HELLO again; so a coordinator restarted with ``--resume`` gets its clients 
 
 Secure aggregation: when WELCOME says the run uses ``secagg``, the client answers SECAGG messages through a
 :class:`~clients.secagg.SecAggClient` on the socket thread and, once trained and masked, OFFERs its masked update and
-sends it (SECAGG instead of UPDATE) when the coordinator PULLs it, so masked uploads take upload credit too. Its long-term identity key and every peer's pinned public identity come from ``--identities DIR``
-(default: ``--keys DIR``), never from the coordinator (trust model: :mod:`fedopt.identity`).
+sends it (SECAGG instead of UPDATE) when the coordinator PULLs it, so masked uploads take upload credit too. Its
+long-term identity key and every peer's pinned public identity come from ``--identities DIR`` (default:
+``--keys DIR``), never from the coordinator (trust model: :mod:`fedopt.identity`).
 """
 
 from __future__ import annotations
@@ -44,11 +45,6 @@ from .runner import SMALL_MODEL, LocalTrainer, pick_device
 from .secagg import SecAggClient
 
 __all__ = ["FederatedClient", "configure", "run"]
-
-
-def _plain_metrics(metrics: dict) -> dict:
-    """The scalar training metrics (loss, steps, ...) that go on the wire."""
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
 
 log = logging.getLogger("fedopt.client")
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"sampler"}
@@ -106,6 +102,11 @@ class _Trainer(threading.Thread):
         split = self.data.test if self.data.test is not None else self.data.train
         metrics = self.trainer.evaluate(vec, split)
         return ("result", rnd, (metrics, int(split[0].shape[0])))
+
+
+def _plain_metrics(metrics: dict) -> dict:
+    """The scalar training metrics (loss, steps, ...) that go on the wire."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
 
 
 class FederatedClient:

@@ -196,7 +196,7 @@ class SecureAggregator:
             if weight > quant.max_weight:
                 raise ConfigError(f"client {update.client!r} reports {weight} samples, more than the {quant.max_weight} "
                                   f"it announced for this round")
-        # rounding noise, reproducible per (run seed, round, client); not a mask, so it may be derived from public values
+        # rounding noise, reproducible per (run seed, round, client); not a mask, so public values may key it
         noise = hashlib.blake2b(f"{self.seed}/{self._round}/{update.client}".encode(), digest_size=32,
                                 person=b"fedopt-sa-noise").digest()
         d = d.detach()
