@@ -6,7 +6,6 @@ in ``finally``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -28,6 +27,7 @@ from clients.allreduce_sync import (CommCounter, LocalSGDAverager, ShardSampler,
                                     steps_per_rank)
 from clients.allreduce_worker import train_worker
 from clients.runner import LocalTrainer
+from coordinator.local import stop_processes
 from fedopt.cli import Parser, main
 from fedopt.data import PartitionSpec
 from fedopt.data.digits import DigitsTask
@@ -227,16 +227,6 @@ def _start(out: Path, *flags: str) -> subprocess.Popen:
                              *flags], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _kill(procs) -> None:
-    for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait(10)
-
-
 def _finish(procs, timeout=240.0) -> None:
     deadline = time.monotonic() + timeout
     for p in procs:
@@ -251,7 +241,7 @@ def test_two_workers_batch_b_equal_one_worker_batch_2b(tmp_path):
     try:
         _finish(procs)
     finally:
-        _kill(procs)
+        stop_processes(procs)
     two, one = load_file(tmp_path / "two" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
     torch.manual_seed(0)
     init = DigitsTask().build_model().state_dict()
@@ -269,7 +259,7 @@ def test_uneven_shards_finish_under_join_with_zero(tmp_path):
     try:
         _finish([proc], timeout=180)
     finally:
-        _kill([proc])
+        stop_processes([proc])
     recs = read_metrics(tmp_path / "uneven" / "metrics.jsonl")
     assert [r["round"] for r in recs] == [1, 2] and all(r["steps"] == 3 for r in recs)
     assert all(r["allreduce_calls"] == 3 for r in recs)
@@ -283,7 +273,7 @@ def test_digits_two_workers_step_and_local_sgd(tmp_path):
     try:
         _finish(procs)
     finally:
-        _kill(procs)
+        stop_processes(procs)
     step, local = read_metrics(tmp_path / "step" / "metrics.jsonl"), read_metrics(tmp_path / "local" / "metrics.jsonl")
     assert [r["round"] for r in step] == list(range(1, 31)) == [r["round"] for r in local]
     assert step[-1]["accuracy"] >= 0.96 and step[-1]["clients"] == 2
@@ -310,7 +300,7 @@ def test_kill_9_of_a_worker_restarts_the_group_and_every_epoch_is_logged_once(tm
         victims[0].send_signal(signal.SIGKILL)
         _finish([proc], timeout=180)
     finally:
-        _kill([proc])
+        stop_processes([proc])
     recs = read_metrics(out / "metrics.jsonl")
     assert [r["round"] for r in recs] == list(range(1, 7))
     assert recs[0]["restarts"] == 0 and recs[-1]["restarts"] == 1
