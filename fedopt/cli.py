@@ -114,6 +114,16 @@ def add_bus_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--upload-slots", type=int, default=S, help="updates pulled at once (default 2)")
     g.add_argument("--fed-eval-every", type=int, default=S,
                    help="federated evaluation on the clients' test splits every k rounds (default 0 = never)")
+    g = p.add_argument_group("bounds (no client's claim sets its influence unchecked)")
+    g.add_argument("--max-samples", type=int, default=S,
+                   help="cap on one client's aggregation weight, its announced sample count (default 1000000)")
+    g.add_argument("--max-share", type=float, default=S,
+                   help="cap on one client's share of a round's total weight (default 0.25, at least 2/selected)")
+    g.add_argument("--norm-factor", type=float, default=S,
+                   help="reject updates with an L2 norm over this x the last round's median (default 10, 0 = off)")
+    g.add_argument("--max-update-norm", type=float, default=S, help="absolute L2 bound on one update (default none)")
+    g.add_argument("--max-clients", type=int, default=S,
+                   help="registrations held at once (default 2 x clients + 16)")
 
 
 def round_overrides(args: argparse.Namespace, skip: Sequence[str] = ("config",)) -> dict:

@@ -85,6 +85,12 @@ class RunConfig:
     wire_dtype: str = "float32"  # float32 | bfloat16 | float16: precision of models and deltas on the wire
     upload_slots: int = 2  # updates the coordinator pulls at once (bounds its memory to this many updates)
     fed_eval_every: int = 0  # federated evaluation on the clients' local test splits every k rounds (0 = never)
+    # bounded influence and resources (zero trust: no client's claim sets its influence unchecked)
+    max_samples: int = 1_000_000  # cap on one client's aggregation weight (its READY sample count)
+    max_share: float = 0.25  # cap on one client's share of a round's total weight (at least 2/selected)
+    norm_factor: float = 10.0  # reject an update whose L2 norm exceeds this x the last round's median (0 = off)
+    max_update_norm: float | None = None  # absolute L2 bound on one update (None = only the relative bound)
+    max_clients: int | None = None  # registrations the coordinator holds at once (default 2 x clients + 16)
     # gossip (simulate --mode gossip)
     peers: int | None = None  # number of gossip peer processes (default: --clients)
     topology: str | None = None  # None = random pairwise gossip; ring | exponential | complete = synchronous D-PSGD
@@ -140,6 +146,19 @@ class RunConfig:
         _at_least("min_clients", self.min_clients, 1)
         _at_least("upload_slots", self.upload_slots, 1)
         _at_least("fed_eval_every", self.fed_eval_every, 0)
+        _at_least("max_samples", self.max_samples, 1)
+        if not isinstance(self.max_share, (int, float)) or isinstance(self.max_share, bool) \
+                or not 0 < self.max_share <= 1:
+            raise ConfigError(f"max-share must be a fraction in (0, 1], not {self.max_share!r}")
+        if not isinstance(self.norm_factor, (int, float)) or isinstance(self.norm_factor, bool) \
+                or not (self.norm_factor == 0 or 1 <= self.norm_factor < math.inf):
+            raise ConfigError(f"norm-factor must be 0 (off) or a number >= 1, not {self.norm_factor!r}")
+        if self.max_update_norm is not None and (not isinstance(self.max_update_norm, (int, float))
+                                                 or isinstance(self.max_update_norm, bool)
+                                                 or not 0 < self.max_update_norm < math.inf):
+            raise ConfigError(f"max-update-norm must be a number > 0, not {self.max_update_norm!r}")
+        if self.max_clients is not None:
+            _at_least("max_clients", self.max_clients, self.clients)
         _choice("wire_dtype", self.wire_dtype, ("float32", "bfloat16", "float16"))
         if self.workers is not None:
             _at_least("workers", self.workers, 1)
@@ -182,6 +201,11 @@ class RunConfig:
         if self.fraction is not None:
             return max(1, round(self.fraction * self.clients))
         return self.clients
+
+    @property
+    def client_cap(self) -> int:
+        """Registrations a coordinator holds at once: --max-clients, else room for every client twice over."""
+        return self.max_clients if self.max_clients is not None else 2 * self.clients + 16
 
     @property
     def keep_stragglers(self) -> bool:
