@@ -199,6 +199,7 @@ class FederatedClient:
         live.heard("coordinator")  # the silence clock starts now
         ticker = Ticker(self.heartbeat)
         welcomed = False
+        self._models_read = 0  # TRAIN/EVALUATE read on this connection: heartbeats carry it (see Coordinator)
         ep.send(wire.Hello(client=self.client, device=self.device.type, sender=self.client))
         try:
             while True:
@@ -217,7 +218,13 @@ class FederatedClient:
                         log.warning("dropped a message from the coordinator: %s", e)
                         continue
                     live.heard("coordinator")
-                    status = self._handle(ep, msg)
+                    try:
+                        status = self._handle(ep, msg)
+                    except FedoptError:
+                        raise
+                    except Exception as e:  # a message this client cannot handle must not end it
+                        log.exception("client %s: handling %s failed: %s", self.client, msg.TYPE, e)
+                        continue
                     if status == "welcomed":
                         welcomed = True
                         live = Liveness(self.heartbeat)
@@ -226,7 +233,7 @@ class FederatedClient:
                     elif status is not None:
                         return status if status == "done" else ("welcomed" if welcomed else "lost")
                 if ticker.due():
-                    ep.send(wire.Heartbeat(sender=self.client))
+                    ep.send(wire.Heartbeat(round=self._models_read, sender=self.client))
                 if live.expire():
                     log.warning("client %s: coordinator silent for %d heartbeats", self.client, live.misses)
                     return "welcomed" if welcomed else "lost"
@@ -245,6 +252,8 @@ class FederatedClient:
                 self.heartbeat = float(hb)  # the coordinator's interval, so both sides count misses alike
             self.worker.jobs.put(("setup", 0, lambda: self._setup(msg)))
             return "welcomed"
+        if isinstance(msg, (wire.Train, wire.Evaluate)):
+            self._models_read += 1
         if isinstance(msg, wire.Train):
             log.info("client %s: training round %d", self.client, msg.round)
             self._pending = None

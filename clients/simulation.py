@@ -28,7 +28,7 @@ from typing import Protocol
 
 import torch
 
-from coordinator.rounds import Job, RoundServer
+from coordinator.rounds import Bounds, Job, RoundServer
 from fedopt.aggregators import make_aggregator
 from fedopt.config import RunConfig
 from fedopt.data import PartitionSpec
@@ -120,6 +120,7 @@ class Simulation:
             TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
                         mu=cfg.mu),
             per_round=cfg.per_round, seed=cfg.seed, stragglers=cfg.stragglers, keep_stragglers=cfg.keep_stragglers,
+            bounds=Bounds.from_config(cfg),
         )
         self.executor: Executor = self._make_executor()
         self._eval_trainer = getattr(self.executor, "trainer", None) or \

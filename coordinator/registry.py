@@ -1,14 +1,19 @@
 """Who is connected, and where the current round stands: pure bookkeeping with no sockets and no clock of its own.
 
 :class:`Registry` maps ZeroMQ routing ids to stable client ids (a client that reconnects gets a new routing id but
-keeps its client id, so seeded selection stays the same). :class:`RoundTracker` follows one round's selected clients
-through OFFER -> PULL -> UPDATE and hands out upload credit (``slots``), which bounds how many update frames the
-coordinator holds at once.
+keeps its client id, so seeded selection stays the same). It holds at most ``capacity`` registrations, one live
+connection per client id, and remembers which clients keep missing their rounds (they are benched: not selected for
+a while). Each record also counts model messages (TRAIN, EVALUATE) sent and not yet read, so a client that stops
+reading its socket costs the coordinator one queued model, not one per round.
+
+:class:`RoundTracker` follows one round's selected clients through OFFER -> PULL -> UPDATE and hands out upload
+credit (``slots``), which bounds how many update frames the coordinator holds at once; credit that a PULLed client
+does not use within its deadline is taken back.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 __all__ = ["ClientRecord", "Registry", "RoundTracker"]
@@ -16,25 +21,60 @@ __all__ = ["ClientRecord", "Registry", "RoundTracker"]
 
 @dataclass
 class ClientRecord:
-    client: str  # stable id from HELLO
+    client: str  # stable id: from the key that authenticated it, else (--insecure, ipc) from HELLO
     peer: bytes  # current routing id
     device: str = "cpu"
     num_samples: int | None = None  # known once the client said READY
+    models_sent: int = 0  # TRAIN/EVALUATE messages sent on this connection
+    models_read: int = 0  # of those, how many the client has shown it read (heartbeat count, or a reply)
 
     @property
     def ready(self) -> bool:
         return self.num_samples is not None
 
+    @property
+    def backlogged(self) -> bool:
+        """A model message sent to it is still unread: another one would only queue behind it."""
+        return self.models_read < self.models_sent
+
 
 class Registry:
-    """Connected clients by routing id and by client id; one routing id per client id."""
+    """Connected clients by routing id and by client id; one routing id per client id, at most ``capacity``.
 
-    def __init__(self) -> None:
+    ``bench_after``: a client that misses this many rounds in a row (selected, then dropped: silent, unreachable,
+    late, backlogged) is not selected for 2, 4, 8 ... (at most 32) rounds; an accepted update clears its record.
+    """
+
+    def __init__(self, capacity: int = 1 << 30, bench_after: int = 2) -> None:
+        self.capacity = capacity
+        self.bench_after = bench_after
         self._by_peer: dict[bytes, ClientRecord] = {}
         self._by_id: dict[str, ClientRecord] = {}
+        # client id -> (consecutive misses, benched until round); bounded LRU, so churning ids cannot grow it
+        self._misses: OrderedDict[str, tuple[int, int]] = OrderedDict()
+
+    # ---- registration -----------------------------------------------------------------------------------------------
+    def holder(self, client: str) -> bytes | None:
+        """The routing id now registered under ``client``, if any."""
+        rec = self._by_id.get(client)
+        return None if rec is None else rec.peer
+
+    def room_for(self, peer: bytes, client: str, round: int) -> bytes | None | bool:
+        """Whether a HELLO for ``client`` at ``peer`` fits: True when there is room (or it replaces a registration
+        of the same id or connection), else the routing id of a registration to evict (benched, or never ready),
+        else False (full)."""
+        if client in self._by_id or peer in self._by_peer or len(self._by_peer) < self.capacity:
+            return True
+        for rec in self._by_peer.values():
+            if not rec.ready or self.benched(rec.client, round):
+                return rec.peer
+        return False
 
     def hello(self, peer: bytes, client: str, device: str) -> bytes | None:
-        """Register ``client`` at ``peer``; returns the routing id it replaced (a reconnect), if any."""
+        """Register ``client`` at ``peer``; returns the routing id it replaced (a reconnect), if any.
+
+        The caller has already decided that the replaced connection is gone (see ``Coordinator``): a live one is
+        never taken over."""
         old = self._by_id.get(client)
         replaced = None
         if old is not None and old.peer != peer:
@@ -49,8 +89,9 @@ class Registry:
         return replaced
 
     def ready(self, peer: bytes, num_samples: int) -> ClientRecord | None:
+        """Record a client's announced sample count, once per registration (a later READY cannot change it)."""
         rec = self._by_peer.get(peer)
-        if rec is not None:
+        if rec is not None and rec.num_samples is None:
             rec.num_samples = num_samples
         return rec
 
@@ -63,13 +104,34 @@ class Registry:
     def get(self, peer: bytes) -> ClientRecord | None:
         return self._by_peer.get(peer)
 
+    def record(self, client: str) -> ClientRecord | None:
+        return self._by_id.get(client)
+
     def peer_of(self, client: str) -> bytes | None:
         rec = self._by_id.get(client)
         return None if rec is None else rec.peer
 
-    def sizes(self) -> dict[str, int]:
-        """``client id -> num_samples`` of every ready client: what RoundServer.plan selects from."""
-        return {c: r.num_samples for c, r in self._by_id.items() if r.num_samples is not None}
+    # ---- selection ----------------------------------------------------------------------------------------------------
+    def missed(self, client: str, round: int) -> None:
+        """``client`` was selected in ``round`` and did not deliver."""
+        n, _ = self._misses.pop(client, (0, 0))
+        n += 1
+        until = round + min(2 ** (n - self.bench_after + 1), 32) if n >= self.bench_after else 0
+        self._misses[client] = (n, until)
+        while len(self._misses) > max(self.capacity, 1024):
+            self._misses.popitem(last=False)
+
+    def delivered(self, client: str) -> None:
+        self._misses.pop(client, None)
+
+    def benched(self, client: str, round: int) -> bool:
+        return self._misses.get(client, (0, 0))[1] > round
+
+    def sizes(self, round: int | None = None) -> dict[str, int]:
+        """``client id -> num_samples`` of every ready client (that may be selected in ``round``, when given):
+        what RoundServer.plan selects from."""
+        return {c: r.num_samples for c, r in self._by_id.items()
+                if r.num_samples is not None and (round is None or not self.benched(c, round))}
 
     def peers(self) -> list[bytes]:
         return list(self._by_peer)
@@ -81,18 +143,21 @@ class Registry:
 class RoundTracker:
     """One attempt at one round: the selected clients that still owe an update, and the upload queue.
 
-    A selected client is *pending* until its UPDATE arrives or it is dropped (it died, was unreachable, or missed
-    the deadline). Finished clients OFFER; :meth:`grants` pulls at most ``slots`` uploads at a time.
+    A selected client is *pending* until its UPDATE arrives or it is dropped (it died, was unreachable, missed the
+    deadline, or held upload credit past ``pull_timeout``). Finished clients OFFER; :meth:`grants` pulls at most
+    ``slots`` uploads at a time.
     """
 
-    def __init__(self, round: int, selected: list[str], deadline_at: float, slots: int) -> None:
+    def __init__(self, round: int, selected: list[str], deadline_at: float, slots: int,
+                 pull_timeout: float = float("inf")) -> None:
         self.round = round
         self.deadline_at = deadline_at
         self.slots = slots
+        self.pull_timeout = pull_timeout
         self.pending: set[str] = set(selected)
         self.accepted = 0
         self._queue: deque[str] = deque()
-        self.uploading: set[str] = set()
+        self.uploading: dict[str, float] = {}  # client -> when it was pulled
 
     def offer(self, client: str) -> bool:
         """A pending client's update is ready; False when it is not expected (not selected, or already done)."""
@@ -101,15 +166,19 @@ class RoundTracker:
         self._queue.append(client)
         return True
 
-    def grants(self) -> list[str]:
+    def grants(self, now: float = 0.0) -> list[str]:
         """Clients to PULL now, keeping at most ``slots`` uploads in flight."""
         out = []
         while self._queue and len(self.uploading) < self.slots:
             c = self._queue.popleft()
             if c in self.pending:
-                self.uploading.add(c)
+                self.uploading[c] = now
                 out.append(c)
         return out
+
+    def overdue(self, now: float) -> list[str]:
+        """Pulled clients whose upload has not arrived within ``pull_timeout``: their credit is to be taken back."""
+        return [c for c, t in self.uploading.items() if now - t > self.pull_timeout]
 
     def expects(self, client: str) -> bool:
         """Whether an UPDATE from ``client`` belongs to this round (it was pulled and has not arrived)."""
@@ -117,14 +186,14 @@ class RoundTracker:
 
     def received(self, client: str, accepted: bool) -> None:
         self.pending.discard(client)
-        self.uploading.discard(client)
+        self.uploading.pop(client, None)
         self.accepted += bool(accepted)
 
     def drop(self, client: str) -> bool:
         """Stop waiting for ``client``; True when it was still owed."""
         was = client in self.pending
         self.pending.discard(client)
-        self.uploading.discard(client)
+        self.uploading.pop(client, None)
         return was
 
     @property

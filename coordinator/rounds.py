@@ -9,10 +9,17 @@ way, which is what makes their results comparable seed for seed::
     server.offer(update) -> reason | None  # validate and fold in one update (None = accepted)
     server.merge(mean, weight, count)      # or a worker's pre-aggregated partial (linear aggregators)
     outcome = server.close()               # apply the aggregate with the server optimizer
+
+Bounded influence (:class:`Bounds`): no client's claim sets its influence unchecked. A client's aggregation weight is
+the sample count it announced when it became ready (never what an update says), capped at ``max_samples`` and at a
+``max_share`` of the round's total weight; an update whose L2 norm exceeds ``norm_factor`` times the median norm of
+the last round's accepted updates (before any round: the global model's norm, at least 1), or ``max_update_norm``,
+is rejected and counted in the round's ``rejected``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -27,7 +34,7 @@ from fedopt.optimizers import ServerOptimizer
 from fedopt.params import ParamSpec
 from fedopt.task import TrainConfig
 
-__all__ = ["Job", "RoundOutcome", "RoundServer", "client_seed"]
+__all__ = ["Bounds", "Job", "RoundOutcome", "RoundServer", "capped_weights", "client_seed"]
 
 
 def client_seed(seed: int, round: int, client: str) -> int:
@@ -36,6 +43,44 @@ def client_seed(seed: int, round: int, client: str) -> int:
     BLAKE2b of the three, cut to 63 bits: about a microsecond, so planning 10,000 clients costs milliseconds."""
     h = hashlib.blake2b(f"{seed}/{round}/{client}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") >> 1
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """How far one client's claims may move a round (see the module docstring); from ``RunConfig``'s fields."""
+
+    max_samples: int = 1_000_000  # cap on one client's weight
+    max_share: float = 0.25  # cap on one client's share of the round's total weight (at least 2/selected)
+    norm_factor: float = 10.0  # reject an update over this x the reference norm (0 = off)
+    max_update_norm: float | None = None  # absolute cap on an update's L2 norm
+
+    @classmethod
+    def from_config(cls, cfg) -> "Bounds":
+        return cls(cfg.max_samples, cfg.max_share, cfg.norm_factor, cfg.max_update_norm)
+
+
+def capped_weights(sizes: Mapping[str, int], max_samples: int, max_share: float) -> dict[str, int]:
+    """Each client's weight: its sample count capped at ``max_samples`` and at a share ``s = max(max_share, 2/k)``
+    of the capped total of the ``k`` clients (water-filling: the largest are cut to one level ``c`` with
+    ``c = s * sum(min(w, c))``), floored to integers >= 1. Caps that do not bind leave the counts unchanged."""
+    w = {c: max(1, min(int(n), max_samples)) for c, n in sizes.items()}
+    k = len(w)
+    if k < 3:
+        return w  # with two clients or fewer no share cap below 1/2 can hold
+    s = max(max_share, 2 / k)
+    desc = sorted(w.values(), reverse=True)
+    rest = float(sum(desc))
+    for j in range(k):  # try capping the j largest weights at level c
+        if j * s >= 1:
+            break
+        c = s * rest / (1 - j * s)
+        if desc[j] <= c:
+            if j == 0:
+                return w
+            level = max(1, math.floor(c))
+            return {cid: min(v, level) for cid, v in w.items()}
+        rest -= desc[j]
+    return w
 
 
 @dataclass
@@ -70,8 +115,11 @@ class RoundServer:
         seed: int = 0,
         stragglers: float = 0.0,
         keep_stragglers: bool = False,
+        bounds: Bounds | None = None,
     ) -> None:
         spec.check_vector(global_vec)
+        if hasattr(aggregator, "check_round_size"):
+            aggregator.check_round_size(per_round)  # e.g. a trimmed mean that would trim nothing
         self.spec = spec
         self.global_vec = global_vec
         self.aggregator = aggregator
@@ -85,7 +133,11 @@ class RoundServer:
         self._rejected: dict[str, str] = {}
         self._loss_sum = 0.0
         self._loss_weight = 0.0
-        self._planned: tuple[int, dict[str, int]] | None = None  # (round, {client: num_samples}) of the last plan
+        self._planned: tuple[int, dict[str, int]] | None = None  # (round, {client: weight}) of the last plan
+        self.bounds = bounds  # None: clients are trusted (a simulation worker pre-aggregating its own clients)
+        self.norm_ref: float | None = None  # median L2 norm of the last round's accepted updates
+        self._norm_bound = math.inf  # the current round's bound on an update's norm
+        self._norms: list[float] = []
 
     # ---- planning ---------------------------------------------------------------------------------------------------
     def select(self, round: int, candidates: list[str]) -> list[str]:
@@ -112,7 +164,10 @@ class RoundServer:
                 full = cfg.epochs * cfg.steps_per_epoch(max(sizes[cid], 1))
                 cfg.max_steps = int(rng.integers(1, full + 1))
             jobs.append(Job(cid, cfg, i in slow))
-        self._planned = (round, {cid: int(sizes[cid]) for cid in chosen})
+        chosen_sizes = {cid: int(sizes[cid]) for cid in chosen}
+        if self.bounds is not None:
+            chosen_sizes = capped_weights(chosen_sizes, self.bounds.max_samples, self.bounds.max_share)
+        self._planned = (round, chosen_sizes)
         return jobs
 
     # ---- a round ----------------------------------------------------------------------------------------------------
@@ -123,6 +178,8 @@ class RoundServer:
         self._round = round
         self._rejected = {}
         self._loss_sum = self._loss_weight = 0.0
+        self._norms = []
+        self._norm_bound = self._bound()
         if getattr(self.aggregator, "needs_participants", False):
             if participants is None and self._planned is not None and self._planned[0] == round:
                 participants = self._planned[1]
@@ -130,24 +187,58 @@ class RoundServer:
         else:
             self.aggregator.begin(round, self.spec.size)
 
+    def _bound(self) -> float:
+        """This round's cap on an update's L2 norm (see the module docstring)."""
+        b = self.bounds
+        if b is None:
+            return math.inf
+        bound = math.inf if b.max_update_norm is None else float(b.max_update_norm)
+        if b.norm_factor:
+            ref = self.norm_ref if self.norm_ref else max(float(torch.linalg.vector_norm(self.global_vec)), 1.0)
+            bound = min(bound, b.norm_factor * ref)
+        return bound
+
+    def weight_of(self, client: str) -> int | None:
+        """The weight this round's plan grants ``client`` (its announced, capped sample count), or None."""
+        if self._planned is None or self._planned[0] != self._round:
+            return None
+        return self._planned[1].get(client)
+
     def check(self, update: Update) -> str | None:
         """Why an update must be refused, or None when it may be aggregated. Never raises."""
+        return self._check(update)[0]
+
+    def _check(self, update: Update) -> tuple[str | None, float]:
+        """(why an update must be refused or None, its L2 norm)."""
         d = update.delta
         if not isinstance(d, torch.Tensor) or d.dim() != 1 or d.numel() != self.spec.size:
-            return f"wrong length: {getattr(d, 'shape', None)} for a model of {self.spec.size}"
+            return f"wrong length: {getattr(d, 'shape', None)} for a model of {self.spec.size}", math.nan
         if not isinstance(update.num_samples, int) or update.num_samples < 0:
-            return f"invalid num_samples {update.num_samples!r}"
-        if not math.isfinite(float(d.sum())):  # any NaN/Inf element makes the sum NaN/Inf: one reduction
-            return "non-finite values (NaN or Inf) in the update"
+            return f"invalid num_samples {update.num_samples!r}", math.nan
+        norm = float(torch.linalg.vector_norm(d))  # one reduction; any NaN/Inf element makes it NaN/Inf
+        if not math.isfinite(norm):
+            if not bool(torch.isfinite(d).all()):
+                return "non-finite values (NaN or Inf) in the update", norm
+            return f"L2 norm overflows {d.dtype}, over the bound of {self._norm_bound:.4g}", norm
+        if norm > self._norm_bound:
+            return f"L2 norm {norm:.4g} over the bound of {self._norm_bound:.4g}", norm
         if update.partial and not self.keep_stragglers:
-            return "partial work from a straggler (dropped: FedAvg keeps only complete updates)"
-        return None
+            return "partial work from a straggler (dropped: FedAvg keeps only complete updates)", norm
+        return None, norm
 
     def offer(self, update: Update) -> str | None:
-        """Validate and aggregate one update. Returns None when accepted, else the reason it was dropped."""
+        """Validate and aggregate one update. Returns None when accepted, else the reason it was dropped.
+
+        The update's weight is at most what this round's plan granted its client (an update may claim less, e.g.
+        partial work, never more); a client outside the plan keeps its claim only when the server has no bounds."""
         if self._round is None:
             raise ConfigError("offer() before begin()")
-        reason = self.check(update)
+        granted = self.weight_of(update.client)
+        if granted is not None and update.num_samples != min(update.num_samples, granted):
+            update = dataclasses.replace(update, num_samples=granted)
+        elif granted is None and self.bounds is not None and isinstance(update.num_samples, int):
+            update = dataclasses.replace(update, num_samples=min(update.num_samples, self.bounds.max_samples))
+        reason, norm = self._check(update)
         if reason is None:
             try:
                 self.aggregator.add(update)
@@ -156,6 +247,7 @@ class RoundServer:
         if reason is not None:
             self._rejected[update.client] = reason
             return reason
+        self._norms.append(norm)
         self._note_loss(update.metrics.get("loss"), update.num_samples)
         return None
 
@@ -185,6 +277,8 @@ class RoundServer:
     def close(self) -> RoundOutcome:
         agg = self.aggregator.result()
         r, self._round = self._round, None
+        if self._norms:
+            self.norm_ref = float(np.median(self._norms))
         loss = self._loss_sum / self._loss_weight if self._loss_weight else None
         if agg is None:
             return RoundOutcome(r, False, 0, 0.0, dict(self._rejected), loss)

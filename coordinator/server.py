@@ -17,7 +17,15 @@ its reason while the run goes on. The coordinator pins the clients' identity key
 ``--keys`` when it holds ``identities/``), so a forged key advertisement is refused on arrival.
 
 Anything a client sends that does not fit (malformed, wrong round, unexpected) is logged with its reason and dropped;
-the loop never dies on input. Because planning is RoundServer's seeded ``plan`` over the same client ids, a bus run
+the loop never dies on input: a handler that fails on a message logs one line and the loop goes on.
+
+Zero trust (the README's threat model): over CurveZMQ a client's id is the one its key was enrolled under (the ZAP
+User-Id, :func:`fedopt.bus.enrolled_id`), so a HELLO naming another id is refused; under ``--insecure`` and ipc the id
+is whatever HELLO says, unauthenticated. Either way one id has one live connection: a HELLO for an id held by a
+connection that still answers is refused, never a silent takeover. Registrations are capped (``--max-clients``); a
+client's weight is its READY count, capped (:class:`~coordinator.rounds.Bounds`); a client that keeps missing its
+rounds is benched; a client holds at most one unread model message; upload credit a client does not use within
+three heartbeats is taken back. Because planning is RoundServer's seeded ``plan`` over the same client ids, a bus run
 selects the same clients with the same seeds as ``fedopt simulate`` in-process.
 """
 
@@ -26,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import time
 
 import torch
@@ -44,7 +53,7 @@ from fedopt.params import ParamSpec
 from fedopt.task import TrainConfig, resolve_task
 
 from .registry import Registry, RoundTracker
-from .rounds import RoundServer
+from .rounds import Bounds, RoundServer
 
 __all__ = ["Coordinator", "configure", "run"]
 
@@ -81,7 +90,8 @@ class Coordinator:
             make_server_optimizer(cfg.server_opt, cfg.server_lr, **cfg.server_options),
             TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
                         mu=cfg.mu),
-            per_round=cfg.per_round, seed=cfg.seed, stragglers=cfg.stragglers, keep_stragglers=cfg.keep_stragglers)
+            per_round=cfg.per_round, seed=cfg.seed, stragglers=cfg.stragglers, keep_stragglers=cfg.keep_stragglers,
+            bounds=Bounds.from_config(cfg))
         test = self.task.load_test(cfg.seed) if hasattr(self.task, "load_test") else None
         self.test = None if test is None else tuple(t.to(device) for t in test)
         self.evaluator = LocalTrainer(self.task, self.spec, device, cfg.buffers) if self.test is not None else None
@@ -100,7 +110,8 @@ class Coordinator:
         self._own_ctx = ctx is None
         self.auth = bus.start_authenticator(self.ctx, security)
         self.ep = bus.Endpoint(bus.router(self.ctx, bind, security), wire_dtype=cfg.wire_dtype)
-        self.registry = Registry()
+        self.keyed = security.curve  # client ids come from keys, not from HELLO
+        self.registry = Registry(cfg.client_cap)
         self.live: Liveness[bytes] = Liveness(cfg.heartbeat, clock=clock)
         self.ticker = Ticker(cfg.heartbeat, clock=clock)
         self.welcome = wire.Welcome(spec=self.spec.to_dict(),
@@ -154,7 +165,13 @@ class Coordinator:
             peer, msg = got
             if peer in self.live:
                 self.live.heard(peer)
-            self._handle(peer, msg)
+            try:
+                self._handle(peer, msg)
+            except (KeyboardInterrupt, RoundError):
+                raise
+            except Exception as e:  # a bug a message exposes must not end the run: drop it, keep serving
+                log.exception("handling %s failed", msg.TYPE)
+                self._drop(peer, f"handling {msg.TYPE} failed: {type(e).__name__}: {e}")
 
     def _drop(self, peer: bytes | None, reason: str) -> None:
         self.dropped_messages += 1
@@ -163,26 +180,67 @@ class Coordinator:
         log.warning("dropped a message from %s: %s", who, reason)
 
     # ---- messages -----------------------------------------------------------------------------------------------
+    def _refuse(self, peer: bytes, reason: str) -> None:
+        """Refuse a registration: log it, and tell the peer why (it may retry later)."""
+        self.ep.send(wire.Bye(reason=f"refused: {reason}"), to=peer)
+        self._drop(peer, f"HELLO refused: {reason}")
+
+    def _hello(self, peer: bytes, msg: wire.Hello) -> None:
+        client = msg.client
+        if not client:
+            return self._refuse(peer, "HELLO without a client id")
+        if self.keyed and client != self.ep.user_id:
+            return self._refuse(peer, f"client id {client!r} belongs to another key (this key is enrolled as "
+                                      f"{self.ep.user_id!r})")
+        holder = self.registry.holder(client)
+        if holder is not None and holder != peer:
+            # one live connection per id: take over only a connection that is gone (ROUTER_MANDATORY refuses a
+            # send to a routing id whose connection closed), e.g. a client that restarted
+            if self.ep.send(wire.Heartbeat(), to=holder):
+                return self._refuse(peer, f"client {client!r} is already connected from another live connection")
+        room = self.registry.room_for(peer, client, self.round)
+        if room is False:
+            return self._refuse(peer, f"the coordinator holds its maximum of {self.registry.capacity} clients")
+        if room is not True:
+            evicted = self.registry.get(room)
+            log.warning("evicting client %s (not ready or benched) to make room for client %s", evicted.client, client)
+            self.ep.send(wire.Bye(reason="evicted: not ready or missing its rounds"), to=room)
+            self._forget(room, "evicted")
+        replaced = self.registry.hello(peer, client, msg.device)
+        if replaced is not None:
+            self.live.forget(replaced)
+            self._lost(client, "reconnected during the round")
+        self.live.heard(peer)
+        self.ep.send(self.welcome, to=peer)
+        log.info("client %s connected (%s)", client, msg.device)
+
+    def _send_model(self, client: str, msg: wire.Message) -> bool:
+        """Send TRAIN or EVALUATE to ``client`` unless it is gone or has not read the last one (a client that stops
+        reading costs one queued model, not one per round). False when not sent."""
+        rec = self.registry.record(client)
+        if rec is None or rec.backlogged or not self.ep.send(msg, to=rec.peer):
+            return False
+        rec.models_sent += 1
+        return True
+
     def _handle(self, peer: bytes, msg: wire.Message) -> None:
         if isinstance(msg, wire.Hello):
-            if not msg.client or len(msg.client) > 128:
-                return self._drop(peer, f"HELLO with an invalid client id {msg.client[:40]!r}")
-            replaced = self.registry.hello(peer, msg.client, msg.device)
-            if replaced is not None:
-                self.live.forget(replaced)
-                self._lost(msg.client, "reconnected during the round")
-            self.live.heard(peer)
-            self.ep.send(self.welcome, to=peer)
-            log.info("client %s connected (%s)", msg.client, msg.device)
-            return
+            return self._hello(peer, msg)
         rec = self.registry.get(peer)
         if rec is None:
             # e.g. a client of the coordinator before a restart: tell it to register again
             self.ep.send(wire.Bye(reason="unknown peer: send HELLO"), to=peer)
             return self._drop(peer, f"{msg.TYPE} from a peer that never said HELLO")
+        if isinstance(msg, wire.Heartbeat):
+            # a client's heartbeat counts the model messages it has read on this connection
+            rec.models_read = max(rec.models_read, min(msg.round, rec.models_sent))
+            return
+        if isinstance(msg, (wire.Offer, wire.UpdateMsg, wire.Result, wire.SecAgg)):
+            rec.models_read = rec.models_sent  # a reply: it read what it answers (at most one is ever unread)
         if isinstance(msg, wire.Ready):
-            if msg.num_samples < 0:
-                return self._drop(peer, f"READY with num_samples {msg.num_samples}")
+            if rec.num_samples is not None and msg.num_samples != rec.num_samples:
+                return self._drop(peer, f"READY again with {msg.num_samples} samples (announced "
+                                        f"{rec.num_samples}): kept the first")
             self.registry.ready(peer, msg.num_samples)
         elif isinstance(msg, wire.Offer) and self.secure is not None:
             reason = self.secure.offer(rec.client, msg.round, msg.num_samples, msg.metrics)
@@ -202,8 +260,11 @@ class Coordinator:
                 return self._drop(peer, f"late or unexpected RESULT for round {msg.round}")
             ev["pending"].discard(rec.client)
             acc, loss = msg.metrics.get("accuracy"), msg.metrics.get("loss")
-            if isinstance(acc, (int, float)) and isinstance(loss, (int, float)) and msg.num_samples > 0:
-                ev["results"].append((float(acc), float(loss), msg.num_samples))
+            if not (isinstance(acc, (int, float)) and 0 <= acc <= 1 and isinstance(loss, (int, float))
+                    and 0 <= loss < math.inf and msg.num_samples > 0):
+                return self._drop(peer, f"RESULT with accuracy {acc!r}, loss {loss!r}, {msg.num_samples} samples")
+            weight = min(msg.num_samples, rec.num_samples or 1, self.cfg.max_samples)  # not more than it announced
+            ev["results"].append((float(acc), float(loss), weight))
         elif isinstance(msg, wire.SecAgg):
             reason = "SECAGG outside a secure round" if self.secure is None else self.secure.deliver(rec.client, msg)
             if reason is not None:
@@ -211,7 +272,7 @@ class Coordinator:
         elif isinstance(msg, wire.Bye):
             log.info("client %s left: %s", rec.client, msg.reason[:200])
             self._forget(peer, "left")
-        elif not isinstance(msg, wire.Heartbeat):
+        else:
             self._drop(peer, f"a client may not send {msg.TYPE}")
 
     def _update(self, peer: bytes, client: str, msg: wire.UpdateMsg) -> None:
@@ -226,10 +287,12 @@ class Coordinator:
         t.received(client, accepted=reason is None)
         if reason is not None:
             log.warning("rejected the update of client %s for round %d: %s", client, t.round, reason)
+        else:
+            self.registry.delivered(client)
         self._grant()
 
     def _grant(self) -> None:
-        for client in self.tracker.grants() if self.tracker else ():
+        for client in self.tracker.grants(self.clock()) if self.tracker else ():
             peer = self.registry.peer_of(client)
             if peer is None or not self.ep.send(wire.Pull(round=self.tracker.round), to=peer):
                 self._lost(client, "unreachable")
@@ -238,6 +301,7 @@ class Coordinator:
         """A selected client will not deliver this round."""
         if self.tracker is not None and self.tracker.drop(client):
             self.server.reject(client, reason)
+            self.registry.missed(client, self.tracker.round)
             log.warning("round %d: client %s dropped (%s)", self.tracker.round, client, reason)
             self._grant()
         if self.secure is not None:
@@ -267,10 +331,12 @@ class Coordinator:
             if not self.evals["pending"] or now >= self.evals["deadline"]:
                 self._finish_round()
         elif self.tracker is not None:
+            for client in self.tracker.overdue(now):
+                self._lost(client, f"held upload credit for {self.tracker.pull_timeout:.1f}s without uploading")
             if self.tracker.complete or now >= self.tracker.deadline_at:
                 self._close()
         else:
-            sizes = self.registry.sizes()
+            sizes = self.registry.sizes(self.round)
             waited = now - self._wait_since >= self.cfg.join_timeout
             if len(sizes) >= self.cfg.clients or (waited and len(sizes) >= self.cfg.min_clients):
                 self._start(sizes)
@@ -289,7 +355,7 @@ class Coordinator:
         self.jobs = self.server.plan(r, sizes)
         self.server.begin(r)
         self.tracker = RoundTracker(r, [j.client for j in self.jobs], self.clock() + self.cfg.deadline,
-                                    self.cfg.upload_slots)
+                                    self.cfg.upload_slots, pull_timeout=self.live.timeout)
         # one snapshot for every TRAIN: sends are zero-copy, and the global vector changes in place at close
         snapshot = self.server.global_vec.detach().to("cpu", copy=True)
         for job in self.jobs:
@@ -299,9 +365,8 @@ class Coordinator:
                 continue
             config = {f.name: getattr(job.config, f.name) for f in dataclasses.fields(job.config)
                       if f.name != "sampler"}
-            peer = self.registry.peer_of(job.client)
-            if peer is None or not self.ep.send(wire.Train(round=r, config=config, model=snapshot), to=peer):
-                self._lost(job.client, "unreachable")
+            if not self._send_model(job.client, wire.Train(round=r, config=config, model=snapshot)):
+                self._lost(job.client, "unreachable, or has not read its last model")
         log.info("round %d (attempt %d): %d clients selected of %d ready", r, self._attempt, len(self.jobs),
                  len(sizes))
 
@@ -309,6 +374,7 @@ class Coordinator:
         t, self.tracker = self.tracker, None
         for client in sorted(t.pending):
             self.server.reject(client, "missed the deadline")
+            self.registry.missed(client, t.round)
             log.warning("round %d: client %s missed the deadline; its update will be dropped", t.round, client)
         if t.accepted < self.cfg.min_clients:
             self.server.begin(t.round)  # discard the partial aggregate
@@ -328,9 +394,8 @@ class Coordinator:
         self.evals = {"pending": set(), "deadline": self.clock() + self.cfg.deadline, "results": []}
         if self.cfg.fed_eval_every and r % self.cfg.fed_eval_every == 0:
             model = self.server.global_vec.detach().to("cpu", copy=True)
-            for client, _ in self.registry.sizes().items():
-                peer = self.registry.peer_of(client)
-                if peer is not None and self.ep.send(wire.Evaluate(round=r, model=model), to=peer):
+            for client in self.registry.sizes(r):
+                if self._send_model(client, wire.Evaluate(round=r, model=model)):
                     self.evals["pending"].add(client)
 
     def _finish_round(self) -> None:

@@ -15,7 +15,12 @@ Security (CurveZMQ, RFC 26): ``fedopt keys generate DIR`` writes::
     DIR/clients/client-NNN.identity_secret             client NNN's secret identity (give client NNN only its own)
 
 The coordinator (``--keys DIR``) runs a ZAP authenticator that admits exactly the public keys in ``DIR/allowed``;
-a client (``--keys DIR``) pins ``DIR/coordinator.key`` and uses its own secret. Plain TCP needs ``--insecure`` and
+a client (``--keys DIR``) pins ``DIR/coordinator.key`` and uses its own secret.
+
+Identity is bound to keys at enrolment: the file a public key sits in names its client (``client-NNN.key`` is client
+``NNN`` as a number, any other ``NAME.key`` is client ``NAME``; see :func:`enrolled_id`). The authenticator stamps
+that id on the connection as its ZAP User-Id, and :attr:`Endpoint.user_id` reports it with every received message,
+so a receiver knows who sent a message from the key that authenticated it, never from a field the sender wrote. Plain TCP needs ``--insecure`` and
 prints a warning; ``ipc://`` and ``inproc://`` are local to the machine and need neither.
 """
 
@@ -37,7 +42,7 @@ from . import wire
 from .errors import AuthError, ConfigError, WireError
 
 __all__ = ["Security", "security_for", "generate_keys", "router", "dealer", "Endpoint", "start_authenticator",
-           "configure", "run"]
+           "enrolled_id", "enrolled_keys", "configure", "run"]
 
 log = logging.getLogger("fedopt.bus")
 
@@ -126,6 +131,45 @@ def security_for(url: str, keys: str | None, insecure: bool, role: str, name: st
     return Security(public, secret, server_key=server_key)
 
 
+def enrolled_id(key_file: str | os.PathLike) -> str:
+    """The client id a public key file names: ``client-007.key`` -> ``"7"`` (the shard index ``fedopt client``
+    uses by default), any other ``NAME.key`` -> ``"NAME"``."""
+    stem = Path(key_file).name.removesuffix(".key")
+    number = stem.removeprefix("client-")
+    return str(int(number)) if stem.startswith("client-") and number.isdigit() else stem
+
+
+def enrolled_keys(allowed_dir: str | os.PathLike) -> dict[bytes, str]:
+    """``public key (Z85) -> client id`` for every key in an allow-list folder. Raises AuthError when a key file
+    cannot be read or two files give one id."""
+    out: dict[bytes, str] = {}
+    ids: dict[str, Path] = {}
+    for path in sorted(Path(allowed_dir).glob("*.key")):
+        try:
+            public, _ = zmq.auth.load_certificate(path)
+        except (OSError, ValueError) as e:
+            raise AuthError(f"cannot read the client key {path}: {e}") from None
+        cid = enrolled_id(path)
+        if cid in ids:
+            raise AuthError(f"{path} and {ids[cid]} both enrol client {cid!r}: rename one")
+        ids[cid] = path
+        out[public] = cid
+    return out
+
+
+class _EnrolledAuthenticator(ThreadAuthenticator):
+    """ZAP that admits the allow-list's keys and stamps each connection with its enrolled client id."""
+
+    def __init__(self, ctx: zmq.Context, ids: dict[bytes, str], **kw) -> None:
+        super().__init__(ctx, **kw)
+        self._ids = ids
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        from zmq.utils import z85
+
+        return self._ids.get(z85.encode(client_public_key), "")
+
+
 class _DenialLog:
     """The authenticator's logger, with its accept/deny decisions raised from debug to warning/info level."""
 
@@ -147,7 +191,8 @@ def start_authenticator(ctx: zmq.Context, security: Security) -> ThreadAuthentic
     """Run ZAP for ``ctx`` admitting only the keys in ``security.allowed_dir``; None when not using Curve."""
     if security.allowed_dir is None:
         return None
-    auth = ThreadAuthenticator(ctx, log=_DenialLog(log))  # type: ignore[arg-type]
+    ids = enrolled_keys(security.allowed_dir)
+    auth = _EnrolledAuthenticator(ctx, ids, log=_DenialLog(log))  # type: ignore[arg-type]
     auth.start()
     auth.configure_curve(domain="*", location=str(security.allowed_dir))
     return auth
@@ -213,6 +258,9 @@ class Endpoint:
         self.routed = sock.type == zmq.ROUTER
         self.bytes_in = 0
         self.bytes_out = 0
+        #: the enrolled client id of the connection the last received message came from (its ZAP User-Id), or
+        #: None on a connection that no key authenticated (ipc, inproc, --insecure)
+        self.user_id: str | None = None
 
     def send(self, msg: wire.Message, to: bytes | None = None) -> bool:
         """Queue ``msg`` for sending (zero-copy for tensors). False when the peer is gone or its queue is full."""
@@ -243,6 +291,7 @@ class Endpoint:
         if not self.poll(timeout):
             return None
         frames = self.sock.recv_multipart(copy=False)
+        self.user_id = _user_id(frames[-1])
         peer = None
         if self.routed:
             peer, frames = frames[0].bytes, frames[1:]
@@ -254,6 +303,15 @@ class Endpoint:
 
     def close(self) -> None:
         self.sock.close(0)
+
+
+def _user_id(frame: Any) -> str | None:
+    """The ZAP User-Id stamped on a received frame's connection, or None where no authenticator ran."""
+    try:
+        uid = frame.get("User-Id")
+    except (zmq.ZMQError, AttributeError):
+        return None
+    return uid or None
 
 
 class BadMessage(WireError):

@@ -53,7 +53,16 @@ class TrimmedMean(_Collecting):
             raise ConfigError(f"trim fraction beta must be in [0, 0.5), not {beta}")
         self.beta = beta
 
+    def check_round_size(self, n: int) -> None:
+        """Refuse a ``beta`` that trims nothing from rounds of ``n`` updates: it would be a plain mean, which one
+        client moves as far as it likes. Raises ConfigError naming the smallest ``beta`` that trims one."""
+        if math.floor(self.beta * n) == 0 and n >= 3:
+            raise ConfigError(f"trimmed_mean with beta {self.beta} trims nothing from {n} updates per round: "
+                              f"use beta >= {1 / n:.3g} (--aggregator-option beta=...)")
+
     def _combine(self, rows: torch.Tensor) -> torch.Tensor:
-        k = math.floor(self.beta * rows.shape[0])
+        n = rows.shape[0]
+        # a round closed on its quorum may have fewer updates than planned: still trim one from each end when it can
+        k = max(math.floor(self.beta * n), 1 if self.beta > 0 and n >= 3 else 0)
         s = rows.sort(dim=0).values
         return s[k : rows.shape[0] - k].mean(dim=0)
