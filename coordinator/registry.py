@@ -42,7 +42,7 @@ class Registry:
     """Connected clients by routing id and by client id; one routing id per client id, at most ``capacity``.
 
     ``bench_after``: a client that misses this many rounds in a row (selected, then dropped: silent, unreachable,
-    late, backlogged) is not selected for 2, 4, 8 ... (at most 32) rounds; an accepted update clears its record.
+    late, backlogged, or its update rejected) is not selected for 2, 4, 8 ... (at most 32) rounds; an accepted update clears its record.
     """
 
     def __init__(self, capacity: int = 1 << 30, bench_after: int = 2) -> None:

@@ -50,8 +50,8 @@ class Bounds:
     """How far one client's claims may move a round (see the module docstring); from ``RunConfig``'s fields."""
 
     max_samples: int = 1_000_000  # cap on one client's weight
-    max_share: float = 0.25  # cap on one client's share of the round's total weight (at least 2/selected)
-    norm_factor: float = 10.0  # reject an update over this x the reference norm (0 = off)
+    max_share: float = 0.25  # cap on one client's share of the round's total weight (at least 1.5/selected)
+    norm_factor: float = 4.0  # reject an update over this x the reference norm (0 = off)
     max_update_norm: float | None = None  # absolute cap on an update's L2 norm
 
     @classmethod
@@ -60,14 +60,15 @@ class Bounds:
 
 
 def capped_weights(sizes: Mapping[str, int], max_samples: int, max_share: float) -> dict[str, int]:
-    """Each client's weight: its sample count capped at ``max_samples`` and at a share ``s = max(max_share, 2/k)``
+    """Each client's weight: its sample count capped at ``max_samples`` and at a share ``s = max(max_share, 1.5/k)``
     of the capped total of the ``k`` clients (water-filling: the largest are cut to one level ``c`` with
-    ``c = s * sum(min(w, c))``), floored to integers >= 1. Caps that do not bind leave the counts unchanged."""
+    ``c = s * sum(min(w, c))``), floored to integers >= 1. Caps that do not bind leave the counts unchanged. The
+    floor 1.5/k keeps small rounds weighted by their data (equal weights would need s = 1/k)."""
     w = {c: max(1, min(int(n), max_samples)) for c, n in sizes.items()}
     k = len(w)
-    if k < 3:
-        return w  # with two clients or fewer no share cap below 1/2 can hold
-    s = max(max_share, 2 / k)
+    if k < 2:
+        return w
+    s = max(max_share, 1.5 / k)
     desc = sorted(w.values(), reverse=True)
     rest = float(sum(desc))
     for j in range(k):  # try capping the j largest weights at level c
@@ -153,6 +154,8 @@ class RoundServer:
         Stragglers (Li et al., MLSys 2020, Section 5.2): a ``stragglers`` fraction of the selected clients do a number
         of local steps drawn uniformly from [1, full work]; FedProx keeps that partial work, FedAvg drops it.
         """
+        if self.bounds is not None:  # a claimed count is never used uncapped, not even for a straggler's budget
+            sizes = {c: max(1, min(int(n), self.bounds.max_samples)) for c, n in sizes.items()}
         chosen = self.select(round, list(sizes))
         rng = np.random.default_rng([self.seed & 0xFFFFFFFF, round, 2])
         n_slow = int(round_half_up(self.stragglers * len(chosen)))

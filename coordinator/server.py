@@ -46,7 +46,7 @@ from fedopt.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedopt.config import RunConfig, build_config
 from fedopt.errors import ConfigError, RoundError
 from fedopt.identity import find_identity_dir, load_pinned
-from fedopt.liveness import Liveness, Ticker
+from fedopt.liveness import Liveness, LogBudget, Ticker
 from fedopt.metrics import RunOutput
 from fedopt.optimizers import make_server_optimizer
 from fedopt.params import ParamSpec
@@ -58,7 +58,8 @@ from .rounds import Bounds, RoundServer
 __all__ = ["Coordinator", "configure", "run"]
 
 log = logging.getLogger("fedopt.coordinator")
-MAX_ATTEMPTS = 5  # a round that misses its quorum this many times in a row ends the run (RoundError)
+#: a round that misses its quorum this many times in a row, with no client left that has not failed it, ends the run
+MAX_ATTEMPTS = 5
 #: what a client needs to load its shard and train: sent in WELCOME
 CLIENT_SETTINGS = ("task", "task_options", "clients", "partition", "alpha", "seed", "buffers", "heartbeat")
 
@@ -121,9 +122,12 @@ class Coordinator:
         self.evals: dict | None = None  # federated evaluation in progress: {"pending", "deadline", "results"}
         self._wait_since = clock()
         self._attempt = 0
+        self._failed: set[str] = set()  # clients that failed an attempt at this round: not selected again for it
         self._round_t0 = 0.0
         self._bytes0 = (0, 0)
         self.dropped_messages = 0  # malformed or unexpected messages, for tests and the summary
+        self._drop_log = LogBudget(20, 1.0, clock)  # a flood of bad messages is counted, not logged line by line
+        self._refusal_log = LogBudget(20, 1.0, clock)
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def serve(self) -> int:
@@ -175,15 +179,23 @@ class Coordinator:
 
     def _drop(self, peer: bytes | None, reason: str) -> None:
         self.dropped_messages += 1
+        skipped = self._drop_log.take()
+        if skipped is None:
+            return
         rec = self.registry.get(peer) if peer else None
         who = f"client {rec.client}" if rec else f"peer {bus.describe(peer)}"
-        log.warning("dropped a message from %s: %s", who, reason)
+        more = f" ({skipped} more dropped messages not logged)" if skipped else ""
+        log.warning("dropped a message from %s: %s%s", who, reason, more)
 
     # ---- messages -----------------------------------------------------------------------------------------------
     def _refuse(self, peer: bytes, reason: str) -> None:
         """Refuse a registration: log it, and tell the peer why (it may retry later)."""
         self.ep.send(wire.Bye(reason=f"refused: {reason}"), to=peer)
-        self._drop(peer, f"HELLO refused: {reason}")
+        self.dropped_messages += 1
+        skipped = self._refusal_log.take()
+        if skipped is not None:
+            more = f" ({skipped} more refusals not logged)" if skipped else ""
+            log.warning("refused a HELLO from peer %s: %s%s", bus.describe(peer), reason, more)
 
     def _hello(self, peer: bytes, msg: wire.Hello) -> None:
         client = msg.client
@@ -206,13 +218,15 @@ class Coordinator:
             log.warning("evicting client %s (not ready or benched) to make room for client %s", evicted.client, client)
             self.ep.send(wire.Bye(reason="evicted: not ready or missing its rounds"), to=room)
             self._forget(room, "evicted")
-        replaced = self.registry.hello(peer, client, msg.device)
-        if replaced is not None:
-            self.live.forget(replaced)
-            self._lost(client, "reconnected during the round")
+        again = holder == peer
+        if not again:
+            replaced = self.registry.hello(peer, client, msg.device)
+            if replaced is not None:
+                self.live.forget(replaced)
+                self._lost(client, "reconnected during the round")
+            log.info("client %s connected (%s)", client, msg.device)
         self.live.heard(peer)
-        self.ep.send(self.welcome, to=peer)
-        log.info("client %s connected (%s)", client, msg.device)
+        self.ep.send(self.welcome, to=peer)  # again for a repeated HELLO: the first WELCOME may have been lost
 
     def _send_model(self, client: str, msg: wire.Message) -> bool:
         """Send TRAIN or EVALUATE to ``client`` unless it is gone or has not read the last one (a client that stops
@@ -287,6 +301,7 @@ class Coordinator:
         t.received(client, accepted=reason is None)
         if reason is not None:
             log.warning("rejected the update of client %s for round %d: %s", client, t.round, reason)
+            self._missed(client, t.round)  # a rejected update counts as a missed round: repeated, benched
         else:
             self.registry.delivered(client)
         self._grant()
@@ -301,13 +316,17 @@ class Coordinator:
         """A selected client will not deliver this round."""
         if self.tracker is not None and self.tracker.drop(client):
             self.server.reject(client, reason)
-            self.registry.missed(client, self.tracker.round)
+            self._missed(client, self.tracker.round)
             log.warning("round %d: client %s dropped (%s)", self.tracker.round, client, reason)
             self._grant()
         if self.secure is not None:
             self.secure.lost(client)
         if self.evals is not None:
             self.evals["pending"].discard(client)
+
+    def _missed(self, client: str, round: int) -> None:
+        self.registry.missed(client, round)
+        self._failed.add(client)
 
     def _forget(self, peer: bytes, reason: str) -> None:
         rec = self.registry.remove(peer)
@@ -336,10 +355,14 @@ class Coordinator:
             if self.tracker.complete or now >= self.tracker.deadline_at:
                 self._close()
         else:
-            sizes = self.registry.sizes(self.round)
-            waited = now - self._wait_since >= self.cfg.join_timeout
+            sizes = {c: n for c, n in self.registry.sizes(self.round).items() if c not in self._failed}
+            # a retry goes on with whoever is left at once; a new round first waits for every client (or the timeout)
+            waited = self._attempt > 0 or now - self._wait_since >= self.cfg.join_timeout
             if len(sizes) >= self.cfg.clients or (waited and len(sizes) >= self.cfg.min_clients):
                 self._start(sizes)
+            elif self._attempt >= MAX_ATTEMPTS and now - self._wait_since >= self.cfg.join_timeout:
+                raise RoundError(f"round {self.round} missed its quorum of {self.cfg.min_clients} in "
+                                 f"{self._attempt} attempts, and no other client is ready")
 
     def _start(self, sizes: dict[str, int]) -> None:
         r = self.round
@@ -374,16 +397,13 @@ class Coordinator:
         t, self.tracker = self.tracker, None
         for client in sorted(t.pending):
             self.server.reject(client, "missed the deadline")
-            self.registry.missed(client, t.round)
+            self._missed(client, t.round)
             log.warning("round %d: client %s missed the deadline; its update will be dropped", t.round, client)
         if t.accepted < self.cfg.min_clients:
             self.server.begin(t.round)  # discard the partial aggregate
             self._wait_since = self.clock()
-            log.warning("round %d: %d updates, below the quorum of %d: retrying", t.round, t.accepted,
-                        self.cfg.min_clients)
-            if self._attempt >= MAX_ATTEMPTS:
-                raise RoundError(f"round {t.round} missed its quorum of {self.cfg.min_clients} in "
-                                 f"{MAX_ATTEMPTS} attempts")
+            log.warning("round %d: %d updates, below the quorum of %d: retrying without the %d clients that failed "
+                        "it", t.round, t.accepted, self.cfg.min_clients, len(self._failed))
             return
         self.outcome = self.server.close()
         self._evaluate()
@@ -423,6 +443,7 @@ class Coordinator:
                                             self.spec, {"config": cfg.to_dict(), "attempts": self._attempt}))
         self.round += 1
         self._attempt = 0
+        self._failed = set()
         self._wait_since = self.clock()
 
 

@@ -220,10 +220,15 @@ def router(ctx: zmq.Context, url: str, security: Security, limits: wire.Limits =
     return sock
 
 
-def dealer(ctx: zmq.Context, url: str, security: Security, limits: wire.Limits = wire.Limits()) -> zmq.Socket:
-    """A connected DEALER (the client side), pinned to the coordinator's key when using Curve."""
+def dealer(ctx: zmq.Context, url: str, security: Security, limits: wire.Limits = wire.Limits(),
+           rcvhwm: int | None = None) -> zmq.Socket:
+    """A connected DEALER (the client side), pinned to the coordinator's key when using Curve. ``rcvhwm``: messages
+    queued for the application before ZeroMQ stops reading the connection (default ZeroMQ's 1000)."""
     sock = ctx.socket(zmq.DEALER)
     _common(sock, limits)
+    if rcvhwm is not None:
+        sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        sock.setsockopt(zmq.RCVBUF, 4096)
     if security.curve:
         sock.curve_publickey, sock.curve_secretkey = security.public, security.secret
         sock.curve_serverkey = security.server_key
@@ -300,6 +305,8 @@ class Endpoint:
             return peer, wire.decode(frames, self.limits)
         except WireError as e:
             raise BadMessage(peer, str(e)) from None
+        except Exception as e:  # decode raises only WireError; this keeps a receive loop alive if it ever did not
+            raise BadMessage(peer, f"undecodable message ({type(e).__name__}: {e})") from None
 
     def close(self) -> None:
         self.sock.close(0)

@@ -118,9 +118,9 @@ def add_bus_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-samples", type=int, default=S,
                    help="cap on one client's aggregation weight, its announced sample count (default 1000000)")
     g.add_argument("--max-share", type=float, default=S,
-                   help="cap on one client's share of a round's total weight (default 0.25, at least 2/selected)")
+                   help="cap on one client's share of a round's total weight (default 0.25, at least 1.5/selected)")
     g.add_argument("--norm-factor", type=float, default=S,
-                   help="reject updates with an L2 norm over this x the last round's median (default 10, 0 = off)")
+                   help="reject updates with an L2 norm over this x the last round's median (default 4, 0 = off)")
     g.add_argument("--max-update-norm", type=float, default=S, help="absolute L2 bound on one update (default none)")
     g.add_argument("--max-clients", type=int, default=S,
                    help="registrations held at once (default 2 x clients + 16)")

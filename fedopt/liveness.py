@@ -8,6 +8,7 @@ its clients; a client keeps one for its coordinator. Both use :class:`Ticker` to
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, Generic, Hashable, TypeVar
 
@@ -107,3 +108,26 @@ class Backoff:
 
     def reset(self) -> None:
         self._next = self.initial
+
+
+class LogBudget:
+    """At most ``lines`` log lines per ``interval`` seconds; what is over the budget is counted, not logged, and the
+    count is reported with the next line that fits (a flood of bad messages must not become a flood of log lines)."""
+
+    def __init__(self, lines: int = 20, interval: float = 1.0, clock: Clock = time.monotonic) -> None:
+        self.lines, self.interval, self.clock = lines, interval, clock
+        self._window = -math.inf
+        self._used = 0
+        self.suppressed = 0  # not logged since the last line that was
+
+    def take(self) -> int | None:
+        """None when this line is over the budget (it is counted); else how many were suppressed before it."""
+        now = self.clock()
+        if now - self._window >= self.interval:
+            self._window, self._used = now, 0
+        if self._used >= self.lines:
+            self.suppressed += 1
+            return None
+        self._used += 1
+        skipped, self.suppressed = self.suppressed, 0
+        return skipped
