@@ -53,22 +53,32 @@ def test_round_keys_are_fresh():
 def test_advertisement_signature():
     ident, other = keys.generate_identity(), keys.generate_identity()
     pk = keys.identity_public_bytes(ident)
-    c, s = os.urandom(32), os.urandom(32)
-    sig = keys.sign_advertisement(ident, 5, "u1", c, s)
-    keys.verify_advertisement(pk, sig, 5, "u1", c, s)
-    for args in [(6, "u1", c, s), (5, "u2", c, s), (5, "u1", s, c), (5, "u1", os.urandom(32), s)]:
+    c, s, b = os.urandom(32), os.urandom(32), keys.commit_seed(5, "u1", os.urandom(32))
+    sig = keys.sign_advertisement(ident, 5, "u1", c, s, b)
+    keys.verify_advertisement(pk, sig, 5, "u1", c, s, b)
+    for args in [(6, "u1", c, s, b), (5, "u2", c, s, b), (5, "u1", s, c, b), (5, "u1", os.urandom(32), s, b),
+                 (5, "u1", c, s, os.urandom(32))]:  # the seed commitment is signed too
         with pytest.raises(SecAggError, match="bad signature"):
             keys.verify_advertisement(pk, sig, *args)
     with pytest.raises(SecAggError):
-        keys.verify_advertisement(keys.identity_public_bytes(other), sig, 5, "u1", c, s)
+        keys.verify_advertisement(keys.identity_public_bytes(other), sig, 5, "u1", c, s, b)
     with pytest.raises(SecAggError):
-        keys.verify_advertisement(pk, b"", 5, "u1", c, s)
+        keys.verify_advertisement(pk, b"", 5, "u1", c, s, b)
     # a verified (cached) advertisement does not make a tampered signature pass, now or on a retry
-    keys.verify_advertisement(pk, sig, 5, "u1", c, s)
+    keys.verify_advertisement(pk, sig, 5, "u1", c, s, b)
     bad = bytes([sig[0] ^ 1]) + sig[1:]
     for _ in range(2):
         with pytest.raises(SecAggError, match="bad signature"):
-            keys.verify_advertisement(pk, bad, 5, "u1", c, s)
+            keys.verify_advertisement(pk, bad, 5, "u1", c, s, b)
+
+
+def test_seed_commitment_binds_round_client_and_seed():
+    seed = os.urandom(32)
+    c = keys.commit_seed(3, "u1", seed)
+    assert len(c) == 32 and c == keys.commit_seed(3, "u1", seed)
+    others = {keys.commit_seed(4, "u1", seed), keys.commit_seed(3, "u2", seed),
+              keys.commit_seed(3, "u1", bytes(a ^ (i == 0) for i, a in enumerate(seed)))}
+    assert c not in others and len(others) == 3
 
 
 def test_hkdf_matches_the_cryptography_package():

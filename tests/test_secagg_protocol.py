@@ -249,7 +249,7 @@ def _substitute(kind):
             from fedopt.secagg.keys import sign_advertisement
 
             sig = sign_advertisement(generate_identity(), advs[0].round, advs[0].sender,
-                                     attacker.c_pk, attacker.s_pk)
+                                     attacker.c_pk, attacker.s_pk, advs[0].b_commit)
             advs[0] = dataclasses.replace(advs[0], c_pk=attacker.c_pk, s_pk=attacker.s_pk, signature=sig)
         elif kind == "replay-round":
             advs[0] = dataclasses.replace(advs[0], round=advs[0].round + 1)
