@@ -51,7 +51,7 @@ __all__ = ["Coordinator", "configure", "run"]
 log = logging.getLogger("fedopt.coordinator")
 MAX_ATTEMPTS = 5  # a round that misses its quorum this many times in a row ends the run (RoundError)
 #: what a client needs to load its shard and train: sent in WELCOME
-CLIENT_SETTINGS = ("task", "task_options", "clients", "partition", "alpha", "seed", "buffers", "heartbeat")
+CLIENT_SETTINGS = ("task", "task_options", "clients", "partition", "alpha", "seed", "buffers", "heartbeat", "max_samples")
 
 
 class Coordinator:
