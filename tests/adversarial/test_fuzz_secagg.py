@@ -9,6 +9,7 @@ import os
 
 import msgpack
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
@@ -17,6 +18,8 @@ from fedopt.secagg import codec, generate_identity, identity_public_bytes
 from fedopt.secagg.messages import KeyAdvertisement, MaskedInput, UnmaskResponse
 
 EXAMPLES = int(os.environ.get("FEDOPT_FUZZ_EXAMPLES", "300"))
+# a raised count runs for minutes: no per-test timeout then
+pytestmark = pytest.mark.timeout(0 if "FEDOPT_FUZZ_EXAMPLES" in os.environ else 300)
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))
 
