@@ -4,7 +4,9 @@ Setting (issue 4): n = 100 clients, P = 10^6 parameters, 10% of the clients drop
 they advertised and shared keys, but their masked vectors never arrive, so the server must reconstruct their mask
 keys and remove their pairwise masks from each surviving neighbour (the expensive kind of dropout: Bonawitz et al.
 CCS 2017, Section 7; Bell et al. CCS 2020). SecAgg+ graph: k = 2*ceil(log2 n) neighbours, t = k/2 + 1, 16-bit
-quantisation mod 2^32, FedAvg weights folded into the masked vector.
+quantisation, FedAvg weights folded into the masked vector. The word width follows from the public weight cap
+(``--max-samples``, default 500 here: every client has 50 samples): 32-bit words while n * cap * (2^15 - 1) < 2^31,
+i.e. cap <= 655 for n = 100; with fedopt's default cap of 10^6 the words are 64-bit and the bytes double.
 
 Measured, each as a median over ``--repeats`` (spreads are printed too; the machine may be shared and noisy):
 
@@ -52,6 +54,7 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from fedopt.aggregators import SecureAggregator, Update, fedavg
+from fedopt.aggregators.secure import round_encoding
 from fedopt.secagg import (
     ClientSession,
     QuantConfig,
@@ -127,13 +130,14 @@ def plain_update_bytes(P: int) -> tuple[int, str]:
         return len(head) + 4 * P, "msgpack header + float32 frame"
 
 
-def protocol_round(n: int, P: int, dropout: float, seed: int = 0) -> dict:
-    """One round driven stage by stage, timing the client and server parts and counting bytes."""
+def protocol_round(n: int, P: int, dropout: float, seed: int = 0, max_weight: int = 500) -> dict:
+    """One round driven stage by stage, timing the client and server parts and counting bytes. The encoding is the
+    aggregator's for a cap of ``max_weight`` (32-bit words when they cannot wrap, else 64-bit)."""
     ids = [f"client-{i:03d}" for i in range(n)]
     idents = {u: generate_identity() for u in ids}
     pinned = {u: identity_public_bytes(k) for u, k in idents.items()}
-    quant = QuantConfig(clip=10.0, bits=16, modulus_bits=32, max_weight=100)
-    cfg = RoundConfig.create(1, ids, quant.vector_length(P), modulus_bits=32)
+    quant = round_encoding(SecureAggregator(clip=10.0, bits=16, max_weight=max_weight), n)
+    cfg = RoundConfig.create(1, ids, quant.vector_length(P), modulus_bits=quant.modulus_bits)
     dropped = set(ids[:: max(1, round(1 / dropout))][: round(dropout * n)]) if dropout else set()
     server = ServerSession(cfg, pinned)
     clients = {u: ClientSession(u, idents[u], pinned, cfg) for u in ids}
@@ -163,7 +167,7 @@ def protocol_round(n: int, P: int, dropout: float, seed: int = 0) -> dict:
         # PRG(b_u) + one stream per neighbour that shared keys, each of vector_length uint32 words
         elapsed, floor = beside_floor(
             lambda: out.append(clients[u].masked_input(deliveries[u], enc.vector, consume=True)),
-            (1 + len(deliveries[u].shares), 4 * cfg.vector_length))
+            (1 + len(deliveries[u].shares), cfg.dtype.itemsize * cfg.vector_length))
         mask_times.append(elapsed)
         mask_floors.append(floor)
         y = out[0]
@@ -188,7 +192,7 @@ def protocol_round(n: int, P: int, dropout: float, seed: int = 0) -> dict:
             server.receive_unmask(resp)
         res.append(server.finish())
 
-    t_server, server_floor = beside_floor(server_unmask, (server_streams, 4 * cfg.vector_length))
+    t_server, server_floor = beside_floor(server_unmask, (server_streams, cfg.dtype.itemsize * cfg.vector_length))
     result = res[0]
     assert set(result.survivors) == survivors
     survivor_bytes = [sent[u] for u in ids if u in survivors]
@@ -243,6 +247,8 @@ def main() -> None:
     ap.add_argument("--flower-p", type=int, default=None, help="Flower's P (default: --params)")
     ap.add_argument("--flower-timeout", type=float, default=900.0)
     ap.add_argument("--no-flower", action="store_true")
+    ap.add_argument("--max-samples", type=int, default=500,
+                    help="the public cap on one client's weight (the run's --max-samples); sets the word width")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for masking, encoding and unmasking (default: fedopt's, the usable CPUs up to 8)")
     a = ap.parse_args()
@@ -250,12 +256,12 @@ def main() -> None:
     n, P, d = a.clients, a.params, a.dropout
 
     speed, proto, rounds_s, rounds_p, round_ratios = [], [], [], [], []
-    aggs = {True: SecureAggregator(clip=10.0, bits=16), False: fedavg()}
+    aggs = {True: SecureAggregator(clip=10.0, bits=16, max_weight=a.max_samples), False: fedavg()}
     sim_round(n, min(P, 10_000), d, aggs[True], 1)  # enrolment (identity keys), once per run as in a real run
     rnd = 1
     for rep in range(a.repeats):
         speed.append(aes_ctr_speed())
-        proto.append(protocol_round(n, P, d, seed=rep))
+        proto.append(protocol_round(n, P, d, seed=rep, max_weight=a.max_samples))
         times = {}
         for secure in ((False, True) if rep % 2 == 0 else (True, False)):  # alternate which goes first
             rnd += 1

@@ -143,6 +143,8 @@ class FederatedClient:
         s = welcome.config
         if s == self._settings:
             return  # a reconnect to the same run: keep the loaded shard
+        if self.secure is not None and isinstance(s.get("max_samples"), int):
+            self.secure.max_weight = s["max_samples"]  # the run's cap on the weight folded into a masked vector
         if s.get("secagg") and self.secure is None:
             raise ConfigError("the coordinator runs secure aggregation and this client has no identity key: give "
                               "--identities DIR (or --keys DIR) made by `fedopt keys generate`")

@@ -9,10 +9,11 @@ Wraps one :class:`fedopt.secagg.ClientSession` per round (Bonawitz et al., CCS 2
 Each reply is ``codec.pack(message)`` (``[msgpack body, *raw frames]``) for the coordinator. The masked input is
 made as soon as both the share delivery and the update are there, in whichever order they arrive (and returned, or
 with ``hold_masked`` kept in ``masked`` for an upload on credit); an update for a
-round whose ``setup`` has not arrived yet is kept until it does (a transport may deliver TRAIN's result first). A message the
-protocol refuses (bad signature, inconsistent unmask request, malformed bytes) is logged, the round's session is
-dropped (the client then sends nothing more for that round) and ``handle`` returns ``[]``: it never raises into the
-client's loop. A new ``setup`` starts a fresh session (fresh keys) for the new round.
+round whose ``setup`` has not arrived yet is kept until it does (a transport may deliver TRAIN's result first). Malformed bytes
+are logged and dropped. A message the protocol refuses (bad signature, inconsistent unmask request, a stage out of
+order) is logged, the round's session is dropped (the client then sends nothing more for that round) and ``handle``
+returns ``[]``: it never raises into the client's loop. The weight folded into the masked vector is the sample
+count clamped to the run's public cap. A new ``setup`` starts a fresh session (fresh keys) for the new round.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ log = logging.getLogger("fedopt.secagg")
 
 
 class SecAggClient:
-    def __init__(self, client_id: str, identity, pinned: Mapping[str, bytes]) -> None:
+    def __init__(self, client_id: str, identity, pinned: Mapping[str, bytes], max_weight: int | None = None) -> None:
         self.id = client_id
+        #: the run's cap on one client's weight (``max_samples`` from WELCOME); the weight folded into the masked
+        #: vector is min(num_samples, this, the round's public max_weight)
+        self.max_weight = max_weight
         self._identity = identity
         self._pinned = dict(pinned)
         self._session: ClientSession | None = None
@@ -58,9 +62,17 @@ class SecAggClient:
         """Process one incoming secagg message; returns the messages to send (possibly none)."""
         try:
             msg = codec.unpack(parts)
+        except WireError as e:  # malformed bytes: dropped, the round's session (if any) goes on
+            log.warning("client %s: malformed secagg message dropped: %s", self.id, e)
+            return []
+        try:
             return self._dispatch(msg)
-        except (WireError, SecAggError) as e:
+        except SecAggError as e:
             log.warning("client %s: secagg message refused, leaving the round: %s", self.id, e)
+            self._session = None
+            return []
+        except Exception as e:  # zero trust: a hostile message never ends the client's loop
+            log.warning("client %s: secagg message refused (%s: %s), leaving the round", self.id, type(e).__name__, e)
             self._session = None
             return []
 
@@ -73,7 +85,7 @@ class SecAggClient:
         self._update = (np.asarray(delta, dtype=np.float64).ravel(), int(num_samples), round)
         try:
             return self._maybe_mask()
-        except SecAggError as e:
+        except (SecAggError, ValueError, TypeError) as e:
             log.warning("client %s: cannot mask its update, leaving the round: %s", self.id, e)
             self._session = None
             return []
@@ -113,7 +125,10 @@ class SecAggClient:
         if x.size + (1 if quant.weighted else 0) != self._setup.config.vector_length:
             raise SecAggError(f"update has {x.size} values; round {self.round} expects "
                               f"{self._setup.config.vector_length} words")
-        enc = encode_update(x, quant, os.urandom(32), n if quant.weighted else None)
+        weight = None
+        if quant.weighted:  # clamp to the public caps: never fold in more weight than the run allows
+            weight = max(0, min(n, quant.max_weight, self.max_weight or quant.max_weight))
+        enc = encode_update(x, quant, os.urandom(32), weight)
         self.clip_rate = float(enc.clipped)
         if self.on_encoded is not None:
             self.on_encoded(self.round, enc.vector)

@@ -12,10 +12,12 @@ is two callables, so the ZeroMQ coordinator, a test's in-memory queues or anythi
 stops waiting for them at once instead of at its deadline.
 
 ``client_id`` in ``recv`` is who the transport says sent it (the socket identity); a message whose ``sender``
-field differs is dropped. Malformed messages and messages the protocol refuses are logged and dropped; the round
+field differs, or from a client the stage does not wait for, is dropped. Malformed messages and messages the protocol refuses are logged and dropped; the round
 goes on. When the protocol cannot complete (fewer than t live neighbours for some client), every participant gets
 an ``abort`` message and :func:`run_round` raises :class:`~fedopt.errors.SecAggError`: the caller logs it, leaves
-the global model unchanged and goes on to the next round.
+the global model unchanged and goes on to the next round. The same happens when a secret cannot be rebuilt
+from t honest shares (each reconstruction is checked against its owner's signed commitment; forged shares are
+set aside while t honest ones remain) or when the decoded sum breaks the bounds honest inputs keep.
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ def run_round(
             client, parts = got
             try:
                 received[0] += sum(memoryview(p).nbytes for p in parts)
+                if client not in expected:
+                    raise WireError(f"is not expected in this stage ({kind.__name__})")
                 msg = codec.unpack(parts)
                 if not isinstance(msg, kind):
                     raise WireError(f"expected a {kind.__name__}, got {type(msg).__name__}")
@@ -99,6 +103,10 @@ def run_round(
                 accept(msg)
             except (WireError, SecAggError) as e:
                 log.warning("secagg round %s: dropped a message from %r: %s", config.round, client, e)
+                continue
+            except Exception as e:  # zero trust: no message, however malformed, ends the round loop
+                log.warning("secagg round %s: dropped a message from %r (%s: %s)", config.round, client,
+                            type(e).__name__, e)
                 continue
             waiting.discard(client)
             answered.add(client)
@@ -121,7 +129,10 @@ def run_round(
         broadcast(requests)
         gather(UnmaskResponse, set(requests), server.receive_unmask)
         result = server.finish()
-        mean, total_w = decode_sum(result.total, quant)
+        if result.liars:
+            log.warning("secagg round %s: forged Shamir shares from %s set aside; the sum is exact", config.round,
+                        ", ".join(result.liars))
+        mean, total_w = decode_sum(result.total, quant, count=len(result.survivors))
     except SecAggError as e:
         for u in sorted(everyone):
             send(u, codec.pack(codec.Abort(config.round, str(e))))

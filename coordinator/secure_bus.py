@@ -48,6 +48,7 @@ __all__ = ["BusTransport", "secure_round"]
 
 log = logging.getLogger("fedopt.coordinator")
 _SLICE = 0.05  # seconds: how often recv comes back to let the protocol see clients that died
+_MAX_QUEUED = 4  # SECAGG messages one client may have waiting in the inbox (a stage needs one)
 
 
 class BusTransport:
@@ -56,14 +57,23 @@ class BusTransport:
     Masked inputs take upload credit like plain updates: a client whose masked vector is ready sends OFFER and
     uploads it on PULL, and at most ``--upload-slots`` are pulled at once, so the coordinator holds that many masked
     vectors plus the running sum however many clients finish together. A slot comes back when the client's next
-    SECAGG message is taken off the inbox (its masked input, added to the sum and released at once) or it is gone.
+    SECAGG message is taken off the inbox (its masked input, added to the sum and released at once), when it is
+    gone, or when its credit expires (``credit_s`` after the PULL: a client that OFFERs and never uploads holds a
+    slot that long, once per round). Zero trust on the inbox: SECAGG only from participants, at most
+    ``_MAX_QUEUED`` waiting per client, and a message with a vector frame (a masked input) only under credit.
     """
 
-    def __init__(self, coord: Coordinator, round: int, participants, slots: int) -> None:
+    def __init__(self, coord: Coordinator, round: int, participants, slots: int, credit_s: float = float("inf"),
+                 max_weight: int | None = None) -> None:
         self.coord, self.round = coord, round
+        self.participants = frozenset(participants)
         self.inbox: deque[tuple[str, tuple]] = deque()
+        self.queued: dict[str, int] = {}  # client -> messages of it waiting in the inbox
         self.gone: set[str] = set()  # participants known dead or unreachable
         self.uploads = RoundTracker(round, list(participants), float("inf"), slots)
+        self.credit_s = credit_s
+        self.granted: dict[str, float] = {}  # client -> when it was PULLed (its upload credit runs from then)
+        self.max_weight = max_weight  # the run's cap on a weight; bounds the sample counts OFFERs claim
         self.losses: dict[str, tuple[float, int]] = {}  # client -> (training loss, num_samples) from its OFFER
 
     def send(self, client: str, parts: list) -> None:
@@ -85,6 +95,10 @@ class BusTransport:
         if round != self.round or not self.uploads.offer(client):
             return f"unexpected OFFER for round {round} during secure round {self.round}"
         loss = (metrics or {}).get("loss")
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool):
+            num_samples = 0
+        if self.max_weight is not None:
+            num_samples = min(num_samples, self.max_weight)  # a claim weighs no more than the cap
         if isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss) and num_samples > 0:
             self.losses[client] = (float(loss), num_samples)
         self._grant()
@@ -98,24 +112,45 @@ class BusTransport:
 
     def _grant(self) -> None:
         for client in self.uploads.grants():
+            self.granted[client] = self.coord.clock()
             self._send(client, wire.Pull(round=self.round))
+
+    def _expire(self) -> None:
+        """Take back the slots of clients PULLed more than ``credit_s`` ago that have not uploaded."""
+        now = self.coord.clock()
+        late = [c for c in self.uploads.uploading if now - self.granted.get(c, now) >= self.credit_s]
+        for client in late:
+            log.warning("secure round %d: %s was PULLed %.1f s ago and sent nothing; its upload credit is revoked",
+                        self.round, client, now - self.granted[client])
+            self.uploads.drop(client)  # no second OFFER this round
+        if late:
+            self._grant()
 
     def deliver(self, client: str, msg: wire.SecAgg) -> str | None:
         """Queue a SECAGG message from ``client``; the reason it was refused, or None."""
         if msg.round != self.round:
             return f"SECAGG for round {msg.round} during secure round {self.round}"
+        if client not in self.participants:
+            return f"SECAGG from {client}, not a participant of secure round {self.round}"
+        if self.queued.get(client, 0) >= _MAX_QUEUED:
+            return f"SECAGG from {client}: {_MAX_QUEUED} of its messages are already waiting"
+        if len(msg.parts) > 1 and client not in self.uploads.uploading:
+            return f"masked input from {client} without upload credit (OFFER, then wait for PULL)"
+        self.queued[client] = self.queued.get(client, 0) + 1
         self.inbox.append((client, msg.parts))
         return None
 
     def recv(self, timeout: float):
         end = self.coord.clock() + min(timeout, _SLICE * 4)
         while not self.inbox:
+            self._expire()
             left = end - self.coord.clock()
             if left <= 0:
                 return None
             self.coord._pump(min(left, _SLICE))
             self.coord._keepalive()
         client, parts = self.inbox.popleft()
+        self.queued[client] -= 1
         if client in self.uploads.uploading:
             self.uploads.received(client, accepted=True)
             self._grant()
@@ -154,14 +189,16 @@ def secure_round(coord: Coordinator, r: int, sizes: dict[str, int]) -> tuple[Rou
     agg = server.aggregator
     try:
         k, t = round_parameters(len(participants), agg.neighbours, agg.threshold)
-        quant = round_encoding(agg, participants)
+        quant = round_encoding(agg, len(participants))  # from the public cap, never from READY counts
         rcfg = RoundConfig.create(r, list(participants), quant.vector_length(coord.spec.size),
                                   modulus_bits=quant.modulus_bits, k=k, t=t)
     except SecAggError as e:  # e.g. fewer than 2 clients: no protocol message went out
         log.error("secure aggregation round %d aborted, global model unchanged: %s", r, e)
         return aborted(str(e))
     info.update(k=k, t=t, modulus_bits=quant.modulus_bits)
-    transport = BusTransport(coord, r, participants, cfg.upload_slots)
+    # an honest client uploads as soon as it is PULLed; a quarter of the stage deadline is ample
+    transport = BusTransport(coord, r, participants, cfg.upload_slots, credit_s=max(cfg.deadline / 4, 3 * cfg.heartbeat),
+                             max_weight=agg.max_weight)
     coord.secure = transport
     try:
         out = run_round(rcfg, quant, transport.send, transport.recv, stage_timeout=cfg.deadline,

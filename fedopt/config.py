@@ -174,6 +174,8 @@ class RunConfig:
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"{name.replace('_', '-')} must be a table of key = value")
         self._fold_secagg()
+        if self.aggregator == "secagg" and "max_weight" not in self.aggregator_options:  # the cap secagg encodes for
+            object.__setattr__(self, "aggregator_options", {**self.aggregator_options, "max_weight": self.max_samples})
 
     def _fold_secagg(self) -> None:
         """--secagg-neighbours/--secagg-threshold/--clip/--bits become secagg's aggregator options."""

@@ -50,8 +50,8 @@ def test_round_server_secagg_matches_plain_weighted_mean_within_the_quantisation
     out = srv.close()
     want = _weighted_mean(list(ups.values()))
     step = 10.0 / (2 ** 15 - 1)
-    # weighted decode bound: n * step * W / sum(w) per coordinate (see fedopt.secagg.quantize)
-    bound = n * step * max(sizes.values()) / sum(sizes.values())
+    # weighted decode bound: the weighted mean of per-client rounding errors, under one step (fedopt.secagg.quantize)
+    bound = step
     assert out.applied and out.count == n and out.weight == sum(sizes.values())
     assert float((srv.global_vec.double() - want).abs().max()) <= bound
     assert agg.last_round["survivors"] == n and agg.last_round["aborted"] is None
@@ -99,9 +99,30 @@ def test_updates_the_protocol_cannot_take_are_rejected_not_raised():
     srv.plan(1, sizes)
     srv.begin(1)
     assert "not a key-sharing participant" in srv.offer(Update("z", torch.zeros(P), 5))
-    assert "announced" in srv.offer(Update("a", torch.zeros(P), 6))  # more samples than announced
+    assert srv.offer(Update("a", torch.zeros(P), 6)) is None  # announced counts bound nothing; the cap does
     assert srv.offer(Update("b", torch.zeros(P), 5)) is None
     assert "not a key-sharing participant" in srv.offer(Update("b", torch.zeros(P), 5))  # second update
+
+
+def test_weights_are_capped_and_the_encoding_ignores_claims():
+    """A READY of 2**40 moves neither the encoding width nor any weight past the public cap."""
+    sizes = {"a": 2**40, "b": 5, "c": 5}
+    agg = SecureAggregator(clip=1.0, max_weight=10)
+    srv = _server(agg, 3)
+    srv.plan(1, sizes)
+    srv.begin(1)
+    assert agg.last_round["modulus_bits"] == 32  # 3 * 10 * 32767 < 2^31, whatever "a" claims
+    ups = {c: Update(c, torch.full((P,), 0.01 * (i + 1)), n) for i, (c, n) in enumerate(sizes.items())}
+    for u in ups.values():
+        assert srv.offer(u) is None
+    out = srv.close()
+    assert out.applied and out.weight == 10 + 5 + 5  # a's weight is clamped to the cap
+    want = (10 * 0.01 + 5 * 0.02 + 5 * 0.03) / 20
+    assert float((srv.global_vec.double() - want).abs().max()) < 1e-4
+    with pytest.raises(ConfigError, match="max_weight"):
+        SecureAggregator(max_weight=0)
+    with pytest.raises(ConfigError, match="too small"):
+        SecureAggregator(bits=40, max_weight=1 << 30)  # cannot fit even in 64-bit words
 
 
 def test_begin_without_participants_is_a_clear_error():

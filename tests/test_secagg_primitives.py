@@ -53,22 +53,32 @@ def test_round_keys_are_fresh():
 def test_advertisement_signature():
     ident, other = keys.generate_identity(), keys.generate_identity()
     pk = keys.identity_public_bytes(ident)
-    c, s = os.urandom(32), os.urandom(32)
-    sig = keys.sign_advertisement(ident, 5, "u1", c, s)
-    keys.verify_advertisement(pk, sig, 5, "u1", c, s)
-    for args in [(6, "u1", c, s), (5, "u2", c, s), (5, "u1", s, c), (5, "u1", os.urandom(32), s)]:
+    c, s, b = os.urandom(32), os.urandom(32), keys.commit_seed(5, "u1", os.urandom(32))
+    sig = keys.sign_advertisement(ident, 5, "u1", c, s, b)
+    keys.verify_advertisement(pk, sig, 5, "u1", c, s, b)
+    for args in [(6, "u1", c, s, b), (5, "u2", c, s, b), (5, "u1", s, c, b), (5, "u1", os.urandom(32), s, b),
+                 (5, "u1", c, s, os.urandom(32))]:  # the seed commitment is signed too
         with pytest.raises(SecAggError, match="bad signature"):
             keys.verify_advertisement(pk, sig, *args)
     with pytest.raises(SecAggError):
-        keys.verify_advertisement(keys.identity_public_bytes(other), sig, 5, "u1", c, s)
+        keys.verify_advertisement(keys.identity_public_bytes(other), sig, 5, "u1", c, s, b)
     with pytest.raises(SecAggError):
-        keys.verify_advertisement(pk, b"", 5, "u1", c, s)
+        keys.verify_advertisement(pk, b"", 5, "u1", c, s, b)
     # a verified (cached) advertisement does not make a tampered signature pass, now or on a retry
-    keys.verify_advertisement(pk, sig, 5, "u1", c, s)
+    keys.verify_advertisement(pk, sig, 5, "u1", c, s, b)
     bad = bytes([sig[0] ^ 1]) + sig[1:]
     for _ in range(2):
         with pytest.raises(SecAggError, match="bad signature"):
-            keys.verify_advertisement(pk, bad, 5, "u1", c, s)
+            keys.verify_advertisement(pk, bad, 5, "u1", c, s, b)
+
+
+def test_seed_commitment_binds_round_client_and_seed():
+    seed = os.urandom(32)
+    c = keys.commit_seed(3, "u1", seed)
+    assert len(c) == 32 and c == keys.commit_seed(3, "u1", seed)
+    others = {keys.commit_seed(4, "u1", seed), keys.commit_seed(3, "u2", seed),
+              keys.commit_seed(3, "u1", bytes(a ^ (i == 0) for i, a in enumerate(seed)))}
+    assert c not in others and len(others) == 3
 
 
 def test_hkdf_matches_the_cryptography_package():
@@ -303,21 +313,49 @@ def test_quantise_weighted_mean():
     ws = [10, 200, 0, 1000]
     encs = [quantize.encode_update(x, cfg, rng, weight=w) for x, w in zip(xs, ws)]
     assert encs[0].vector.size == cfg.vector_length(50) == 51
-    mean, total_w = quantize.decode_sum(masking.sum_vectors(e.vector for e in encs), cfg)
+    mean, total_w = quantize.decode_sum(masking.sum_vectors(e.vector for e in encs), cfg, count=len(encs))
     exact = sum(w * x for w, x in zip(ws, xs)) / sum(ws)
     assert total_w == sum(ws)
-    assert np.max(np.abs(mean - exact)) < len(xs) * cfg.step * cfg.max_weight / sum(ws)
+    # w * q is exact: the weighted mean of per-client rounding errors stays under one step, for small weights too
+    assert np.max(np.abs(mean - exact)) < cfg.step
     with pytest.raises(SecAggError):
         quantize.encode_update(xs[0], cfg, rng)  # weight missing
     with pytest.raises(SecAggError):
-        quantize.encode_update(xs[0], cfg, rng, weight=1001)
+        quantize.encode_update(xs[0], cfg, rng, weight=-1)
+    # a count above the public cap is clamped to it: the weight folded in never exceeds W
+    big = quantize.encode_update(xs[0], cfg, rng, weight=2**40)
+    assert int(big.vector[-1]) == cfg.max_weight
+
+
+def test_decode_sum_refuses_a_sum_out_of_honest_bounds():
+    cfg = quantize.QuantConfig(clip=1.0, bits=8, max_weight=10)
+    rng = np.random.default_rng(0)
+    honest = [quantize.encode_update(rng.uniform(-1, 1, 20), cfg, rng, weight=10) for _ in range(3)]
+    total = masking.sum_vectors(e.vector for e in honest)
+    quantize.decode_sum(total, cfg, count=3)
+    hostile = np.zeros(21, dtype=np.uint32)
+    hostile[0] = 10 * 127 * 50  # far beyond what weight 0 allows
+    with pytest.raises(SecAggError, match="range"):
+        quantize.decode_sum(total + hostile, cfg, count=4)
+    hostile[:] = 0
+    hostile[-1] = 1000  # a weight over the cap
+    with pytest.raises(SecAggError, match="cap"):
+        quantize.decode_sum(total + hostile, cfg, count=4)
+    unweighted = quantize.QuantConfig(clip=1.0, bits=8)
+    with pytest.raises(SecAggError, match="range"):
+        quantize.decode_sum(np.full(5, 128 * 2, dtype=np.uint32), unweighted, count=2)
 
 
 def test_no_wrap_check():
     cfg = quantize.QuantConfig(clip=1.0, bits=16)
-    quantize.check_capacity(cfg, 1 << 16)
+    quantize.check_capacity(cfg, 65538)  # 65538 * 32767 < 2^31
     with pytest.raises(SecAggError, match="too small"):
-        quantize.check_capacity(cfg, (1 << 16) + 1)
+        quantize.check_capacity(cfg, 65539)
+    # weighted: the public cap W multiplies every word, claims play no part
+    quantize.check_capacity(quantize.QuantConfig(clip=1.0, bits=16, max_weight=655), 100)
+    with pytest.raises(SecAggError, match="too small"):
+        quantize.check_capacity(quantize.QuantConfig(clip=1.0, bits=16, max_weight=1_000_000), 1)
+    quantize.check_capacity(quantize.QuantConfig(clip=1.0, bits=16, modulus_bits=64, max_weight=1_000_000), 100_000)
     quantize.check_capacity(quantize.QuantConfig(clip=1.0, bits=16, modulus_bits=64), 1 << 20)
     with pytest.raises(SecAggError, match="weight"):
         quantize.check_capacity(quantize.QuantConfig(clip=1.0, bits=8, max_weight=1 << 28), 16)

@@ -249,7 +249,7 @@ def _substitute(kind):
             from fedopt.secagg.keys import sign_advertisement
 
             sig = sign_advertisement(generate_identity(), advs[0].round, advs[0].sender,
-                                     attacker.c_pk, attacker.s_pk)
+                                     attacker.c_pk, attacker.s_pk, advs[0].b_commit)
             advs[0] = dataclasses.replace(advs[0], c_pk=attacker.c_pk, s_pk=attacker.s_pk, signature=sig)
         elif kind == "replay-round":
             advs[0] = dataclasses.replace(advs[0], round=advs[0].round + 1)
@@ -348,3 +348,93 @@ def test_stage_order_enforced():
 def test_round_config_validated(kw):
     with pytest.raises(SecAggError):
         RoundConfig.create(0, _ids(5), 4, **kw)
+
+
+# ---- integrity of reconstruction: every secret is checked against its owner's signed commitment -----------------------
+def _forge(resp, cfg: RoundConfig, kind: str, shift: int = 1):
+    """``resp`` with every share of ``kind`` ("b" or "sk") moved so that interpolating from the t smallest holder ids
+    shifts the secret by ``shift``: a forgery that stays in range, invisible to plain Shamir."""
+    from fedopt.secagg import shamir
+
+    me = cfg.share_id(resp.sender)
+    out = []
+    for owner, data in getattr(resp, f"{kind}_shares"):
+        xs = tuple(sorted(cfg.share_id(w) for w in cfg.neighbours(owner)))[: cfg.t]
+        y = shamir.decode_share(data)
+        if me in xs:
+            y = (y + shift * pow(shamir._lagrange_at_zero(xs)[xs.index(me)], -1, shamir.PRIME)) % shamir.PRIME
+        out.append((owner, shamir.encode_share(y)))
+    return dataclasses.replace(resp, **{f"{kind}_shares": tuple(out)})
+
+
+def _round_with_liars(liars, drop=None, kind="b", n=7):
+    ids = _ids(n)
+    cfg = RoundConfig.create(1, ids, 40, k=n - 1, t=4)
+    idents, pinned = _identities(ids)
+    server = ServerSession(cfg, pinned)
+    clients = {u: ClientSession(u, idents[u], pinned, cfg) for u in ids}
+    for u in ids:
+        server.receive_advertisement(clients[u].advertise())
+    nk = server.close_advertise()
+    for u in ids:
+        server.receive_shares(clients[u].share_keys(nk[u]))
+    deliveries = server.close_share_keys()
+    rng = np.random.default_rng(0)
+    inputs = {u: rng.integers(0, 2**32, 40, dtype=np.uint64).astype(np.uint32) for u in ids}
+    for u in ids:
+        if u != drop:
+            server.receive_masked_input(clients[u].masked_input(deliveries[u], inputs[u]))
+    for u, req in server.close_masked_input().items():
+        resp = clients[u].unmask(req)
+        server.receive_unmask(_forge(resp, cfg, kind) if u in liars else resp)
+    want = np.sum(np.stack([inputs[u] for u in ids if u != drop]), axis=0, dtype=np.uint32)
+    return server, want
+
+
+@pytest.mark.parametrize("kind", ["b", "sk"])
+def test_a_forged_share_is_caught_and_set_aside(kind):
+    ids = _ids(7)
+    server, want = _round_with_liars({ids[0]}, drop=ids[6] if kind == "sk" else None, kind=kind)
+    result = server.finish()
+    assert np.array_equal(result.total, want)  # the honest shares rebuilt every secret: the sum is exact
+    assert result.liars == (ids[0],)
+
+
+def test_two_liars_among_six_holders_still_leave_t_honest_shares():
+    ids = _ids(7)
+    server, want = _round_with_liars({ids[0], ids[1]})  # each owner has >= 4 = t honest holders left
+    result = server.finish()
+    assert np.array_equal(result.total, want) and set(result.liars) == {ids[0], ids[1]}
+
+
+def test_too_many_liars_abort_the_round_cleanly():
+    ids = _ids(7)
+    server, _ = _round_with_liars(set(ids[:4]))  # owners whose t smallest holders lie have < t honest shares
+    with pytest.raises(SecAggError, match="aborted.*cannot be reconstructed from honest shares"):
+        server.finish()
+    with pytest.raises(SecAggError, match="aborted"):
+        server.finish()  # stays aborted
+
+
+def test_shamir_reconstruct_verified_finds_the_honest_subset():
+    import hashlib
+    import os
+
+    from fedopt.secagg import shamir
+
+    secret = os.urandom(32)
+    check = lambda s: hashlib.sha256(s).digest() == hashlib.sha256(secret).digest()  # noqa: E731
+    shares = shamir.share(secret, 3, range(1, 7))
+    assert shamir.reconstruct_verified(shares, 3, check) == (secret, frozenset())
+    bad = dict(shares)
+    bad[2] = (bad[2] + 12345) % shamir.PRIME
+    bad[5] = (bad[5] + 1) % shamir.PRIME
+    assert shamir.reconstruct_verified(bad, 3, check) == (secret, frozenset({2, 5}))
+    assert shamir.reconstruct_verified(bad, 3, check, suspects={2, 5}) == (secret, frozenset({2, 5}))
+    bad[1] = bad[3] = bad[4] = 7  # 1 honest share left of 6, t = 3
+    with pytest.raises(SecAggError, match="commitment"):
+        shamir.reconstruct_verified(bad, 3, check)
+    with pytest.raises(SecAggError, match="within 2 tries"):
+        shamir.reconstruct_verified(bad, 3, check, budget=2)
+    with pytest.raises(SecAggError, match="need 3"):
+        shamir.reconstruct_verified({1: shares[1], 2: shares[2]}, 3, check)

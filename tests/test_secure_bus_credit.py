@@ -69,3 +69,35 @@ def test_training_loss_comes_with_the_offer():
     assert tr.train_loss(["a", "b", "c", "d"]) == (1.0 * 10 + 2.0 * 30) / 40
     assert tr.train_loss(["b"]) == 2.0  # only survivors count
     assert tr.train_loss(["c"]) is None
+
+
+def test_an_offer_that_never_uploads_loses_its_credit_once():
+    """A hostile client OFFERs and never uploads: its slot comes back after credit_s, and it cannot OFFER again."""
+    coord = _Coordinator()
+    tr = BusTransport(coord, 1, ["bad", "a", "b"], slots=1, credit_s=5.0)
+    assert tr.offer("bad", 1) is None and tr.offer("a", 1) is None
+    assert coord.pulls() == ["bad"]
+    assert tr.recv(0.1) is None and coord.pulls() == ["bad"]  # credit not yet expired (the fake clock moved 0.1 s)
+    coord.now += 5.0
+    assert tr.recv(0.1) is None
+    assert coord.pulls() == ["bad", "a"]  # the slot went to the next in line
+    assert tr.offer("bad", 1) is not None  # one grant per client per round
+    assert tr.deliver("bad", wire.SecAgg(round=1, parts=[b"body", b"vector"])) is not None  # no credit: refused
+    assert tr.deliver("a", wire.SecAgg(round=1, parts=[b"body", b"vector"])) is None  # a holds credit
+
+
+def test_the_inbox_takes_only_participants_and_a_few_messages_each():
+    tr = BusTransport(_Coordinator(), 1, ["a", "b"], slots=1)
+    assert tr.deliver("stranger", wire.SecAgg(round=1, parts=[b"x"])) is not None
+    for _ in range(4):
+        assert tr.deliver("a", wire.SecAgg(round=1, parts=[b"x"])) is None
+    assert tr.deliver("a", wire.SecAgg(round=1, parts=[b"x"])) is not None  # a replay flood is cut off
+    assert tr.recv(1.0) == ("a", [b"x"])
+    assert tr.deliver("a", wire.SecAgg(round=1, parts=[b"x"])) is None  # room again once one is taken
+
+
+def test_offered_sample_counts_are_capped_for_the_loss_weighting():
+    tr = BusTransport(_Coordinator(), 2, ["a", "b"], slots=1, max_weight=100)
+    tr.offer("a", 2, 2**40, {"loss": 9.0})
+    tr.offer("b", 2, 100, {"loss": 1.0})
+    assert tr.train_loss(["a", "b"]) == 5.0  # 2**40 weighs as the cap, 100

@@ -15,14 +15,17 @@ Life of a round::
     agg.result()         # MaskedInput closes: clients that never called add() dropped (U2 minus U3);
                          # Unmask with the survivors; decode the exact modular sum -> weighted mean
 
-Weighting: with ``weighting="samples"`` (FedAvg) each client folds w = num_samples into its masked
-vector (x * w / W plus one word holding w, W = the largest announced num_samples), so the server learns
-only sum(w x) and sum(w). ``weighting="uniform"`` is the plain mean. Aggregators that need plaintext
+Weighting: with ``weighting="samples"`` (FedAvg) each client folds w = min(num_samples, W) into its masked
+vector (w times its quantised update, plus one word holding w), so the server learns only sum(w x) and
+sum(w). W = ``max_weight`` is the run's public cap (``--max-samples``); announced counts play no part in the
+encoding: its width (32 or 64-bit words) is chosen so that n * W * (2^(bits-1) - 1) cannot wrap, whatever
+anyone claims. ``weighting="uniform"`` is the plain mean. Aggregators that need plaintext
 updates (median, trimmed mean: ``needs_plaintext``) cannot be combined with masking; asking for that
 raises :class:`ConfigError`.
 
 Failure contract: if the protocol cannot complete (fewer than t live neighbours for some client at any
-stage), the round aborts: :meth:`result` logs one error line and returns ``None`` (the global model does
+stage, fewer than t honest shares of a secret, or a decoded sum outside the bounds honest inputs keep), the
+round aborts: :meth:`result` logs one error line and returns ``None`` (the global model does
 not move) and the next :meth:`begin` starts a fresh round. ``last_round`` describes the last round.
 """
 
@@ -74,17 +77,19 @@ def round_parameters(n: int, neighbours: int | None, threshold: int | None) -> t
 
 
 
-def round_encoding(agg: "SecureAggregator", participants: Mapping[str, int]) -> QuantConfig:
-    """The round's encoding: 32-bit words when the sum of n updates cannot wrap them, else 64-bit. Shared by the
-    in-process aggregator and the coordinator's bus driver, so both encode a round identically."""
-    max_weight = max(1, max(int(w) for w in participants.values())) if agg.weighting == "samples" else None
+def round_encoding(agg: "SecureAggregator", n: int) -> QuantConfig:
+    """The encoding of a round of ``n`` participants: 32-bit words when n * W * (2^(bits-1) - 1) cannot wrap them,
+    else 64-bit (SecAggError when neither can). Public values only (n, bits, the cap W): no client's claim moves
+    it. Shared by the in-process aggregator and the coordinator's bus driver, so both encode a round identically."""
+    max_weight = agg.max_weight if agg.weighting == "samples" else None
     quant = QuantConfig(agg.clip, agg.bits, 32, max_weight)
     try:
-        check_capacity(quant, len(participants))
+        check_capacity(quant, n)
     except SecAggError:
         quant = QuantConfig(agg.clip, agg.bits, 64, max_weight)
-        check_capacity(quant, len(participants))
+        check_capacity(quant, n)
     return quant
+
 
 class SecureAggregator:
     """Weighted mean of client deltas computed under SecAgg+ masking (see the module docstring)."""
@@ -104,6 +109,7 @@ class SecureAggregator:
         weighting: str = "samples",
         inner: Any = None,
         seed: int = 0,
+        max_weight: int = 1_000_000,
     ) -> None:
         if inner is not None:
             weighting = _inner_weighting(inner)
@@ -115,13 +121,17 @@ class SecureAggregator:
             raise ConfigError(f"secagg-threshold must be an integer >= 1, not {threshold!r}")
         if neighbours is not None and threshold is not None and 2 * threshold <= neighbours:
             raise ConfigError(f"secagg-threshold {threshold} must exceed half of secagg-neighbours {neighbours}")
+        if not isinstance(max_weight, int) or isinstance(max_weight, bool) or max_weight < 1:
+            raise ConfigError(f"secagg max_weight (--max-samples) must be an integer >= 1, not {max_weight!r}")
         try:
-            QuantConfig(clip=float(clip), bits=int(bits), modulus_bits=64)
+            check_capacity(QuantConfig(clip=float(clip), bits=int(bits), modulus_bits=64,
+                                       max_weight=max_weight if _WEIGHTINGS.get(weighting) == "samples" else None), 2)
         except (SecAggError, TypeError, ValueError) as e:
             raise ConfigError(f"secagg: {e}") from None
         self.clip, self.bits = float(clip), int(bits)
         self.neighbours, self.threshold = neighbours, threshold
         self.weighting = _WEIGHTINGS[weighting]
+        self.max_weight = max_weight  # W: the public cap on one client's weight (RunConfig.max_samples)
         self.seed = seed
         self._identities: dict[str, Any] = {}  # client id -> long-term Ed25519 key (enrolment)
         self._pinned: dict[str, bytes] = {}
@@ -147,9 +157,9 @@ class SecureAggregator:
     def begin(self, round: int, size: int, participants: Mapping[str, int] | None = None) -> None:
         """Set up the round and run AdvertiseKeys and ShareKeys for every participant.
 
-        ``participants`` maps each planned client id to its announced num_samples (its FedAvg weight
-        bound). Raises ConfigError when it is missing; a protocol failure aborts the round (logged,
-        and :meth:`result` returns None).
+        ``participants`` maps each planned client id to its announced num_samples (only the ids are used: the
+        encoding follows from the public cap ``max_weight``). Raises ConfigError when it is missing; a protocol
+        failure aborts the round (logged, and :meth:`result` returns None).
         """
         self._reset()
         self._size, self._round = size, round
@@ -159,7 +169,7 @@ class SecureAggregator:
         self.last_round = {"round": round, "participants": len(ids)}
         try:
             k, t = round_parameters(len(ids), self.neighbours, self.threshold)
-            quant = self._quant = round_encoding(self, participants)
+            quant = self._quant = round_encoding(self, len(ids))
             cfg = RoundConfig.create(round, ids, quant.vector_length(size), modulus_bits=quant.modulus_bits, k=k, t=t)
             for c in ids:
                 self._enrol(c)
@@ -178,8 +188,9 @@ class SecureAggregator:
     def add(self, update: Update) -> None:
         """The client of ``update`` encodes and masks its delta; only the masked vector reaches the server.
 
-        Raises ConfigError for a wrong length, an unknown client or a second update from one client, and
-        SecAggError when that client's protocol state refuses (both mean: this update is not used).
+        Its weight is min(num_samples, max_weight). Raises ConfigError for a wrong length, an unknown client or
+        a second update from one client, and SecAggError when that client's protocol state refuses (both mean:
+        this update is not used).
         """
         d = update.delta
         if d.dim() != 1 or d.numel() != self._size:
@@ -192,10 +203,7 @@ class SecureAggregator:
         quant = self._quant
         weight = None
         if quant.weighted:
-            weight = int(update.num_samples)
-            if weight > quant.max_weight:
-                raise ConfigError(f"client {update.client!r} reports {weight} samples, more than the {quant.max_weight} "
-                                  f"it announced for this round")
+            weight = min(int(update.num_samples), quant.max_weight)
         # rounding noise, reproducible per (run seed, round, client); not a mask, so public values may key it
         noise = hashlib.blake2b(f"{self.seed}/{self._round}/{update.client}".encode(), digest_size=32,
                                 person=b"fedopt-sa-noise").digest()
@@ -219,7 +227,10 @@ class SecureAggregator:
             for c, req in requests.items():
                 self._server.receive_unmask(self._clients[c].unmask(req))
             out = self._server.finish()
-            vec, total_w = decode_sum(out.total, self._quant)
+            if out.liars:
+                log.warning("secagg round %s: forged Shamir shares from %s set aside; the sum is exact",
+                            self._round, ", ".join(out.liars))
+            vec, total_w = decode_sum(out.total, self._quant, count=len(out.survivors))
         except SecAggError as e:
             self._fail(str(e))
             return None

@@ -4,9 +4,10 @@ Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving Machine Le
 restricted to the neighbour graph of Bell et al., "Secure Single-Server Aggregation with
 (Poly)Logarithmic Overhead" (CCS 2020). One :class:`ClientSession` serves exactly one round:
 
-1. :meth:`advertise` - two fresh X25519 key pairs, signed with the long-term Ed25519 identity.
+1. :meth:`advertise` - two fresh X25519 key pairs and a commitment to b_u, signed with the long-term
+   Ed25519 identity.
 2. :meth:`share_keys` - verifies every neighbour's advertisement against its *pinned* identity key,
-   draws the self-mask seed b_u, Shamir-shares b_u and s_u^SK among the advertising neighbours
+   Shamir-shares the self-mask seed b_u (drawn with the keys; the advertisement commits to it) b_u and s_u^SK among the advertising neighbours
    (threshold t) and encrypts each neighbour's pair of shares under the pairwise encryption key.
 3. :meth:`masked_input` - decrypts the shares it holds, masks the encoded vector with PRG(b_u) and
    the pairwise masks of the neighbours that shared keys.
@@ -70,7 +71,8 @@ class ClientSession:
         self._adverts: dict[str, KeyAdvertisement] = {}  # U1 within N(u)
         self._held: dict[str, tuple[int, int]] = {}  # U2 within N(u): (b-share, sk-share) I hold
         self._enc_keys: dict[str, bytes] = {}  # pairwise share-encryption keys
-        self._self_seed: bytes | None = None
+        # b_u is drawn now: the signed advertisement commits to it (the server checks its reconstruction)
+        self._self_seed = os.urandom(keys.KEY_BYTES)
         self._released: dict[str, str] = {}  # peer -> "b" | "sk"
 
     # -- helpers ----------------------------------------------------------------------------------
@@ -111,8 +113,9 @@ class ClientSession:
         """AdvertiseKeys: both fresh public keys, signed with the identity key."""
         self._enter("advertise", "share", self.config.round, self.id)
         r, c_pk, s_pk = self.config.round, self._keys.c_pk, self._keys.s_pk
-        sig = keys.sign_advertisement(self._identity, r, self.id, c_pk, s_pk)
-        return KeyAdvertisement(r, self.id, c_pk, s_pk, sig)
+        commit = keys.commit_seed(r, self.id, self._self_seed)
+        sig = keys.sign_advertisement(self._identity, r, self.id, c_pk, s_pk, commit)
+        return KeyAdvertisement(r, self.id, c_pk, s_pk, commit, sig)
 
     def share_keys(self, msg: NeighbourKeys) -> ShareKeys:
         """ShareKeys: verify neighbours' adverts, Shamir-share b_u and s_u^SK, encrypt per neighbour."""
@@ -128,7 +131,7 @@ class ClientSession:
                 raise self._fail(f"advertisement of {v!r} is for round {adv.round}")
             try:
                 keys.verify_advertisement(
-                    self._pinned[v], adv.signature, adv.round, v, adv.c_pk, adv.s_pk
+                    self._pinned[v], adv.signature, adv.round, v, adv.c_pk, adv.s_pk, adv.b_commit
                 )
             except SecAggError as exc:
                 raise self._fail(str(exc)) from exc
@@ -139,7 +142,6 @@ class ClientSession:
         t = self.config.t
         if len(self._adverts) < t:
             raise self._fail(f"only {len(self._adverts)} neighbours advertised keys; threshold is {t}")
-        self._self_seed = os.urandom(keys.KEY_BYTES)
         xs = {v: self.config.share_id(v) for v in self._adverts}
         b_sh = shamir.share(self._self_seed, t, xs.values())
         sk_sh = shamir.share(keys.private_bytes(self._keys.s_sk), t, xs.values())

@@ -12,7 +12,7 @@ Body kinds (``body["kind"]``), besides the round number ``round``:
 kind        direction         fields
 ==========  ================  =============================================================
 setup       server -> client  :class:`RoundConfig` fields + ``quant`` (clip, bits, max_weight)
-advertise   client -> server  sender, c_pk (32 B), s_pk (32 B), signature (64 B)
+advertise   client -> server  sender, c_pk (32 B), s_pk (32 B), b_commit (32 B), signature (64 B)
 keys        server -> client  recipient, advertisements: [advertise bodies]
 shares      client -> server  sender, shares: [[receiver, ciphertext]]
 deliver     server -> client  recipient, shares: [[sender, ciphertext]]
@@ -85,7 +85,7 @@ class Abort:
 
 
 def _advert(a: KeyAdvertisement) -> dict:
-    return {"sender": a.sender, "c_pk": a.c_pk, "s_pk": a.s_pk, "signature": a.signature}
+    return {"sender": a.sender, "c_pk": a.c_pk, "s_pk": a.s_pk, "b_commit": a.b_commit, "signature": a.signature}
 
 
 def encode(msg: Any) -> tuple[dict, list[np.ndarray]]:
@@ -163,7 +163,8 @@ def _parse_advert(d: Any, r: int) -> KeyAdvertisement:
     if not isinstance(d, dict):
         raise WireError("secagg message: an advertisement must be a map")
     return KeyAdvertisement(r, _id(d.get("sender"), "sender"), _bytes(d.get("c_pk"), "c_pk", 32),
-                            _bytes(d.get("s_pk"), "s_pk", 32), _bytes(d.get("signature"), "signature", 64))
+                            _bytes(d.get("s_pk"), "s_pk", 32), _bytes(d.get("b_commit"), "b_commit", 32),
+                            _bytes(d.get("signature"), "signature", 64))
 
 
 def decode(body: Any, frames: Sequence[Any] = ()) -> Any:
@@ -202,7 +203,8 @@ def decode(body: Any, frames: Sequence[Any] = ()) -> Any:
         u = _id(body.get("recipient"), "recipient")
         return ShareDelivery(r, u, tuple(EncryptedShare(r, v, u, ct) for v, ct in _pairs(body, "shares", None)))
     if kind == "masked":
-        dt = _DTYPES.get(body.get("dtype"))
+        name = body.get("dtype")
+        dt = _DTYPES.get(name) if isinstance(name, str) else None
         if dt is None:
             raise WireError("secagg masked input: dtype must be uint32 or uint64")
         n = _get(body, "length", int)
@@ -246,4 +248,9 @@ def unpack(parts: Sequence[Any]) -> Any:
         body = msgpack.unpackb(head, raw=False, strict_map_key=True, max_bin_len=_MAX_BODY, max_str_len=1 << 20)
     except Exception as e:
         raise WireError(f"secagg message body is not valid msgpack: {e}") from None
-    return decode(body, list(parts[1:]))
+    try:
+        return decode(body, list(parts[1:]))
+    except WireError:
+        raise
+    except Exception as e:  # a case the checks above missed: still the codec's one error type (and a bug to fix)
+        raise WireError(f"secagg message rejected ({type(e).__name__}: {e})") from None

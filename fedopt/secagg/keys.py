@@ -9,7 +9,10 @@ with (Poly)Logarithmic Overhead" (CCS 2020). Primitives, all from the ``cryptogr
 - key derivation: HKDF-SHA256 whose ``info`` binds the purpose, the round and both client ids in a
   canonical (sorted) order, so keys differ per round, per pair and per purpose and are symmetric;
 - identity: a long-term Ed25519 key per client, pinned at enrolment, signs every key advertisement
-  ``(round, client id, c_pk, s_pk)`` so a coordinator cannot substitute its own keys;
+  ``(round, client id, c_pk, s_pk, b_commit)`` so a coordinator cannot substitute its own keys;
+- commitments: the advertisement binds the client to both secrets it Shamir-shares, so the server can check
+  every reconstruction: ``s_pk`` is the public key of the shared ``s_sk``, and ``b_commit`` is SHA-256 of
+  the self-mask seed ``b_u`` (32 uniformly random bytes, so the hash hides it) bound to the round and id;
 - share encryption: AES-256-GCM with associated data ``(round, sender, receiver)``.
 
 Every failure (bad key, bad signature, failed decryption) raises :class:`fedopt.errors.SecAggError`.
@@ -18,6 +21,7 @@ Every failure (bad key, bad signature, failed decryption) raises :class:`fedopt.
 from __future__ import annotations
 
 import functools
+import hashlib
 import hmac
 import os
 import struct
@@ -38,6 +42,7 @@ __all__ = [
     "RoundKeys",
     "agree",
     "advertisement_bytes",
+    "commit_seed",
     "decrypt_bundle",
     "encrypt_bundle",
     "generate_identity",
@@ -173,19 +178,27 @@ def identity_public_bytes(identity: Ed25519PrivateKey) -> bytes:
     )
 
 
-def advertisement_bytes(round: int, client_id: str, c_pk: bytes, s_pk: bytes) -> bytes:
+def commit_seed(round: int, client_id: str, seed: bytes) -> bytes:
+    """SHA-256 commitment to a client's self-mask seed, bound to the round and the client id.
+
+    Hiding because the seed is 32 uniformly random bytes; binding because SHA-256 is collision resistant. The
+    server checks every reconstructed b_u against it, so a forged Shamir share cannot go unnoticed."""
+    return hashlib.sha256(_DOMAIN + b"b-commit" + struct.pack(">Q", round) + _id(client_id) + _field(seed)).digest()
+
+
+def advertisement_bytes(round: int, client_id: str, c_pk: bytes, s_pk: bytes, b_commit: bytes) -> bytes:
     """The exact byte string an advertisement signature covers."""
     return (
         _DOMAIN + b"advertise" + struct.pack(">Q", round) + _id(client_id) + _field(c_pk)
-        + _field(s_pk)
+        + _field(s_pk) + _field(b_commit)
     )
 
 
 def sign_advertisement(
-    identity: Ed25519PrivateKey, round: int, client_id: str, c_pk: bytes, s_pk: bytes
+    identity: Ed25519PrivateKey, round: int, client_id: str, c_pk: bytes, s_pk: bytes, b_commit: bytes
 ) -> bytes:
-    """Ed25519 signature over ``(round, client_id, c_pk, s_pk)``."""
-    return identity.sign(advertisement_bytes(round, client_id, c_pk, s_pk))
+    """Ed25519 signature over ``(round, client_id, c_pk, s_pk, b_commit)``."""
+    return identity.sign(advertisement_bytes(round, client_id, c_pk, s_pk, b_commit))
 
 
 @functools.lru_cache(maxsize=8192)
@@ -201,11 +214,11 @@ def _verified(identity_pk: bytes, signature: bytes, message: bytes) -> bool:
 
 
 def verify_advertisement(
-    identity_pk: bytes, signature: bytes, round: int, client_id: str, c_pk: bytes, s_pk: bytes
+    identity_pk: bytes, signature: bytes, round: int, client_id: str, c_pk: bytes, s_pk: bytes, b_commit: bytes
 ) -> None:
     """Check an advertisement against the client's pinned identity key; raises SecAggError."""
     try:
-        _verified(bytes(identity_pk), bytes(signature), advertisement_bytes(round, client_id, c_pk, s_pk))
+        _verified(bytes(identity_pk), bytes(signature), advertisement_bytes(round, client_id, c_pk, s_pk, b_commit))
     except (InvalidSignature, ValueError, TypeError) as exc:
         raise SecAggError(
             f"key advertisement of client {client_id!r} for round {round} has a bad signature"

@@ -120,8 +120,9 @@ class KeyAdvertisement:
     round: int
     sender: str
     c_pk: bytes  # encryption key-agreement public key (32 bytes)
-    s_pk: bytes  # mask key-agreement public key (32 bytes)
-    signature: bytes  # Ed25519 over (round, sender, c_pk, s_pk)
+    s_pk: bytes  # mask key-agreement public key (32 bytes); also the commitment to the Shamir-shared s_sk
+    b_commit: bytes  # SHA-256 commitment to the self-mask seed b_u (keys.commit_seed, 32 bytes)
+    signature: bytes  # Ed25519 over (round, sender, c_pk, s_pk, b_commit)
 
 
 @dataclass(frozen=True)
@@ -198,3 +199,4 @@ class AggregateResult:
     total: np.ndarray
     survivors: tuple[str, ...]  # U3: whose inputs are in ``total``
     dropped: tuple[str, ...]  # U2 minus U3: shared keys, sent no input
+    liars: tuple[str, ...] = ()  # holders caught sending a share off the committed polynomial (set aside)

@@ -8,26 +8,33 @@ Encoding of one client's update ``x`` (length m) with clip ``c``, ``bits`` b and
 1. **L2 clipping**: if ||x||_2 > c then x <- x * c / ||x||_2. L2 (not L-infinity) because it is the norm
    DP-FedAvg bounds, and it implies |x_i| <= c for every coordinate, which step 3 needs. The clip
    rate reported is the fraction of *updates* clipped (:attr:`Encoded.clipped` per update).
-2. **Weighting** (weighted FedAvg): x <- x * w / W, with integer weight ``w`` = num_samples in
-   [0, W] and W = ``max_weight`` public, so |x_i| <= c still holds.
-3. **Signed stochastic quantisation**: scale s = (2^(b-1) - 1) / c; q = floor(s*x + U), U ~ U[0, 1)
+2. **Signed stochastic quantisation**: scale s = (2^(b-1) - 1) / c; q = floor(s*x + U), U ~ U[0, 1)
    (rounding noise, not a mask: it is drawn from an AES-CTR keystream under a caller-given 32-byte
    seed, 23 or 52 random mantissa bits per coordinate; measured for 10^6 float32 values: 0.74 ms against
    1.82 ms for numpy's generator).
    E[q] = s*x (unbiased) and q lies in [-(2^(b-1)-1), 2^(b-1)-1].
+3. **Weighting** (weighted FedAvg): q <- w * q, an exact integer product, with ``w`` = num_samples
+   clamped to [0, W] and W = ``max_weight`` the run's public cap (``--max-samples``), never a client's
+   claim. Scaling after rounding keeps full resolution for small weights.
 4. **Two's complement mod 2^k** (k = 32 -> uint32, k = 64 -> uint64); with weights the integer ``w``
-   is appended as coordinate m (unscaled), so the vector has m+1 words.
+   is appended as coordinate m, so the vector has m+1 words.
 
-Decoding a modular sum S of n such vectors: read S as signed k-bit integers, divide by s, and (when
-weighted) multiply by W / sum(w), the last word of S being sum(w).
+Decoding a modular sum S of n such vectors: read S as signed k-bit integers, divide by s (and, when
+weighted, by sum(w), the last word of S).
 
-**No wrap**: the true integer sum must fit in signed k bits. We require k >= b + ceil(log2 n), which
-gives n*(2^(b-1)-1) < 2^(k-1); weighted, also n*W < 2^(k-1). :func:`check_capacity` raises otherwise.
+**No wrap**: the true integer sum must fit in signed k bits whatever the clients claim: every word is at
+most T = 2^(b-1)-1 (times W when weighted) in absolute value, so :func:`check_capacity` requires
+n*T*W < 2^(k-1) (W = 1 unweighted) and raises otherwise. The width therefore follows from public
+values only (n, b, W): e.g. b = 16 and W = 10^6 need k = 64 for any n >= 1; with k = 32, n*W <= 65,538.
+
+**Bounds on the decoded sum**: honest inputs give |S_i| <= T*sum(w) and 0 < sum(w) <= n*W.
+:func:`decode_sum` checks both when told n, so a client that folds an out-of-range word into its
+masked vector (which no one can see) is caught when the sum breaks them.
 
 **Error bound**: per coordinate and client |q/s - x| < 1/s = ``step`` (one quantisation step), so the
-dequantised sum is within n*step of the sum of the clipped (and weighted) floats, per coordinate
-(typical error ~ sqrt(n)*step/2, since rounding errors are independent and zero-mean). Weighted, the
-decoded mean is within n*step*W/sum(w) of the exact weighted mean of the clipped updates.
+dequantised sum is within n*step of the sum of the clipped floats, per coordinate (typical error
+~ sqrt(n)*step/2, since rounding errors are independent and zero-mean). Weighted, the decoded mean is
+a weighted mean of per-client errors below one step: within ``step`` of the exact weighted mean.
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ class QuantConfig:
     clip: float  # L2 clip norm c (> 0)
     bits: int = 16  # quantisation bits b: integers in [-(2^(b-1)-1), 2^(b-1)-1]
     modulus_bits: int = 32  # k: arithmetic mod 2^k, 32 (uint32) or 64 (uint64)
-    max_weight: int | None = None  # W for weighted FedAvg; None = unweighted (no extra word)
+    max_weight: int | None = None  # W, the public cap on one weight (weighted FedAvg); None = unweighted
 
     def __post_init__(self) -> None:
         if not (isinstance(self.clip, (int, float)) and math.isfinite(self.clip) and self.clip > 0):
@@ -111,18 +118,16 @@ class Encoded:
 
 
 def check_capacity(cfg: QuantConfig, n: int) -> None:
-    """Raise SecAggError unless the sum of ``n`` encoded vectors cannot wrap modulo 2^k."""
-    if n < 1:
+    """Raise SecAggError unless the sum of ``n`` encoded vectors cannot wrap modulo 2^k: n*T*W < 2^(k-1)."""
+    if not isinstance(n, int) or n < 1:
         raise SecAggError(f"number of clients must be >= 1, got {n}")
-    need = cfg.bits + math.ceil(math.log2(n))
-    if cfg.modulus_bits < need:
+    top = (1 << (cfg.bits - 1)) - 1
+    w = cfg.max_weight if cfg.weighted else 1
+    if n * top * w >= 1 << (cfg.modulus_bits - 1):
+        what = f" with weights up to {cfg.max_weight}" if cfg.weighted else ""
         raise SecAggError(
-            f"modulus 2^{cfg.modulus_bits} too small for {n} clients at {cfg.bits} bits: "
-            f"need k >= bits + ceil(log2 n) = {need} (use modulus_bits=64 or fewer bits)"
-        )
-    if cfg.weighted and n * cfg.max_weight >= 1 << (cfg.modulus_bits - 1):
-        raise SecAggError(
-            f"total weight {n}*{cfg.max_weight} would wrap modulo 2^{cfg.modulus_bits}"
+            f"modulus 2^{cfg.modulus_bits} too small for {n} clients at {cfg.bits} bits{what}: "
+            f"{n}*{top}*{w} would wrap (use modulus_bits=64, fewer bits or a smaller max weight)"
         )
 
 
@@ -195,10 +200,10 @@ def encode_update(
 
     ``x`` may be float32 or float64 (numpy, or anything ``np.asarray`` accepts, e.g. a CPU tensor);
     it is read, never modified or copied. ``noise`` seeds the rounding noise: 32 bytes, or a numpy
-    Generator that 32 seed bytes are drawn from. ``weight`` (num_samples, an int in [0, max_weight]) is
-    required iff ``cfg`` is weighted. Clip factor, weight and scale are folded into one multiplier;
-    after the norm pass, one blocked pass (split across threads) scales, adds the noise, clamps and
-    floors into the integer vector.
+    Generator that 32 seed bytes are drawn from. ``weight`` (num_samples, an int >= 0; clamped to
+    max_weight) is required iff ``cfg`` is weighted. Clip factor and scale are folded into one multiplier;
+    after the norm pass, one blocked pass (split across threads) scales, adds the noise, clamps, floors
+    into the integer vector and multiplies by the weight.
     """
     x = _float_vector(x)
     if isinstance(noise, np.random.Generator):
@@ -206,10 +211,11 @@ def encode_update(
     norm = l2_norm(x)
     was_clipped = norm > cfg.clip
     factor = cfg.scale * (cfg.clip / norm if was_clipped else 1.0)
+    w = 1
     if cfg.weighted:
-        if weight is None or not isinstance(weight, (int, np.integer)) or not 0 <= weight <= cfg.max_weight:
-            raise SecAggError(f"weight must be an int in [0, {cfg.max_weight}], got {weight!r}")
-        factor *= int(weight) / cfg.max_weight
+        if weight is None or isinstance(weight, bool) or not isinstance(weight, (int, np.integer)) or weight < 0:
+            raise SecAggError(f"weight must be an int >= 0, got {weight!r}")
+        w = min(int(weight), cfg.max_weight)  # the public cap, whatever the count
     elif weight is not None:
         raise SecAggError("weight given but QuantConfig.max_weight is None (unweighted)")
     top = (1 << (cfg.bits - 1)) - 1
@@ -240,11 +246,14 @@ def encode_update(
             np.subtract(unit, f_one, out=unit)  # U[0, 1)
             np.add(f, unit, out=f)  # stochastic rounding: floor(s*x + U) is unbiased
             np.clip(f, -f_top, f_top, out=f)  # guards the one-ulp overshoot of s * c at |x_i| = c
-            np.floor(f, out=vec[i : i + n], casting="unsafe")  # |f| <= top <= 2^(k-1) - 1: the cast is exact
+            q = vec[i : i + n]
+            np.floor(f, out=q, casting="unsafe")  # |f| <= top <= 2^(k-1) - 1: the cast is exact
+            if w != 1:
+                np.multiply(q, w, out=q)  # |w q| <= W top < 2^(k-1) (check_capacity): exact
 
     for_ranges(walk, m, words)
     if cfg.weighted:
-        vec[m] = weight
+        vec[m] = w
     return Encoded(vec.view(ut), norm, bool(was_clipped))
 
 
@@ -254,21 +263,36 @@ def clip_fraction(encoded: Iterable[Encoded]) -> float:
     return sum(flags) / len(flags) if flags else 0.0
 
 
-def decode_sum(total: np.ndarray, cfg: QuantConfig) -> tuple[np.ndarray, int | None]:
+def decode_sum(total: np.ndarray, cfg: QuantConfig, count: int | None = None) -> tuple[np.ndarray, int | None]:
     """Dequantise a modular sum: ``(float64 vector, total weight)``.
 
     Unweighted: the vector approximates the sum of clipped updates and the weight is None.
-    Weighted: it approximates the weighted mean sum(w x)/sum(w); raises SecAggError if sum(w) == 0.
+    Weighted: it approximates the weighted mean sum(w x)/sum(w); raises SecAggError if sum(w) <= 0.
+    With ``count`` (the number of inputs summed) it also raises when the sum breaks the bounds honest inputs
+    keep (0 < sum(w) <= count*W, |S_i| <= T*sum(w), or |S_i| <= T*count unweighted): some input was out of range.
     """
     total = np.asarray(total)
     if total.dtype != cfg.dtype or total.ndim != 1:
         raise SecAggError(f"modular sum must be a 1-D {cfg.dtype} array, got {total.dtype}")
     signed = total.view(np.int32 if cfg.modulus_bits == 32 else np.int64)
+    top = (1 << (cfg.bits - 1)) - 1
     if not cfg.weighted:
+        if count is not None:
+            _check_bounds(signed, top * count)
         return signed.astype(np.float64) / cfg.scale, None
     if total.size < 1:
         raise SecAggError("weighted modular sum is missing its weight word")
     w = int(signed[-1])
     if w <= 0:
         raise SecAggError(f"total weight of the round is {w}; cannot average")
-    return signed[:-1].astype(np.float64) * (cfg.max_weight / (cfg.scale * w)), w
+    if count is not None:
+        if w > count * cfg.max_weight:
+            raise SecAggError(f"total weight {w} exceeds {count} x the cap {cfg.max_weight}: an input was out of range")
+        _check_bounds(signed[:-1], top * w)
+    return signed[:-1].astype(np.float64) / (cfg.scale * w), w
+
+
+def _check_bounds(signed: np.ndarray, bound: int) -> None:
+    if signed.size and (int(signed.max()) > bound or int(signed.min()) < -bound):
+        raise SecAggError(f"the decoded sum leaves [-{bound}, {bound}], the range honest inputs keep: "
+                          f"an input was out of range")

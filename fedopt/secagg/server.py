@@ -12,7 +12,8 @@ the survivors' encoded inputs.
 
 Errors: a ``receive_*`` that raises SecAggError rejects that one message and changes nothing. A
 ``close_*`` or :meth:`finish` that raises aborts the round (every later call raises): this happens
-when some client needed for reconstruction has fewer than t live neighbours.
+when some client needed for reconstruction has fewer than t live neighbours, or fewer than t honest
+shares of a secret (every reconstruction is checked against the owner's signed commitment).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class ServerSession:
             pk = self._identities.get(adv.sender)
             if pk is None:
                 raise SecAggError(f"no pinned identity key for {adv.sender!r}")
-            keys.verify_advertisement(pk, adv.signature, adv.round, adv.sender, adv.c_pk, adv.s_pk)
+            keys.verify_advertisement(pk, adv.signature, adv.round, adv.sender, adv.c_pk, adv.s_pk, adv.b_commit)
         self._adverts[adv.sender] = adv
 
     def close_advertise(self) -> dict[str, NeighbourKeys]:
@@ -197,26 +198,44 @@ class ServerSession:
                     index[kind].setdefault(owner, {})[x] = shamir.decode_share(data)
         return index
 
-    def _reconstruct(self, index, owner: str, kind: int) -> bytes:
+    def _reconstruct(self, index, owner: str, kind: int, liars: set[int]) -> bytes:
+        """The owner's b_u (kind 0) or s_u^SK (kind 1), checked against its signed advertisement.
+
+        A share off the polynomial of the secret that matches the commitment is a forgery: its holder's share id
+        joins ``liars`` (tried last for later secrets). Aborts when no ``t`` honest shares are left."""
+        what = ("self-mask seed", "mask key")[kind]
         shares = index[kind].get(owner, {})
         if len(shares) < self.config.t:
-            what = ("self-mask seed", "mask key")[kind]
             raise self._abort(f"{len(shares)} shares of the {what} of {owner!r}, threshold t={self.config.t}")
-        return shamir.reconstruct(shares, self.config.t)
+        adv = self._adverts[owner]
+        if kind == 0:
+            commit, r = adv.b_commit, self.config.round
+            check = lambda secret: keys.commit_seed(r, owner, secret) == commit  # noqa: E731
+        else:
+            check = lambda secret: keys.public_from_private_bytes(secret) == adv.s_pk  # noqa: E731
+        try:
+            secret, bad = shamir.reconstruct_verified(shares, self.config.t, check, suspects=liars)
+        except SecAggError as exc:
+            raise self._abort(f"the {what} of {owner!r} cannot be reconstructed from honest shares: {exc}") from None
+        liars |= bad
+        return secret
 
     def finish(self) -> AggregateResult:
-        """End Unmask: reconstruct masks, remove them, return the survivors' exact modular sum."""
+        """End Unmask: reconstruct masks, remove them, return the survivors' exact modular sum.
+
+        Every reconstructed secret is checked against the owner's signed commitment (b_commit for b_u, s_pk for
+        s_u^SK). Forged shares are set aside when t honest ones remain (their holders are named in
+        :attr:`AggregateResult.liars`); otherwise the round aborts (SecAggError)."""
         self._expect("unmask")
         cfg, u3 = self.config, frozenset(self._u3)
         dropped = self._u2 - u3
+        liars: set[int] = set()
         try:
             index = self._index_shares()
-            self_seeds = [self._reconstruct(index, w, 0) for w in sorted(u3)]
+            self_seeds = [self._reconstruct(index, w, 0, liars) for w in sorted(u3)]
             pair_seeds = []
             for v in sorted(dropped):
-                sk = self._reconstruct(index, v, 1)
-                if keys.public_from_private_bytes(sk) != self._adverts[v].s_pk:
-                    raise self._abort(f"reconstructed mask key of {v!r} does not match its advertisement")
+                sk = self._reconstruct(index, v, 1, liars)
                 for w in sorted(cfg.neighbours(v) & u3):
                     seed = keys.agree(sk, self._adverts[w].s_pk, purpose=keys.PURPOSE_MASK,
                                       round=cfg.round, me=v, peer=w)
@@ -226,4 +245,5 @@ class ServerSession:
             raise exc
         total = unmask_sum(self._sum, self_seeds, pair_seeds)
         self._stage = "done"
-        return AggregateResult(cfg.round, total, tuple(sorted(u3)), tuple(sorted(dropped)))
+        named = tuple(u for u in cfg.participants if cfg.share_id(u) in liars)
+        return AggregateResult(cfg.round, total, tuple(sorted(u3)), tuple(sorted(dropped)), named)

@@ -14,17 +14,35 @@ Reconstruction is Lagrange interpolation at 0 over exactly ``t`` shares (the ``t
 the result does not depend on dict order). Fewer than ``t`` shares, duplicate or invalid ids, or a
 value outside the field raise :class:`fedopt.errors.SecAggError`. With t-1 shares every secret is
 equally likely: the scheme is information-theoretically hiding.
+
+Shares come from peers that may lie. Plain Shamir cannot notice a forged share: any ``t`` values
+interpolate to *some* secret, and a liar who knows its Lagrange coefficient can shift the secret by an
+amount it chooses. :func:`reconstruct_verified` therefore takes a ``check`` (the owner's commitment:
+a hash of the seed, or the advertised public key of a private key) and, when the ``t`` smallest ids
+fail it, searches other ``t``-subsets of the shares it has, fewest exclusions first, so a single liar
+costs at most one interpolation per share held. The subset that passes fixes the polynomial; every
+share off it is reported as bad. No passing subset within ``budget`` interpolations raises.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from fedopt.errors import SecAggError
 
-__all__ = ["PRIME", "SECRET_BYTES", "SHARE_BYTES", "decode_share", "encode_share", "reconstruct", "share"]
+__all__ = [
+    "PRIME",
+    "SECRET_BYTES",
+    "SHARE_BYTES",
+    "decode_share",
+    "encode_share",
+    "reconstruct",
+    "reconstruct_verified",
+    "share",
+]
 
 #: the field modulus, 2^521 - 1 (Mersenne prime)
 PRIME = (1 << 521) - 1
@@ -86,6 +104,74 @@ def reconstruct(shares: Mapping[int, int], t: int, length: int = SECRET_BYTES) -
     if secret >> (8 * length):
         raise SecAggError("reconstructed Shamir secret is too large: shares are corrupted")
     return secret.to_bytes(length, "big")
+
+
+def _interpolate(shares: Mapping[int, int], xs: tuple[int, ...], length: int) -> bytes | None:
+    """The secret the shares at ``xs`` interpolate to, or None when it does not fit in ``length`` bytes."""
+    secret = 0
+    for xi, li in zip(xs, _lagrange_at_zero(xs)):
+        secret = (secret + shares[xi] * li) % PRIME
+    return None if secret >> (8 * length) else secret.to_bytes(length, "big")
+
+
+def _value_at(shares: Mapping[int, int], xs: tuple[int, ...], x: int) -> int:
+    """The polynomial through the shares at ``xs``, evaluated at ``x``."""
+    total = 0
+    for i, xi in enumerate(xs):
+        num = den = 1
+        for j, xj in enumerate(xs):
+            if i != j:
+                num = num * (x - xj) % PRIME
+                den = den * (xi - xj) % PRIME
+        total = (total + shares[xi] * num * pow(den, -1, PRIME)) % PRIME
+    return total
+
+
+def reconstruct_verified(
+    shares: Mapping[int, int],
+    t: int,
+    check: Callable[[bytes], bool],
+    *,
+    suspects: Iterable[int] = (),
+    budget: int = 512,
+    length: int = SECRET_BYTES,
+) -> tuple[bytes, frozenset[int]]:
+    """``(secret, ids of bad shares)``: the secret that ``check`` accepts, from any ``t`` honest shares.
+
+    Tries the ``t`` smallest ids first (one interpolation when nobody lies), then ``t``-subsets that leave
+    out ever more shares, those of ``suspects`` (ids already caught lying about another secret) first.
+    Once a subset's secret passes ``check``, every share that is not on its polynomial is bad.
+
+    Raises SecAggError with fewer than ``t`` shares, invalid ids or values, or when no subset passes
+    within ``budget`` interpolations (too many liars: fewer than ``t`` honest shares, or a search too
+    long to be worth it).
+    """
+    ids = _check_ids(shares)
+    if not isinstance(t, int) or t < 1:
+        raise SecAggError(f"Shamir threshold t={t!r} must be >= 1")
+    if len(ids) < t:
+        raise SecAggError(f"need {t} Shamir shares to reconstruct, got {len(ids)}")
+    for x in ids:
+        if not isinstance(shares[x], int) or not 0 <= shares[x] < PRIME:
+            raise SecAggError(f"Shamir share value for id {x} is outside the field")
+    suspects = set(suspects) & set(ids)
+    # suspects go last, so the first subsets tried leave them out
+    order = sorted(x for x in ids if x not in suspects) + sorted(suspects)
+    tried: set[tuple[int, ...]] = set()
+    for leave_out in range(len(order) - t + 1):
+        drops = itertools.combinations(reversed(order), leave_out) if leave_out else [()]
+        for out in drops:
+            xs = tuple(sorted([x for x in order if x not in out][:t]))
+            if xs in tried:
+                continue
+            if len(tried) >= budget:
+                raise SecAggError(f"no {t} of {len(ids)} Shamir shares match the commitment within {budget} tries")
+            tried.add(xs)
+            secret = _interpolate(shares, xs, length)
+            if secret is not None and check(secret):
+                bad = frozenset(x for x in ids if x not in xs and _value_at(shares, xs, x) != shares[x])
+                return secret, bad
+    raise SecAggError(f"no {t} of {len(ids)} Shamir shares reconstruct a secret that matches its commitment")
 
 
 @functools.lru_cache(maxsize=256)
