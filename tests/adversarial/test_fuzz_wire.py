@@ -22,6 +22,7 @@ from fedopt.errors import WireError
 
 TOTAL = int(os.environ.get("FEDOPT_FUZZ_EXAMPLES", "3000"))
 SEEN = {"messages": 0, "decoded": 0}
+pytestmark = pytest.mark.timeout(max(300, TOTAL // 10))  # a long run takes its time (about 150 examples/s)
 
 
 def fuzz(weight: float):
