@@ -1,4 +1,6 @@
-"""Conformance checks a plug-in can run against itself: ``check_task`` and ``check_aggregator``.
+"""Conformance checks a plug-in can run against itself: ``check_task`` and ``check_aggregator``; and, for anything
+that receives bus messages, ``check_message`` (a decoded message obeys the wire schema) and ``hostile_frames``
+(random and mutated messages to throw at a decoder or a running process).
 
 They exercise the contracts the engines rely on and raise ``AssertionError`` with a message naming the broken rule.
 Use them in your own test suite::
@@ -10,15 +12,19 @@ Use them in your own test suite::
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import random
 
+import msgpack
 import torch
 
+from . import wire
 from .aggregators.base import Aggregator, Update
 from .params import ParamSpec
 from .task import ClientData, Task, TrainConfig
 
-__all__ = ["check_task", "check_aggregator"]
+__all__ = ["check_task", "check_aggregator", "check_message", "hostile_frames"]
 
 
 def check_task(task: Task, num_shards: int = 2, seed: int = 0) -> None:
@@ -71,3 +77,145 @@ def check_aggregator(make: callable, size: int = 64, clients: int = 5, seed: int
         pass
     else:
         raise AssertionError("an update of the wrong length must be refused")
+
+
+def check_message(msg: wire.Message, limits: wire.Limits = wire.Limits()) -> None:
+    """A decoded message obeys the bounds of :mod:`fedopt.wire`'s docstring, field by field; written apart from the
+    decoder's own checks, so a decoder that lets something through is caught here."""
+    assert type(msg) in wire.MESSAGE_TYPES.values(), f"{type(msg).__name__} is not a wire message"
+
+    def text(v, most):
+        return type(v) is str and len(v) <= most and v.isprintable()
+
+    for f in dataclasses.fields(msg):
+        v, name, where = getattr(msg, f.name), f.name, f"{msg.TYPE}.{f.name}"
+        if name in ("round", "xid", "version"):
+            assert type(v) is int and 0 <= v < limits.max_int, f"{where} = {v!r} is not a counter"
+        elif name == "num_samples":
+            assert type(v) is int and msg.MIN_SAMPLES <= v <= limits.max_samples, f"{where} = {v!r} out of range"
+        elif name in ("sender", "client", "device", "addr", "reason"):
+            most = limits.max_reason if name == "reason" else limits.max_name
+            assert text(v, most), f"{where} is not a printable str of at most {most} characters"
+        elif name == "kind":
+            assert v in wire.FETCH_KINDS, f"{where} = {v!r}"
+        elif name == "metrics":
+            assert type(v) is dict and len(v) <= limits.max_metrics, f"{where} is not a small map"
+            for k, x in v.items():
+                assert text(k, limits.max_name), f"{where} has key {k!r}"
+                assert math.isfinite(x) if type(x) is float else type(x) in (int, bool) and abs(x) < limits.max_int, \
+                    f"{where}[{k!r}] = {x!r} is not a finite number"
+        elif name == "peers":
+            assert type(v) is dict and len(v) <= limits.max_peers, f"{where} is not a small map"
+            assert all(text(k, limits.max_name) and type(x) is int and 0 <= x < limits.max_int
+                       for k, x in v.items()), f"{where} holds a bad entry"
+        elif name in ("spec", "config"):
+            assert type(v) is dict, f"{where} is not a map"
+        elif name in msg.TENSORS:
+            assert isinstance(v, torch.Tensor) and v.dim() <= limits.max_dims, f"{where} is not a tensor"
+            assert v.numel() <= limits.max_elements and all(s <= limits.max_elements for s in v.shape), where
+            assert str(v.dtype).removeprefix("torch.") in ("float32", "float16", "bfloat16", "float64"), where
+        elif name == "parts":
+            assert 1 <= len(v) <= limits.max_frames and all(isinstance(p, memoryview) for p in v), where
+        else:
+            raise AssertionError(f"{where}: a field check_message does not know")
+
+
+#: values that sit on or just past the wire's bounds, or have the wrong type: what an attacker tries first
+_EDGE = [0, 1, -1, 2**31, 2**40, 2**40 + 1, 2**53 - 1, 2**53, 2**63 - 1, 2**64 - 1, -(2**63), True, 0.5, math.nan,
+         math.inf, -math.inf, "", "x" * 256, "x" * 257, "a\nb", "é", None, [], {}, [1, 2], {"a": 1}, b"", b"\x00" * 8]
+
+
+def _hostile_value(rng: random.Random, depth: int = 0):
+    r = rng.random()
+    if r < 0.6 or depth > 2:
+        return rng.choice(_EDGE)
+    if r < 0.75:
+        return [_hostile_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    if r < 0.9:
+        return {rng.choice(["loss", "accuracy", "tcp://127.0.0.1:1", "x" * 300, ""]): _hostile_value(rng, depth + 1)
+                for _ in range(rng.randrange(4))}
+    return rng.choice([{"loss": "0.5"}, {"loss": math.nan}, {f"k{i}": 1.0 for i in range(65)},
+                       {f"tcp://10.0.0.{i}:1": 1 for i in range(65)}, {"steps": 2**60}])
+
+
+def _valid_hostile(rng: random.Random, n: int) -> wire.Message:
+    """A message the wire accepts, with values on the edges of its bounds: for the handlers behind the decoder."""
+    def pick(*choices):
+        return rng.choice(choices)
+
+    counter = pick(0, 1, 2, 3, 5, 2**31, 2**53 - 1)
+    # ids of its own: under --insecure a HELLO may claim a real client's id, which the docs say; that is not fuzzing
+    name = pick("", "99999", "x" * 256, "tcp://127.0.0.1:1", "ipc:///nonexistent", "é" * 10)
+    metrics = pick({}, {"loss": 1e308, "partial": True}, {"loss": -1.0, "accuracy": 2.0, "steps": 2**53 - 1},
+                   {"accuracy": True, "loss": 0}, {f"k{i}": 0.0 for i in range(64)})
+    size = pick(0, 1, max(n - 1, 0), n, n, n + 1)
+    vec = pick(torch.zeros(size), torch.full((size,), math.nan), torch.full((size,), math.inf),
+               torch.full((size,), 3e38), torch.zeros(size).to(torch.float64), torch.zeros(size).bfloat16(),
+               torch.zeros(1, size))
+    kw = dict(round=counter, sender=name, num_samples=pick(1, 2, 2**40), metrics=metrics, xid=counter,
+              version=pick(0, 1, counter, 2**53 - 1), addr=name, peers=pick({}, {name: 1}, {f"tcp://h:{i}": 2**53 - 1
+                                                                               for i in range(64)}),
+              client=name, device=pick("cpu", "x" * 256), reason=pick("done", "", "x" * 1024), kind=pick(*wire.FETCH_KINDS),
+              config=pick({}, {"lr": 1e308, "epochs": 2**53}), spec=pick({}, {"dtype": "float32", "entries": []}),
+              model=vec, delta=vec, parts=pick([b"x"], [b"\x81\xa4kind\xa6masked", bytes(8)]))
+    cls = rng.choice(list(wire.MESSAGE_TYPES.values()))
+    msg = cls(**{f.name: kw[f.name] for f in dataclasses.fields(cls) if f.name in kw})
+    if cls is wire.Result:
+        msg = dataclasses.replace(msg, num_samples=pick(0, 1, 2**40))
+    return msg
+
+
+def hostile_frames(rng: random.Random, seeds: list[list[bytes]], model_size: int = 16) -> list[bytes]:
+    """One hostile multipart message: random bytes; a header of a real type with hostile field values and tensor
+    declarations; a well-formed message whose values sit on the edges of the wire's bounds (NaN or wrongly sized
+    models of about ``model_size`` elements, weights of 2**40, counters of 2**53 - 1); or a real message in ``seeds``
+    (``wire.encode`` output as bytes) mutated (bit flips, truncation, frames dropped, duplicated or appended, header
+    fields and tensor specs replaced). Deterministic given ``rng``."""
+    r = rng.random()
+    if r < 0.2:
+        return [bytes(f) for f in wire.encode(_valid_hostile(rng, model_size))]
+    if r < 0.3:
+        return [rng.randbytes(rng.randrange(64)) for _ in range(rng.randrange(1, 4))]
+    if r < 0.55:
+        kind = rng.choice(list(wire.MESSAGE_TYPES))
+        cls = wire.MESSAGE_TYPES[kind]
+        head = {"v": 1, "type": kind}
+        for f in dataclasses.fields(cls):
+            if f.name not in cls.TENSORS and rng.random() < 0.8:
+                head[f.name] = _hostile_value(rng)
+        frames = []
+        if cls.TENSORS:
+            shape = rng.choice([[4], [0, 2**63], [2**33 + 1], [2, 2], [], [-1], [10**12], [1] * 9, "4"])
+            head["tensors"] = [{"dtype": rng.choice(["float32", "bfloat16", "int64", "object"]), "shape": shape}]
+            frames = [bytes(rng.choice([0, 1, 16, 40]))]
+        if kind == "SECAGG":
+            frames = [bytes(rng.randrange(8)) for _ in range(head.get("parts", 1) if type(head.get("parts")) is int
+                                                            and 0 <= head.get("parts", 1) < 20 else 1)]
+        try:
+            return [msgpack.packb(head, use_bin_type=True), *frames]
+        except (TypeError, ValueError, OverflowError):
+            return [b"\x81\xa1v\x01"]
+    frames = [bytearray(f) for f in rng.choice(seeds)]
+    for _ in range(rng.randrange(1, 4)):
+        op, i = rng.randrange(6), rng.randrange(len(frames))
+        if op == 0 and frames[i]:  # bit flips
+            for _ in range(rng.randrange(1, 4)):
+                frames[i][rng.randrange(len(frames[i]))] ^= 1 << rng.randrange(8)
+        elif op == 1:  # truncation
+            frames[i] = frames[i][: rng.randrange(len(frames[i]) + 1)]
+        elif op == 2 and len(frames) > 1:  # a frame dropped or duplicated
+            frames.insert(i, frames[i]) if rng.random() < 0.5 else frames.pop(i)
+        elif op == 3:
+            frames.append(bytearray(rng.randbytes(rng.choice([0, 4, 16]))))
+        else:  # a header field or a tensor spec replaced
+            try:
+                head = msgpack.unpackb(bytes(frames[0]), strict_map_key=False)
+                if op == 4 or not head.get("tensors"):
+                    head[rng.choice(list(head) + ["extra"])] = _hostile_value(rng)
+                else:
+                    head["tensors"][0][rng.choice(["dtype", "shape", "frames", "strides"])] = \
+                        rng.choice([[0, 2**63], [2**33 + 1], "float64", "int8", 0, 2, 2**16 + 1, [1, -1], None])
+                frames[0] = bytearray(msgpack.packb(head, use_bin_type=True))
+            except Exception:  # the header was already mutated beyond parsing: leave it so
+                pass
+    return [bytes(f) for f in frames]

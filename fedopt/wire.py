@@ -6,28 +6,63 @@ frame is the raw little-endian bytes of one tensor, in the order of ``tensors``.
 without copying; receivers wrap the received frame with ``np.frombuffer`` (no copy), so a model crosses the bus with
 no serialisation step at all. Nothing is pickled.
 
-Message table (protocol version 1)::
+Message table (protocol version 1; every message also has ``round`` and ``sender``)::
 
-    type       direction             fields                                   tensor frames
-    HELLO      client -> coordinator client: str, device: str                 -
-    WELCOME    coordinator -> client spec: dict, config: dict                 -
-    READY      client -> coordinator num_samples: int                         -
-    OFFER      client -> coordinator round, num_samples: int                  -
-    PULL       coordinator -> client round                                    -
-    TRAIN      coordinator -> client round, config: dict (TrainConfig)        model (flat global vector)
-    UPDATE     client -> coordinator round, num_samples: int, metrics: dict   delta (flat local - global)
-    EVALUATE   coordinator -> client round                                    model
-    RESULT     client -> coordinator round, num_samples: int, metrics: dict   -
-    HEARTBEAT  both ways             -                                        -
-    BYE        both ways             reason: str                              -
-    GOSSIP_FETCH peer -> peer         xid: int, addr: str, kind: str           -
-    GOSSIP_REPLY peer -> peer         round, xid, version, num_samples: int,   model (the replier's vector before mixing)
-                                     addr: str, peers: dict
-    GOSSIP_PUSH  peer -> peer         round, xid, version, num_samples: int,   model (the initiator's vector before
-                                     addr: str, peers: dict                   mixing; a D-PSGD round's model)
-    GOSSIP_BUSY  peer -> peer         xid: int, addr: str                      -
-    SECAGG     both ways             round, parts: int                        the secure-aggregation message's
-                                                                             parts, opaque (see below)
+    type         direction             fields                                   tensor frames
+    HELLO        client -> coordinator client: name, device: name               -
+    WELCOME      coordinator -> client spec: tree, config: tree                 -
+    READY        client -> coordinator num_samples: weight                      -
+    OFFER        client -> coordinator round, num_samples: weight,              -
+                                       metrics: metrics
+    PULL         coordinator -> client round                                    -
+    TRAIN        coordinator -> client round, config: tree (TrainConfig)        model (flat global vector)
+    UPDATE       client -> coordinator round, num_samples: weight,              delta (flat local - global)
+                                       metrics: metrics
+    EVALUATE     coordinator -> client round                                    model
+    RESULT       client -> coordinator round, num_samples: count,               -
+                                       metrics: metrics
+    HEARTBEAT    both ways             -                                        -
+    BYE          both ways             reason: text                             -
+    GOSSIP_FETCH peer -> peer          xid: counter, addr: name, kind: one of   -
+                                       "fetch", "exchange", "final"
+    GOSSIP_REPLY peer -> peer          round, xid, version: counter,            model (the replier's vector before
+                                       num_samples: weight, addr: name,         mixing)
+                                       peers: peers
+    GOSSIP_PUSH  peer -> peer          as GOSSIP_REPLY                          model (the initiator's vector before
+                                                                                mixing; a D-PSGD round's model)
+    GOSSIP_BUSY  peer -> peer          xid: counter, addr: name                 -
+    SECAGG       both ways             round, parts: int in [1, 16]             the secure-aggregation message's
+                                                                                parts, opaque (see below)
+
+Field kinds and their bounds (the defaults of :class:`Limits`; a receiver may pass tighter ones)::
+
+    counter   round, xid, version: int (not bool), 0 <= x < 2**53 (max_int). Only the range is checked here; each
+              receiver checks the value against its own round or version window.
+    weight    num_samples that weighs an average: int, 1 <= n <= 2**40 (max_samples), a hard ceiling far above any
+              shard; the coordinator caps weights lower (its --max-samples).
+    count     RESULT's num_samples (the size of an evaluation split): int, 0 <= n <= 2**40.
+    name      sender, client, device, addr: printable str of at most 256 characters (max_name); printable, so a
+              logged name cannot forge log lines.
+    text      reason: printable str of at most 1024 characters (max_reason).
+    metrics   map of at most 64 entries (max_metrics): name -> finite float, int with |x| < 2**53, or bool. NaN,
+              Inf, strings and containers are rejected, so a receiver can do arithmetic on any value.
+    peers     map of at most 64 entries (max_peers): name (a peer's address) -> counter. This is the wire's ceiling
+              on rumours per message; the gossip engine may act on fewer.
+    tree      plain data: maps with str keys, lists, str, int, float, bool, None; at most 8 levels deep (max_depth)
+              and 2**18 items (containers and scalars) in all (max_tree_items). The receiver validates the
+              content (ParamSpec.from_dict, the client's settings).
+
+Validation happens before anything is allocated for a message's payload (:func:`decode`): the header is at most 4 MiB
+(max_header_bytes) of msgpack decoding to a map, with msgpack's own limits set (strings of at most 64 KiB, max_str;
+arrays and maps of at most max_tree_items entries; no bin, no extension types) so that a small header cannot expand
+into a large structure; then version, type, every field against its kind, frame count, the dtype allow-list, each
+dimension and the element count under max_elements (2**33), ``prod(shape) * itemsize == len(frame)``. Any failure
+raises :class:`~fedopt.errors.WireError` with the reason (hostile values shortened); callers log it and carry on.
+:func:`decode` raises nothing else, for any input. Tensor values are not inspected (no per-element work): NaN and
+Inf travel, and the receiver judges them. Unknown header keys are rejected: a new field is a new protocol version.
+An absent field takes its default, which is always a valid value (a weight defaults to 1). :func:`encode` applies
+the same checks to what it sends, so an honest sender learns of a bad value (a NaN loss, an over-long name) at once,
+from a WireError naming the field, instead of from a peer that drops the message.
 
 Gossip peers (:mod:`clients.gossip`) speak only the GOSSIP_* types. An exchange is FETCH(kind="exchange") -> REPLY
 (the replier reserves itself for this exchange) -> PUSH (both sides mix), or FETCH -> BUSY, so a refusal moves no
@@ -49,14 +84,10 @@ its UPDATE only when the coordinator answers PULL. The coordinator grants a few 
 clients finish together, at most that many update frames are in its memory at once (ZeroMQ would otherwise read every
 concurrent upload off the network into memory before the application sees the first one).
 
-Validation happens before anything is allocated for a message's payload (:func:`decode`): header size, msgpack
-well-formedness, version, type, each field's type, frame count, the dtype allow-list, a declared element count under
-the limit, and ``prod(shape) * itemsize == len(frame)``. Any failure raises :class:`~fedopt.errors.WireError` with the
-reason; callers log it and carry on.
-
-A tensor may travel as several frames (its spec says ``"frames": k``; :func:`encode` with ``chunk_bytes``): the bus
-does this over CurveZMQ, which encrypts frame by frame, so fanning a model out to n peers does not hold n encrypted
-copies. The receiver joins the chunks into one buffer (one copy); a one-frame tensor stays a view of its frame.
+A tensor spec is ``{"dtype", "shape"}`` plus, for a tensor split over several frames, ``"frames": k`` (1 <= k <=
+max_chunks); other keys are rejected. :func:`encode` splits with ``chunk_bytes``: the bus does this over CurveZMQ,
+which encrypts frame by frame, so fanning a model out to n peers does not hold n encrypted copies. The receiver joins
+the chunks into one buffer (one copy); a one-frame tensor stays a view of its frame.
 
 Limits: a message is bounded by ``Limits.max_message_bytes`` (the socket's ``MAXMSGSIZE``, 16 GiB by default: ZeroMQ
 frames have 64-bit lengths, so there is no 2 GB cap); the receiver holds one message in memory at a time, so a
@@ -68,7 +99,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import msgpack
 import numpy as np
@@ -78,7 +109,8 @@ from .errors import WireError
 
 __all__ = [
     "VERSION", "Limits", "Message", "Hello", "Welcome", "Ready", "Offer", "Pull", "Train", "UpdateMsg", "Evaluate", "Result",
-    "Heartbeat", "Bye", "GossipPush", "GossipReply", "GossipBusy", "GossipFetch", "SecAgg", "MESSAGE_TYPES", "WIRE_DTYPES", "encode", "decode",
+    "Heartbeat", "Bye", "GossipPush", "GossipReply", "GossipBusy", "GossipFetch", "SecAgg", "MESSAGE_TYPES", "WIRE_DTYPES",
+    "FETCH_KINDS", "encode", "decode",
 ]
 
 VERSION = 1
@@ -90,17 +122,35 @@ WIRE_DTYPES = ("float32", "bfloat16", "float16")
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # numpy has no bfloat16: bf16 frames are viewed as int16 and reinterpreted by torch
 _NUMPY = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16, "float64": np.float64}
+#: GOSSIP_FETCH kinds: pull a model to adopt, propose a push-pull exchange, or a final-mix exchange
+FETCH_KINDS = ("fetch", "exchange", "final")
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Sizes a receiver accepts; checked before the payload is touched."""
+    """Sizes and ranges a receiver accepts; checked before the payload is touched (see the module docstring)."""
 
     max_header_bytes: int = 4 << 20  # a ParamSpec of tens of thousands of entries still fits
-    max_message_bytes: int = 16 << 30  # the socket's MAXMSGSIZE; also caps one tensor frame
-    max_frames: int = 16  # tensor frames per message
+    max_message_bytes: int = 16 << 30  # the socket's MAXMSGSIZE; also caps one tensor frame and all tensors together
+    max_frames: int = 16  # tensors (or SECAGG parts) per message
     max_chunks: int = 1 << 16  # frames one tensor may be split into (see ``chunk_bytes`` in :func:`encode`)
     max_dims: int = 8  # dimensions of one tensor
+    max_elements: int = 1 << 33  # elements of one tensor, and of each dimension: 16 GiB of 2-byte values
+    max_int: int = 1 << 53  # round, xid, version are below this: exact as a float, far beyond any real run
+    max_samples: int = 1 << 40  # num_samples ceiling; the coordinator applies its own, lower, configured cap
+    max_name: int = 256  # characters of a name: sender, client, device, addr, a metric's or a peer's key
+    max_reason: int = 1024  # characters of BYE's reason
+    max_metrics: int = 64  # entries of a metrics map
+    max_peers: int = 64  # entries of a gossip ``peers`` map (membership rumours)
+    max_depth: int = 8  # nesting of a free-form tree (spec, config)
+    max_tree_items: int = 1 << 18  # containers and scalars in one free-form tree; also msgpack's array and map length cap
+    max_str: int = 1 << 16  # bytes of any one string in a header (msgpack's own limit)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"Limits.{f.name} must be a positive int, not {v!r}")
 
 
 @dataclass(frozen=True)
@@ -109,6 +159,7 @@ class Message:
 
     TYPE: ClassVar[str] = ""
     TENSORS: ClassVar[tuple[str, ...]] = ()  # fields that travel as raw frames, in frame order
+    MIN_SAMPLES: ClassVar[int] = 1  # least num_samples (where the type has one): a weight is at least 1
     round: int = 0  # the round the message belongs to (0 outside rounds)
     sender: str = ""  # the sender's id as it claims it; the coordinator trusts the socket, not this
 
@@ -130,13 +181,13 @@ class Welcome(Message):
 @dataclass(frozen=True)
 class Ready(Message):
     TYPE: ClassVar[str] = "READY"
-    num_samples: int = 0  # the size of the client's train shard (FedAvg's weight)
+    num_samples: int = 1  # the size of the client's train shard (FedAvg's weight)
 
 
 @dataclass(frozen=True)
 class Offer(Message):
     TYPE: ClassVar[str] = "OFFER"
-    num_samples: int = 0  # the finished update's weight, announced before it is uploaded
+    num_samples: int = 1  # the finished update's weight, announced before it is uploaded
     metrics: dict = field(default_factory=dict)  # with secagg: the training metrics (loss, steps), as UPDATE carries
 
 
@@ -157,7 +208,7 @@ class Train(Message):
 class UpdateMsg(Message):
     TYPE: ClassVar[str] = "UPDATE"
     TENSORS: ClassVar[tuple[str, ...]] = ("delta",)
-    num_samples: int = 0
+    num_samples: int = 1
     metrics: dict = field(default_factory=dict)  # loss, steps, samples, partial
     delta: Any = None  # flat local - global (torch.Tensor), in the wire dtype
 
@@ -172,6 +223,7 @@ class Evaluate(Message):
 @dataclass(frozen=True)
 class Result(Message):
     TYPE: ClassVar[str] = "RESULT"
+    MIN_SAMPLES: ClassVar[int] = 0  # a count, not a weight: an empty evaluation split reports 0
     num_samples: int = 0  # size of the split evaluated on
     metrics: dict = field(default_factory=dict)  # accuracy, loss
 
@@ -193,7 +245,7 @@ class GossipPush(Message):
     TENSORS: ClassVar[tuple[str, ...]] = ("model",)
     xid: int = 0  # exchange id chosen by the initiator; the reply carries it back
     version: int = 0  # the model's logical clock (a stale model never overwrites a newer one)
-    num_samples: int = 0  # the sender's mixing weight
+    num_samples: int = 1  # the sender's mixing weight
     addr: str = ""  # the sender's bind address (its identity in the swarm)
     peers: dict = field(default_factory=dict)  # {address: 1} of peers the sender holds alive
     model: Any = None
@@ -216,7 +268,7 @@ class GossipFetch(Message):
     TYPE: ClassVar[str] = "GOSSIP_FETCH"
     xid: int = 0
     addr: str = ""
-    kind: str = "fetch"  # "fetch" (pull a model to adopt), "exchange" (propose a push-pull exchange) or "final"
+    kind: str = "fetch"  # one of FETCH_KINDS
 
 
 @dataclass(frozen=True)
@@ -230,20 +282,119 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     c.TYPE: c for c in (Hello, Welcome, Ready, Offer, Pull, Train, UpdateMsg, Evaluate, Result, Heartbeat, Bye,
                         GossipPush, GossipReply, GossipBusy, GossipFetch, SecAgg)
 }
-_SCALAR = (int, float, str, bool, type(None))
 
 
-def _field_types(cls: type[Message]) -> dict[str, type]:
-    """Python types of a message's non-tensor fields, read from the dataclass annotations."""
-    out = {}
-    for f in fields(cls):
-        if f.name in cls.TENSORS or f.name == getattr(cls, "OPAQUE", None):
-            continue
-        out[f.name] = {"int": int, "str": str, "dict": dict}[f.type]
-    return out
+# ---- the schema: one check per field name, shared by every type that has the field -----------------------------------
+def _show(v: Any, n: int = 40) -> str:
+    """A hostile value, shortened for an error message (a 64 KiB string must not become a 64 KiB log line)."""
+    r = repr(v)
+    return r if len(r) <= n else f"{r[:n]}...({len(r)} chars)"
 
 
-_SCHEMA = {name: _field_types(cls) for name, cls in MESSAGE_TYPES.items()}
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_in(what: str, v: Any, lo: int, hi: int) -> None:
+    """``lo <= v <= hi`` for a Python int (bool is not an int here)."""
+    if not _is_int(v) or not lo <= v <= hi:
+        raise WireError(f"{what} must be an int in [{lo}, {hi}], not {_show(v)}")
+
+
+def _text(what: str, v: Any, most: int) -> None:
+    if not isinstance(v, str) or len(v) > most or not v.isprintable():
+        raise WireError(f"{what} must be a printable str of at most {most} characters, not {_show(v)}")
+
+
+def _counter(cls: type[Message], name: str, v: Any, lim: Limits) -> None:
+    _int_in(f"{cls.TYPE}: {name}", v, 0, lim.max_int - 1)
+
+
+def _samples(cls: type[Message], name: str, v: Any, lim: Limits) -> None:
+    _int_in(f"{cls.TYPE}: {name}", v, cls.MIN_SAMPLES, lim.max_samples)
+
+
+def _name(cls: type[Message], name: str, v: Any, lim: Limits) -> None:
+    _text(f"{cls.TYPE}: {name}", v, lim.max_reason if name == "reason" else lim.max_name)
+
+
+def _fetch_kind(cls: type[Message], name: str, v: Any, lim: Limits) -> None:
+    if not isinstance(v, str) or v not in FETCH_KINDS:
+        raise WireError(f"{cls.TYPE}: {name} must be one of {', '.join(FETCH_KINDS)}, not {_show(v)}")
+
+
+def _map(what: str, v: Any, most: int, lim: Limits) -> None:
+    if not isinstance(v, dict) or len(v) > most:
+        raise WireError(f"{what} must be a map of at most {most} entries, not {_show(v)}")
+    for k in v:
+        _text(f"{what} key", k, lim.max_name)
+
+
+def _metrics(cls: type[Message], name: str, v: Any, lim: Limits) -> None:
+    _map(f"{cls.TYPE}: {name}", v, lim.max_metrics, lim)
+    for k, x in v.items():
+        # bool is an int; an int is kept below 2**53 so that it converts to a float exactly
+        if not (math.isfinite(x) if isinstance(x, float) else isinstance(x, int) and -lim.max_int < x < lim.max_int):
+            raise WireError(f"{cls.TYPE}: {name}[{_show(k)}] must be a finite number, not {_show(x)}")
+
+
+def _peers(cls: type[Message], name: str, v: Any, lim: Limits) -> None:
+    _map(f"{cls.TYPE}: {name}", v, lim.max_peers, lim)
+    for k, x in v.items():
+        _int_in(f"{cls.TYPE}: {name}[{_show(k)}]", x, 0, lim.max_int - 1)
+
+
+def _tree(cls: type[Message], name: str, v: Any, lim: Limits) -> None:
+    """Plain data a few levels deep: maps with str keys, lists, and scalars; bounded in depth and item count."""
+    what = f"{cls.TYPE}: {name}"
+    if not isinstance(v, dict):
+        raise WireError(f"{what} must be a map, not {type(v).__name__}")
+    budget = [lim.max_tree_items]
+
+    def walk(x: Any, depth: int) -> None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise WireError(f"{what} holds more than {lim.max_tree_items} items")
+        if isinstance(x, (dict, list)):
+            if depth >= lim.max_depth:
+                raise WireError(f"{what} is nested more than {lim.max_depth} deep")
+            if isinstance(x, dict) and not all(isinstance(k, str) for k in x):
+                raise WireError(f"{what} has a key that is not a str")  # msgpack limits its length
+            for y in x.values() if isinstance(x, dict) else x:
+                walk(y, depth + 1)
+        elif not (x is None or isinstance(x, (str, bool, int, float))):
+            raise WireError(f"{what} holds a {type(x).__name__}, which the wire does not carry")
+
+    walk(v, 0)
+
+
+#: the check of each field name; every non-tensor field of every message type must appear here (checked at import)
+_CHECKS: dict[str, Callable[[type[Message], str, Any, Limits], None]] = {
+    "round": _counter, "xid": _counter, "version": _counter, "num_samples": _samples,
+    "sender": _name, "client": _name, "device": _name, "addr": _name, "reason": _name, "kind": _fetch_kind,
+    "metrics": _metrics, "peers": _peers, "spec": _tree, "config": _tree,
+}
+
+
+def _header_fields(cls: type[Message]) -> tuple[str, ...]:
+    names = tuple(f.name for f in fields(cls) if f.name not in cls.TENSORS and f.name != getattr(cls, "OPAQUE", None))
+    missing = [n for n in names if n not in _CHECKS]
+    if missing:
+        raise TypeError(f"wire schema: {cls.__name__} fields {missing} have no check")  # a programming error
+    return names
+
+
+_SCHEMA = {name: _header_fields(cls) for name, cls in MESSAGE_TYPES.items()}
+#: header keys every message may carry besides its fields
+_ENVELOPE = frozenset({"v", "type", "tensors"})
+_KEYS = {name: _ENVELOPE | set(f) | ({cls.OPAQUE} if hasattr(cls, "OPAQUE") else set())
+         for (name, f), cls in zip(_SCHEMA.items(), MESSAGE_TYPES.values())}
+_SPEC_KEYS = frozenset({"dtype", "shape", "frames"})
+
+
+def _check_fields(cls: type[Message], values: dict, limits: Limits) -> None:
+    for name, v in values.items():
+        _CHECKS[name](cls, name, v, limits)
 
 
 # ---- encoding ------------------------------------------------------------------------------------------------------
@@ -261,91 +412,100 @@ def _as_wire(t: torch.Tensor, wire_dtype: str | None) -> tuple[str, memoryview, 
     if name not in _ALLOWED:
         raise WireError(f"dtype {name} cannot travel on the bus (allowed: {', '.join(_ALLOWED)})")
     arr = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
-    return name, memoryview(arr).cast("B"), tuple(t.shape)
+    # flat bytes via numpy, not memoryview.cast: a cast refuses shapes with a zero in them ([0, 7])
+    return name, memoryview(arr.reshape(-1).view(np.uint8)), tuple(t.shape)
 
 
-def encode(msg: Message, wire_dtype: str | None = None, chunk_bytes: int | None = None) -> list:
+def encode(msg: Message, wire_dtype: str | None = None, chunk_bytes: int | None = None,
+           limits: Limits = Limits()) -> list:
     """``[header bytes, tensor buffers...]`` ready for ``send_multipart(copy=False)``; buffers alias the tensors.
 
     ``chunk_bytes``: a tensor longer than this travels as several frames of at most that many bytes each (declared
     as ``"frames": k`` in its spec; :func:`decode` joins them). Over CurveZMQ each frame is encrypted on its own, so
-    a sender fanning one model out to n peers holds n encrypted chunks instead of n encrypted models."""
+    a sender fanning one model out to n peers holds n encrypted chunks instead of n encrypted models.
+
+    Raises WireError for a message that :func:`decode` with the same ``limits`` would reject for its header fields
+    or tensor shapes (a NaN metric, an over-long name, a weight below 1, too many chunks): the sender finds out,
+    not the receiver.
+    """
     if chunk_bytes is not None and chunk_bytes < 1:
         raise WireError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     if type(msg) not in MESSAGE_TYPES.values():
         raise WireError(f"not a wire message: {type(msg).__name__}")
-    header: dict[str, Any] = {"v": VERSION, "type": msg.TYPE}
+    values = {name: getattr(msg, name) for name in _SCHEMA[msg.TYPE]}
+    _check_fields(type(msg), values, limits)
+    header: dict[str, Any] = {"v": VERSION, "type": msg.TYPE, **values}
     frames: list = []
     specs = []
-    for f in fields(msg):
-        value = getattr(msg, f.name)
-        if f.name in msg.TENSORS:
-            dtype, buf, shape = _as_wire(value, wire_dtype)
-            spec = {"dtype": dtype, "shape": list(shape)}
-            if chunk_bytes is not None and buf.nbytes > chunk_bytes:
-                spec["frames"] = -(-buf.nbytes // chunk_bytes)
-                frames.extend(buf[i : i + chunk_bytes] for i in range(0, buf.nbytes, chunk_bytes))
-            else:
-                frames.append(buf)
-            specs.append(spec)
+    for i, name in enumerate(msg.TENSORS):
+        dtype, buf, shape = _as_wire(getattr(msg, name), wire_dtype)
+        spec = {"dtype": dtype, "shape": list(shape)}
+        if chunk_bytes is not None and buf.nbytes > chunk_bytes:
+            spec["frames"] = -(-buf.nbytes // chunk_bytes)
+        _tensor_spec(i, spec, limits)  # the receiver's checks, word for word
+        if "frames" in spec:
+            frames.extend(buf[at : at + chunk_bytes] for at in range(0, buf.nbytes, chunk_bytes))
         else:
-            header[f.name] = value
+            frames.append(buf)
+        specs.append(spec)
     header["tensors"] = specs
     opaque = getattr(msg, "OPAQUE", None)
     if opaque is not None:
         parts = list(getattr(msg, opaque))
+        if not 1 <= len(parts) <= limits.max_frames:
+            raise WireError(f"{msg.TYPE}: {len(parts)} parts, not 1..{limits.max_frames}")
         header[opaque] = len(parts)
         try:
             frames.extend(memoryview(b).cast("B") for b in parts)
-        except TypeError:
-            raise WireError(f"{msg.TYPE}: every part must be a buffer") from None
+        except (TypeError, ValueError):
+            raise WireError(f"{msg.TYPE}: every part must be a contiguous buffer") from None
     try:
         head = msgpack.packb(header, use_bin_type=True)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise WireError(f"{msg.TYPE} header cannot be encoded: {e}") from None
+    if len(head) > limits.max_header_bytes:
+        raise WireError(f"{msg.TYPE} header of {len(head)} bytes is over the limit of {limits.max_header_bytes}")
+    _unpack(head, limits)  # msgpack's own limits (a string over max_str), exactly as the receiver applies them
     return [head, *frames]
 
 
 # ---- decoding ------------------------------------------------------------------------------------------------------
-def _check_value(name: str, value: Any, depth: int = 0) -> None:
-    """Free-form dict fields (config, metrics, spec) may hold only plain data, a few levels deep."""
-    if depth > 6:
-        raise WireError(f"field {name!r} is nested too deeply")
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise WireError(f"field {name!r} has a non-string key")
-            _check_value(name, v, depth + 1)
-    elif isinstance(value, list):
-        for v in value:
-            _check_value(name, v, depth + 1)
-    elif not isinstance(value, _SCALAR):
-        raise WireError(f"field {name!r} holds a {type(value).__name__}, which the wire does not carry")
+def _no_ext(code: int, data: bytes) -> Any:
+    raise WireError(f"msgpack extension type {code} is not allowed")
 
 
-def _tensor_spec(i: int, spec: Any, limits: Limits) -> tuple[str, tuple[int, ...], int]:
-    """(dtype, shape, byte size) of tensor ``i`` as declared, validated; no allocation, Python ints only."""
-    if not isinstance(spec, dict):
-        raise WireError(f"tensor {i}: declaration is not a map")
+def _unpack(head: memoryview, limits: Limits) -> Any:
+    """msgpack with its own limits, so a small header cannot declare a huge string, array or map."""
+    try:
+        return msgpack.unpackb(head, raw=False, strict_map_key=True, use_list=True, ext_hook=_no_ext,
+                               max_str_len=limits.max_str, max_bin_len=0, max_ext_len=0,
+                               max_array_len=limits.max_tree_items, max_map_len=limits.max_tree_items)
+    except WireError:
+        raise
+    except Exception as e:  # msgpack raises several unrelated types (ValueError, UnicodeDecodeError, StackError...)
+        raise WireError(f"header is not msgpack within the limits ({type(e).__name__})") from None
+
+
+def _tensor_spec(i: int, spec: Any, limits: Limits) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, byte size, frame count) of tensor ``i`` as declared, validated; Python ints only."""
+    if not isinstance(spec, dict) or not spec.keys() <= _SPEC_KEYS:
+        raise WireError(f"tensor {i}: declaration must be a map of {', '.join(sorted(_SPEC_KEYS))}, "
+                        f"not {_show(spec)}")
+    k = spec.get("frames", 1)
+    if not _is_int(k) or not 1 <= k <= limits.max_chunks:
+        raise WireError(f"tensor {i}: frames must be an integer in [1, {limits.max_chunks}], not {_show(k)}")
     dtype, shape = spec.get("dtype"), spec.get("shape")
-    if dtype not in _ALLOWED:
-        raise WireError(f"tensor {i}: dtype {dtype!r} is not allowed (allowed: {', '.join(_ALLOWED)})")
-    if not isinstance(shape, list) or len(shape) > limits.max_dims or \
-            not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-        raise WireError(f"tensor {i}: shape {shape!r} is not a list of at most {limits.max_dims} sizes >= 0")
-    nbytes = math.prod(shape) * _ALLOWED[dtype]
-    if nbytes > limits.max_message_bytes:
-        raise WireError(f"tensor {i}: declared shape {shape} is {nbytes} bytes, over the limit of "
-                        f"{limits.max_message_bytes}")
-    return dtype, tuple(shape), nbytes
-
-
-def _chunk_count(i: int, spec: Any, limits: Limits) -> int:
-    """How many frames tensor ``i`` was split into (``"frames"``, default 1), validated."""
-    k = spec.get("frames", 1) if isinstance(spec, dict) else 1
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= limits.max_chunks:
-        raise WireError(f"tensor {i}: frames must be an integer in [1, {limits.max_chunks}], not {k!r}")
-    return k
+    if not isinstance(dtype, str) or dtype not in _ALLOWED:
+        raise WireError(f"tensor {i}: dtype {_show(dtype)} is not allowed (allowed: {', '.join(_ALLOWED)})")
+    if not isinstance(shape, list) or len(shape) > limits.max_dims or not all(_is_int(s) and s >= 0 for s in shape):
+        raise WireError(f"tensor {i}: shape {_show(shape)} is not a list of at most {limits.max_dims} sizes >= 0")
+    n = math.prod(shape)
+    nbytes = n * _ALLOWED[dtype]
+    # each dimension is bounded on its own, so a zero elsewhere cannot hide a huge one ([0, 2**63] has 0 elements)
+    if max(shape, default=0) > limits.max_elements or n > limits.max_elements or nbytes > limits.max_message_bytes:
+        raise WireError(f"tensor {i}: declared shape {_show(shape)} is over the limit of {limits.max_elements} "
+                        f"elements (in all and per dimension) or {limits.max_message_bytes} bytes")
+    return dtype, tuple(shape), nbytes, k
 
 
 def _join(bufs: list[memoryview], nbytes: int) -> memoryview:
@@ -359,69 +519,17 @@ def _join(bufs: list[memoryview], nbytes: int) -> memoryview:
 
 
 def _buffer(frame: Any) -> memoryview:
-    """The bytes of a received frame without copying (a zmq Frame, bytes or any buffer)."""
+    """The bytes of a received frame without copying (a zmq Frame, bytes or any contiguous buffer)."""
     buf = getattr(frame, "buffer", frame)
     try:
         return memoryview(buf).cast("B")
-    except TypeError:
-        raise WireError(f"frame of type {type(frame).__name__} is not a buffer") from None
+    except (TypeError, ValueError):
+        raise WireError(f"frame of type {type(frame).__name__} is not a contiguous buffer") from None
 
 
-def decode(frames: Sequence[Any], limits: Limits = Limits()) -> Message:
-    """Validate and decode one multipart message; tensors are views of the received frames (no copy).
-
-    Raises WireError naming the first problem found. Nothing is allocated for a tensor until its frame's length
-    has been checked against its declared shape and dtype.
-    """
-    if not frames:
-        raise WireError("empty message")
-    head = _buffer(frames[0])
-    if len(head) > limits.max_header_bytes:
-        raise WireError(f"header of {len(head)} bytes is over the limit of {limits.max_header_bytes}")
+def _tensor(kind: str, i: int, buf: memoryview, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor viewing ``buf`` (whose length was checked against dtype and shape): no copy, no per-element work."""
     try:
-        header = msgpack.unpackb(head, raw=False, strict_map_key=True, use_list=True)
-    except Exception as e:  # msgpack raises several unrelated types for malformed input
-        raise WireError(f"header is not msgpack ({type(e).__name__})") from None
-    if not isinstance(header, dict):
-        raise WireError(f"header is a {type(header).__name__}, not a map")
-    if header.get("v") != VERSION:
-        raise WireError(f"unsupported protocol version {header.get('v')!r} (this side speaks {VERSION})")
-    kind = header.get("type")
-    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
-    if cls is None:
-        raise WireError(f"unknown message type {kind!r}")
-    values: dict[str, Any] = {}
-    for name, typ in _SCHEMA[kind].items():
-        if name not in header:
-            continue  # defaults apply
-        v = header[name]
-        if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
-            raise WireError(f"{kind}: field {name!r} must be {typ.__name__}, not {type(v).__name__}")
-        if typ is dict:
-            _check_value(name, v)
-        values[name] = v
-    opaque = getattr(cls, "OPAQUE", None)
-    if opaque is not None:
-        return _decode_opaque(cls, kind, header, frames, values, limits)
-    declared = header.get("tensors", [])
-    if not isinstance(declared, list) or len(declared) > limits.max_frames:
-        raise WireError(f"{kind}: tensor declarations must be a list of at most {limits.max_frames}")
-    if len(declared) != len(cls.TENSORS):
-        raise WireError(f"{kind}: expected {len(cls.TENSORS)} tensor(s), header declares {len(declared)} and "
-                        f"{len(frames) - 1} tensor frame(s) arrived")
-    counts = [_chunk_count(i, spec, limits) for i, spec in enumerate(declared)]
-    if len(frames) - 1 != sum(counts):
-        raise WireError(f"{kind}: header declares {sum(counts)} tensor frame(s) and {len(frames) - 1} arrived")
-    first = 1
-    for i, (name, spec) in enumerate(zip(cls.TENSORS, declared)):
-        dtype, shape, nbytes = _tensor_spec(i, spec, limits)
-        bufs = [_buffer(f) for f in frames[first : first + counts[i]]]
-        first += counts[i]
-        got = sum(len(b) for b in bufs)
-        if got != nbytes or (len(bufs) > 1 and not all(len(b) for b in bufs)):
-            raise WireError(f"{kind}: tensor {i} declares {dtype}{list(shape)} = {nbytes} bytes but its "
-                            f"{'frame has' if len(bufs) == 1 else f'{len(bufs)} frames have'} {got}")
-        buf = bufs[0] if len(bufs) == 1 else _join(bufs, nbytes)
         arr = np.frombuffer(buf, dtype=_NUMPY[dtype])  # a view of the frame (or of the joined chunks): no copy
         if buf.readonly:  # bytes (tests, inproc copies): torch warns about sharing read-only memory; we never write
             with warnings.catch_warnings():
@@ -431,15 +539,71 @@ def decode(frames: Sequence[Any], limits: Limits = Limits()) -> Message:
             t = torch.from_numpy(arr)
         if dtype == "bfloat16":
             t = t.view(torch.bfloat16)
-        values[name] = t.view(shape)
+        return t.view(shape)
+    except (ValueError, TypeError, RuntimeError) as e:  # the checks above should leave nothing for these
+        raise WireError(f"{kind}: tensor {i} cannot be viewed as {dtype}{list(shape)} ({type(e).__name__})") from None
+
+
+def decode(frames: Sequence[Any], limits: Limits = Limits()) -> Message:
+    """Validate and decode one multipart message; tensors are views of the received frames (no copy).
+
+    Raises WireError naming the first problem found, and nothing else, whatever the frames hold. Every header field
+    is checked against its kind (module docstring) and nothing is allocated for a tensor until its frame's length
+    has been checked against its declared shape and dtype.
+    """
+    if not frames:
+        raise WireError("empty message")
+    head = _buffer(frames[0])
+    if len(head) > limits.max_header_bytes:
+        raise WireError(f"header of {len(head)} bytes is over the limit of {limits.max_header_bytes}")
+    header = _unpack(head, limits)
+    if not isinstance(header, dict):
+        raise WireError(f"header is a {type(header).__name__}, not a map")
+    v = header.get("v")
+    if not _is_int(v) or v != VERSION:
+        raise WireError(f"unsupported protocol version {_show(v)} (this side speaks {VERSION})")
+    kind = header.get("type")
+    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise WireError(f"unknown message type {_show(kind)}")
+    unknown = [k for k in header if k not in _KEYS[kind]]
+    if unknown:
+        raise WireError(f"{kind}: unknown header key(s) {_show(unknown)} (a new field needs a new protocol version)")
+    values = {name: header[name] for name in _SCHEMA[kind] if name in header}  # absent: the (valid) default
+    _check_fields(cls, values, limits)
+    opaque = getattr(cls, "OPAQUE", None)
+    if opaque is not None:
+        return _decode_opaque(cls, kind, header, frames, values, limits)
+    declared = header.get("tensors", [])
+    if not isinstance(declared, list) or len(declared) > limits.max_frames:
+        raise WireError(f"{kind}: tensor declarations must be a list of at most {limits.max_frames}")
+    if len(declared) != len(cls.TENSORS):
+        raise WireError(f"{kind}: expected {len(cls.TENSORS)} tensor(s), header declares {len(declared)} and "
+                        f"{len(frames) - 1} tensor frame(s) arrived")
+    specs = [_tensor_spec(i, spec, limits) for i, spec in enumerate(declared)]
+    if len(frames) - 1 != sum(s[3] for s in specs):
+        raise WireError(f"{kind}: header declares {sum(s[3] for s in specs)} tensor frame(s) and {len(frames) - 1} "
+                        f"arrived")
+    if sum(s[2] for s in specs) > limits.max_message_bytes:
+        raise WireError(f"{kind}: tensors of {sum(s[2] for s in specs)} bytes in all, over {limits.max_message_bytes}")
+    first = 1
+    for i, (name, (dtype, shape, nbytes, k)) in enumerate(zip(cls.TENSORS, specs)):
+        bufs = [_buffer(f) for f in frames[first : first + k]]
+        first += k
+        got = sum(len(b) for b in bufs)
+        if got != nbytes or (len(bufs) > 1 and not all(len(b) for b in bufs)):
+            raise WireError(f"{kind}: tensor {i} declares {dtype}{list(shape)} = {nbytes} bytes but its "
+                            f"{'frame has' if len(bufs) == 1 else f'{len(bufs)} frames have'} {got}")
+        buf = bufs[0] if len(bufs) == 1 else _join(bufs, nbytes)
+        values[name] = _tensor(kind, i, buf, dtype, shape)
     return cls(**values)
 
 
 def _decode_opaque(cls, kind: str, header: dict, frames: Sequence[Any], values: dict, limits: Limits) -> Message:
     """A message whose frames travel unparsed: check their count and sizes, hand them over as views."""
     count = header.get(cls.OPAQUE)
-    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= limits.max_frames:
-        raise WireError(f"{kind}: {cls.OPAQUE!r} must count 1..{limits.max_frames} frames, not {count!r}")
+    if not _is_int(count) or not 1 <= count <= limits.max_frames:
+        raise WireError(f"{kind}: {cls.OPAQUE!r} must count 1..{limits.max_frames} frames, not {_show(count)}")
     if header.get("tensors", []) != []:
         raise WireError(f"{kind}: carries no tensors")
     if len(frames) - 1 != count:
