@@ -4,9 +4,9 @@ Setting (issue 4): n = 100 clients, P = 10^6 parameters, 10% of the clients drop
 they advertised and shared keys, but their masked vectors never arrive, so the server must reconstruct their mask
 keys and remove their pairwise masks from each surviving neighbour (the expensive kind of dropout: Bonawitz et al.
 CCS 2017, Section 7; Bell et al. CCS 2020). SecAgg+ graph: k = 2*ceil(log2 n) neighbours, t = k/2 + 1, 16-bit
-quantisation, FedAvg weights folded into the masked vector. The word width follows from the public weight cap
-(``--max-samples``, default 500 here: every client has 50 samples): 32-bit words while n * cap * (2^15 - 1) < 2^31,
-i.e. cap <= 655 for n = 100; with fedopt's default cap of 10^6 the words are 64-bit and the bytes double.
+quantisation, FedAvg weights folded into the masked vector. The word width follows from W, the public weight cap
+(``--max-samples``, fedopt's default 10^6) lowered to the largest count the round's clients announced (50 each
+here): 32-bit words while n * W * (2^15 - 1) < 2^31, i.e. W <= 655 for n = 100.
 
 Measured, each as a median over ``--repeats`` (spreads are printed too; the machine may be shared and noisy):
 
@@ -130,13 +130,13 @@ def plain_update_bytes(P: int) -> tuple[int, str]:
         return len(head) + 4 * P, "msgpack header + float32 frame"
 
 
-def protocol_round(n: int, P: int, dropout: float, seed: int = 0, max_weight: int = 500) -> dict:
+def protocol_round(n: int, P: int, dropout: float, seed: int = 0, max_weight: int = 1_000_000) -> dict:
     """One round driven stage by stage, timing the client and server parts and counting bytes. The encoding is the
     aggregator's for a cap of ``max_weight`` (32-bit words when they cannot wrap, else 64-bit)."""
     ids = [f"client-{i:03d}" for i in range(n)]
     idents = {u: generate_identity() for u in ids}
     pinned = {u: identity_public_bytes(k) for u, k in idents.items()}
-    quant = round_encoding(SecureAggregator(clip=10.0, bits=16, max_weight=max_weight), n)
+    quant = round_encoding(SecureAggregator(clip=10.0, bits=16, max_weight=max_weight), n, {u: 50 for u in ids})
     cfg = RoundConfig.create(1, ids, quant.vector_length(P), modulus_bits=quant.modulus_bits)
     dropped = set(ids[:: max(1, round(1 / dropout))][: round(dropout * n)]) if dropout else set()
     server = ServerSession(cfg, pinned)
@@ -247,7 +247,7 @@ def main() -> None:
     ap.add_argument("--flower-p", type=int, default=None, help="Flower's P (default: --params)")
     ap.add_argument("--flower-timeout", type=float, default=900.0)
     ap.add_argument("--no-flower", action="store_true")
-    ap.add_argument("--max-samples", type=int, default=500,
+    ap.add_argument("--max-samples", type=int, default=1_000_000,
                     help="the public cap on one client's weight (the run's --max-samples); sets the word width")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for masking, encoding and unmasking (default: fedopt's, the usable CPUs up to 8)")

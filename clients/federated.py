@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import queue
 import signal
@@ -105,8 +106,9 @@ class _Trainer(threading.Thread):
 
 
 def _plain_metrics(metrics: dict) -> dict:
-    """The scalar training metrics (loss, steps, ...) that go on the wire."""
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+    """The training metrics that go on the wire: finite numbers and flags only (the wire refuses anything else)."""
+    return {k: v for k, v in metrics.items()
+            if isinstance(v, bool) or (isinstance(v, (int, float)) and math.isfinite(v) and abs(v) < 2 ** 53)}
 
 
 class FederatedClient:

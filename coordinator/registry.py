@@ -124,6 +124,10 @@ class Registry:
     def delivered(self, client: str) -> None:
         self._misses.pop(client, None)
 
+    def misses(self, client: str) -> tuple[int, int]:
+        """(consecutive misses, the round it is benched until) of ``client``."""
+        return self._misses.get(client, (0, 0))
+
     def benched(self, client: str, round: int) -> bool:
         return self._misses.get(client, (0, 0))[1] > round
 

@@ -189,7 +189,7 @@ def secure_round(coord: Coordinator, r: int, sizes: dict[str, int]) -> tuple[Rou
     agg = server.aggregator
     try:
         k, t = round_parameters(len(participants), agg.neighbours, agg.threshold)
-        quant = round_encoding(agg, len(participants))  # from the public cap, never from READY counts
+        quant = round_encoding(agg, len(participants), participants)  # W: the public cap, or the largest claim below it
         rcfg = RoundConfig.create(r, list(participants), quant.vector_length(coord.spec.size),
                                   modulus_bits=quant.modulus_bits, k=k, t=t)
     except SecAggError as e:  # e.g. fewer than 2 clients: no protocol message went out

@@ -327,6 +327,9 @@ class Coordinator:
     def _missed(self, client: str, round: int) -> None:
         self.registry.missed(client, round)
         self._failed.add(client)
+        misses, until = self.registry.misses(client)
+        if until > round:
+            log.warning("client %s missed %d rounds in a row: not selected before round %d", client, misses, until)
 
     def _forget(self, peer: bytes, reason: str) -> None:
         rec = self.registry.remove(peer)

@@ -133,9 +133,10 @@ def test_bad_input_from_a_raw_socket(tmp_path):
                     n = msg.model.numel()
                     send(*wire.encode(wire.Offer(round=msg.round, num_samples=10)))
                     send(*wire.encode(wire.UpdateMsg(round=msg.round + 5, num_samples=10, delta=torch.zeros(n))))
-                    # round 1 uploads NaN, round 2 Inf, round 3 a vector one element short
-                    pending = {1: torch.full((n,), math.nan), 2: torch.full((n,), math.inf)}.get(
-                        msg.round, torch.zeros(n - 1))
+                    # round 1 uploads a vector one element short, round 2 NaN; two rejected rounds in a row bench
+                    # the client, so it is not selected in round 3
+                    pending = {1: torch.zeros(n - 1), 2: torch.full((n,), math.nan)}.get(
+                        msg.round, torch.full((n,), math.inf))
                 elif isinstance(msg, wire.Pull):
                     send(*wire.encode(wire.UpdateMsg(round=msg.round, num_samples=10, delta=pending)))
             send(*wire.encode(wire.Heartbeat()))
@@ -152,7 +153,8 @@ def test_bad_input_from_a_raw_socket(tmp_path):
         c.stop()
     log = c.log()
     for reason in ("header is not msgpack", "unknown message type 'EXPLODE'", "frame has 12",
-                   "over the limit", "non-finite values", "late UPDATE for round 6", "wrong length"):
+                   "over the limit", "non-finite values", "late UPDATE for round 6", "wrong length",
+                   "client 2 missed 2 rounds in a row: not selected before round 4"):
         assert reason in log, reason
     assert "TRAIN" in seen and [r["round"] for r in rows] == [1, 2, 3]
     model = load_file(str(c.out / "model.safetensors"))

@@ -77,11 +77,15 @@ def round_parameters(n: int, neighbours: int | None, threshold: int | None) -> t
 
 
 
-def round_encoding(agg: "SecureAggregator", n: int) -> QuantConfig:
+def round_encoding(agg: "SecureAggregator", n: int, announced: Mapping[str, int] | None = None) -> QuantConfig:
     """The encoding of a round of ``n`` participants: 32-bit words when n * W * (2^(bits-1) - 1) cannot wrap them,
-    else 64-bit (SecAggError when neither can). Public values only (n, bits, the cap W): no client's claim moves
-    it. Shared by the in-process aggregator and the coordinator's bus driver, so both encode a round identically."""
+    else 64-bit (SecAggError when neither can). W is the public cap, lowered to the largest capped count the round's
+    participants announced (``announced``): every client clamps the weight it folds in to W, so no claim can wrap
+    the sum; a large claim can only make its round use 64-bit words. Shared by the in-process aggregator and the
+    coordinator's bus driver, so both encode a round identically."""
     max_weight = agg.max_weight if agg.weighting == "samples" else None
+    if max_weight is not None and announced:
+        max_weight = max(1, min(max_weight, max(int(v) for v in announced.values())))
     quant = QuantConfig(agg.clip, agg.bits, 32, max_weight)
     try:
         check_capacity(quant, n)
@@ -157,8 +161,8 @@ class SecureAggregator:
     def begin(self, round: int, size: int, participants: Mapping[str, int] | None = None) -> None:
         """Set up the round and run AdvertiseKeys and ShareKeys for every participant.
 
-        ``participants`` maps each planned client id to its announced num_samples (only the ids are used: the
-        encoding follows from the public cap ``max_weight``). Raises ConfigError when it is missing; a protocol
+        ``participants`` maps each planned client id to its announced num_samples (the encoding's W is the public
+        cap ``max_weight``, lowered to the largest of these; see :func:`round_encoding`). Raises ConfigError when it is missing; a protocol
         failure aborts the round (logged, and :meth:`result` returns None).
         """
         self._reset()
@@ -169,7 +173,7 @@ class SecureAggregator:
         self.last_round = {"round": round, "participants": len(ids)}
         try:
             k, t = round_parameters(len(ids), self.neighbours, self.threshold)
-            quant = self._quant = round_encoding(self, len(ids))
+            quant = self._quant = round_encoding(self, len(ids), participants)
             cfg = RoundConfig.create(round, ids, quant.vector_length(size), modulus_bits=quant.modulus_bits, k=k, t=t)
             for c in ids:
                 self._enrol(c)
