@@ -57,7 +57,7 @@ class SyncRounds:
         if not base < rnd <= base + 2:  # the round being run, or the next
             raise WireError(f"D-PSGD push from {addr} for round {rnd}, outside rounds {base + 1}-{base + 2}")
         with self.state.lock:
-            self.state.screen(model)
+            model, _ = self.state.screen(model)  # refused when far off, clipped towards this peer's model
         self.missing.discard(addr)
         self.inbox.setdefault(rnd, {})[self.members.index(addr)] = model.clone()
         if self.sync is not None:

@@ -21,9 +21,12 @@ Zero trust. Every number in a neighbour's message is a claim, so none sets this 
 * *versions* advance by at most ``max_jump`` per exchange: a peer claiming version 10**9 moves this clock by
   ``max_jump``, and nothing is ever adopted wholesale because of a version;
 * *models* are screened (:meth:`ModelState.screen`) before they are mixed: finite, ``||x|| <= norm_factor`` times this
-  peer's own norm, and ``||x - own|| <= dist_factor`` times the swarm's recent motion (the largest distance of the
-  last accepted mixes and of this peer's own last local rounds: honest peers drift apart by about one round of
-  training between exchanges, and a model far outside that is refused);
+  peer's own norm, and ``||x - own|| <= dist_factor`` times the swarm's recent motion ``tau`` (the largest of the last
+  accepted mixes' distances and of this peer's own last local-round steps: honest peers drift apart by about one
+  round of training between exchanges), or refused; and a model within that is *clipped*: ``x - own`` is shortened
+  to at most ``clip_factor * tau`` (centered clipping, as in ClippedGossip: He, Karimireddy & Jaggi, "Byzantine-robust
+  decentralized learning via ClippedGossip", 2022), so one exchange moves this peer no further than an honest one
+  would, whatever the sender chose. Only the clipped length enters the recent motion, so a liar cannot inflate it;
 * *weights* (sample counts) are clamped to ``[1, max_weight_ratio * own]``, so one mix moves this peer at most
   ``max_weight_ratio / (1 + max_weight_ratio)`` of the way (0.8 by default); shards within that ratio of each other
   keep the weighted sum exactly;
@@ -51,7 +54,8 @@ class Bounds:
 
     max_jump: int = 2  # versions (training rounds) one exchange may advance this peer's clock by
     norm_factor: float = 3.0  # ||received|| <= this x max(own norm, norm_floor)
-    dist_factor: float = 4.0  # ||received - own|| <= this x the swarm's recent motion
+    dist_factor: float = 8.0  # ||received - own|| <= this x the swarm's recent motion, or refused
+    clip_factor: float = 1.0  # ... and clipped to this x the recent motion
     max_weight_ratio: float = 4.0  # a neighbour's sample count is clamped to [1, this x own]
     norm_floor: float = 1e-3  # a reference norm for an all-zero model
     warmup: int = 2  # motions known before the distance bound applies (until then only the norm bound does)
@@ -59,7 +63,7 @@ class Bounds:
     def __post_init__(self) -> None:
         if self.max_jump < 0:
             raise ValueError(f"max_jump must be >= 0, not {self.max_jump}")
-        for name in ("norm_factor", "dist_factor", "max_weight_ratio"):
+        for name in ("norm_factor", "dist_factor", "clip_factor", "max_weight_ratio"):
             if not 1 <= getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be a number >= 1, not {getattr(self, name)!r}")
 
@@ -86,7 +90,8 @@ class ModelState:
         self.version = int(version)
         self.max_lag = int(max_lag)
         self.bounds = bounds
-        self.motion: deque[float] = deque(maxlen=32)  # recent accepted distances and own local-round steps
+        self.motion: deque[float] = deque(maxlen=16)  # recent accepted (clipped) distances
+        self.steps: deque[float] = deque(maxlen=4)  # this peer's own last local-round steps ||delta||
 
     @property
     def size(self) -> int:
@@ -102,8 +107,15 @@ class ModelState:
             raise WireError("model holds non-finite values (NaN or Inf)")
         return other
 
-    def screen(self, other: torch.Tensor, against: torch.Tensor | None = None, motion: bool = True) -> float:
-        """Check a received model against this peer's (or ``against``) before mixing; returns ``||other - ref||``.
+    def tau(self) -> float | None:
+        """The swarm's recent motion (see the module docstring); None until ``warmup`` values are known."""
+        known = [*self.motion, *self.steps]
+        return max(known) if len(known) >= self.bounds.warmup else None
+
+    def screen(self, other: torch.Tensor, against: torch.Tensor | None = None,
+               motion: bool = True) -> tuple[torch.Tensor, float]:
+        """Check a received model against this peer's (or ``against``) before mixing: (the model as it may be mixed,
+        clipped towards ``against`` when ``motion``, and its distance before clipping).
 
         Raises WireError when it is not finite, of the wrong shape, too large, or (``motion``) too far away.
         Call with ``lock`` held."""
@@ -114,13 +126,17 @@ class ModelState:
         norm = float(torch.linalg.vector_norm(other))
         if not norm <= b.norm_factor * own:  # also catches an overflow to inf in the norm itself
             raise WireError(f"model norm {norm:.4g} is over {b.norm_factor:g}x this peer's {own:.4g}")
-        dist = float(torch.linalg.vector_norm(other - ref))
-        if motion and len(self.motion) >= b.warmup:
-            limit = b.dist_factor * max(max(self.motion), b.norm_floor * own)
-            if not dist <= limit:
+        diff = other - ref
+        dist = float(torch.linalg.vector_norm(diff))
+        tau = self.tau() if motion else None
+        if tau is not None:
+            tau = max(tau, b.norm_floor * own)
+            if not dist <= b.dist_factor * tau:
                 raise WireError(f"model is {dist:.4g} away, over {b.dist_factor:g}x the swarm's recent motion "
-                                f"({limit / b.dist_factor:.4g})")
-        return dist
+                                f"({tau:.4g})")
+            if dist > b.clip_factor * tau:
+                other = ref + diff * (b.clip_factor * tau / dist)
+        return other, dist
 
     def weight(self, n_other: int) -> float:
         """The other side's share in a mix, its sample count clamped to ``[1, max_weight_ratio * own]``."""
@@ -143,7 +159,7 @@ class ModelState:
             self.vec += delta
             step = float(torch.linalg.vector_norm(delta))
             if math.isfinite(step):
-                self.motion.append(step)
+                self.steps.append(step)
             self.version = self.version + 1 if round is None else max(self.version, int(round))
             return self.version
 
@@ -158,9 +174,9 @@ class ModelState:
             if self._stale(v_other):
                 dist = float(torch.linalg.vector_norm(before - self.check(other)))
                 return before, v_before, MixOutcome("kept", dist, self.version)
-            dist = self.screen(other)
-            self.vec.add_(other.to(self.vec.dtype) - before, alpha=self.weight(n_other))
-            self.motion.append(dist)
+            other, dist = self.screen(other)
+            self.vec.add_(other - before, alpha=self.weight(n_other))
+            self.motion.append(float(torch.linalg.vector_norm(other - before)))
             self.version = self._advance(v_other)
             return before, v_before, MixOutcome("mixed", dist, self.version)
 
@@ -171,9 +187,9 @@ class ModelState:
         with self.lock:
             if v_other < v_sent - self.max_lag:
                 return MixOutcome("kept", float(torch.linalg.vector_norm(sent - self.check(other))), self.version)
-            dist = self.screen(other, against=sent)
-            self.vec.add_(other.to(self.vec.dtype) - sent, alpha=self.weight(n_other))
-            self.motion.append(dist)
+            other, dist = self.screen(other, against=sent)
+            self.vec.add_(other - sent, alpha=self.weight(n_other))
+            self.motion.append(float(torch.linalg.vector_norm(other - sent)))
             self.version = self._advance(v_other)
             return MixOutcome("mixed", dist, self.version)
 
@@ -183,8 +199,8 @@ class ModelState:
             dist = float(torch.linalg.vector_norm(self.vec - self.check(other)))
             if v_other <= self.version:
                 return MixOutcome("kept", dist, self.version)
-            self.screen(other, motion=False)
-            self.vec.add_(other.to(self.vec.dtype) - self.vec, alpha=self.weight(n_other))
+            other, _ = self.screen(other, motion=False)
+            self.vec.add_(other - self.vec, alpha=self.weight(n_other))
             self.version = self._advance(v_other)
             return MixOutcome("mixed", dist, self.version)
 

@@ -17,7 +17,7 @@ from fedopt.errors import WireError
 
 
 #: bounds loose enough for the hand-made vectors of the math tests (zeros, far-apart constants)
-LOOSE = Bounds(norm_factor=1e9, dist_factor=1e9, max_weight_ratio=1e9)
+LOOSE = Bounds(norm_factor=1e9, dist_factor=1e9, clip_factor=1e9, max_weight_ratio=1e9)
 
 
 # ---- ModelState -----------------------------------------------------------------------------------------------------
