@@ -9,8 +9,9 @@ from for ``peer_timeout``; a peer whose exchange timed out is dropped at once an
 
 Bounds (any neighbour may lie): a message contributes at most ``RUMOURS_PER_MESSAGE`` new addresses; the table holds
 at most ``max_known`` peers (a rumour that finds it full replaces a random unverified entry, never a met one), and
-tombstones at most as many; a partner is drawn from met peers, and an unverified one (seed or rumour) only with
-probability ``explore`` or when no met peer is alive. So a message listing 20,000 dead addresses costs O(1) work and
+tombstones at most as many; a partner is drawn from met peers, and an unverified one (seed or rumour) only when no
+met peer is alive, or with probability ``explore`` at most once per ``explore_every`` seconds (``peer_timeout`` by
+default), preferring one that contacted this peer itself over one only rumoured. So a message listing 20,000 dead addresses costs O(1) work and
 at most a few timed-out exchanges. Used only by the socket thread; nothing here is locked.
 """
 
@@ -36,9 +37,12 @@ def valid_address(addr: object) -> bool:
 
 class Membership:
     def __init__(self, address: str, seeds: list[str], peer_timeout: float, max_known: int = 64,
-                 explore: float = 0.2, rng: random.Random | None = None) -> None:
+                 explore: float = 0.2, explore_every: float | None = None, rng: random.Random | None = None) -> None:
         self.address, self.peer_timeout = address, peer_timeout
         self.max_known, self.explore = max_known, explore
+        self.explore_every = peer_timeout if explore_every is None else explore_every
+        self.contacted: set[str] = set()  # unverified peers whose own messages named them (not only rumours)
+        self.explored = -math.inf  # when an unverified peer was last picked while met ones were alive
         self.rng = rng or random.Random()
         self.seeds = [s for s in seeds if s != address][:max_known]
         self.live: Liveness[str] = Liveness(peer_timeout, 1)
@@ -74,9 +78,12 @@ class Membership:
         now = time.monotonic()
         met = [p for p in found if self._met(p, now)]
         other = [p for p in found if not self._met(p, now)]
-        if met and (not other or self.rng.random() >= self.explore):
+        if met and (not other or now - self.explored < self.explore_every or self.rng.random() >= self.explore):
             return self.rng.choice(met)
-        return self.rng.choice(other)
+        if met:
+            self.explored = now
+        first = [p for p in other if p in self.contacted]
+        return self.rng.choice(first or other)
 
     def heard(self, addr: str, direct: bool = True) -> None:
         if not valid_address(addr) or addr == self.address:
@@ -115,6 +122,7 @@ class Membership:
         victim = self.rng.choice(unverified)
         self.live.forget(victim)
         self.direct.pop(victim, None)
+        self.contacted.discard(victim)
         return True
 
     def heard_inbound(self, addr: str) -> None:
@@ -125,9 +133,12 @@ class Membership:
             self.heard(addr)
         else:
             self.heard(addr, direct=False)
+            if addr in self.live:
+                self.contacted.add(addr)
 
     def drop(self, addr: str) -> None:
         self.live.forget(addr)
+        self.contacted.discard(addr)
         self.direct.pop(addr, None)
         if len(self.tombstones) >= self.max_known:  # the oldest tombstone goes first
             del self.tombstones[min(self.tombstones, key=self.tombstones.__getitem__)]
@@ -149,6 +160,7 @@ class Membership:
         # a peer forgotten by drop() keeps a 'direct' entry no longer; entries of forgotten peers go too
         for addr in [a for a in self.direct if a not in self.live]:
             del self.direct[addr]
+        self.contacted &= set(self.live._last)
         return gone
 
 

@@ -159,19 +159,19 @@ def test_churn_kill_join_restart_and_bad_input(tmp_path):
 
     try:
         for i in range(n):
-            start(i)
+            start(i, "--linger", "8")  # survivors stay while anyone still talks to them, however slow it starts
         wait_for(lambda: len(rows(dirs[0])) >= 3 and len(rows(dirs[3])) >= 2, 90, "round 3")
         for i in (3, 4):  # kill -9 two peers mid-run
             os.killpg(procs[i].pid, signal.SIGKILL)
             procs[i].wait(timeout=10)
         wait_for(lambda: len(rows(dirs[0])) >= 5, 60, "round 5")
+        start(5, "--rounds", "5", "--join-wait", "15")  # a newcomer joins (it trains 5 rounds of its own)
+        start(3, "--resume", "--join-wait", "15")  # a killed peer restarts from its (now stale) checkpoint
         ctx = zmq.Context()
         try:
             _battery(ctx, urls[1], dirs[1])  # malformed messages and bad models aimed at a survivor
         finally:
             ctx.destroy(0)
-        start(5, "--rounds", "5")  # a newcomer joins (it trains 5 rounds of its own)
-        start(3, "--resume")  # a killed peer restarts from its (now stale) checkpoint
         wait_for(lambda: all(procs[i].poll() is not None for i in (0, 1, 2, 3, 5)), 120, "the peers to finish")
     finally:
         stop_processes(started)

@@ -148,13 +148,16 @@ def _exchange(sock: zmq.Socket, make_push, addr: str = ATTACKER, tries: float = 
     return None
 
 
-def _keep_attacking(ctx, urls, run, make_push, per_peer: int = 4) -> None:
-    """Up to ``per_peer`` attack exchanges with every honest peer, spread over the run."""
+def _keep_attacking(ctx, urls, run, make_push, pause: float = 0.3) -> None:
+    """Attack exchanges with every honest peer in turn until every one has trained its last round (so the last
+    rounds, whose models are recorded, are attacked too)."""
     socks = [_dealer(ctx, u) for u in urls[:N]]
     done = 0
-    for _ in range(per_peer):
+    end = time.monotonic() + 120
+    while time.monotonic() < end and not all(len(run.rows(i)) >= ROUNDS for i in range(N)):
         for s in socks:
-            done += _exchange(s, make_push, tries=5.0) is not None
+            done += _exchange(s, make_push, tries=2.0) is not None
+        time.sleep(pause)
     run.attack["exchanges"] = done
     for s in socks:
         s.close(0)
@@ -246,7 +249,7 @@ def test_a_push_listing_20000_dead_addresses_costs_o1(tmp_path, control):
     def attack(ctx, urls, run, _keys):
         dead = {f"ipc://{tmp_path}/dead-{i}.sock": 1 for i in range(20_000)}
         _keep_attacking(ctx, urls, run, lambda r: dict(version=r.version, num_samples=10, model=r.model.clone(),
-                                                       peers=dead), per_peer=1)
+                                                       peers=dead), pause=1.0)
 
     run = swarm(tmp_path, attack)
     _assert_honest(run, control)
