@@ -9,8 +9,8 @@ from for ``peer_timeout``; a peer whose exchange timed out is dropped at once an
 
 Bounds (any neighbour may lie): a message contributes at most ``RUMOURS_PER_MESSAGE`` new addresses; the table holds
 at most ``max_known`` peers (a rumour that finds it full replaces a random unverified entry, never a met one), and
-tombstones at most as many; a partner is drawn from met peers, and an unverified one (seed or rumour) only when no
-met peer is alive, or with probability ``explore`` at most once per ``explore_every`` seconds (``peer_timeout`` by
+tombstones at most as many; a partner is drawn from met peers and peers *vouched for* (named in the rumours of a met
+peer: it passes on only peers it met itself), and an unverified one (seed or other rumour) only when none is alive, or with probability ``explore`` at most once per ``explore_every`` seconds (``peer_timeout`` by
 default), preferring one that contacted this peer itself over one only rumoured. So a message listing 20,000 dead addresses costs O(1) work and
 at most a few timed-out exchanges. Used only by the socket thread; nothing here is locked.
 """
@@ -42,6 +42,7 @@ class Membership:
         self.max_known, self.explore = max_known, explore
         self.explore_every = peer_timeout if explore_every is None else explore_every
         self.contacted: set[str] = set()  # unverified peers whose own messages named them (not only rumours)
+        self.vouched: set[str] = set()  # unverified peers named in a met peer's rumours
         self.explored = -math.inf  # when an unverified peer was last picked while met ones were alive
         self.rng = rng or random.Random()
         self.seeds = [s for s in seeds if s != address][:max_known]
@@ -76,8 +77,8 @@ class Membership:
         if not found:
             return None
         now = time.monotonic()
-        met = [p for p in found if self._met(p, now)]
-        other = [p for p in found if not self._met(p, now)]
+        met = [p for p in found if self._met(p, now) or p in self.vouched]
+        other = [p for p in found if not (self._met(p, now) or p in self.vouched)]
         if met and (not other or now - self.explored < self.explore_every or self.rng.random() >= self.explore):
             return self.rng.choice(met)
         if met:
@@ -98,8 +99,9 @@ class Membership:
         elif addr not in self.live and self.tombstones.get(addr, 0) < now and self._make_room(now):
             self.live.heard(addr)  # a rumour adds a peer we do not know; it never refreshes one we do
 
-    def rumours(self, peers: object) -> int:
-        """Take at most ``RUMOURS_PER_MESSAGE`` new addresses from a message's ``peers`` map; returns how many."""
+    def rumours(self, peers: object, vouched: bool = False) -> int:
+        """Take at most ``RUMOURS_PER_MESSAGE`` new addresses from a message's ``peers`` map; returns how many.
+        ``vouched``: the map came from a met peer (a reply on a socket this peer dialled)."""
         if not isinstance(peers, dict):
             return 0
         taken = 0
@@ -110,6 +112,8 @@ class Membership:
                 before = len(self.live)
                 self.heard(addr, direct=False)
                 taken += len(self.live) > before
+                if vouched and addr in self.live:
+                    self.vouched.add(addr)
         return taken
 
     def _make_room(self, now: float, for_direct: bool = False) -> bool:
@@ -123,6 +127,7 @@ class Membership:
         self.live.forget(victim)
         self.direct.pop(victim, None)
         self.contacted.discard(victim)
+        self.vouched.discard(victim)
         return True
 
     def heard_inbound(self, addr: str) -> None:
@@ -139,6 +144,7 @@ class Membership:
     def drop(self, addr: str) -> None:
         self.live.forget(addr)
         self.contacted.discard(addr)
+        self.vouched.discard(addr)
         self.direct.pop(addr, None)
         if len(self.tombstones) >= self.max_known:  # the oldest tombstone goes first
             del self.tombstones[min(self.tombstones, key=self.tombstones.__getitem__)]
@@ -161,6 +167,7 @@ class Membership:
         for addr in [a for a in self.direct if a not in self.live]:
             del self.direct[addr]
         self.contacted &= set(self.live._last)
+        self.vouched &= set(self.live._last)
         return gone
 
 

@@ -512,7 +512,7 @@ class PeerSockets(SyncRounds):
                 with self.state.lock:
                     self.state.screen(msg.model, motion=False)
                 p.fetched.append((dialled, msg.model.clone(), msg.version, msg.num_samples))
-                self.members_view.rumours(msg.peers)
+                self.members_view.rumours(msg.peers, vouched=True)
                 if len(p.fetched) >= self.fetch_quorum:
                     self._conclude_fetch(p)
                 else:
@@ -552,7 +552,7 @@ class PeerSockets(SyncRounds):
         Raises WireError (nothing mixed, nothing sent) when the model fails the state's screen."""
         model = self.state.check(msg.model)
         before, v_before, outcome = self.state.accept_push(model.clone(), msg.num_samples, msg.version)
-        self.members_view.rumours(msg.peers)
+        self.members_view.rumours(msg.peers, vouched=True)  # a reply on the DEALER this peer dialled: a met peer
         ep.send(wire.GossipPush(round=rnd, xid=xid, version=v_before, num_samples=self.state.num_samples,
                                 addr=self.address, peers=self.members_view.rumour(), model=before,
                                 sender=self.address))
