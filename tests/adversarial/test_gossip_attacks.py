@@ -228,16 +228,15 @@ def test_non_finite_and_overflowing_models_are_refused(tmp_path, control):
 
 
 def test_an_absurd_sample_count_does_not_buy_the_swarm(tmp_path, control):
-    """An untrained model pushed with 2**62 samples: weights are clamped and far models refused."""
-    from clients.runner import LocalTrainer
-    from fedopt.task import resolve_task
-
-    torch.manual_seed(3)  # the peers' seed: the swarm's initial model
-    trainer = LocalTrainer(resolve_task("digits", {}), None, torch.device("cpu"))
-    init = trainer.spec.flatten(trainer.model).detach()
+    """The peer's own model with its output bias pushed 20 towards class 0 (a model that answers 0 to everything),
+    claimed with 2**62 samples: weights are clamped, and far models refused or clipped."""
+    def poisoned(reply):
+        model = reply.model.clone()
+        model[-10] += 20.0  # the last layer's bias comes last in the flat vector
+        return dict(version=reply.version, num_samples=2**62, model=model)
 
     def attack(ctx, urls, run, _keys):
-        _keep_attacking(ctx, urls, run, lambda r: dict(version=r.version, num_samples=2**62, model=init.clone()))
+        _keep_attacking(ctx, urls, run, poisoned, pause=0.02)
 
     run = swarm(tmp_path, attack, start_after=2)
     _assert_honest(run, control)
@@ -258,8 +257,12 @@ def test_a_push_listing_20000_dead_addresses_costs_o1(tmp_path, control):
         done = sum(r["exchanges_done"] for r in run.rows(i)[1:])
         slots = sum(r["slots"] for r in run.rows(i)[1:])
         clean = sum(r["exchanges_done"] for r in control.rows(i)[1:])
-        print(f"peer {i}: {done}/{slots} slots completed (control {clean})")
+        # while met peers are alive, a rumoured address is dialled at most once per --peer-timeout (4 s here)
+        dead = sum("dead-" in line and "timed out" in line for line in run.log(i).splitlines())
+        span = run.rows(i)[-1]["time"] - run.rows(i)[0]["time"] + 8.0  # the run, its start-up and linger
+        print(f"peer {i}: {done}/{slots} slots completed (control {clean}); {dead} dead addresses dialled")
         assert done >= 0.5 * clean, (i, done, clean)
+        assert dead <= 1 + span / 4, (i, dead, span)
 
 
 @pytest.mark.timeout(420)
