@@ -37,7 +37,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, table  # noqa: E402
 
-from clients.gossip_state import ModelState, consensus_distance  # noqa: E402
+from clients.gossip_state import Bounds, ModelState, consensus_distance  # noqa: E402
+
+#: the mixing math alone: a swarm of honest peers, no clipping or clamping in the way of the rate being measured
+HONEST = Bounds(norm_factor=1e9, dist_factor=1e9, clip_factor=1e9, max_weight_ratio=1e9)
 
 
 # ---- (a) consensus rate ---------------------------------------------------------------------------------------------
@@ -47,7 +50,7 @@ def measured_rate(n: int, exchanges: int, trials: int, seed: int = 0) -> float:
     rng = random.Random(seed)
     ratios = []
     for _ in range(trials):
-        states = [ModelState(torch.randn(64, generator=g, dtype=torch.float64), 1) for _ in range(n)]
+        states = [ModelState(torch.randn(64, generator=g, dtype=torch.float64), 1, bounds=HONEST) for _ in range(n)]
         d0 = consensus_distance([s.vec for s in states]) ** 2
         for _ in range(exchanges):
             i, j = rng.sample(range(n), 2)

@@ -95,15 +95,26 @@ class GossipPeer:
             raise FedoptError("the process that started this peer has already exited")
 
     def serve(self) -> int:
+        """Train and serve; 0 on success. When the socket thread dies, this logs one line and returns 1: the training
+        thread's next request is answered ``stopped`` at once, so it ends and closes its pipe, and the context ends."""
         worker = threading.Thread(target=self._train_guarded, name="fedopt-gossip-trainer", daemon=True)
         worker.start()
+        broken = None
         try:
             self.sockets.serve()
+        except Exception as e:  # the sockets are closed already (serve's finally); say so once and stop
+            broken = e
+            log.error("the socket thread failed (%s: %s): stopping this peer", type(e).__name__, e)
         finally:
             worker.join(timeout=30)
             if self.auth is not None:
                 self.auth.stop()
+            if worker.is_alive():  # still training: its pipe is open, and ctx.term() would wait for it forever
+                log.error("the training thread did not stop within 30 s: exiting without closing the context")
+                return 1
             self.ctx.term()
+        if broken is not None:
+            return 1
         if self.failure is not None:
             raise self.failure
         return 0
@@ -111,6 +122,8 @@ class GossipPeer:
     def _train_guarded(self) -> None:
         try:
             self._train()
+        except _SocketsStopped:
+            pass  # serve() has said why already
         except BaseException as e:  # surfaced by serve(); the socket thread must still stop
             log.exception("the training thread failed")
             self.failure = e
@@ -125,9 +138,9 @@ class GossipPeer:
                         resume_after=self.start_round if self.start_round else None, plot=a.plot)
         try:
             if not a.topology:  # a newcomer (or a restarted peer) pulls the swarm's model before training
-                got = self.sockets.submit(Request("fetch", budget=a.join_wait))
-                if got.get("action") == "adopted":
-                    log.info("joined: adopted version %d from %s", got["version"], got["peer"])
+                got = self._submit(Request("fetch", budget=a.join_wait))
+                if got.get("action") in ("adopted", "mixed"):
+                    log.info("joined: %s version %d from %s", got["action"], got["version"], got["peer"])
             self._counters = self._open_round(self.start_round + 1)
             for r in range(self.start_round + 1, a.rounds + 1):
                 out.round_done(self._round(r))
@@ -154,12 +167,12 @@ class GossipPeer:
         self.state.add_progress(update.delta, r)
         slots = self._slots(r)
         if a.topology:
-            got = self.sockets.submit(Request("sync", r, budget=a.exchange_timeout))
+            got = self._submit(Request("sync", r, budget=a.exchange_timeout))
         else:
             # several pairwise mixes between local epochs (the last round adds --final-mixes): with one per round the
             # peers' models drift apart on non-IID shards faster than one random pair can pull them together
             kinds = ["push"] * a.exchanges + ["final"] * (slots - a.exchanges)
-            results = [self.sockets.submit(Request(k, r, budget=3 * a.exchange_timeout)) for k in kinds]
+            results = [self._submit(Request(k, r, budget=3 * a.exchange_timeout)) for k in kinds]
             got = {"status": "ok" if any(x.get("status") == "ok" for x in results) else results[-1].get("status"),
                    "done": sum(x.get("status") == "ok" for x in results)}
         vec, version = self.state.snapshot()
@@ -186,15 +199,25 @@ class GossipPeer:
             "models_moved": self._counters[2] - models,  # model messages sent + received in that window
         }
 
+    def _submit(self, req: Request) -> dict:
+        got = self.sockets.submit(req)
+        if got.get("status") == "stopped":
+            raise _SocketsStopped()
+        return got
+
     def _slots(self, r: int) -> int:
         a = self.args
         return 1 if a.topology else a.exchanges + (a.final_mixes if r == a.rounds else 0)
 
     def _open_round(self, r: int) -> tuple[int, int]:
         """Start round ``r``'s budget in the socket thread; returns its counters (bytes in, bytes out, models)."""
-        got = self.sockets.submit(Request("round", r, budget=1.0, slots=self._slots(r)))
+        got = self._submit(Request("round", r, budget=1.0, slots=self._slots(r)))
         return (got.get("bytes_in", self.sockets.bytes_in), got.get("bytes_out", self.sockets.bytes_out),
                 got.get("models", self.sockets.stats["models"]))
+
+
+class _SocketsStopped(FedoptError):
+    """The socket thread has ended: the training thread stops too."""
 
 
 def _swarm_secret(args: argparse.Namespace) -> bytes:

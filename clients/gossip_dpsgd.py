@@ -3,7 +3,13 @@ algorithms?", NeurIPS 2017), the socket-thread half: a mixin of :class:`clients.
 
 In round ``t`` each peer sends its model to its graph neighbours, waits for theirs (or the deadline: a missing
 neighbour's weight goes to itself and it is not waited for again until it is heard from), and mixes with
-Metropolis-Hastings weights (:mod:`clients.topology`). Pushes of a later round are kept until that round starts.
+Metropolis-Hastings weights (:mod:`clients.topology`).
+
+Bounds: a push counts only from a graph neighbour (its address bound to its key over CurveZMQ, see
+:mod:`clients.gossip_peer`), only for the round being run or the next one, and only its last copy: the inbox holds at
+most ``2 * degree`` models whatever neighbours send. Each model is screened (finite, norm and distance bounds of
+:meth:`~clients.gossip_state.ModelState.screen`) before it is stored. A push for any other round is dropped and does
+not count as hearing from that neighbour.
 """
 
 from __future__ import annotations
@@ -45,11 +51,15 @@ class SyncRounds:
         self._check_sync()
 
     def _on_sync_push(self, addr: str, rnd: int, model: torch.Tensor) -> None:
-        if addr not in self.members or addr == self.address:
-            raise WireError(f"D-PSGD push from {addr!r}, which is not a member of this topology")
+        if addr not in self.graph:
+            raise WireError(f"D-PSGD push from {addr!r}, which is not a neighbour of this peer in the topology")
+        base = max(self.sync_done, self.round_open - 1)  # a resumed peer starts past round 1
+        if not base < rnd <= base + 2:  # the round being run, or the next
+            raise WireError(f"D-PSGD push from {addr} for round {rnd}, outside rounds {base + 1}-{base + 2}")
+        with self.state.lock:
+            model, _ = self.state.screen(model)  # refused when far off, clipped towards this peer's model
         self.missing.discard(addr)
-        if rnd > self.sync_done:
-            self.inbox.setdefault(rnd, {})[self.members.index(addr)] = model.clone()
+        self.inbox.setdefault(rnd, {})[self.members.index(addr)] = model.clone()
         if self.sync is not None:
             self._check_sync()
 
@@ -66,6 +76,7 @@ class SyncRounds:
         mixed = mix_row(self.rank, s["vec"], got, self.row)
         with self.state.lock:
             self.state.vec.copy_(mixed)  # a mix adds no training: the version (a training clock) stays
+            self.state.motion.extend(float(torch.linalg.vector_norm(s["vec"] - v)) for v in got.values())
         self.inbox = {r: v for r, v in self.inbox.items() if r > rnd}
         self.sync_done = rnd
         self.sync = None

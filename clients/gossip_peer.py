@@ -34,6 +34,15 @@ come, fit the budget; so the busiest node moves at most 4 models per slot whatev
 about 3% of a 19 KB model). A fetch (a newcomer's or restarted peer's pull: one model, once per join) is always
 answered and falls outside the budget. After training a lingering peer accepts freely. D-PSGD is not budgeted (degree-bound).
 
+Zero trust. Every message is validated before use and a handler that fails (any exception) drops its message with
+one log line; the loop goes on. Over CurveZMQ an inbound message's sender is the key that authenticated its
+connection (the ZAP User-Id), and a claimed ``addr`` belongs to the key that first announced it
+(:class:`~clients.gossip_members.AddressKeys`); without keys claims are unauthenticated. Models are screened and
+weights, versions and rumours bounded (:mod:`clients.gossip_state`, :mod:`clients.gossip_members`) only once the whole
+message is valid. A fetch collects up to ``fetch_quorum`` neighbours' models and takes their coordinate-wise median.
+If this thread dies anyway, it closes its sockets and :meth:`PeerSockets.submit` answers ``stopped`` at once, so the
+training thread ends instead of waiting.
+
 Synchronous D-PSGD (``--topology``) lives in :mod:`clients.gossip_dpsgd`; membership in :mod:`clients.gossip_members`.
 """
 
@@ -53,7 +62,7 @@ from fedopt import bus, wire
 from fedopt.errors import WireError
 
 from .gossip_dpsgd import SyncRounds
-from .gossip_members import Membership
+from .gossip_members import AddressKeys, Membership
 from .gossip_state import ModelState
 
 __all__ = ["Request", "PeerSockets"]
@@ -84,6 +93,8 @@ class _Pending:
     deadline: float = 0.0  # this attempt's deadline
     retry_at: float | None = None  # when to pick again after BUSY / nobody to ask
     busy: int = 0  # BUSY answers so far
+    asked: set = field(default_factory=set)  # a fetch's peers asked so far
+    fetched: list = field(default_factory=list)  # a fetch's replies: (peer, model, version, num_samples)
 
 
 class PeerSockets(SyncRounds):
@@ -91,13 +102,17 @@ class PeerSockets(SyncRounds):
                  client: bus.Security, seeds: list[str], *, exchange_timeout: float = 3.0, peer_timeout: float = 15.0,
                  max_accept: int = 1, linger: float = 2.0, members: list[str] | None = None,
                  topology: str | None = None, beacon=None, exit_with_parent: int | None = None,
-                 max_tries: int = 6) -> None:
+                 max_tries: int = 6, fetch_quorum: int = 3) -> None:
         self.ctx, self.address, self.state = ctx, address, state
         self.client_sec = client
         self.exchange_timeout, self.peer_timeout = exchange_timeout, peer_timeout
         self.max_accept, self.linger, self.beacon = max_accept, linger, beacon
         self.exit_with_parent = exit_with_parent
         self.max_tries = max_tries  # BUSY answers after which an exchange slot gives up (refusals cost bytes too)
+        self.fetch_quorum = fetch_quorum  # neighbours a fetch asks before it combines their models
+        self.keys = AddressKeys()
+        self.stopped = threading.Event()  # set when this thread's loop has ended (and its sockets are closed)
+        self.round_open = 0  # the training round the training thread opened last
         self.requests: queue.Queue[Request] = queue.Queue()
         self.router = bus.Endpoint(bus.router(ctx, bind, server))
         self.pipe = ctx.socket(zmq.PAIR)
@@ -126,7 +141,7 @@ class PeerSockets(SyncRounds):
         self.finishing = False  # in the final mixes: training is over, the model is not recorded yet
         self.last_inbound = time.monotonic()
         self.stats = {"exchanges": 0, "accepted": 0, "busy_sent": 0, "busy_got": 0, "timeouts": 0, "refused": 0,
-                      "late": 0, "models": 0, "distances": []}  # models: model messages sent + received
+                      "late": 0, "models": 0, "failed": 0, "distances": []}  # models: model messages sent + received
         self._retired_in = self._retired_out = 0
         self._xid = random.getrandbits(31)
         self._poke: zmq.Socket | None = None
@@ -145,18 +160,30 @@ class PeerSockets(SyncRounds):
         return self.members_view.live_peers()
 
     def submit(self, req: Request) -> dict:
-        """Called from the training thread: hand ``req`` to the socket thread and wait for its result."""
+        """Called from the training thread: hand ``req`` to the socket thread and wait for its result.
+
+        Never raises: ``{"status": "stopped"}`` once the socket thread has ended, ``{"status": "lost"}`` when no
+        answer came within the request's budget (plus a margin)."""
+        if self.stopped.is_set():
+            return {"status": "stopped"}
         self.requests.put(req)
-        if self._poke is None:  # the calling thread's end of the pipe, made (and later closed) in that thread
-            self._poke = self.ctx.socket(zmq.PAIR)
-            self._poke.setsockopt(zmq.LINGER, 0)
-            self._poke.connect(self.pipe_url)
         try:
+            if self._poke is None:  # the calling thread's end of the pipe, made (and later closed) in that thread
+                self._poke = self.ctx.socket(zmq.PAIR)
+                self._poke.setsockopt(zmq.LINGER, 0)
+                self._poke.connect(self.pipe_url)
             self._poke.send(b"", zmq.NOBLOCK)
         except zmq.Again:
             pass  # the pipe is full of pokes already: the socket thread is awake
-        if not req.event.wait(req.budget + 10.0):
-            return {"status": "lost"}
+        except zmq.ZMQError as e:  # the context is closing: the socket thread is gone or going
+            log.warning("cannot reach the socket thread: %s", e)
+            return {"status": "stopped"}
+        end = time.monotonic() + req.budget + 10.0
+        while not req.event.wait(0.2):
+            if self.stopped.is_set():
+                return {"status": "stopped"}
+            if time.monotonic() > end:
+                return {"status": "lost"}
         return req.result
 
     def release(self) -> None:
@@ -167,7 +194,9 @@ class PeerSockets(SyncRounds):
 
     # ---- the loop ---------------------------------------------------------------------------------------------------
     def serve(self) -> None:
-        """Run until the training thread says ``done`` and the peer has been quiet for ``linger`` seconds."""
+        """Run until the training thread says ``done`` and the peer has been quiet for ``linger`` seconds.
+
+        A failure outside the message handlers (a bug) propagates after the sockets are closed and ``stopped`` set."""
         try:
             while True:
                 now = time.monotonic()
@@ -187,10 +216,10 @@ class PeerSockets(SyncRounds):
                     self._drain(self.router, self._on_inbound)
                 for addr, ep in list(self.dealers.items()):
                     if ep.sock in events:
-                        self._drain(ep, lambda e, _peer, msg, addr=addr: self._on_reply(e, addr, msg))
+                        self._drain(ep, lambda e, _peer, msg, _key, addr=addr: self._on_reply(e, addr, msg))
                 if self.beacon is not None:
                     if self.beacon.fileno() in events:
-                        for addr in self.beacon.receive():
+                        for addr in self.beacon.receive()[:8]:
                             self.members_view.heard(addr)
                     self.beacon.tick()
                 self._timers()
@@ -201,6 +230,7 @@ class PeerSockets(SyncRounds):
                     return
         finally:
             self.close()
+            self.stopped.set()
 
     def close(self) -> None:
         for ep in self.dealers.values():
@@ -212,21 +242,33 @@ class PeerSockets(SyncRounds):
             self.beacon.close()
 
     def _drain(self, ep: bus.Endpoint, handler) -> None:
+        """Handle up to 64 waiting messages; one that fails to decode or to be handled is dropped with one line."""
         for _ in range(64):  # bounded, so one chatty peer cannot starve the others
             try:
-                got = ep.recv(0)
+                got = _receive(ep)
             except bus.BadMessage as e:
                 who = bus.describe(e.peer) if e.peer is not None else "a neighbour"
                 log.warning("refused a message from %s: %s", who, e)
                 self.stats["refused"] += 1
                 continue
+            except zmq.ZMQError:
+                raise  # the socket itself failed: nothing more can be read from it
+            except Exception as e:  # decoding must raise WireError only; anything else is dropped the same way
+                log.warning("refused a message that failed to decode (%s: %s)", type(e).__name__, e)
+                self.stats["refused"] += 1
+                continue
             if got is None:
                 return
+            peer, msg, key = got
             try:
-                handler(ep, *got)
+                handler(ep, peer, msg, key)
             except WireError as e:
-                log.warning("refused a model: %s", e)
+                log.warning("refused a message: %s", e)
                 self.stats["refused"] += 1
+            except Exception as e:  # a handler bug must not take the peer down: drop the message, carry on
+                log.warning("dropped a %s message whose handling failed (%s: %s)", getattr(msg, "TYPE", "?"),
+                            type(e).__name__, e)
+                self.stats["failed"] += 1
 
     def _close_dealer(self, addr: str) -> None:
         ep = self.dealers.pop(addr, None)
@@ -256,6 +298,7 @@ class PeerSockets(SyncRounds):
                 self.last_inbound = time.monotonic()
                 self._finish(req, status="ok")
             elif req.kind == "round":  # a new training round: a fresh budget, and the counters it starts at
+                self.round_open = req.round
                 b_in, b_out, m = self.bytes_in, self.bytes_out, self.stats["models"]
                 self.window = {"start": m, "slots_left": max(1, req.slots),
                                "budget": 2 * (1 + self.max_accept) * max(1, req.slots)}
@@ -277,16 +320,24 @@ class PeerSockets(SyncRounds):
     def _attempt(self) -> None:
         p = self.pending
         now = time.monotonic()
-        candidates = self.members_view.candidates()
-        if not candidates:
+        if p.req.kind == "fetch":
+            fresh = [c for c in self.members_view.candidates() if c not in p.asked]
+            peer = random.choice(fresh) if fresh else None
+            if peer is None and p.fetched:  # everyone reachable has answered: combine what came
+                self._conclude_fetch(p)
+                return
+        else:
+            peer = self.members_view.pick()
+        if peer is None:
             if now >= p.give_up or p.req.kind in ("push", "final"):  # nobody to mix with: this slot trains alone
                 self.pending = None
                 self._finish(p.req, status="alone")
             else:
                 p.retry_at = now + 0.25
             return
+        p.asked.add(peer)
         self._xid = (self._xid + 1) & 0x7FFF_FFFF
-        p.xid, p.peer, p.retry_at = self._xid, random.choice(candidates), None
+        p.xid, p.peer, p.retry_at = self._xid, peer, None
         p.deadline = min(p.give_up, now + self.exchange_timeout)
         kind = {"fetch": "fetch", "final": "final"}.get(p.req.kind, "exchange")
         if not self._dealer(p.peer).send(wire.GossipFetch(xid=p.xid, addr=self.address, kind=kind,
@@ -298,7 +349,9 @@ class PeerSockets(SyncRounds):
         p = self.pending
         if p is not None:
             if p.retry_at is not None and now >= p.retry_at:
-                if now >= p.give_up:  # only BUSY answers until the end: this slot trains alone
+                if now >= p.give_up and p.fetched:
+                    self._conclude_fetch(p)
+                elif now >= p.give_up:  # only BUSY answers until the end: this slot trains alone
                     self.pending = None
                     self._finish(p.req, status="busy")
                 else:
@@ -308,7 +361,9 @@ class PeerSockets(SyncRounds):
                 self.stats["timeouts"] += 1
                 self.members_view.drop(p.peer)  # its DEALER stays open: a late reply can still complete the exchange
                 # a push slot ends here (at most one late reply may still arrive); a fetch tries someone else
-                if now >= p.give_up or p.req.kind in ("push", "final"):
+                if p.fetched and now >= p.give_up:
+                    self._conclude_fetch(p)
+                elif now >= p.give_up or p.req.kind in ("push", "final"):
                     self.pending = None
                     self.abandoned = (p.peer, p.xid) if p.req.kind != "fetch" else None
                     self._finish(p.req, status="timeout")
@@ -326,6 +381,13 @@ class PeerSockets(SyncRounds):
             self._check_sync()
         for addr in self.members_view.expire():
             log.info("peer %s silent for %.0fs: expired", addr, self.peer_timeout)
+            self._close_dealer(addr)
+        # a dropped peer's DEALER stays open while its tombstone lasts (a late reply may still come), then goes: the
+        # sockets this peer holds are bounded by the membership table
+        keep = set(self.members_view.live._last) | set(self.members_view.tombstones) | set(self.graph_peers())
+        if self.pending is not None:
+            keep.add(self.pending.peer)
+        for addr in [a for a in self.dealers if a not in keep]:
             self._close_dealer(addr)
 
     # ---- inbound: proposals, pushes and fetches on the ROUTER ------------------------------------------------------
@@ -349,11 +411,17 @@ class PeerSockets(SyncRounds):
         in_flight = self.pending is not None and self.pending.retry_at is None
         return in_flight or self.reserved is not None or over
 
-    def _on_inbound(self, ep: bus.Endpoint, peer: bytes, msg: wire.Message) -> None:
+    def graph_peers(self) -> list[str]:
+        return list(getattr(self, "graph", []))
+
+    def _on_inbound(self, ep: bus.Endpoint, peer: bytes, msg: wire.Message, key: str | None = None) -> None:
         self.last_inbound = time.monotonic()
         if isinstance(msg, wire.GossipPush):
             self.stats["models"] += 1
         addr = getattr(msg, "addr", "")
+        if isinstance(msg, (wire.GossipFetch, wire.GossipPush)) and not self.keys.claim(addr, key):
+            raise WireError(f"a {msg.TYPE} claims address {addr!r}, which is bound to another key (sent by key "
+                            f"{key}): refused")
         if isinstance(msg, wire.GossipFetch):
             self.members_view.heard_inbound(addr)
             if self._busy(msg.kind):
@@ -370,9 +438,6 @@ class PeerSockets(SyncRounds):
                                      sender=self.address), to=peer)
             self.stats["models"] += 1
         elif isinstance(msg, wire.GossipPush) and not isinstance(msg, wire.GossipReply):
-            self.members_view.heard_inbound(addr)
-            for a in msg.peers:
-                self.members_view.heard(a, direct=False)
             r = self.reserved
             late = None
             if not self.topology and (r is None or r["xid"] != msg.xid or r["addr"] != addr):
@@ -381,25 +446,28 @@ class PeerSockets(SyncRounds):
                     raise WireError(f"push from {addr!r} matches no exchange this peer agreed to")
             try:
                 model = self.state.check(msg.model)  # raises WireError: wrong shape, NaN/Inf
-                if msg.num_samples < 0:
+                if msg.num_samples < 1:
                     raise WireError(f"push from {addr} declares {msg.num_samples} samples")
-            except WireError:
-                if late is None and not self.topology:
-                    self.reserved = None  # the exchange ends unmixed here, and this peer is free at once
-                raise
-            if self.topology:
-                self._on_sync_push(addr, msg.round, model)
-                return
-            if late is not None:
-                del self.released[(addr, msg.xid)]
-                r = late
-                self.stats["late"] += 1
-            else:
-                self.reserved = None
-            outcome = self.state.complete_push(r["before"], r["version"], model.clone(), msg.num_samples,
-                                               msg.version)
+                if self.topology:
+                    self._on_sync_push(addr, msg.round, model)
+                    self.members_view.heard_inbound(addr)
+                    return
+                if late is not None:
+                    del self.released[(addr, msg.xid)]
+                    r = late
+                    self.stats["late"] += 1
+                else:
+                    self.reserved = None
+                # screened against the snapshot sent; raises WireError (nothing mixed) when out of bounds
+                outcome = self.state.complete_push(r["before"], r["version"], model.clone(), msg.num_samples,
+                                                   msg.version)
+            finally:
+                if late is None and not self.topology and self.reserved is r:
+                    self.reserved = None  # the exchange ends here, mixed or not, and this peer is free at once
             self.stats["accepted"] += 1
             self.stats["distances"].append(outcome.distance)
+            self.members_view.heard_inbound(addr)  # the whole message was valid: now its claims count
+            self.members_view.rumours(msg.peers)
         else:
             log.warning("refused a %s message on the peer socket from %s", msg.TYPE, addr or bus.describe(peer))
             self.stats["refused"] += 1
@@ -438,23 +506,53 @@ class PeerSockets(SyncRounds):
             return
         try:
             self.state.check(msg.model)
-        except WireError:
-            p.retry_at = time.monotonic()  # ask someone else
-            raise
-        self.pending = None
-        if p.req.kind == "fetch":
-            outcome = self.state.adopt(self.state.check(msg.model).clone(), msg.version)
-        else:
+            if msg.num_samples < 1:
+                raise WireError(f"reply from {dialled} declares {msg.num_samples} samples")
+            if p.req.kind == "fetch":
+                with self.state.lock:
+                    self.state.screen(msg.model, motion=False)
+                p.fetched.append((dialled, msg.model.clone(), msg.version, msg.num_samples))
+                self.members_view.rumours(msg.peers, vouched=True)
+                if len(p.fetched) >= self.fetch_quorum:
+                    self._conclude_fetch(p)
+                else:
+                    p.retry_at = time.monotonic()  # ask one more neighbour
+                return
+            self.pending = None
             outcome = self._mix_reply(ep, msg, p.xid, p.req.round)
+        except Exception:
+            if self.pending is p:
+                p.retry_at = time.monotonic()  # ask someone else
+            else:
+                self.pending = None
+                self._finish(p.req, status="refused", peer=p.peer)
+            raise
         self._finish(p.req, status="ok", peer=p.peer, action=outcome.action, distance=outcome.distance,
                      version=outcome.version)
 
+    def _conclude_fetch(self, p: _Pending) -> None:
+        """Combine a fetch's replies: the median of two or more, one bounded mix for a single one."""
+        self.pending = None
+        try:
+            if len(p.fetched) >= 2:
+                outcome = self.state.adopt_agreed([m for _, m, _, _ in p.fetched], [v for _, _, v, _ in p.fetched])
+            else:
+                _, model, version, n = p.fetched[0]
+                outcome = self.state.adopt(model, version, n)
+        except WireError as e:
+            log.warning("fetched models refused: %s", e)
+            self._finish(p.req, status="refused")
+            return
+        peers = ", ".join(a for a, _, _, _ in p.fetched)
+        self._finish(p.req, status="ok", peer=peers, action=outcome.action, distance=outcome.distance,
+                     version=outcome.version)
+
     def _mix_reply(self, ep: bus.Endpoint, msg: wire.GossipReply, xid: int, rnd: int):
-        """Mix the replier's model in, then push ours as it was before mixing (the exchange's last message)."""
-        for a in msg.peers:
-            self.members_view.heard(a, direct=False)
+        """Mix the replier's model in, then push ours as it was before mixing (the exchange's last message).
+        Raises WireError (nothing mixed, nothing sent) when the model fails the state's screen."""
         model = self.state.check(msg.model)
         before, v_before, outcome = self.state.accept_push(model.clone(), msg.num_samples, msg.version)
+        self.members_view.rumours(msg.peers, vouched=True)  # a reply on the DEALER this peer dialled: a met peer
         ep.send(wire.GossipPush(round=rnd, xid=xid, version=v_before, num_samples=self.state.num_samples,
                                 addr=self.address, peers=self.members_view.rumour(), model=before,
                                 sender=self.address))
@@ -462,3 +560,24 @@ class PeerSockets(SyncRounds):
         self.stats["exchanges"] += 1
         self.stats["distances"].append(outcome.distance)
         return outcome
+
+
+def _receive(ep: bus.Endpoint) -> tuple[bytes | None, wire.Message, str | None] | None:
+    """:meth:`fedopt.bus.Endpoint.recv` without waiting, plus the sender's authenticated key: the ZAP User-Id of the
+    connection (the Z85 public key over CurveZMQ with :mod:`zmq.auth`), or None without authentication."""
+    if not ep.sock.poll(0, zmq.POLLIN):
+        return None
+    frames = ep.sock.recv_multipart(copy=False)
+    key = None
+    try:
+        key = frames[-1].get("User-Id") or None
+    except (zmq.ZMQError, AttributeError, KeyError):
+        pass  # no ZAP handler on this socket: the connection carries no identity
+    peer = None
+    if ep.routed:
+        peer, frames = frames[0].bytes, frames[1:]
+    ep.bytes_in += sum(len(f) for f in frames)
+    try:
+        return peer, wire.decode(frames, ep.limits), key
+    except WireError as e:
+        raise bus.BadMessage(peer, str(e)) from None

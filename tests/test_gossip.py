@@ -11,15 +11,19 @@ import zmq
 
 from clients import topology
 from clients.gossip_peer import PeerSockets, Request
-from clients.gossip_state import ModelState, consensus_distance
+from clients.gossip_state import Bounds, ModelState, consensus_distance
 from fedopt import bus, wire
 from fedopt.errors import WireError
 
 
+#: bounds loose enough for the hand-made vectors of the math tests (zeros, far-apart constants)
+LOOSE = Bounds(norm_factor=1e9, dist_factor=1e9, clip_factor=1e9, max_weight_ratio=1e9)
+
+
 # ---- ModelState -----------------------------------------------------------------------------------------------------
 def test_push_pull_weights_by_samples_and_conserves_the_weighted_sum():
-    a = ModelState(torch.tensor([0.0, 0.0]), num_samples=30)
-    b = ModelState(torch.tensor([4.0, 8.0]), num_samples=10)
+    a = ModelState(torch.tensor([0.0, 0.0]), num_samples=30, bounds=LOOSE)
+    b = ModelState(torch.tensor([4.0, 8.0]), num_samples=10, bounds=LOOSE)
     before_b, vb, out_b = b.accept_push(a.vec.clone(), a.num_samples, a.version)  # b mixes a in
     out_a = a.complete_push(torch.tensor([0.0, 0.0]), 0, before_b, b.num_samples, vb)  # a mixes b's old model
     expected = torch.tensor([1.0, 2.0])  # (30*0 + 10*x_b) / 40
@@ -28,7 +32,7 @@ def test_push_pull_weights_by_samples_and_conserves_the_weighted_sum():
 
 
 def test_progress_made_during_an_exchange_is_kept():
-    a = ModelState(torch.zeros(3), num_samples=1)
+    a = ModelState(torch.zeros(3), num_samples=1, bounds=LOOSE)
     sent, v = a.snapshot()
     a.add_progress(torch.ones(3))  # the trainer finished an epoch while the exchange was in flight
     a.complete_push(sent, v, torch.full((3,), 2.0), 1, 0)
@@ -36,14 +40,15 @@ def test_progress_made_during_an_exchange_is_kept():
 
 
 def test_a_stale_model_never_overwrites_a_newer_one():
-    new = ModelState(torch.ones(2), 10, version=50, max_lag=5)
-    old = ModelState(torch.zeros(2), 10, version=3, max_lag=5)
+    new = ModelState(torch.ones(2), 10, version=50, max_lag=5, bounds=LOOSE)
+    old = ModelState(torch.zeros(2), 10, version=3, max_lag=5, bounds=LOOSE)
     before, v, outcome = new.accept_push(old.vec.clone(), 10, old.version)
     assert outcome.action == "kept" and torch.equal(new.vec, torch.ones(2)) and new.version == 50
-    assert old.complete_push(old.vec.clone(), 3, before, 10, v).action == "adopted"  # the stale side catches up
-    assert torch.equal(old.vec, torch.ones(2)) and old.version == 50
+    # the stale side mixes the newer model in (no wholesale adoption) and its clock moves by at most max_jump
+    assert old.complete_push(old.vec.clone(), 3, before, 10, v).action == "mixed"
+    assert torch.allclose(old.vec, torch.full((2,), 0.5)) and old.version == 3 + LOOSE.max_jump
     assert new.adopt(torch.zeros(2), 49).action == "kept" and torch.equal(new.vec, torch.ones(2))
-    assert new.adopt(torch.zeros(2), 51).action == "adopted"
+    assert new.adopt(torch.zeros(2), 51).action == "mixed" and new.version == 51
 
 
 @pytest.mark.parametrize("bad,reason", [(torch.zeros(3), "does not match"), (torch.zeros(2, 2), "does not match"),
@@ -56,7 +61,7 @@ def test_models_of_the_wrong_shape_or_with_nan_are_refused(bad, reason):
 
 def test_random_pairwise_gossip_reaches_consensus_on_the_weighted_mean():
     g = torch.Generator().manual_seed(0)
-    states = [ModelState(torch.randn(5, generator=g), int(n)) for n in torch.randint(1, 50, (8,), generator=g)]
+    states = [ModelState(torch.randn(5, generator=g), int(n), bounds=LOOSE) for n in torch.randint(1, 50, (8,), generator=g)]
     target = sum(s.vec * s.num_samples for s in states) / sum(s.num_samples for s in states)
     d0 = consensus_distance([s.vec for s in states])
     for _ in range(400):
@@ -105,7 +110,7 @@ def test_gossip_messages_round_trip():
 def _pair(tmp_path, **kw):
     ctx = zmq.Context()
     urls = [f"ipc://{tmp_path}/p{i}.sock" for i in range(2)]
-    states = [ModelState(torch.full((6,), float(i)), 10) for i in range(2)]
+    states = [ModelState(torch.full((6,), float(i)), 10, bounds=LOOSE) for i in range(2)]
     peers = [PeerSockets(ctx, urls[i], urls[i], states[i], bus.Security(), bus.Security(), [urls[1 - i]], linger=0.3,
                          **kw) for i in range(2)]
     threads = [threading.Thread(target=p.serve, daemon=True) for p in peers]
@@ -192,7 +197,7 @@ def test_dpsgd_round_mixes_with_metropolis_hastings_weights(tmp_path):
     n = 4
     ctx = zmq.Context()
     urls = [f"ipc://{tmp_path}/d{i}.sock" for i in range(n)]
-    states = [ModelState(torch.full((3,), float(i * i)), 10) for i in range(n)]
+    states = [ModelState(torch.full((3,), float(i * i)), 10, bounds=LOOSE) for i in range(n)]
     peers = [PeerSockets(ctx, urls[i], urls[i], states[i], bus.Security(), bus.Security(), [], members=urls,
                          topology="ring", linger=0.3) for i in range(n)]
     threads = [threading.Thread(target=p.serve, daemon=True) for p in peers]
@@ -233,7 +238,7 @@ def test_the_round_budget_counts_model_messages_and_reserves_the_peers_own_slots
 
 def test_a_push_that_comes_after_its_reservation_expired_still_completes_the_exchange(tmp_path):
     ctx = zmq.Context()
-    state = ModelState(torch.zeros(4), 10)
+    state = ModelState(torch.zeros(4), 10, bounds=LOOSE)
     p = PeerSockets(ctx, f"ipc://{tmp_path}/l.sock", f"ipc://{tmp_path}/l.sock", state, bus.Security(),
                     bus.Security(), [], exchange_timeout=0.01)
     try:
@@ -249,3 +254,143 @@ def test_a_push_that_comes_after_its_reservation_expired_still_completes_the_exc
     finally:
         p.close()
         ctx.term()
+
+
+# ---- zero trust: bounds on what one neighbour's claims can do -----------------------------------------------------
+def _trained(n=4, step=1.0, samples=10, **kw):
+    """A state whose recent motion is known: two local rounds of ``step`` each."""
+    s = ModelState(torch.full((n,), 5.0), samples, **kw)
+    s.add_progress(torch.full((n,), step / n ** 0.5), 1)
+    s.add_progress(torch.zeros(n), 2)
+    return s
+
+
+def test_a_huge_version_moves_the_clock_by_a_bounded_jump_and_a_huge_model_is_refused():
+    s = _trained()
+    with pytest.raises(WireError, match="over 3x"):
+        s.complete_push(s.vec.clone(), 2, torch.full((4,), 1e30), 10, 10**9)
+    assert s.version == 2 and torch.isfinite(s.vec).all()
+    near = s.vec + 0.1
+    s.complete_push(s.vec.clone(), 2, near, 10, 10**9)  # a plausible model claiming a huge version
+    assert s.version == 2 + s.bounds.max_jump  # mixed, but the clock moved by max_jump only
+
+
+def test_a_received_model_moves_this_peer_no_further_than_the_recent_motion():
+    s = _trained(step=1.0)  # recent motion: one step of length 1
+    own = s.vec.clone()
+    far = own + torch.tensor([3.0, 0, 0, 0])  # 3 away: inside the refusal bound, outside the clip
+    s.complete_push(own, 2, far, 10, 2)
+    moved = float(torch.linalg.vector_norm(s.vec - own))
+    assert moved <= s.weight(10) * s.bounds.clip_factor * 1.0 + 1e-6
+    with pytest.raises(WireError, match="recent motion"):
+        s.complete_push(s.vec.clone(), 2, -s.vec, 10, 2)  # far outside (norm fine): refused, nothing changes
+
+
+def test_sample_counts_are_clamped_relative_to_this_peers_own():
+    s = ModelState(torch.zeros(2), 10)
+    assert s.weight(10) == 0.5
+    assert s.weight(2**62) == pytest.approx(40 / 50)  # at most max_weight_ratio x own
+    assert s.weight(-5) == pytest.approx(1 / 11)  # at least one sample
+
+
+def test_a_fetch_takes_the_coordinate_median_so_one_hostile_reply_moves_nothing():
+    s = ModelState(torch.full((3,), 1.0), 10)
+    honest = [torch.tensor([2.0, 2.0, 2.0]), torch.tensor([2.2, 1.8, 2.0])]
+    hostile = torch.tensor([-2.9, 2.9, -2.9])  # within the norm bound, far from both
+    out = s.adopt_agreed([honest[0], hostile, honest[1]], [5, 10**9, 6])
+    assert out.action == "adopted" and s.version == 6  # the lower median version: the liar's is ignored
+    assert torch.allclose(s.vec, torch.tensor([2.0, 2.0, 2.0]))
+    with pytest.raises(WireError, match="over 3x"):
+        s.adopt_agreed([honest[0], torch.full((3,), 1e6)], [7, 7])
+
+
+def test_membership_takes_few_rumours_per_message_and_prefers_met_peers():
+    from clients.gossip_members import RUMOURS_PER_MESSAGE, Membership
+
+    m = Membership("ipc://me", ["ipc://seed"], peer_timeout=60, max_known=16, explore=0.0)
+    m.heard("ipc://seed")  # reached directly: met
+    assert m.rumours({f"ipc://dead-{i}": 1 for i in range(20_000)}) == RUMOURS_PER_MESSAGE
+    assert len(m.live) == 1 + RUMOURS_PER_MESSAGE
+    assert {m.pick() for _ in range(50)} == {"ipc://seed"}  # an unverified address is not dialled preferentially
+    for k in range(10):
+        m.rumours({f"ipc://more-{k}-{i}": 1 for i in range(8)})
+    assert len(m.live) <= 16 and "ipc://seed" in m.live  # bounded; a met peer is never evicted
+    assert m.rumours("not a map") == 0 and m.rumours({"http://x": 1, 7: 1}) == 0
+
+
+def test_an_address_is_bound_to_the_key_that_announced_it_first():
+    from clients.gossip_members import AddressKeys
+
+    book = AddressKeys(per_key=2, max_keys=2)
+    assert book.claim("ipc://a", "K1") and book.claim("ipc://a", "K1")
+    assert not book.claim("ipc://a", "K2")  # held by K1
+    assert book.claim("ipc://a", None)  # no key (no authentication): nothing to check
+    assert book.claim("ipc://b", "K1") and book.claim("ipc://c", "K1")  # K1's third address releases its first
+    assert book.claim("ipc://a", "K2")
+    assert not book.claim("ipc://z", "K3")  # the book is full of keys
+
+
+def test_dpsgd_keeps_only_the_current_and_next_round_from_graph_neighbours(tmp_path):
+    ctx = zmq.Context()
+    urls = [f"ipc://{tmp_path}/m{i}.sock" for i in range(4)]
+    p = PeerSockets(ctx, urls[0], urls[0], ModelState(torch.zeros(3), 10, bounds=LOOSE), bus.Security(),
+                    bus.Security(), [], members=urls, topology="ring")
+    try:
+        for r in range(1, 200):
+            try:
+                p._on_sync_push(urls[1], r, torch.ones(3))
+            except WireError:
+                pass
+        for r in (1, 2, 1, 2):
+            p._on_sync_push(urls[3], r, torch.ones(3))
+        assert sorted(p.inbox) == [1, 2] and all(len(v) == 2 for v in p.inbox.values())  # 2 rounds x 2 neighbours
+        with pytest.raises(WireError, match="not a neighbour"):
+            p._on_sync_push(urls[2], 1, torch.ones(3))  # a member, but not adjacent on the ring
+    finally:
+        p.close()
+        ctx.term()
+
+
+@pytest.mark.timeout(60)
+def test_a_message_whose_decoding_or_handling_fails_is_dropped_and_the_loop_goes_on(tmp_path, monkeypatch):
+    import clients.gossip_peer as gp
+
+    ctx, peers, states, threads = _pair(tmp_path, exchange_timeout=2.0)
+    real = wire.decode
+
+    def decode(frames, limits=wire.Limits()):  # the fault: a decoder bug that raises something else than WireError
+        msg = real(frames, limits)
+        if isinstance(msg, wire.GossipFetch) and msg.addr == "ipc://boom":
+            raise TypeError("not a WireError")
+        return msg
+
+    monkeypatch.setattr(gp.wire, "decode", decode)
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(f"ipc://{tmp_path}/p0.sock")
+    try:
+        for _ in range(3):
+            raw.send_multipart(wire.encode(wire.GossipFetch(xid=1, addr="ipc://boom", kind="fetch")))
+        peers[1].submit(Request("round", 1, budget=1.0, slots=2))
+        got = peers[1].submit(Request("push", 1, budget=5.0))  # peer 0 still answers
+        assert got["status"] == "ok", got
+        assert peers[0].stats["refused"] >= 3 and threads[0].is_alive()
+    finally:
+        raw.close(0)
+        _stop(ctx, peers, threads)
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_socket_thread_answers_stopped_at_once_and_the_context_still_ends(tmp_path, monkeypatch):
+    ctx = zmq.Context()
+    p = PeerSockets(ctx, f"ipc://{tmp_path}/x.sock", f"ipc://{tmp_path}/x.sock", ModelState(torch.zeros(3), 1),
+                    bus.Security(), bus.Security(), [])
+    monkeypatch.setattr(p, "_timers", lambda: (_ for _ in ()).throw(RuntimeError("a bug in the loop")))
+    failed = []
+    t = threading.Thread(target=lambda: failed.append(pytest.raises(RuntimeError, p.serve)), daemon=True)
+    t.start()
+    t.join(timeout=10)
+    assert failed and not t.is_alive() and p.stopped.is_set()
+    assert p.submit(Request("push", 1, budget=30.0)) == {"status": "stopped"}  # no 40 s wait
+    p.release()
+    ctx.term()  # every socket was closed: this returns
