@@ -245,7 +245,7 @@ class PeerSockets(SyncRounds):
         """Handle up to 64 waiting messages; one that fails to decode or to be handled is dropped with one line."""
         for _ in range(64):  # bounded, so one chatty peer cannot starve the others
             try:
-                got = _receive(ep)
+                got = ep.recv(0)
             except bus.BadMessage as e:
                 who = bus.describe(e.peer) if e.peer is not None else "a neighbour"
                 log.warning("refused a message from %s: %s", who, e)
@@ -259,7 +259,8 @@ class PeerSockets(SyncRounds):
                 continue
             if got is None:
                 return
-            peer, msg, key = got
+            peer, msg = got
+            key = ep.user_id  # the enrolled id of the key that authenticated this connection, or None
             try:
                 handler(ep, peer, msg, key)
             except WireError as e:
@@ -560,24 +561,3 @@ class PeerSockets(SyncRounds):
         self.stats["exchanges"] += 1
         self.stats["distances"].append(outcome.distance)
         return outcome
-
-
-def _receive(ep: bus.Endpoint) -> tuple[bytes | None, wire.Message, str | None] | None:
-    """:meth:`fedopt.bus.Endpoint.recv` without waiting, plus the sender's authenticated key: the ZAP User-Id of the
-    connection (the Z85 public key over CurveZMQ with :mod:`zmq.auth`), or None without authentication."""
-    if not ep.sock.poll(0, zmq.POLLIN):
-        return None
-    frames = ep.sock.recv_multipart(copy=False)
-    key = None
-    try:
-        key = frames[-1].get("User-Id") or None
-    except (zmq.ZMQError, AttributeError, KeyError):
-        pass  # no ZAP handler on this socket: the connection carries no identity
-    peer = None
-    if ep.routed:
-        peer, frames = frames[0].bytes, frames[1:]
-    ep.bytes_in += sum(len(f) for f in frames)
-    try:
-        return peer, wire.decode(frames, ep.limits), key
-    except WireError as e:
-        raise bus.BadMessage(peer, str(e)) from None

@@ -242,17 +242,27 @@ class VmapExecutor:
     def _merge_linear(self, server, agg, updates, deltas, losses, *, rows, g) -> list[int]:
         """Validate every update and merge the survivors' weighted mean into ``server``; returns the kept indices."""
         B = len(updates)
-        sums = deltas.sum(dim=1) if deltas is not None else sum(r.sum(dim=1) for r in rows)
-        finite = torch.isfinite(sums).tolist()  # NaN and Inf survive the sum: one pass
+        # the L2 norm of each delta in one pass (NaN and Inf survive it), for the server's bounds
+        if deltas is not None:
+            norms = torch.linalg.vector_norm(deltas, dim=1)
+        else:
+            chunks, at = [], 0
+            for r in rows:
+                chunks.append((r - g[at:at + r.shape[1]]).pow_(2).sum(dim=1))
+                at += r.shape[1]
+            norms = torch.stack(chunks).sum(dim=0).sqrt_()
+        norms = norms.tolist()
         keep = []
         for b, u in enumerate(updates):
-            reason = None if finite[b] else "non-finite values (NaN or Inf) in the update"
+            u.num_samples = server.granted(u.client, u.num_samples)
+            reason = server.norm_reason(norms[b])
             if reason is None and u.partial:
                 if u.delta is None:
                     u.delta = torch.cat([r[b] for r in rows]).sub_(g)
                 reason = server.check(u)
             if reason is None:
                 keep.append(b)
+                server.accepted_norm(norms[b])
             else:
                 server.reject(u.client, reason)
         if not keep:

@@ -27,6 +27,7 @@ class ClientRecord:
     num_samples: int | None = None  # known once the client said READY
     models_sent: int = 0  # TRAIN/EVALUATE messages sent on this connection
     models_read: int = 0  # of those, how many the client has shown it read (heartbeat count, or a reply)
+    since: float = 0.0  # when it registered (the caller's clock)
 
     @property
     def ready(self) -> bool:
@@ -59,18 +60,20 @@ class Registry:
         rec = self._by_id.get(client)
         return None if rec is None else rec.peer
 
-    def room_for(self, peer: bytes, client: str, round: int) -> bytes | None | bool:
+    def room_for(self, peer: bytes, client: str, round: int, now: float = 0.0,
+                 grace: float = float("inf")) -> bytes | bool:
         """Whether a HELLO for ``client`` at ``peer`` fits: True when there is room (or it replaces a registration
-        of the same id or connection), else the routing id of a registration to evict (benched, or never ready),
-        else False (full)."""
+        of the same id or connection), else the routing id of a registration to evict (benched, or still not ready
+        ``grace`` seconds after registering: loading data takes a while, so a newcomer never evicts one that may
+        still be loading), else False (full)."""
         if client in self._by_id or peer in self._by_peer or len(self._by_peer) < self.capacity:
             return True
         for rec in self._by_peer.values():
-            if not rec.ready or self.benched(rec.client, round):
+            if self.benched(rec.client, round) or (not rec.ready and now - rec.since > grace):
                 return rec.peer
         return False
 
-    def hello(self, peer: bytes, client: str, device: str) -> bytes | None:
+    def hello(self, peer: bytes, client: str, device: str, now: float = 0.0) -> bytes | None:
         """Register ``client`` at ``peer``; returns the routing id it replaced (a reconnect), if any.
 
         The caller has already decided that the replaced connection is gone (see ``Coordinator``): a live one is
@@ -83,7 +86,7 @@ class Registry:
         prior = self._by_peer.get(peer)
         if prior is not None and prior.client != client:
             self._by_id.pop(prior.client, None)
-        rec = ClientRecord(client, peer, device)
+        rec = ClientRecord(client, peer, device, since=now)
         self._by_peer[peer] = rec
         self._by_id[client] = rec
         return replaced

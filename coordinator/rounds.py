@@ -211,6 +211,26 @@ class RoundServer:
         """Why an update must be refused, or None when it may be aggregated. Never raises."""
         return self._check(update)[0]
 
+    def granted(self, client: str, claimed: int) -> int:
+        """The weight an update of ``client`` claiming ``claimed`` samples gets: at most what the plan granted it
+        (an executor that aggregates on its own, like vmap, weighs with this, as :meth:`offer` does)."""
+        granted = self.weight_of(client)
+        if granted is not None:
+            return min(claimed, granted)
+        return min(claimed, self.bounds.max_samples) if self.bounds is not None else claimed
+
+    def norm_reason(self, norm: float) -> str | None:
+        """Why an update of L2 norm ``norm`` must be refused (non-finite, or over this round's bound), or None."""
+        if not math.isfinite(norm):
+            return "non-finite values (NaN or Inf) in the update"
+        if norm > self._norm_bound:
+            return f"L2 norm {norm:.4g} over the bound of {self._norm_bound:.4g}"
+        return None
+
+    def accepted_norm(self, norm: float) -> None:
+        """Record the norm of an update aggregated outside :meth:`offer` (the next round's reference)."""
+        self._norms.append(norm)
+
     def _check(self, update: Update) -> tuple[str | None, float]:
         """(why an update must be refused or None, its L2 norm)."""
         d = update.delta
@@ -219,12 +239,10 @@ class RoundServer:
         if not isinstance(update.num_samples, int) or update.num_samples < 0:
             return f"invalid num_samples {update.num_samples!r}", math.nan
         norm = float(torch.linalg.vector_norm(d))  # one reduction; any NaN/Inf element makes it NaN/Inf
-        if not math.isfinite(norm):
-            if not bool(torch.isfinite(d).all()):
-                return "non-finite values (NaN or Inf) in the update", norm
+        if not math.isfinite(norm) and bool(torch.isfinite(d).all()):
             return f"L2 norm overflows {d.dtype}, over the bound of {self._norm_bound:.4g}", norm
-        if norm > self._norm_bound:
-            return f"L2 norm {norm:.4g} over the bound of {self._norm_bound:.4g}", norm
+        if (reason := self.norm_reason(norm)) is not None:
+            return reason, norm
         if update.partial and not self.keep_stragglers:
             return "partial work from a straggler (dropped: FedAvg keeps only complete updates)", norm
         return None, norm
@@ -236,11 +254,9 @@ class RoundServer:
         partial work, never more); a client outside the plan keeps its claim only when the server has no bounds."""
         if self._round is None:
             raise ConfigError("offer() before begin()")
-        granted = self.weight_of(update.client)
-        if granted is not None and update.num_samples != min(update.num_samples, granted):
-            update = dataclasses.replace(update, num_samples=granted)
-        elif granted is None and self.bounds is not None and isinstance(update.num_samples, int):
-            update = dataclasses.replace(update, num_samples=min(update.num_samples, self.bounds.max_samples))
+        if isinstance(update.num_samples, int) and update.num_samples > (w := self.granted(update.client,
+                                                                                           update.num_samples)):
+            update = dataclasses.replace(update, num_samples=w)
         reason, norm = self._check(update)
         if reason is None:
             try:

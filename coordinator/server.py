@@ -210,7 +210,7 @@ class Coordinator:
             # send to a routing id whose connection closed), e.g. a client that restarted
             if self.ep.send(wire.Heartbeat(), to=holder):
                 return self._refuse(peer, f"client {client!r} is already connected from another live connection")
-        room = self.registry.room_for(peer, client, self.round)
+        room = self.registry.room_for(peer, client, self.round, self.clock(), self.cfg.join_timeout)
         if room is False:
             return self._refuse(peer, f"the coordinator holds its maximum of {self.registry.capacity} clients")
         if room is not True:
@@ -220,7 +220,7 @@ class Coordinator:
             self._forget(room, "evicted")
         again = holder == peer
         if not again:
-            replaced = self.registry.hello(peer, client, msg.device)
+            replaced = self.registry.hello(peer, client, msg.device, self.clock())
             if replaced is not None:
                 self.live.forget(replaced)
                 self._lost(client, "reconnected during the round")

@@ -11,7 +11,8 @@ Attacks (name -> what the attacker does):
                     loss, READY of 2**64 - 1, wrong types, unknown types, oversized declarations
     impersonate     HELLO under the ids of honest clients (and, with keys, one enrolled key claiming other ids),
                     then uploads under them
-    weight          READY with 10**15 samples, then uploads -global (the update that zeroes the model) claiming 10**15
+    weight          READY with 2**40 samples (the wire's ceiling), then uploads -global (the update that zeroes the
+                    model) claiming as many
     huge_norm       uploads a finite update of norm ~1e30
     hold_credit     OFFERs and never uploads when PULLed
     sybil           ``count`` fake ids that HELLO, READY and heartbeat but never train
@@ -240,7 +241,7 @@ def never_read(c: AttackContext, sessions: list) -> None:
 ATTACKS: dict[str, Callable] = {
     "malformed": malformed,
     "impersonate": impersonate,
-    "weight": _poisoner(_opposite, 10 ** 15),
+    "weight": _poisoner(_opposite, 2 ** 40),  # the wire's own ceiling on a sample count
     "huge_norm": _poisoner(_huge, 100),
     "hold_credit": hold_credit,
     "sybil": sybil,
