@@ -35,7 +35,7 @@ from fedopt.data import PartitionSpec
 from fedopt.errors import ConfigError, TaskError
 from fedopt.metrics import RunOutput
 from fedopt.params import ParamSpec
-from fedopt.task import TrainConfig, resolve_task
+from fedopt.task import TrainConfig, resolve_task, to_device
 
 from .allreduce_config import AllreduceConfig
 from .allreduce_sync import CommCounter, LocalSGDAverager, ShardSampler, counting_allreduce_hook, steps_per_rank
@@ -127,7 +127,7 @@ class AllreduceWorker:
         if rank == 0:
             test = self.task.load_test(cfg.seed) if hasattr(self.task, "load_test") else None
             test = test if test is not None else self.data.test
-            self.test = None if test is None else tuple(t.to(device) for t in test)
+            self.test = to_device(test, device)
         self.start_epoch, restored = self._restore()
 
         period = cfg.period

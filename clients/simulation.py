@@ -35,7 +35,8 @@ from fedopt.data import PartitionSpec
 from fedopt.metrics import RunOutput
 from fedopt.optimizers import make_server_optimizer
 from fedopt.params import ParamSpec
-from fedopt.task import Task, TrainConfig, resolve_task
+from fedopt.local_sgd import num_samples
+from fedopt.task import Task, TrainConfig, resolve_task, to_device
 
 from .host import ClientHost
 from .runner import SMALL_MODEL, LocalTrainer, pick_device
@@ -109,7 +110,7 @@ class Simulation:
         self.partition = PartitionSpec(cfg.partition, cfg.alpha)
         self.shards = ShardSource(self.task, cfg.clients, cfg.seed, self.partition, self.device)
         test = self.task.load_test(cfg.seed) if hasattr(self.task, "load_test") else None
-        self.test = None if test is None else tuple(t.to(self.device) for t in test)
+        self.test = to_device(test, self.device)
         self.sizes = self.shards.sizes
         self.scaffold = ScaffoldServer(self.spec.size, cfg.clients, self.device) \
             if cfg.algorithm == "scaffold" else None
@@ -117,10 +118,9 @@ class Simulation:
             self.spec, global_vec,
             make_aggregator(cfg.aggregator, **cfg.aggregator_options),
             make_server_optimizer(cfg.server_opt, cfg.server_lr, **cfg.server_options),
-            TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                        mu=cfg.mu),
+            cfg.train_config(),
             per_round=cfg.per_round, seed=cfg.seed, stragglers=cfg.stragglers, keep_stragglers=cfg.keep_stragglers,
-            bounds=Bounds.from_config(cfg),
+            bounds=Bounds.from_config(cfg), lr_at=cfg.lr_at,
         )
         self.executor: Executor = self._make_executor()
         self._eval_trainer = getattr(self.executor, "trainer", None) or \
@@ -150,7 +150,7 @@ class Simulation:
         acc = loss = n = 0.0
         for test in self.shards.local_tests():
             m = self._eval_trainer.evaluate(self.server.global_vec, test)
-            k = test[0].shape[0]
+            k = num_samples(test)
             acc, loss, n = acc + m["accuracy"] * k, loss + m["loss"] * k, n + k
         return {"accuracy": acc / n, "loss": loss / n} if n else {"accuracy": None, "loss": None}
 

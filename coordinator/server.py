@@ -50,7 +50,7 @@ from fedopt.liveness import Liveness, LogBudget, Ticker
 from fedopt.metrics import RunOutput
 from fedopt.optimizers import make_server_optimizer
 from fedopt.params import ParamSpec
-from fedopt.task import TrainConfig, resolve_task
+from fedopt.task import TrainConfig, resolve_task, to_device
 
 from .registry import Registry, RoundTracker
 from .rounds import Bounds, RoundServer
@@ -89,12 +89,11 @@ class Coordinator:
             self.spec, self.spec.flatten(model).to(device),
             make_aggregator(cfg.aggregator, **cfg.aggregator_options),
             make_server_optimizer(cfg.server_opt, cfg.server_lr, **cfg.server_options),
-            TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                        mu=cfg.mu),
+            cfg.train_config(),
             per_round=cfg.per_round, seed=cfg.seed, stragglers=cfg.stragglers, keep_stragglers=cfg.keep_stragglers,
-            bounds=Bounds.from_config(cfg))
+            bounds=Bounds.from_config(cfg), lr_at=cfg.lr_at)
         test = self.task.load_test(cfg.seed) if hasattr(self.task, "load_test") else None
-        self.test = None if test is None else tuple(t.to(device) for t in test)
+        self.test = to_device(test, device)
         self.evaluator = LocalTrainer(self.task, self.spec, device, cfg.buffers) if self.test is not None else None
         self.round = 1
         ckpt = load_checkpoint(cfg.out) if resume else None

@@ -70,6 +70,15 @@ def add_round_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=S, help="default 16")
     g.add_argument("--lr", type=float, default=S, help="client learning rate (default 0.1)")
     g.add_argument("--momentum", type=float, default=S, help="client SGD momentum (default 0)")
+    g.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default=S,
+                   help="client optimizer, fresh each round (default sgd)")
+    g.add_argument("--weight-decay", type=float, default=S, help="client weight decay (default 0)")
+    g.add_argument("--clip-norm", type=float, default=S, help="clip each local step's gradient to this L2 norm")
+    g.add_argument("--lr-schedule", choices=("constant", "cosine", "step"), default=S,
+                   help="client learning rate over rounds (default constant); the server sends each round's rate")
+    g.add_argument("--lr-min", type=float, default=S, help="cosine: the rate it decays towards (default 0)")
+    g.add_argument("--lr-step", type=int, default=S, help="step: rounds between decays (default 10)")
+    g.add_argument("--lr-gamma", type=float, default=S, help="step: factor of each decay (default 0.1)")
     g.add_argument("--mu", type=float, default=S, help="FedProx proximal term (default 0 = FedAvg)")
     g.add_argument("--stragglers", type=float, default=S, help="fraction of selected clients doing partial work")
     g.add_argument("--straggler-policy", choices=("auto", "keep", "drop"), default=S,

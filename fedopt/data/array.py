@@ -80,3 +80,8 @@ class ArrayTask(BaseTask):
 
     def shard_sizes(self, num_shards: int, seed: int, partition: Any = None) -> list[int]:
         return [len(p) for p in self.partition(num_shards, seed, partition)[0]]
+
+    def shard_labels(self, num_shards: int, seed: int, partition: Any = None) -> list[np.ndarray]:
+        """Each shard's labels (for the partition statistics a run writes)."""
+        y = self._data(seed)[1].numpy()
+        return [y[p] for p in self.partition(num_shards, seed, partition)[0]]
