@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "gossip": ("clients.gossip", "run one gossip peer (no coordinator)"),
     "allreduce": ("clients.allreduce", "run datacenter workers on torch.distributed (DDP / local SGD)"),
     "keys": ("fedopt.bus", "make CurveZMQ key pairs: fedopt keys generate DIR"),
+    "plot": ("fedopt.plots", "compare runs on one figure: fedopt plot RUN [RUN ...] --out FILE.png"),
 }
 
 
@@ -105,6 +106,10 @@ def add_round_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=S, help="auto | cpu | cuda (auto = CUDA when present)")
     g.add_argument("--out", default=S, help="output directory (default runs/latest)")
     g.add_argument("--progress", choices=("auto", "bar", "lines", "off"), default=S)
+    g.add_argument("--tracker", choices=("tensorboard", "mlflow"), default=S,
+                   help="also log every round to TensorBoard (OUT/tensorboard) or MLflow (optional extras)")
+    g.add_argument("--eval-clients", action="store_true", default=S,
+                   help="also record per-class accuracy and each client's accuracy on its own data")
     g.add_argument("--no-plot", dest="plot", action="store_false", default=S,
                    help="skip OUT/accuracy.png (saves about a second of matplotlib start-up)")
 

@@ -8,6 +8,7 @@ the flags (``local-epochs`` or ``local_epochs``), at top level or under a ``[sim
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -83,6 +84,8 @@ class RunConfig:
     state_budget_mb: float = 256.0  # per-client state (SCAFFOLD's c_i) held in memory; the rest spills to disk
     plot: bool = True  # write OUT/accuracy.png (when matplotlib is installed)
     progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | off
+    tracker: str | None = None  # also log every round to tensorboard | mlflow (an optional extra each)
+    eval_clients: bool = False  # also record per-class accuracy and each client's accuracy on its own data
     # secure aggregation (--aggregator secagg); folded into aggregator_options
     secagg_neighbours: int | None = None  # k: neighbours per client (default 2*ceil(log2 n); n-1 = plain SecAgg)
     secagg_threshold: int | None = None  # t: Shamir threshold, k/2 < t <= k (default floor(k/2)+1)
@@ -157,6 +160,10 @@ class RunConfig:
         _choice("transport", self.transport, ("inproc", "ipc", "tcp"))
         _choice("backend", self.backend, ("sequential", "vmap"))
         _choice("progress", self.progress, ("auto", "bar", "lines", "off"))
+        if self.tracker is not None:
+            _choice("tracker", self.tracker, ("tensorboard", "mlflow"))
+        if not isinstance(self.eval_clients, bool):
+            raise ConfigError(f"eval-clients must be true or false, not {self.eval_clients!r}")
         _choice("algorithm", self.algorithm, ("fedavg", "scaffold"))
         if not isinstance(self.state_budget_mb, (int, float)) or isinstance(self.state_budget_mb, bool) \
                 or not 0 <= self.state_budget_mb < math.inf:
@@ -256,6 +263,34 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """Every field as TOML that :func:`load_toml` reads back into an equal RunConfig (None fields are left out:
+        None is each one's default). Secagg's flags are already folded into ``aggregator-options``."""
+        folded = {"secagg_neighbours", "secagg_threshold", "clip", "bits"}
+        lines, tables = ["# the full resolved configuration of this run: fedopt simulate --config config.toml"], []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None or f.name in folded:
+                continue
+            if f.name in _TABLES:
+                tables.append((f.name, value))
+            else:
+                lines.append(f"{f.name.replace('_', '-')} = {_toml_value(value)}")
+        for name, table in tables:
+            lines += ["", f"[{name.replace('_', '-')}]"]
+            lines += [f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in table.items()]
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    raise ConfigError(f"cannot write {value!r} to TOML")
 
 
 FIELDS = {f.name for f in dataclasses.fields(RunConfig)}

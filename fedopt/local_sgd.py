@@ -82,10 +82,11 @@ def iterate_batches(data: Any, batch_size: int, device: torch.device, *, sampler
                 idx = order[start : start + batch_size]
                 yield tuple(t[idx] for t in data)
         return
-    from torch.utils.data import DataLoader, RandomSampler
+    from torch.utils.data import DataLoader
 
     if sampler is None and generator is not None:
-        sampler = RandomSampler(data, generator=generator)
+        # the same permutation the tensor path draws, so a Dataset of the same tensors trains identically
+        sampler = torch.randperm(len(data), generator=generator).tolist()
     loader = DataLoader(data, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     for batch in loader:

@@ -161,31 +161,35 @@ class BaseTask:
 
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, data: "Batch | Dataset", batch_size: int = 4096,
-                        classes: int | None = None) -> dict:
+                        per_class: bool = False) -> dict:
     """Accuracy and mean cross-entropy of a classifier on ``(x, y)`` tensors or a Dataset of ``(x, y)`` items.
 
-    With ``classes=C`` the result also holds ``per_class``: each class's accuracy (None for a class absent here)."""
+    With ``per_class`` the result also holds ``per_class``: each class's accuracy (None for a class absent here)."""
     was_training = model.training
     model.eval()
     device = data[0].device if is_tensors(data) else next(model.parameters()).device
     correct, loss_sum, n = 0, 0.0, 0
-    hits = torch.zeros(classes or 0, dtype=torch.long)
-    seen = torch.zeros(classes or 0, dtype=torch.long)
+    hits = seen = None
     for x, y, *_ in iterate_batches(data, batch_size, device):
         logits = model(x)
+        classes = int(logits.shape[1])
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         right = logits.argmax(dim=1) == y
         correct += int(right.sum())
         n += int(y.shape[0])
-        if classes:
+        if per_class:
             yc = y.cpu()
+            if seen is None:
+                seen = torch.zeros(classes, dtype=torch.long)
+                hits = torch.zeros_like(seen)
             seen += torch.bincount(yc, minlength=classes)[:classes]
             hits += torch.bincount(yc[right.cpu()], minlength=classes)[:classes]
     model.train(was_training)
     n = max(n, 1)
     out = {"accuracy": correct / n, "loss": loss_sum / n}
-    if classes:
-        out["per_class"] = [None if int(s) == 0 else int(h) / int(s) for h, s in zip(hits, seen)]
+    if per_class:
+        out["per_class"] = [] if seen is None else [None if int(s) == 0 else int(h) / int(s)
+                                                    for h, s in zip(hits, seen)]
     return out
 
 
