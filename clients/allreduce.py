@@ -52,6 +52,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr})")
     g.add_argument("--momentum", type=float, default=d.momentum)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default=d.optimizer)
+    g.add_argument("--clip-norm", type=float, default=None, help="clip the gradient to this L2 norm every step")
+    g.add_argument("--lr-schedule", choices=("constant", "cosine", "step"), default=d.lr_schedule,
+                   help="learning rate over epochs (default constant)")
+    g.add_argument("--lr-min", type=float, default=d.lr_min, help="cosine: the rate it decays towards")
+    g.add_argument("--lr-step", type=int, default=d.lr_step, help="step: epochs between decays")
+    g.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="step: factor of each decay")
     g.add_argument("--max-steps", type=int, default=None, help="cap on optimizer steps per epoch and worker")
     g.add_argument("--seed", type=int, default=d.seed)
     g = p.add_argument_group("synchronisation")

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from fedopt.errors import ConfigError
 
+from fedopt.schedules import OPTIMIZERS, SCHEDULES, scheduled_lr
+
 from .allreduce_sync import parse_sync
 
 __all__ = ["AllreduceConfig"]
@@ -31,6 +33,12 @@ class AllreduceConfig:
     lr: float = 0.1
     momentum: float = 0.0
     weight_decay: float = 0.0
+    optimizer: str = "sgd"  # sgd | adam | adamw (one optimizer for the whole run)
+    clip_norm: float | None = None  # clip the all-reduced gradient to this global L2 norm before each step
+    lr_schedule: str = "constant"  # lr over epochs: constant | cosine | step (the same schedule rounds use)
+    lr_min: float = 0.0  # cosine: the rate it decays towards
+    lr_step: int = 10  # step: epochs between decays
+    lr_gamma: float = 0.1  # step: factor of each decay
     max_steps: int | None = None  # cap on optimizer steps per epoch and worker (short runs, equivalence checks)
     sync: str = "step"  # step (DDP every step) | local:H (average the model every H steps)
     outer_lr: float | None = None  # local:H only: DiLoCo outer learning rate (None = plain averaging)
@@ -56,6 +64,17 @@ class AllreduceConfig:
         _number("lr", self.lr, 0, strict=True)
         _number("momentum", self.momentum, 0)
         _number("weight-decay", self.weight_decay, 0)
+        _number("lr-min", self.lr_min, 0)
+        _number("lr-step", self.lr_step, 1, kind=int)
+        _number("lr-gamma", self.lr_gamma, 0, strict=True)
+        if self.clip_norm is not None:
+            _number("clip-norm", self.clip_norm, 0, strict=True)
+        for name, value, allowed in (("optimizer", self.optimizer, OPTIMIZERS),
+                                     ("lr-schedule", self.lr_schedule, SCHEDULES)):
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+        if self.momentum and self.optimizer != "sgd":
+            raise ConfigError(f"momentum applies to optimizer sgd only (optimizer is {self.optimizer!r})")
         _number("bucket-cap-mb", self.bucket_cap_mb, 0, strict=True)
         _number("timeout", self.timeout, 0, strict=True)
         period = parse_sync(self.sync)
@@ -82,6 +101,11 @@ class AllreduceConfig:
     def period(self) -> int | None:
         """H for ``local:H``; None for step sync."""
         return parse_sync(self.sync)
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate of ``epoch`` (1-based) under ``lr_schedule``."""
+        return scheduled_lr(self.lr, self.lr_schedule, epoch, self.epochs, lr_min=self.lr_min, step=self.lr_step,
+                            gamma=self.lr_gamma)
 
     def replace(self, **changes) -> "AllreduceConfig":
         return dataclasses.replace(self, **changes)

@@ -35,7 +35,7 @@ from fedopt.data import PartitionSpec
 from fedopt.errors import ConfigError, TaskError
 from fedopt.metrics import RunOutput
 from fedopt.params import ParamSpec
-from fedopt.task import TrainConfig, resolve_task
+from fedopt.task import TrainConfig, resolve_task, to_device
 
 from .allreduce_config import AllreduceConfig
 from .allreduce_sync import CommCounter, LocalSGDAverager, ShardSampler, counting_allreduce_hook, steps_per_rank
@@ -127,7 +127,7 @@ class AllreduceWorker:
         if rank == 0:
             test = self.task.load_test(cfg.seed) if hasattr(self.task, "load_test") else None
             test = test if test is not None else self.data.test
-            self.test = None if test is None else tuple(t.to(device) for t in test)
+            self.test = to_device(test, device)
         self.start_epoch, restored = self._restore()
 
         period = cfg.period
@@ -140,21 +140,23 @@ class AllreduceWorker:
             # torch's post-local-SGD hook from iteration 0 with no gradient all-reduce: steps stay local
             self.ddp.register_comm_hook(PostLocalSGDState(None, None, 0, post_local_gradient_allreduce=False),
                                         post_localSGD_hook)
-        hyper = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        inner = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
+        hyper = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, **({"momentum": cfg.momentum} if inner is
+                                                                  torch.optim.SGD else {}))
         self.averager: LocalSGDAverager | None = None
         # torch.distributed.optim is imported only when used: it costs most of a second per worker to import
         if cfg.zero:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
-            self.optimizer = ZeroRedundancyOptimizer(self.params, optimizer_class=torch.optim.SGD, **hyper)
+            self.optimizer = ZeroRedundancyOptimizer(self.params, optimizer_class=inner, **hyper)
         elif period is not None:
             from torch.distributed.optim import PostLocalSGDOptimizer
 
             self.averager = LocalSGDAverager(self.module, self.spec, period, self.counter,
                                              cfg.outer_lr, cfg.outer_momentum)
-            self.optimizer = PostLocalSGDOptimizer(torch.optim.SGD(self.params, **hyper), self.averager)
+            self.optimizer = PostLocalSGDOptimizer(inner(self.params, **hyper), self.averager)
         else:
-            self.optimizer = torch.optim.SGD(self.params, **hyper)
+            self.optimizer = inner(self.params, **hyper)
         self._load_optimizer_state(restored)
 
         exact = period is None  # local SGD needs equal step counts on every rank: padded shards, no Join
@@ -163,7 +165,8 @@ class AllreduceWorker:
                                              cfg.max_steps))) > 1
         self._optimizer_asked = False
         self.train_config = TrainConfig(epochs=1, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                                        weight_decay=cfg.weight_decay, max_steps=cfg.max_steps, seed=cfg.seed,
+                                        weight_decay=cfg.weight_decay, optimizer=cfg.optimizer,
+                                        clip_norm=cfg.clip_norm, max_steps=cfg.max_steps, seed=cfg.seed,
                                         sampler=self.sampler, make_optimizer=self._make_optimizer)
 
     # ---- training ---------------------------------------------------------------------------------------------------
@@ -185,7 +188,7 @@ class AllreduceWorker:
             for epoch in range(self.start_epoch + 1, cfg.epochs + 1):
                 record = self._epoch(epoch)
                 if output is not None:
-                    output.round_done(record)
+                    output.round_done(record, (self.spec, self.spec.flatten(self.module)))
                 self._checkpoint(epoch)
             if output is not None:
                 output.finish(self.spec, self.spec.flatten(self.module),
@@ -199,6 +202,8 @@ class AllreduceWorker:
     def _epoch(self, epoch: int) -> dict:
         t0 = time.perf_counter()
         self.sampler.epoch_offset = epoch - 1
+        for group in self.optimizer.param_groups:  # the epoch's rate under --lr-schedule (epoch = round)
+            group["lr"] = self.cfg.lr_at(epoch)
         self.counter.reset()
         t_train = time.perf_counter()
         if self.averager is None:
@@ -219,6 +224,7 @@ class AllreduceWorker:
         ev = self.task.evaluate(self.module, self.test) if self.test is not None else {}
         return {
             "round": epoch,
+            "epoch": epoch,  # plots label their x axis "epoch" for runs whose records carry it
             "accuracy": ev.get("accuracy"),
             "loss": ev.get("loss"),
             "clients": self.world,

@@ -38,6 +38,7 @@ from fedopt.data import PartitionSpec
 from fedopt.errors import AuthError, ConfigError, FedoptError
 from fedopt.liveness import Backoff, Liveness, Ticker
 from fedopt.params import ParamSpec
+from fedopt.local_sgd import num_samples
 from fedopt.task import TrainConfig, resolve_task
 from fedopt.identity import find_identity_dir, load_identity, load_pinned
 from fedopt.secagg import codec
@@ -102,7 +103,7 @@ class _Trainer(threading.Thread):
             return ("update", rnd, (update.delta.detach().cpu().clone(), update.num_samples, update.metrics))
         split = self.data.test if self.data.test is not None else self.data.train
         metrics = self.trainer.evaluate(vec, split)
-        return ("result", rnd, (metrics, int(split[0].shape[0])))
+        return ("result", rnd, (metrics, num_samples(split)))
 
 
 def _plain_metrics(metrics: dict) -> dict:
@@ -118,9 +119,11 @@ class FederatedClient:
                  task: str | None = None, task_options: dict | None = None, device: str = "auto",
                  heartbeat: float = 1.0, give_up: float = 300.0, slow: float = 0.0,
                  exit_with_parent: bool = False, secure: SecAggClient | None = None,
-                 fault_stage: str | None = None, fault_round: int | None = None) -> None:
+                 fault_stage: str | None = None, fault_round: int | None = None,
+                 data_path: str | None = None) -> None:
         self.connect, self.security, self.client = connect, security, client
         self.shard, self.num_shards = shard, num_shards
+        self.data_path = data_path  # this site's own data (--data): the task gets data_path=...; shard 0 of 1
         self.task_name, self.task_options = task, task_options
         self.device = pick_device(device)
         self.heartbeat, self.give_up = heartbeat, give_up
@@ -152,7 +155,10 @@ class FederatedClient:
                               "--identities DIR (or --keys DIR) made by `fedopt keys generate`")
         if self.task_name and s.get("task") != self.task_name:
             raise ConfigError(f"this client runs task {self.task_name!r}, the coordinator runs {s.get('task')!r}")
-        task = resolve_task(s["task"], s.get("task_options") or self.task_options)
+        options = dict(s.get("task_options") or self.task_options or {})
+        if self.data_path is not None:
+            options["data_path"] = self.data_path
+        task = resolve_task(s["task"], options)
         spec = ParamSpec.from_dict(welcome.spec)
         trainer = LocalTrainer(task, spec, self.device, s.get("buffers", "average"))
         if ParamSpec.from_module(trainer.model, s.get("buffers", "average")).to_dict() != spec.to_dict():
@@ -358,7 +364,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--insecure", action="store_true", help="allow plain TCP without authentication (warns)")
     p.add_argument("--task", default=None, help="must match the coordinator's task (default: the coordinator's)")
     p.add_argument("--task-option", dest="task_options", action="append", type=parse_kv, default=[])
-    p.add_argument("--shard", type=int, required=True, help="this client's data shard index")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="this site's own data: passed to the task as data_path=PATH (the task reads it; with no "
+                        "--shard the whole of it is this client's data)")
+    p.add_argument("--shard", type=int, default=None,
+                   help="this client's data shard index (required without --data)")
     p.add_argument("--num-shards", type=int, default=None, help="number of shards (default: the run's clients)")
     p.add_argument("--id", default=None, help="stable client id (default: the shard index)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -379,6 +389,17 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.data is not None:
+        if not Path(args.data).exists():
+            raise ConfigError(f"--data {args.data}: no such file or directory")
+        if args.shard is None and not args.id:
+            raise ConfigError("--data without --shard needs --id NAME (this client's id, unique in the run)")
+        if args.shard is None and args.keys and not args.key_name:
+            raise ConfigError("--data without --shard needs --key-name NAME with --keys (e.g. client-003)")
+    elif args.shard is None:
+        raise ConfigError("--shard is required unless --data gives this site's own data")
+    if args.shard is None:  # --data alone: the site's whole data set is this client's, shard 0 of 1
+        args.shard, args.num_shards = 0, 1
     if args.shard < 0 or (args.num_shards is not None and not 0 <= args.shard < args.num_shards):
         raise ConfigError(f"--shard {args.shard} is out of range for --num-shards {args.num_shards}")
     if not args.heartbeat > 0 or not args.give_up > 0:
@@ -399,5 +420,5 @@ def run(args: argparse.Namespace) -> int:
     client = FederatedClient(args.connect, security, client_id, args.shard, args.num_shards,
                              args.task, dict(args.task_options), args.device, args.heartbeat, args.give_up,
                              args.fault_slow, args.exit_with_parent, secure, args.fault_exit_at_stage,
-                             args.fault_round)
+                             args.fault_round, data_path=args.data)
     return client.serve()

@@ -15,14 +15,16 @@ from typing import Any, Iterator
 
 import torch
 
+from fedopt.local_sgd import is_tensors
 from fedopt.task import ClientData, Task
 
 __all__ = ["ShardSource"]
 
 
 def _nbytes(data: ClientData) -> int:
-    parts = list(data.train) + list(data.test or ())
-    return sum(t.numel() * t.element_size() for t in parts)
+    """Tensor bytes a cached shard holds (a Dataset shard is a Subset: a list of indices, counted as nothing)."""
+    parts = [split for split in (data.train, data.test) if split is not None and is_tensors(split)]
+    return sum(t.numel() * t.element_size() for split in parts for t in split)
 
 
 class ShardSource:

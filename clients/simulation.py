@@ -35,7 +35,8 @@ from fedopt.data import PartitionSpec
 from fedopt.metrics import RunOutput
 from fedopt.optimizers import make_server_optimizer
 from fedopt.params import ParamSpec
-from fedopt.task import Task, TrainConfig, resolve_task
+from fedopt.local_sgd import num_samples
+from fedopt.task import BaseTask, Task, TrainConfig, evaluate_classifier, resolve_task, to_device
 
 from .host import ClientHost
 from .runner import SMALL_MODEL, LocalTrainer, pick_device
@@ -109,7 +110,7 @@ class Simulation:
         self.partition = PartitionSpec(cfg.partition, cfg.alpha)
         self.shards = ShardSource(self.task, cfg.clients, cfg.seed, self.partition, self.device)
         test = self.task.load_test(cfg.seed) if hasattr(self.task, "load_test") else None
-        self.test = None if test is None else tuple(t.to(self.device) for t in test)
+        self.test = to_device(test, self.device)
         self.sizes = self.shards.sizes
         self.scaffold = ScaffoldServer(self.spec.size, cfg.clients, self.device) \
             if cfg.algorithm == "scaffold" else None
@@ -117,10 +118,9 @@ class Simulation:
             self.spec, global_vec,
             make_aggregator(cfg.aggregator, **cfg.aggregator_options),
             make_server_optimizer(cfg.server_opt, cfg.server_lr, **cfg.server_options),
-            TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                        mu=cfg.mu),
+            cfg.train_config(),
             per_round=cfg.per_round, seed=cfg.seed, stragglers=cfg.stragglers, keep_stragglers=cfg.keep_stragglers,
-            bounds=Bounds.from_config(cfg),
+            bounds=Bounds.from_config(cfg), lr_at=cfg.lr_at,
         )
         self.executor: Executor = self._make_executor()
         self._eval_trainer = getattr(self.executor, "trainer", None) or \
@@ -150,9 +150,25 @@ class Simulation:
         acc = loss = n = 0.0
         for test in self.shards.local_tests():
             m = self._eval_trainer.evaluate(self.server.global_vec, test)
-            k = test[0].shape[0]
+            k = num_samples(test)
             acc, loss, n = acc + m["accuracy"] * k, loss + m["loss"] * k, n + k
         return {"accuracy": acc / n, "loss": loss / n} if n else {"accuracy": None, "loss": None}
+
+    def evaluate_clients(self) -> dict:
+        """``--eval-clients``: per-class accuracy on the shared test set (classifiers with fedopt's evaluation) and
+        each client's accuracy on its local test split, or on its training shard when it has none."""
+        out: dict = {}
+        trainer = self._eval_trainer
+        if self.test is not None and getattr(type(self.task), "evaluate", None) is BaseTask.evaluate:
+            trainer.binding.load(self.server.global_vec)
+            out["per_class"] = evaluate_classifier(trainer.model, self.test, per_class=True)["per_class"]
+        per_client = {}
+        for i in range(self.cfg.clients):
+            shard = self.shards[i]
+            split = shard.test if shard.test is not None else shard.train
+            per_client[str(i)] = trainer.evaluate(self.server.global_vec, split)["accuracy"]
+        out["per_client"] = per_client
+        return out
 
     def run(self, output: RunOutput | None = None) -> SimResult:
         cfg = self.cfg
@@ -174,7 +190,8 @@ class Simulation:
                 outcome = self.server.close()
                 if self.scaffold is not None and outcome.applied:
                     self.scaffold.step()
-                ev = self.evaluate() if (r % cfg.eval_every == 0 or r == cfg.rounds) else {}
+                due = r % cfg.eval_every == 0 or r == cfg.rounds
+                ev = self.evaluate() if due else {}
                 seconds = time.perf_counter() - t0
                 record = {
                     "round": r,
@@ -190,8 +207,10 @@ class Simulation:
                     "bytes_down": len(jobs) * P * itemsize,
                     "bytes_up": outcome.count * P * itemsize,
                 }
+                if due and cfg.eval_clients:
+                    record.update(self.evaluate_clients())
                 if output is not None:
-                    output.round_done(record)
+                    output.round_done(record, (self.spec, self.server.global_vec))
         finally:
             self.executor.close()
             torch.set_num_threads(threads)
@@ -204,6 +223,7 @@ def simulate(cfg: RunConfig) -> SimResult:
     sim = Simulation(cfg)
     output = RunOutput(cfg.out, cfg.rounds, cfg.progress, title=f"fedopt simulate: {cfg.task}", plot=cfg.plot)
     try:
+        output.setup(cfg, sim.task)
         result = sim.run(output)
         output.finish(sim.spec, sim.server.global_vec,
                       {"clients": f"{cfg.clients} ({cfg.per_round} per round)",

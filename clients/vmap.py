@@ -11,7 +11,8 @@ models cost about as much as one large one. Local training follows :func:`fedopt
 * clients are sorted by their number of steps, so at step ``t`` the clients still training are a prefix of the batch
   and finished ones cost nothing (bucketing by size without padding whole steps);
 * SGD with momentum and weight decay as ``torch.optim.SGD`` does it, FedProx's ``mu/2 ||w - w_global||^2``,
-  straggler step budgets, and SCAFFOLD's gradient correction ``c - c_i``.
+  straggler step budgets, and SCAFFOLD's gradient correction ``c - c_i`` (Adam, AdamW, gradient clipping and
+  Dataset-backed data fall back to the sequential backend).
 
 A linear aggregator's weighted mean is formed in one matrix product and merged into the server; other aggregators get
 every update by ``offer``. A model that cannot be vmapped (a task with its own ``train``, BatchNorm or any other
@@ -57,6 +58,12 @@ def vmap_unsupported(task: Task, spec: ParamSpec, shards: ShardSource, train: Tr
     """Why the vmap backend cannot train this task (one phrase), or None when it can."""
     if getattr(type(task), "train", None) is not BaseTask.train or not callable(getattr(task, "loss", None)):
         return "the task writes its own train(); vmap vectorises fedopt's standard loop"
+    if train.optimizer != "sgd":
+        return f"optimizer {train.optimizer} (vmap vectorises SGD with momentum only)"
+    if train.clip_norm:
+        return "gradient clipping (vmap does not clip per client)"
+    if not shards[0].tensors:
+        return "the task's data are a torch Dataset; vmap needs in-memory tensors"
     model = task.build_model().to(device)
     if any(True for _ in model.buffers()):
         return "the model has buffers (e.g. BatchNorm running statistics): state shared across samples"

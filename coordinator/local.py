@@ -113,7 +113,7 @@ def simulate_processes(cfg: RunConfig) -> int:
                                                  [f"client-{i:03d}" for i in range(k)]))
             pinned = load_pinned(ident)
             extra += ["--identities", ident]
-        coordinator = Coordinator(cfg, url, security, identities=pinned)
+        coordinator = Coordinator(cfg, url, security, identities=pinned, all_shards_here=True)
         logs = Path(cfg.out) / "clients"
         logs.mkdir(parents=True, exist_ok=True)
         env = shared_cores_env(k)

@@ -23,7 +23,7 @@ import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -117,6 +117,7 @@ class RoundServer:
         stragglers: float = 0.0,
         keep_stragglers: bool = False,
         bounds: Bounds | None = None,
+        lr_at: Callable[[int], float] | None = None,
     ) -> None:
         spec.check_vector(global_vec)
         if hasattr(aggregator, "check_round_size"):
@@ -126,6 +127,7 @@ class RoundServer:
         self.aggregator = aggregator
         self.optimizer = optimizer
         self.train = train
+        self.lr_at = lr_at  # the round's client learning rate (a schedule over rounds); None: train.lr throughout
         self.per_round = per_round
         self.seed = seed
         self.stragglers = stragglers
@@ -163,6 +165,8 @@ class RoundServer:
         jobs = []
         for i, cid in enumerate(chosen):
             cfg = TrainConfig(**{**self.train.__dict__, "seed": client_seed(self.seed, round, cid)})
+            if self.lr_at is not None:
+                cfg.lr = float(self.lr_at(round))
             if i in slow:
                 full = cfg.epochs * cfg.steps_per_epoch(max(sizes[cid], 1))
                 cfg.max_steps = int(rng.integers(1, full + 1))

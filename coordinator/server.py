@@ -50,7 +50,7 @@ from fedopt.liveness import Liveness, LogBudget, Ticker
 from fedopt.metrics import RunOutput
 from fedopt.optimizers import make_server_optimizer
 from fedopt.params import ParamSpec
-from fedopt.task import TrainConfig, resolve_task
+from fedopt.task import TrainConfig, resolve_task, to_device
 
 from .registry import Registry, RoundTracker
 from .rounds import Bounds, RoundServer
@@ -69,7 +69,7 @@ class Coordinator:
 
     def __init__(self, cfg: RunConfig, bind: str, security: bus.Security, resume: bool = False,
                  ctx: zmq.Context | None = None, clock=time.monotonic, identities: dict[str, bytes] | None = None,
-                 secagg_dump: str | None = None) -> None:
+                 secagg_dump: str | None = None, all_shards_here: bool = False) -> None:
         if cfg.min_clients > cfg.per_round:
             raise ConfigError(f"min-clients ({cfg.min_clients}) exceeds the clients selected per round "
                               f"({cfg.per_round}): no round could ever close")
@@ -89,12 +89,11 @@ class Coordinator:
             self.spec, self.spec.flatten(model).to(device),
             make_aggregator(cfg.aggregator, **cfg.aggregator_options),
             make_server_optimizer(cfg.server_opt, cfg.server_lr, **cfg.server_options),
-            TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                        mu=cfg.mu),
+            cfg.train_config(),
             per_round=cfg.per_round, seed=cfg.seed, stragglers=cfg.stragglers, keep_stragglers=cfg.keep_stragglers,
-            bounds=Bounds.from_config(cfg))
+            bounds=Bounds.from_config(cfg), lr_at=cfg.lr_at)
         test = self.task.load_test(cfg.seed) if hasattr(self.task, "load_test") else None
-        self.test = None if test is None else tuple(t.to(device) for t in test)
+        self.test = to_device(test, device)
         self.evaluator = LocalTrainer(self.task, self.spec, device, cfg.buffers) if self.test is not None else None
         self.round = 1
         ckpt = load_checkpoint(cfg.out) if resume else None
@@ -107,6 +106,7 @@ class Coordinator:
             log.info("resuming after round %d from %s", ckpt.round, cfg.out)
         self.output = RunOutput(cfg.out, cfg.rounds, cfg.progress, title=f"fedopt coordinator: {cfg.task}",
                                 resume_after=ckpt.round if ckpt else None, plot=cfg.plot)
+        self.output.setup(cfg, task=self.task if all_shards_here else None)
         self.ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
         self.auth = bus.start_authenticator(self.ctx, security)
@@ -441,7 +441,8 @@ class Coordinator:
             record["fed_accuracy"] = sum(a * k for a, _, k in ev["results"]) / n
             record["fed_loss"] = sum(lo * k for _, lo, k in ev["results"]) / n
             record["fed_clients"] = len(ev["results"])
-        self.output.round_done(record)  # the metrics line first, then the checkpoint: resume cuts back to it
+        # the metrics line first, then the checkpoint: resume cuts back to it
+        self.output.round_done(record, (self.spec, self.server.global_vec))
         save_checkpoint(cfg.out, Checkpoint(r, self.server.global_vec, self.server.optimizer.state_dict(),
                                             self.spec, {"config": cfg.to_dict(), "attempts": self._attempt}))
         self.round += 1

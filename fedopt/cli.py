@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "gossip": ("clients.gossip", "run one gossip peer (no coordinator)"),
     "allreduce": ("clients.allreduce", "run datacenter workers on torch.distributed (DDP / local SGD)"),
     "keys": ("fedopt.bus", "make CurveZMQ key pairs: fedopt keys generate DIR"),
+    "plot": ("fedopt.plots", "compare runs on one figure: fedopt plot RUN [RUN ...] --out FILE.png"),
 }
 
 
@@ -70,6 +71,15 @@ def add_round_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=S, help="default 16")
     g.add_argument("--lr", type=float, default=S, help="client learning rate (default 0.1)")
     g.add_argument("--momentum", type=float, default=S, help="client SGD momentum (default 0)")
+    g.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default=S,
+                   help="client optimizer, fresh each round (default sgd)")
+    g.add_argument("--weight-decay", type=float, default=S, help="client weight decay (default 0)")
+    g.add_argument("--clip-norm", type=float, default=S, help="clip each local step's gradient to this L2 norm")
+    g.add_argument("--lr-schedule", choices=("constant", "cosine", "step"), default=S,
+                   help="client learning rate over rounds (default constant); the server sends each round's rate")
+    g.add_argument("--lr-min", type=float, default=S, help="cosine: the rate it decays towards (default 0)")
+    g.add_argument("--lr-step", type=int, default=S, help="step: rounds between decays (default 10)")
+    g.add_argument("--lr-gamma", type=float, default=S, help="step: factor of each decay (default 0.1)")
     g.add_argument("--mu", type=float, default=S, help="FedProx proximal term (default 0 = FedAvg)")
     g.add_argument("--stragglers", type=float, default=S, help="fraction of selected clients doing partial work")
     g.add_argument("--straggler-policy", choices=("auto", "keep", "drop"), default=S,
@@ -96,6 +106,10 @@ def add_round_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=S, help="auto | cpu | cuda (auto = CUDA when present)")
     g.add_argument("--out", default=S, help="output directory (default runs/latest)")
     g.add_argument("--progress", choices=("auto", "bar", "lines", "off"), default=S)
+    g.add_argument("--tracker", choices=("tensorboard", "mlflow"), default=S,
+                   help="also log every round to TensorBoard (OUT/tensorboard) or MLflow (optional extras)")
+    g.add_argument("--eval-clients", action="store_true", default=S,
+                   help="also record per-class accuracy and each client's accuracy on its own data")
     g.add_argument("--no-plot", dest="plot", action="store_false", default=S,
                    help="skip OUT/accuracy.png (saves about a second of matplotlib start-up)")
 

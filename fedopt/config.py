@@ -8,12 +8,17 @@ the flags (``local-epochs`` or ``local_epochs``), at top level or under a ``[sim
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from .task import TrainConfig
 
 from .errors import ConfigError
+from .schedules import OPTIMIZERS, SCHEDULES, scheduled_lr
 
 try:
     import tomllib
@@ -48,6 +53,13 @@ class RunConfig:
     batch_size: int = 16
     lr: float = 0.1  # client learning rate (local SGD)
     momentum: float = 0.0  # client SGD momentum
+    optimizer: str = "sgd"  # client optimizer: sgd | adam | adamw (a fresh one each round)
+    weight_decay: float = 0.0  # client weight decay (L2 for sgd/adam, decoupled for adamw)
+    clip_norm: float | None = None  # clip each local step's gradient to this global L2 norm
+    lr_schedule: str = "constant"  # the client lr over rounds: constant | cosine | step
+    lr_min: float = 0.0  # cosine: the rate it decays towards
+    lr_step: int = 10  # step: rounds between decays
+    lr_gamma: float = 0.1  # step: the factor of each decay
     mu: float = 0.0  # FedProx proximal coefficient (0 = FedAvg's plain local SGD)
     partition: str = "dirichlet"  # iid | dirichlet | natural
     alpha: float = 0.5  # Dirichlet concentration
@@ -72,6 +84,8 @@ class RunConfig:
     state_budget_mb: float = 256.0  # per-client state (SCAFFOLD's c_i) held in memory; the rest spills to disk
     plot: bool = True  # write OUT/accuracy.png (when matplotlib is installed)
     progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | off
+    tracker: str | None = None  # also log every round to tensorboard | mlflow (an optional extra each)
+    eval_clients: bool = False  # also record per-class accuracy and each client's accuracy on its own data
     # secure aggregation (--aggregator secagg); folded into aggregator_options
     secagg_neighbours: int | None = None  # k: neighbours per client (default 2*ceil(log2 n); n-1 = plain SecAgg)
     secagg_threshold: int | None = None  # t: Shamir threshold, k/2 < t <= k (default floor(k/2)+1)
@@ -116,10 +130,23 @@ class RunConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or not math.isfinite(v):
                 raise ConfigError(f"{name} must be a number > 0, not {v!r}")
-        for name in ("momentum", "mu"):
+        for name in ("momentum", "mu", "weight_decay", "lr_min"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not v >= 0:
-                raise ConfigError(f"{name} must be a number >= 0, not {v!r}")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < math.inf:
+                raise ConfigError(f"{name.replace('_', '-')} must be a number >= 0, not {v!r}")
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("lr_schedule", self.lr_schedule, SCHEDULES)
+        if self.momentum and self.optimizer != "sgd":
+            raise ConfigError(f"momentum applies to optimizer sgd only (optimizer is {self.optimizer!r})")
+        if self.clip_norm is not None and (not isinstance(self.clip_norm, (int, float))
+                                           or isinstance(self.clip_norm, bool) or not 0 < self.clip_norm < math.inf):
+            raise ConfigError(f"clip-norm must be a number > 0, not {self.clip_norm!r}")
+        _at_least("lr_step", self.lr_step, 1)
+        if not isinstance(self.lr_gamma, (int, float)) or isinstance(self.lr_gamma, bool) \
+                or not 0 < self.lr_gamma <= 1:
+            raise ConfigError(f"lr-gamma must be in (0, 1], not {self.lr_gamma!r}")
+        if self.lr_min >= self.lr:
+            raise ConfigError(f"lr-min ({self.lr_min}) must be below lr ({self.lr})")
         if self.server_lr is not None and not (isinstance(self.server_lr, (int, float)) and self.server_lr > 0):
             raise ConfigError(f"server-lr must be a number > 0, not {self.server_lr!r}")
         if not isinstance(self.stragglers, (int, float)) or not 0 <= self.stragglers <= 1:
@@ -133,6 +160,10 @@ class RunConfig:
         _choice("transport", self.transport, ("inproc", "ipc", "tcp"))
         _choice("backend", self.backend, ("sequential", "vmap"))
         _choice("progress", self.progress, ("auto", "bar", "lines", "off"))
+        if self.tracker is not None:
+            _choice("tracker", self.tracker, ("tensorboard", "mlflow"))
+        if not isinstance(self.eval_clients, bool):
+            raise ConfigError(f"eval-clients must be true or false, not {self.eval_clients!r}")
         _choice("algorithm", self.algorithm, ("fedavg", "scaffold"))
         if not isinstance(self.state_budget_mb, (int, float)) or isinstance(self.state_budget_mb, bool) \
                 or not 0 <= self.state_budget_mb < math.inf:
@@ -214,11 +245,52 @@ class RunConfig:
         """FedProx keeps a straggler's partial work; FedAvg drops the straggler (Li et al., MLSys 2020)."""
         return self.straggler_policy == "keep" or (self.straggler_policy == "auto" and self.mu > 0)
 
+    def train_config(self) -> "TrainConfig":
+        """The local training every selected client is asked to do (the round's lr comes from :meth:`lr_at`)."""
+        from .task import TrainConfig
+
+        return TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
+                           weight_decay=self.weight_decay, optimizer=self.optimizer, clip_norm=self.clip_norm,
+                           mu=self.mu)
+
+    def lr_at(self, round: int) -> float:
+        """The client learning rate of ``round`` under ``lr_schedule`` (the server sends it with each job)."""
+        return scheduled_lr(self.lr, self.lr_schedule, round, self.rounds, lr_min=self.lr_min, step=self.lr_step,
+                            gamma=self.lr_gamma)
+
     def replace(self, **changes) -> "RunConfig":
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """Every field as TOML that :func:`load_toml` reads back into an equal RunConfig (None fields are left out:
+        None is each one's default). Secagg's flags are already folded into ``aggregator-options``."""
+        folded = {"secagg_neighbours", "secagg_threshold", "clip", "bits"}
+        lines, tables = ["# the full resolved configuration of this run: fedopt simulate --config config.toml"], []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None or f.name in folded:
+                continue
+            if f.name in _TABLES:
+                tables.append((f.name, value))
+            else:
+                lines.append(f"{f.name.replace('_', '-')} = {_toml_value(value)}")
+        for name, table in tables:
+            lines += ["", f"[{name.replace('_', '-')}]"]
+            lines += [f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in table.items()]
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    raise ConfigError(f"cannot write {value!r} to TOML")
 
 
 FIELDS = {f.name for f in dataclasses.fields(RunConfig)}

@@ -137,28 +137,13 @@ def _human(n: float) -> str:
     return f"{n:.1f} PB"
 
 
-def plot_accuracy(records: list[dict], path: str | os.PathLike, label: str = "accuracy") -> Path | None:
-    """Accuracy per round as a PNG; returns None (and does nothing) when matplotlib is not installed."""
-    try:
-        import matplotlib
+def plot_accuracy(records: list[dict], path: str | os.PathLike, label: str = "accuracy",
+                  title: str | None = None) -> Path | None:
+    """Test accuracy and loss per round (per epoch for datacenter runs) as a PNG; returns None (and does nothing)
+    when matplotlib is not installed."""
+    from .plots import plot_runs
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    pts = [(r["round"], r["accuracy"]) for r in records if r.get("accuracy") is not None]
-    if not pts:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(*zip(*pts), marker=".", label=label)
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return plot_runs([(label, records)], path, title or label)
 
 
 class RunOutput:
@@ -174,11 +159,55 @@ class RunOutput:
         self.writer = MetricsWriter(self.dir / "metrics.jsonl", resume_after)
         self.records: list[dict] = read_metrics(self.dir / "metrics.jsonl")
         self.reporter = Reporter(total_rounds, "off" if progress == "off" else progress, title)
+        self.trackers: list = []  # fedopt.trackers sinks, fed every record
+        done = [r["accuracy"] for r in self.records if isinstance(r.get("accuracy"), (int, float))]
+        self._best = max(done) if done else None  # best test accuracy so far (kept across --resume)
 
-    def round_done(self, record: dict) -> None:
+    def round_done(self, record: dict, model: tuple | None = None) -> None:
+        """Write ``record``; with ``model = (spec, vec)``, also ``best.safetensors`` when its accuracy is the best."""
         self.writer.write(record)
         self.records.append(record)
         self.reporter.round_done(record)
+        for t in self.trackers:
+            t.log(record)
+        acc = record.get("accuracy")
+        if model is not None and isinstance(acc, (int, float)) and (self._best is None or acc > self._best):
+            from .checkpoint import save_model
+
+            self._best = acc
+            save_model(self.dir / "best.safetensors", *model, {"round": record["round"], "accuracy": acc})
+
+    def setup(self, cfg, task=None) -> None:
+        """What a run writes once before its first round: ``config.toml`` (``cfg``, a RunConfig), ``partition.json``
+        (when ``task`` holds every client's shard in this process and can say what each holds), and the
+        ``--tracker`` sink."""
+        self.write_config(cfg.to_toml())
+        if task is not None:
+            from .data.partition import PartitionSpec, partition_stats
+
+            stats = partition_stats(task, cfg.clients, cfg.seed, PartitionSpec(cfg.partition, cfg.alpha))
+            if stats is not None:
+                self.write_json("partition.json", stats)
+        if cfg.tracker is not None:
+            from .trackers import make_tracker
+
+            self.track(make_tracker(cfg.tracker, self.dir, self.dir.resolve().name), cfg.to_dict())
+
+    def track(self, tracker, config: dict) -> None:
+        """Feed every later record to ``tracker`` too (see :mod:`fedopt.trackers`); it sees ``config`` first."""
+        tracker.start(config)
+        self.trackers.append(tracker)
+
+    def write_config(self, toml_text: str) -> None:
+        """``OUT/config.toml``: the run's full resolved configuration (``--config OUT/config.toml`` re-runs it)."""
+        from .checkpoint import atomic_write
+
+        atomic_write(self.dir / "config.toml", toml_text.encode())
+
+    def write_json(self, name: str, obj) -> None:
+        from .checkpoint import atomic_write
+
+        atomic_write(self.dir / name, (json.dumps(obj, indent=1) + "\n").encode())
 
     def finish(self, spec, vec, extra: dict | None = None, stream=None) -> None:
         from .checkpoint import save_model
@@ -187,10 +216,14 @@ class RunOutput:
         self.writer.close()
         save_model(self.dir / "model.safetensors", spec, vec, {"rounds": len(self.records)})
         if self.plot:
-            plot_accuracy(self.records, self.dir / "accuracy.png", self.title)
+            plot_accuracy(self.records, self.dir / "accuracy.png", self.dir.resolve().name,
+                          f"{self.title} ({self.dir})")
         print(summary_table(self.records, self.title, extra), file=stream or sys.stdout, flush=True)
 
     def close(self) -> None:
         self.reporter.close()
+        for t in self.trackers:
+            t.close()
+        self.trackers = []
         if not self.writer._f.closed:
             self.writer.close()

@@ -15,10 +15,16 @@ A task gives fedopt four things:
 
 plus optionally ``load_test(seed)``: the shared test set the coordinator evaluates the global model on.
 
-Data are tuples of aligned tensors (``(x, y)``) held in memory: batching is indexing, with no DataLoader per client,
-which is what lets one process host thousands of virtual clients. :class:`ArrayTask` turns four arrays into a full task
-with IID and Dirichlet partitioning for free
-(:class:`fedopt.data.ArrayTask`).
+A client's data (:class:`ClientData`) are either tuples of aligned tensors (``(x, y)``) held in memory — batching is
+indexing, with no DataLoader per client, which is what lets one process host thousands of virtual clients and what the
+vmap backend needs — or a torch ``Dataset`` (an image folder, a Hugging Face dataset in torch format), which the
+standard loop reads through a ``DataLoader`` (:mod:`fedopt.local_sgd`). :class:`fedopt.data.ArrayTask` turns four
+arrays into a full task, :class:`fedopt.data.DatasetTask` does the same for a Dataset with labels; both partition IID
+or by Dirichlet label skew for free.
+
+Site-local data: ``fedopt client --data PATH`` (and ``--task-option data_path=PATH`` in every mode) passes
+``data_path=PATH`` to the task's factory. A task that accepts ``data_path`` reads that site's own files from it;
+``load_data(0, 1, seed)`` is then the whole of that site's data.
 
 A task is named on the command line by a built-in name (``digits``, ``synthetic``, ``synthetic-iid``) or as
 ``package.module:attr``, where ``attr`` is a Task instance, a Task class or a zero-argument factory.
@@ -29,13 +35,17 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import TaskError
+from .local_sgd import LocalSGD, is_tensors, iterate_batches, num_samples, sgd_loop
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
 
 __all__ = [
     "Batch",
@@ -45,6 +55,7 @@ __all__ = [
     "BaseTask",
     "sgd_loop",
     "LocalSGD",
+    "to_device",
     "evaluate_classifier",
     "register_task",
     "builtin_tasks",
@@ -56,18 +67,33 @@ Batch = tuple[torch.Tensor, ...]
 
 @dataclass
 class ClientData:
-    """One client's private data: aligned tensors, already on the device they train on."""
+    """One client's private data: aligned tensors (already on the device they train on), or a torch ``Dataset``.
 
-    train: Batch  # e.g. (x, y); every tensor has the same first dimension
-    test: Batch | None = None  # the client's local test split, when the task has one
+    A Dataset yields items the default collate turns into a batch the task's ``loss`` understands (``(x, y)`` for the
+    default loss and :func:`evaluate_classifier`); the standard loop reads it through a ``DataLoader`` and moves each
+    batch to the model's device, so ``to(device)`` leaves a Dataset as it is."""
+
+    train: "Batch | Dataset"  # e.g. (x, y), every tensor with the same first dimension; or a Dataset
+    test: "Batch | Dataset | None" = None  # the client's local test split, when the task has one
 
     @property
     def num_samples(self) -> int:
-        return int(self.train[0].shape[0])
+        return num_samples(self.train)
+
+    @property
+    def tensors(self) -> bool:
+        """True when train (and test) are tensors: the fast path that simulation's vmap backend needs."""
+        return is_tensors(self.train)
 
     def to(self, device: torch.device | str) -> "ClientData":
-        mv = lambda b: None if b is None else tuple(t.to(device) for t in b)  # noqa: E731
-        return ClientData(mv(self.train), mv(self.test))
+        return ClientData(to_device(self.train, device), to_device(self.test, device))
+
+
+def to_device(data: "Batch | Dataset | None", device: torch.device | str) -> "Batch | Dataset | None":
+    """Tensors moved to ``device``; a Dataset (or None) as it is (its batches move when they are read)."""
+    if data is None or not is_tensors(data):
+        return data
+    return tuple(t.to(device) for t in data)
 
 
 @dataclass
@@ -77,14 +103,16 @@ class TrainConfig:
     epochs: int = 1
     batch_size: int = 16
     lr: float = 0.05
-    momentum: float = 0.0
-    weight_decay: float = 0.0
+    momentum: float = 0.0  # sgd only
+    weight_decay: float = 0.0  # L2 penalty for sgd and adam, decoupled decay for adamw
+    optimizer: str = "sgd"  # sgd | adam | adamw: a fresh one per call (fedopt.local_sgd.make_local_optimizer)
+    clip_norm: float | None = None  # clip the gradient's global L2 norm to this before every step
     mu: float = 0.0  # FedProx proximal coefficient; 0 = plain local SGD
     max_steps: int | None = None  # a straggler's budget: stop after this many steps (partial work)
     seed: int = 0  # seeds the shuffling of this call, so runs are reproducible
     sampler: Any = None  # optional torch Sampler (e.g. DistributedSampler); replaces the seeded shuffle
     extra: dict = field(default_factory=dict)  # task-specific options passed through untouched
-    # optional optimizer factory ``(params, config) -> Optimizer`` used by sgd_loop instead of a fresh SGD; lets a
+    # optional optimizer factory ``(params, config) -> Optimizer`` used by sgd_loop instead of a fresh one; lets a
     # runtime keep optimizer state across calls or wrap it (ZeroRedundancyOptimizer, PostLocalSGDOptimizer)
     make_optimizer: Callable[[list, "TrainConfig"], Any] | None = None
 
@@ -131,121 +159,38 @@ class BaseTask:
         return None
 
 
-def sgd_loop(
-    loss_fn: Callable[[nn.Module, Batch], torch.Tensor],
-    model: nn.Module,
-    train: Batch,
-    config: TrainConfig,
-) -> dict:
-    """fedopt's standard local-SGD loop. Returns ``{"loss", "steps", "samples", "partial"}``.
-
-    * Shuffles with a generator seeded by ``config.seed`` (or iterates ``config.sampler``), so a run is reproducible.
-    * FedProx (Li et al., MLSys 2020): with ``config.mu > 0`` the loss gains ``mu/2 * ||w - w_global||^2``, where
-      ``w_global`` is the model as it was when this call started (the global model the engine loaded).
-    * ``config.make_optimizer``, when given, supplies the optimizer (default: a fresh :class:`LocalSGD` per call, the
-      same update as ``torch.optim.SGD``).
-    * ``config.max_steps`` cuts the work short (a straggler); ``partial`` reports whether it did.
-    * The loss is accumulated on-device and read once at the end, so there is no host sync per step.
-    """
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if config.make_optimizer is not None:
-        opt = config.make_optimizer(params, config)
-    else:
-        opt = LocalSGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    anchor = [p.detach().clone() for p in params] if config.mu > 0 else None
-    n = int(train[0].shape[0])
-    device = train[0].device
-    gen = torch.Generator(device="cpu").manual_seed(int(config.seed) & 0x7FFF_FFFF_FFFF_FFFF)
-    total = torch.zeros((), device=device)
-    steps, samples = 0, 0
-    budget = config.max_steps if config.max_steps is not None else math.inf
-    bs = config.batch_size
-    for epoch in range(config.epochs):
-        if steps >= budget:
-            break
-        if config.sampler is not None:
-            if hasattr(config.sampler, "set_epoch"):
-                config.sampler.set_epoch(epoch)
-            order = torch.as_tensor(list(iter(config.sampler)), dtype=torch.long)
-        else:
-            order = torch.randperm(n, generator=gen)
-        if order.device != device:
-            order = order.to(device)
-        for start in range(0, order.numel(), bs):
-            if steps >= budget:
-                break
-            idx = order[start : start + bs]
-            batch = tuple(t[idx] for t in train)
-            loss = loss_fn(model, batch)
-            total += loss.detach()
-            if anchor is not None:
-                prox = sum((p - a).pow(2).sum() for p, a in zip(params, anchor))
-                loss = loss + 0.5 * config.mu * prox
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps += 1
-            samples += idx.numel()
-    full = config.epochs * math.ceil((order.numel() if config.epochs else n) / bs)
-    return {
-        "loss": float(total) / max(steps, 1),
-        "steps": steps,
-        "samples": samples,
-        "partial": steps < full,
-    }
-
-
-class LocalSGD:
-    """Plain SGD with momentum and weight decay — the update of ``torch.optim.SGD`` (no dampening, no Nesterov) — as
-    a few foreach ops.
-
-    Why not ``torch.optim.SGD``: constructing any ``torch.optim`` optimizer imports ``torch._dynamo`` (over a second
-    of start-up on a small machine), and its ``step`` wrapper costs tens of microseconds, which matters when a virtual
-    client does a single step. Same arithmetic: ``d = g + wd * p``; ``b = d`` on the first step, else
-    ``b = momentum * b + d``; ``p -= lr * b``.
-    """
-
-    def __init__(self, params: list[torch.Tensor], lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
-        self.params, self.lr, self.momentum, self.weight_decay = list(params), lr, momentum, weight_decay
-        self._bufs: list[torch.Tensor] | None = None
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        live = [p for p in self.params if p.grad is not None]
-        if not live:
-            return
-        grads = [p.grad for p in live]
-        if self.weight_decay:
-            grads = torch._foreach_add(grads, live, alpha=self.weight_decay)
-        if self.momentum:
-            if self._bufs is None:
-                self._bufs = [g.detach().clone() for g in grads]
-            else:
-                torch._foreach_mul_(self._bufs, self.momentum)
-                torch._foreach_add_(self._bufs, grads)
-            grads = self._bufs
-        torch._foreach_add_(live, grads, alpha=-self.lr)
-
-
 @torch.no_grad()
-def evaluate_classifier(model: nn.Module, data: Batch, batch_size: int = 4096) -> dict:
-    """Accuracy and mean cross-entropy of a classifier on ``(x, y)``."""
+def evaluate_classifier(model: nn.Module, data: "Batch | Dataset", batch_size: int = 4096,
+                        per_class: bool = False) -> dict:
+    """Accuracy and mean cross-entropy of a classifier on ``(x, y)`` tensors or a Dataset of ``(x, y)`` items.
+
+    With ``per_class`` the result also holds ``per_class``: each class's accuracy (None for a class absent here)."""
     was_training = model.training
     model.eval()
-    x, y = data[0], data[1]
-    correct, loss_sum = 0, 0.0
-    for s in range(0, x.shape[0], batch_size):
-        logits = model(x[s : s + batch_size])
-        loss_sum += float(F.cross_entropy(logits, y[s : s + batch_size], reduction="sum"))
-        correct += int((logits.argmax(dim=1) == y[s : s + batch_size]).sum())
+    device = data[0].device if is_tensors(data) else next(model.parameters()).device
+    correct, loss_sum, n = 0, 0.0, 0
+    hits = seen = None
+    for x, y, *_ in iterate_batches(data, batch_size, device):
+        logits = model(x)
+        classes = int(logits.shape[1])
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        right = logits.argmax(dim=1) == y
+        correct += int(right.sum())
+        n += int(y.shape[0])
+        if per_class:
+            yc = y.cpu()
+            if seen is None:
+                seen = torch.zeros(classes, dtype=torch.long)
+                hits = torch.zeros_like(seen)
+            seen += torch.bincount(yc, minlength=classes)[:classes]
+            hits += torch.bincount(yc[right.cpu()], minlength=classes)[:classes]
     model.train(was_training)
-    n = max(int(x.shape[0]), 1)
-    return {"accuracy": correct / n, "loss": loss_sum / n}
+    n = max(n, 1)
+    out = {"accuracy": correct / n, "loss": loss_sum / n}
+    if per_class:
+        out["per_class"] = [] if seen is None else [None if int(s) == 0 else int(h) / int(s)
+                                                    for h, s in zip(hits, seen)]
+    return out
 
 
 # ---- the registry -------------------------------------------------------------------------------------------------

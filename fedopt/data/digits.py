@@ -81,6 +81,10 @@ class DigitsTask(ArrayTask):
     def data_seed(self, seed: int) -> int:
         return SPLIT_SEED
 
+    def cache_key(self) -> dict:
+        source = _digits_file().stat()
+        return {"replicate": self.replicate, "source_bytes": source.st_size, "source_mtime": source.st_mtime_ns}
+
     def arrays(self, seed: int):
         x, y, xt, yt = digits_arrays()
         if self.replicate > 1:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 
-__all__ = ["PartitionSpec", "iid_partition", "dirichlet_partition", "partition_indices"]
+__all__ = ["PartitionSpec", "iid_partition", "dirichlet_partition", "partition_indices", "partition_stats"]
 
 KINDS = ("iid", "dirichlet", "natural")
 
@@ -77,3 +77,22 @@ def partition_indices(spec: PartitionSpec, labels: np.ndarray, num_clients: int,
     if spec.kind == "dirichlet":
         return dirichlet_partition(labels, num_clients, spec.alpha, seed)
     raise DataError("the 'natural' partition needs a data set with its own users (e.g. the synthetic task)")
+
+
+def partition_stats(task, num_clients: int, seed: int, spec: PartitionSpec) -> dict | None:
+    """What each client holds: ``{"partition", "alpha", "clients", "sizes", "classes", "label_counts"}``.
+
+    Label counts need the task's ``shard_labels`` (ArrayTask and DatasetTask have it); sizes need ``shard_sizes``.
+    None when the task offers neither (its shards are only known by loading them)."""
+    sizes = task.shard_sizes(num_clients, seed, spec) if hasattr(task, "shard_sizes") else None
+    if sizes is None:
+        return None
+    out = {"partition": spec.kind, "alpha": spec.alpha if spec.kind == "dirichlet" else None,
+           "clients": num_clients, "sizes": [int(n) for n in sizes]}
+    if hasattr(task, "shard_labels"):
+        labels = task.shard_labels(num_clients, seed, spec)
+        classes = int(max((int(y.max()) for y in labels if len(y)), default=-1)) + 1
+        out["classes"] = classes
+        out["label_counts"] = [np.bincount(np.asarray(y, dtype=np.int64), minlength=classes).tolist()
+                               for y in labels]
+    return out
