@@ -26,6 +26,8 @@ from fedopt import testing, wire
 from fedopt.config import RunConfig
 from fedopt.errors import WireError
 
+from . import record
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 COUNT = int(os.environ.get("FEDOPT_FUZZ_EXAMPLES", "2000"))
 ROUNDS, CLIENTS, SEED = max(20, COUNT // 100), 3, 7  # enough rounds that the attack ends while training goes on
@@ -140,6 +142,7 @@ def test_coordinator_survives_hostile_traffic_while_training(tmp_path):
                 if not math.isfinite(a) or a < b - 0.15]
     assert not poisoned, f"rounds (round, accuracy, clean accuracy) the attack pulled down: {poisoned}; " \
                          f"see {tmp_path}/attack.log and coordinator.log"
+    record(f"coordinator: {stats['sent']} fuzzed messages while training", got[-1], clean[-1], rounds=len(rows))
     assert got[-1] >= clean[-1] - 0.05, (got[-1], clean[-1], stats)
     print(f"\nlive fuzz: {stats['sent']} messages sent over rounds 1-{stats['finished_at_round'] + 1} of {ROUNDS}, "
           f"{stats['updates']} hostile uploads pulled; accuracy {got[-1]:.3f} vs clean {clean[-1]:.3f}")

@@ -10,6 +10,7 @@ claimed by another key.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from coordinator.local import stop_processes
 from fedopt import bus, wire
 from fedopt.config import RunConfig
 from fedopt.metrics import read_metrics
+
+from . import record
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -171,6 +174,9 @@ def _assert_honest(run: Run, control: Run) -> list[float]:
     accs = [run.accuracy(i) for i in range(N)]
     clean = [control.accuracy(i) for i in range(N)]
     print(f"\nhonest accuracy {accs} vs clean control {clean}; attack {run.attack}")
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[-1].split(" ")[0]
+    record(f"gossip: {test.removeprefix('test_').replace('_', ' ')}", min(accs), min(clean),
+           rounds=min(len(run.rows(i)) for i in range(N)), **{k: v for k, v in run.attack.items() if k != "rss_before"})
     assert min(accs) >= min(clean) - CLOSE, (accs, clean)
     return accs
 
@@ -303,6 +309,8 @@ def test_40000_dpsgd_pushes_for_future_rounds_keep_memory_bounded(tmp_path):
         assert run.codes[i] == 0 and len(run.rows(i)) == ROUNDS, run.log(i)[-2000:]
     accs, clean = [run.accuracy(i) for i in range(N)], [control.accuracy(i) for i in range(N)]
     print(f"honest accuracy {accs} vs clean control {clean}")
+    record("gossip: 40,000 D-PSGD pushes for future rounds", min(accs), min(clean), rss_growth_mib=growth / 2**20,
+           rounds=min(len(run.rows(i)) for i in range(N)))
     assert min(accs) >= min(clean) - CLOSE
 
 
@@ -323,3 +331,50 @@ def test_an_address_claimed_by_another_key_is_refused(tmp_path, control):
     _assert_honest(run, control)
     assert "bound to another key" in run.log(0)
     assert run.attack["replies_as_peer_1"] == 0
+
+
+def test_hostile_traffic_at_training_peers(tmp_path, control):
+    """Random and mutated messages (fedopt.testing.hostile_frames, seeded by real gossip messages) at every honest
+    peer while it trains, interleaved with real exchanges: every peer finishes every round, near the control."""
+    import random
+
+    from fedopt import testing
+
+    count = int(os.environ.get("FEDOPT_FUZZ_EXAMPLES", "2000"))
+    rng = random.Random(11)
+    model = torch.zeros(64 * 64 + 64 + 64 * 10 + 10)
+    seeds = [[bytes(f) for f in wire.encode(m)] for m in (
+        wire.GossipPush(round=2, xid=5, version=2, num_samples=100, addr=ATTACKER, peers={ATTACKER: 1}, model=model),
+        wire.GossipReply(round=2, xid=5, version=2, num_samples=100, addr=ATTACKER, model=model),
+        wire.GossipFetch(xid=6, addr=ATTACKER, kind="exchange"), wire.GossipBusy(xid=7, addr=ATTACKER))]
+
+    rounds = ROUNDS if count <= 2000 else max(ROUNDS, count // 500)
+
+    def attack(ctx, urls, run, _keys):
+        socks = [_dealer(ctx, u) for u in urls[:N]]
+        sent = 0
+        while sent < count and not all(len(run.rows(i)) >= rounds for i in range(N)):
+            for s in socks:
+                try:
+                    s.send_multipart(testing.hostile_frames(rng, seeds, model.numel()), zmq.NOBLOCK)
+                    sent += 1
+                except zmq.Again:
+                    time.sleep(0.01)
+                while s.poll(0):
+                    s.recv_multipart()  # replies to fetches that happened to be well formed
+            time.sleep(0.001)
+        run.attack["sent"] = sent
+        for s in socks:
+            s.close(0)
+
+    run = swarm(tmp_path, attack, rounds=rounds)
+    if count <= 2000:
+        _assert_honest(run, control)
+    else:  # a longer run than the control's: every round completes and accuracy stays where training takes it
+        for i in range(N):
+            assert run.codes[i] == 0 and [r["round"] for r in run.rows(i)] == list(range(1, len(run.rows(i)) + 1))
+        record("gossip: fuzzed messages while training", min(run.accuracy(i) for i in range(N)),
+               min(control.accuracy(i) for i in range(N)), sent=run.attack["sent"])
+        assert min(run.accuracy(i) for i in range(N)) >= min(control.accuracy(i) for i in range(N)) - CLOSE
+    print(f"\nsent {run.attack['sent']} hostile messages")
+    assert run.attack["sent"] >= min(count, 500)

@@ -14,6 +14,8 @@ import pytest
 from fedopt.config import RunConfig
 from fedopt.secagg import ClientSession, shamir
 
+from . import record
+
 BASE = dict(task="digits", clients=8, rounds=8, local_epochs=1, seed=0, progress="off", aggregator="secagg",
             clip=10.0, bits=16)
 LIAR = "3"
@@ -82,6 +84,7 @@ def test_a_forged_share_is_set_aside_and_the_run_matches_the_clean_control(contr
     for out, info in outcomes:
         assert out.applied or info.get("aborted"), info
     assert all(out.applied for out, _ in outcomes)  # with t honest shares left, every round completes
+    record("secagg: a forged Shamir share", acc, control, rounds=len(outcomes))
     assert abs(acc - control) <= 0.02, (acc, control)
     assert f"forged Shamir shares from {LIAR}" in caplog.text
 
@@ -94,6 +97,7 @@ def test_ready_of_2_pow_40_then_dropout_does_not_stall_training():
         assert out.applied, info  # the dropout costs one client, never the round
         assert out.count == BASE["clients"] - 1
         assert out.weight <= (BASE["clients"] - 1) * 1_000_000
+    record("secagg: READY of 2**40 then dropout", acc, control, rounds=len(outcomes))
     assert abs(acc - control) <= 0.02, (acc, control)
 
 
