@@ -50,7 +50,7 @@ from fedopt.liveness import Liveness, LogBudget, Ticker
 from fedopt.metrics import RunOutput
 from fedopt.optimizers import make_server_optimizer
 from fedopt.params import ParamSpec
-from fedopt.task import TrainConfig, resolve_task, to_device
+from fedopt.task import resolve_task, to_device
 
 from .registry import Registry, RoundTracker
 from .rounds import Bounds, RoundServer

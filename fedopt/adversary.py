@@ -185,25 +185,35 @@ def _huge(m: wire.Train) -> torch.Tensor:
     return d * (1e30 / float(d.norm()))
 
 
+def _crowd(c: AttackContext, socks: list, answer: Callable[[_Session, wire.Message], None], t0: float) -> None:
+    """Many registered connections on one thread (a socket belongs to one thread): each message goes to ``answer``;
+    all heartbeat, claiming to have read every model (the claim is capped by what was sent)."""
+    last_hb = 0.0
+    while c.running(t0):
+        for s in socks:
+            while (m := s.recv(0.0)) is not None:
+                if isinstance(m, wire.Bye) and m.reason == "done":
+                    return
+                answer(s, m)
+        if time.monotonic() - last_hb > 0.3:
+            for s in socks:
+                s.send(wire.Heartbeat(round=10 ** 6))
+            last_hb = time.monotonic()
+        time.sleep(0.01)
+
+
+def _offer_only(s: _Session, m: wire.Message) -> None:
+    if isinstance(m, wire.Train):
+        s.send(wire.Offer(round=m.round, num_samples=100))  # and never upload when pulled
+
+
 def hold_credit(c: AttackContext, sessions: list) -> None:
     t0 = time.monotonic()
     socks = [_Session(c) for _ in range(c.count)]
     sessions.extend(socks)
     for i, s in enumerate(socks):
         _register(s, f"{c.client}-{i}", 100)
-    last_hb = 0.0
-    while c.running(t0):
-        for s in socks:
-            m = s.recv(0.0)
-            if isinstance(m, wire.Train):
-                s.send(wire.Offer(round=m.round, num_samples=100))  # and never upload when pulled
-            elif isinstance(m, wire.Bye) and m.reason == "done":
-                return
-        if time.monotonic() - last_hb > 0.3:
-            for s in socks:
-                s.send(wire.Heartbeat(round=10 ** 6))
-            last_hb = time.monotonic()
-        time.sleep(0.01)
+    _crowd(c, socks, _offer_only, t0)
 
 
 def sybil(c: AttackContext, sessions: list) -> None:
@@ -216,16 +226,7 @@ def sybil(c: AttackContext, sessions: list) -> None:
         sessions.append(s)
         socks.append(s)
         _register(s, f"{c.client}-{i}", 100)
-    last_hb = 0.0
-    while c.running(t0):
-        for s in socks:
-            while s.recv(0.0) is not None:  # read (TRAIN included) and never answer
-                pass
-        if time.monotonic() - last_hb > 0.3:
-            for s in socks:
-                s.send(wire.Heartbeat(round=10 ** 6))
-            last_hb = time.monotonic()
-        time.sleep(0.05)
+    _crowd(c, socks, lambda s, m: None, t0)  # read everything (TRAIN included), answer nothing
 
 
 def never_read(c: AttackContext, sessions: list) -> None:

@@ -99,13 +99,14 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
 import msgpack
 import numpy as np
 import torch
 
 from .errors import WireError
+from .wire_schema import CHECKS as _CHECKS, FETCH_KINDS, is_int as _is_int, show as _show
 
 __all__ = [
     "VERSION", "Limits", "Message", "Hello", "Welcome", "Ready", "Offer", "Pull", "Train", "UpdateMsg", "Evaluate", "Result",
@@ -123,7 +124,6 @@ _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # numpy has no bfloat16: bf16 frames are viewed as int16 and reinterpreted by torch
 _NUMPY = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16, "float64": np.float64}
 #: GOSSIP_FETCH kinds: pull a model to adopt, propose a push-pull exchange, or a final-mix exchange
-FETCH_KINDS = ("fetch", "exchange", "final")
 
 
 @dataclass(frozen=True)
@@ -284,98 +284,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 }
 
 
-# ---- the schema: one check per field name, shared by every type that has the field -----------------------------------
-def _show(v: Any, n: int = 40) -> str:
-    """A hostile value, shortened for an error message (a 64 KiB string must not become a 64 KiB log line)."""
-    r = repr(v)
-    return r if len(r) <= n else f"{r[:n]}...({len(r)} chars)"
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _int_in(what: str, v: Any, lo: int, hi: int) -> None:
-    """``lo <= v <= hi`` for a Python int (bool is not an int here)."""
-    if not _is_int(v) or not lo <= v <= hi:
-        raise WireError(f"{what} must be an int in [{lo}, {hi}], not {_show(v)}")
-
-
-def _text(what: str, v: Any, most: int) -> None:
-    if not isinstance(v, str) or len(v) > most or not v.isprintable():
-        raise WireError(f"{what} must be a printable str of at most {most} characters, not {_show(v)}")
-
-
-def _counter(cls: type[Message], name: str, v: Any, lim: Limits) -> None:
-    _int_in(f"{cls.TYPE}: {name}", v, 0, lim.max_int - 1)
-
-
-def _samples(cls: type[Message], name: str, v: Any, lim: Limits) -> None:
-    _int_in(f"{cls.TYPE}: {name}", v, cls.MIN_SAMPLES, lim.max_samples)
-
-
-def _name(cls: type[Message], name: str, v: Any, lim: Limits) -> None:
-    _text(f"{cls.TYPE}: {name}", v, lim.max_reason if name == "reason" else lim.max_name)
-
-
-def _fetch_kind(cls: type[Message], name: str, v: Any, lim: Limits) -> None:
-    if not isinstance(v, str) or v not in FETCH_KINDS:
-        raise WireError(f"{cls.TYPE}: {name} must be one of {', '.join(FETCH_KINDS)}, not {_show(v)}")
-
-
-def _map(what: str, v: Any, most: int, lim: Limits) -> None:
-    if not isinstance(v, dict) or len(v) > most:
-        raise WireError(f"{what} must be a map of at most {most} entries, not {_show(v)}")
-    for k in v:
-        _text(f"{what} key", k, lim.max_name)
-
-
-def _metrics(cls: type[Message], name: str, v: Any, lim: Limits) -> None:
-    _map(f"{cls.TYPE}: {name}", v, lim.max_metrics, lim)
-    for k, x in v.items():
-        # bool is an int; an int is kept below 2**53 so that it converts to a float exactly
-        if not (math.isfinite(x) if isinstance(x, float) else isinstance(x, int) and -lim.max_int < x < lim.max_int):
-            raise WireError(f"{cls.TYPE}: {name}[{_show(k)}] must be a finite number, not {_show(x)}")
-
-
-def _peers(cls: type[Message], name: str, v: Any, lim: Limits) -> None:
-    _map(f"{cls.TYPE}: {name}", v, lim.max_peers, lim)
-    for k, x in v.items():
-        _int_in(f"{cls.TYPE}: {name}[{_show(k)}]", x, 0, lim.max_int - 1)
-
-
-def _tree(cls: type[Message], name: str, v: Any, lim: Limits) -> None:
-    """Plain data a few levels deep: maps with str keys, lists, and scalars; bounded in depth and item count."""
-    what = f"{cls.TYPE}: {name}"
-    if not isinstance(v, dict):
-        raise WireError(f"{what} must be a map, not {type(v).__name__}")
-    budget = [lim.max_tree_items]
-
-    def walk(x: Any, depth: int) -> None:
-        budget[0] -= 1
-        if budget[0] < 0:
-            raise WireError(f"{what} holds more than {lim.max_tree_items} items")
-        if isinstance(x, (dict, list)):
-            if depth >= lim.max_depth:
-                raise WireError(f"{what} is nested more than {lim.max_depth} deep")
-            if isinstance(x, dict) and not all(isinstance(k, str) for k in x):
-                raise WireError(f"{what} has a key that is not a str")  # msgpack limits its length
-            for y in x.values() if isinstance(x, dict) else x:
-                walk(y, depth + 1)
-        elif not (x is None or isinstance(x, (str, bool, int, float))):
-            raise WireError(f"{what} holds a {type(x).__name__}, which the wire does not carry")
-
-    walk(v, 0)
-
-
-#: the check of each field name; every non-tensor field of every message type must appear here (checked at import)
-_CHECKS: dict[str, Callable[[type[Message], str, Any, Limits], None]] = {
-    "round": _counter, "xid": _counter, "version": _counter, "num_samples": _samples,
-    "sender": _name, "client": _name, "device": _name, "addr": _name, "reason": _name, "kind": _fetch_kind,
-    "metrics": _metrics, "peers": _peers, "spec": _tree, "config": _tree,
-}
-
-
+# ---- the schema: one check per field name (fedopt.wire_schema), shared by every type that has the field ------------
 def _header_fields(cls: type[Message]) -> tuple[str, ...]:
     names = tuple(f.name for f in fields(cls) if f.name not in cls.TENSORS and f.name != getattr(cls, "OPAQUE", None))
     missing = [n for n in names if n not in _CHECKS]
