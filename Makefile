@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/fedopt simulate --out runs/demo
+	$(VENV)/bin/fedopt simulate --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q

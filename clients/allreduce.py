@@ -104,6 +104,14 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def run_folder(args: argparse.Namespace) -> tuple[str, bool] | None:
+    """The launcher claims the output folder; under torchrun only rank 0 of the first attempt does (a restarted
+    group continues the run it started, and the other ranks write nothing)."""
+    if under_torchrun() and (os.environ.get("RANK") != "0" or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"):
+        return None
+    return args.out, args.resume
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if under_torchrun():

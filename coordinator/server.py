@@ -466,6 +466,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_bus_options(p)
 
 
+def run_folder(args: argparse.Namespace) -> tuple[str, bool]:
+    from fedopt.cli import config_out
+
+    return config_out(args), args.resume
+
+
 def run(args: argparse.Namespace) -> int:
     from fedopt.cli import round_overrides
 

@@ -13,9 +13,55 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["MetricsWriter", "read_metrics", "Reporter", "summary_table", "plot_accuracy", "REQUIRED_KEYS"]
+__all__ = ["MetricsWriter", "read_metrics", "Reporter", "summary_table", "plot_accuracy", "REQUIRED_KEYS",
+           "claim_run_dir"]
 
 REQUIRED_KEYS = ("round", "accuracy", "loss", "clients", "seconds", "bytes_up", "bytes_down")
+
+
+#: what a finished or interrupted run leaves in its folder (and in each peer-NNN sub-folder of a simulated swarm)
+_RESULTS = ("metrics.jsonl", "model.safetensors", "checkpoint.safetensors")
+_DERIVED = ("accuracy.png", "summary.json")  # made from the results; replaced with them
+
+
+def _holds_results(d: Path) -> bool:
+    return any(p.stat().st_size > 0 for p in (d / name for name in _RESULTS) if p.is_file())
+
+
+def claim_run_dir(out: str | os.PathLike, resume: bool | None = False, overwrite: bool = False) -> Path:
+    """Make sure a run may write into ``out`` before it starts, so no earlier result is lost by accident.
+
+    A folder holds results when it, or one of its ``peer-*`` sub-folders (``simulate --mode gossip``), has a
+    non-empty ``metrics.jsonl``, a model or a checkpoint. Such a folder is refused unless ``resume`` (continue it: it
+    must then hold a checkpoint) or ``overwrite`` (its result files are deleted here, and nothing else);
+    ``resume=None`` is a command that cannot resume. Raises ConfigError naming the folder and the ways out.
+    """
+    from .errors import ConfigError
+
+    d = Path(out)
+    if resume and overwrite:
+        raise ConfigError("give --resume (continue the run in the folder) or --overwrite (replace it), not both")
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"output folder {d} is a file")
+    folders = [d, *sorted(p for p in d.glob("peer-*") if p.is_dir())] if d.is_dir() else []
+    held = [f for f in folders if _holds_results(f)]
+    if not held:
+        return d
+    if resume:
+        if not (d / "checkpoint.safetensors").is_file() and not any(
+                (f / "checkpoint.safetensors").is_file() for f in held):
+            raise ConfigError(f"--resume: {d} holds results but no checkpoint to continue from "
+                              f"(give --overwrite to replace them)")
+        return d
+    if not overwrite:
+        ways = "give --overwrite to replace it" if resume is None else \
+            "give --resume to continue it or --overwrite to replace it"
+        raise ConfigError(f"{d} holds the results of an earlier run: {ways} (or choose another --out)")
+    for f in held:
+        for name in _RESULTS + _DERIVED:
+            (f / name).unlink(missing_ok=True)
+    print(f"fedopt: --overwrite: removed the earlier results in {d}", file=sys.stderr, flush=True)
+    return d
 
 
 class MetricsWriter:
