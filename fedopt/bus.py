@@ -68,8 +68,8 @@ def generate_keys(directory: str | os.PathLike, clients: int, force: bool = Fals
     d = Path(directory)
     old = existing_keys(d)
     if old and not force:
-        raise ConfigError(f"{d} already holds keys ({describe_keys(old)}): new keys would lock out every client "
-                          f"holding the old ones; give --force to replace them, or choose another folder")
+        raise ConfigError(f"the key folder {d} already holds keys ({describe_keys(old)}): new keys would lock out "
+                          f"every client holding the old ones; give --force to replace them, or choose another folder")
     for path in old:
         path.unlink()
     for sub in (d, d / "allowed", d / "clients"):
