@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
+import signal
 import socket
 import sys
 import uuid
@@ -117,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
     if under_torchrun():
         from .allreduce_worker import train_worker
 
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            # the agent owns the group: on Ctrl-C it stops every worker (with SIGINT) and reports once; a worker
+            # just ends, with no traceback of its own
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
         train_worker(cfg)
         return 0
     nproc = 1 if args.nproc is None else args.nproc
@@ -159,8 +165,18 @@ def launch(cfg: AllreduceConfig, nproc: int, max_restarts: int = 0, monitor_inte
     """Start ``nproc`` local workers with torch's elastic agent on loopback; returns 0, or 1 when the group failed."""
     preflight(cfg, nproc)
     import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    from coordinator.local import shared_cores_env
+
+    if nproc > 1:
+        # the workers share this machine's cores, as simulate's client processes do (torchrun would otherwise pick 1
+        # and print a warning about it); with one worker, a small model gets one thread from the worker itself
+        os.environ.setdefault("OMP_NUM_THREADS", shared_cores_env(nproc)["OMP_NUM_THREADS"])
+    # the agent's own notices (shutting down on a signal, rendezvous details) are not for the user: failures are
+    # reported below in one line
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
     # --nproc runs on this machine only: keep gloo's traffic on the loopback interface
     if "GLOO_SOCKET_IFNAME" not in os.environ and (lo := _loopback_interface()):
         os.environ["GLOO_SOCKET_IFNAME"] = lo
@@ -173,4 +189,6 @@ def launch(cfg: AllreduceConfig, nproc: int, max_restarts: int = 0, monitor_inte
         failures = ", ".join(f"rank {r} exit code {f.exitcode}" for r, f in sorted(e.failures.items()))
         sys.stderr.write(f"fedopt allreduce: error: worker group failed ({failures})\n")
         return 1
+    except SignalException:
+        raise KeyboardInterrupt from None  # the workers are stopped: the CLI says "interrupted" once, exit 130
     return 0
