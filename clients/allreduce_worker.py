@@ -182,7 +182,7 @@ class AllreduceWorker:
         if self.rank == 0:
             resumed = self.start_epoch > 0 or cfg.resume or self.restarts > 0
             output = RunOutput(cfg.out, cfg.epochs, cfg.progress, title=f"fedopt allreduce: {cfg.task}",
-                               resume_after=self.start_epoch if resumed else None)
+                               resume_after=self.start_epoch if resumed else None, plot=cfg.plot)
         record: dict = {}
         try:
             for epoch in range(self.start_epoch + 1, cfg.epochs + 1):
