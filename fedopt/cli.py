@@ -149,7 +149,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", choices=("federated", "gossip"), default=S)
     g.add_argument("--transport", choices=("inproc", "ipc", "tcp"), default=S,
                    help="inproc: this process (default); ipc/tcp: a coordinator and real client processes")
-    g.add_argument("--processes", type=int, default=S, help="client processes for --transport ipc|tcp")
+    g.add_argument("--processes", type=int, default=S,
+                   help="client processes for --transport ipc|tcp, one per client (sets --clients when not given)")
     g.add_argument("--peers", type=int, default=S, help="--mode gossip: number of peer processes (default --clients)")
     g.add_argument("--topology", choices=("ring", "exponential", "complete"), default=S,
                    help="--mode gossip: synchronous D-PSGD on this graph (default: random pairwise gossip)")
@@ -178,9 +179,13 @@ def run_folder(args: argparse.Namespace) -> tuple[str, bool | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .config import build_config
+    from .config import build_config, load_toml
 
-    cfg = build_config(args.config, round_overrides(args))
+    overrides = round_overrides(args)
+    if "processes" in overrides and "clients" not in overrides:
+        # one client per process unless --clients says otherwise (flag or config file)
+        overrides["clients"] = (load_toml(args.config) if args.config else {}).get("clients", overrides["processes"])
+    cfg = build_config(args.config, overrides)
     if cfg.mode == "gossip":
         from clients.gossip import simulate_gossip  # N peers as local processes
 

@@ -8,6 +8,7 @@ on ``--resume`` the file is cut back to the last checkpointed round first, so ev
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -132,6 +133,7 @@ class Reporter:
             )
             self._task = self._progress.add_task(title, total=total_rounds, acc="-")
             self._progress.start()
+            self._route_logs()
 
     def round_done(self, rec: dict) -> None:
         acc = rec.get("accuracy")
@@ -148,6 +150,40 @@ class Reporter:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+            root = logging.getLogger()
+            for above, original in self._routed:
+                root.removeHandler(above)
+                root.addHandler(original)
+            self._routed = []
+
+    def _route_logs(self) -> None:
+        """While the bar is live, log lines that would go to the terminal print through its console, above the bar
+        (a handler writing to stderr directly would draw them through it)."""
+        root = logging.getLogger()
+        self._routed: list[tuple[logging.Handler, logging.Handler]] = []
+        for h in list(root.handlers):
+            if type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.__stderr__, self.stream):
+                above = _AboveBar(self._progress.console, h)
+                root.removeHandler(h)
+                root.addHandler(above)
+                self._routed.append((above, h))
+
+
+class _AboveBar(logging.Handler):
+    """Prints the records another handler would write through a rich console, in that handler's format and level."""
+
+    def __init__(self, console, like: logging.Handler) -> None:
+        super().__init__(like.level)
+        self.console = console
+        self.setFormatter(like.formatter or logging.Formatter())
+        for f in like.filters:
+            self.addFilter(f)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.console.print(self.format(record), markup=False, highlight=False, emoji=False, soft_wrap=True)
+        except Exception:
+            self.handleError(record)
 
 
 def summary_table(records: Iterable[dict], title: str, extra: dict | None = None) -> str:
