@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/fedopt simulate --out runs/demo --overwrite
+	@echo "fedopt is installed in $(VENV): run '. $(VENV)/bin/activate' to put it on your PATH"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -178,14 +178,19 @@ def run_folder(args: argparse.Namespace) -> tuple[str, bool | None]:
     return config_out(args), None  # simulate always starts afresh
 
 
-def run(args: argparse.Namespace) -> int:
+def simulate_config(args: argparse.Namespace):
+    """The RunConfig of ``fedopt simulate``: defaults < --config < flags; --processes K alone also means K clients."""
     from .config import build_config, load_toml
 
     overrides = round_overrides(args)
     if "processes" in overrides and "clients" not in overrides:
         # one client per process unless --clients says otherwise (flag or config file)
         overrides["clients"] = (load_toml(args.config) if args.config else {}).get("clients", overrides["processes"])
-    cfg = build_config(args.config, overrides)
+    return build_config(args.config, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = simulate_config(args)
     if cfg.mode == "gossip":
         from clients.gossip import simulate_gossip  # N peers as local processes
 
