@@ -112,6 +112,7 @@ def load_allreduce_toml(path: str) -> dict:
             known = ", ".join(sorted(k.replace("_", "-") for k in fields))
             raise ConfigError(f"unknown config key {key!r} in {path} (known keys: {known})")
         if isinstance(value, dict) != (name == "task_options"):
-            raise ConfigError(f"config key {key!r} in {path} must be {'a table' if name == 'task_options' else 'a value'}")
+            kind = "a table" if name == "task_options" else "a value"
+            raise ConfigError(f"config key {key!r} in {path} must be {kind}")
         out[name] = dict(value) if isinstance(value, dict) else value
     return out

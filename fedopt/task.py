@@ -337,16 +337,16 @@ def _load_module(where: str) -> Any:
     except BaseException as e:
         raise _import_failure(where, e) from None
     cwd = os.getcwd()
+    missing = TaskError(f"cannot import task module {where!r}: not on the Python path, nor "
+                        f"{where.replace('.', '/')}.py in the current folder")
     if cwd in sys.path:
-        raise TaskError(f"cannot find task module {where!r} (not on the Python path, nor {where.replace('.', '/')}.py "
-                        f"in the current folder)")
+        raise missing
     sys.path.append(cwd)  # after everything else: a file here never shadows an installed package
     try:
         return importlib.import_module(where)
     except ModuleNotFoundError as e:
         if e.name is not None and (where == e.name or where.startswith(e.name + ".")):
-            raise TaskError(f"cannot find task module {where!r} (not on the Python path, nor "
-                            f"{where.replace('.', '/')}.py in the current folder)") from None
+            raise missing from None
         raise _import_failure(where, e) from None
     except BaseException as e:
         raise _import_failure(where, e) from None

@@ -26,7 +26,7 @@ from fedopt import bus
 from fedopt.cli import Parser, main
 from fedopt.config import tomllib
 from fedopt.errors import AuthError, FedoptError, TaskError
-from fedopt.metrics import Reporter, claim_run_dir, read_metrics
+from fedopt.metrics import Reporter, read_metrics
 from fedopt.task import resolve_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def _one_line(err: str) -> str:
     return lines[0]
 
 
-# ---- a run folder holding results is never emptied by accident ----------------------------------------------------------
+# ---- a run folder holding results is never emptied by accident -------------------------------------------------------
 def test_simulate_refuses_a_folder_holding_results_then_overwrites_on_request(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["simulate", *QUICK, "--out", str(out)]) == 0
@@ -96,6 +96,8 @@ def test_gossip_and_allreduce_refuse_a_folder_holding_results(tmp_path, command)
 
 
 def test_overwrite_deletes_only_result_files(tmp_path):
+    from fedopt.metrics import claim_run_dir
+
     out = tmp_path / "run"
     (out / "peer-000").mkdir(parents=True)
     for name in ("metrics.jsonl", "model.safetensors", "accuracy.png"):
@@ -109,7 +111,7 @@ def test_overwrite_deletes_only_result_files(tmp_path):
     claim_run_dir(out)  # nothing left to lose: accepted
 
 
-# ---- keys -------------------------------------------------------------------------------------------------------------
+# ---- keys ------------------------------------------------------------------------------------------------------------
 def _key_bytes(d: Path) -> dict[str, bytes]:
     return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
@@ -228,7 +230,7 @@ def test_a_client_pointed_at_nothing_names_the_address_and_how_long_it_tries(tmp
     assert "default 300" in " ".join(p.format_help().split())
 
 
-# ---- the join timeout is paid once ------------------------------------------------------------------------------------
+# ---- the join timeout is paid once -----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_join_timeout_is_paid_by_the_first_round_only(tmp_path):
     """3 rounds, one of 3 clients missing: round 1 waits the join timeout (nothing else can start it), rounds 2 and 3
@@ -305,11 +307,11 @@ def test_a_broken_task_file_is_one_line_naming_file_line_and_error(console_scrip
 
 
 def test_a_task_module_that_does_not_exist_is_named(console_script_path):
-    with pytest.raises(TaskError, match="cannot find task module 'fd_first_none'"):
+    with pytest.raises(TaskError, match="cannot import task module 'fd_first_none': not on the Python path"):
         resolve_task("fd_first_none:Tiny")
 
 
-# ---- allreduce: quiet start, clean Ctrl-C, one thread for small models, the same options ---------------------------------
+# ---- allreduce: quiet start, clean Ctrl-C, one thread for small models, the same options -----------------------------
 @pytest.mark.slow
 def test_allreduce_ctrl_c_is_one_line_and_exit_130_with_a_quiet_start(tmp_path):
     out = tmp_path / "run"
@@ -379,7 +381,7 @@ def test_simulate_processes_alone_sets_the_clients():
     assert simulate_config(p.parse_args(["--transport", "ipc", "--processes", "4", "--clients", "4"])).clients == 4
 
 
-# ---- on a terminal, log lines print above the progress bar -------------------------------------------------------------
+# ---- on a terminal, log lines print above the progress bar -----------------------------------------------------------
 def test_log_lines_go_through_the_progress_bar_console_while_it_runs(monkeypatch):
     import io
 
@@ -399,7 +401,7 @@ def test_log_lines_go_through_the_progress_bar_console_while_it_runs(monkeypatch
     assert root.handlers == [terminal]  # given back when the bar stops
 
 
-# ---- installing and starting -------------------------------------------------------------------------------------------
+# ---- installing and starting -----------------------------------------------------------------------------------------
 def test_pyproject_license_is_an_spdx_string_setuptools_understands():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert meta["project"]["license"] == "Apache-2.0"
