@@ -168,8 +168,9 @@ def test_a_client_holding_another_coordinators_key_says_so(tmp_path, caplog):
     ctx = zmq.Context()
     security = bus.security_for(url, str(ours), False, "coordinator")
     router = bus.router(ctx, url, security)
-    monitor = bus.handshake_monitor(router)
+    monitor = None
     try:
+        monitor = bus.handshake_monitor(router)
         # the client's coordinator.key is from folder b, while the coordinator at url holds folder a's pair
         client = FederatedClient(url, bus.security_for(url, str(theirs), False, "client", "client-000"), "0", 0, 1,
                                  heartbeat=0.2, give_up=8.0)
@@ -184,8 +185,9 @@ def test_a_client_holding_another_coordinators_key_says_so(tmp_path, caplog):
             seen += bus.handshake_failures(monitor)
         assert zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL in seen
     finally:
-        router.disable_monitor()
-        monitor.close(0)
+        if monitor is not None:
+            router.disable_monitor()
+            monitor.close(0)
         router.close(0)
         ctx.term()
 
