@@ -319,7 +319,7 @@ def test_allreduce_ctrl_c_is_one_line_and_exit_130_with_a_quiet_start(tmp_path):
     out = tmp_path / "run"
     env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}
     p = subprocess.Popen([sys.executable, "-m", "fedopt", "allreduce", "--nproc", "2", "--epochs", "100000",
-                          "--max-steps", "1", "--out", str(out), "--progress", "off", "--no-plot"],
+                          "--max-steps", "1", "--out", str(out), "--progress", "off"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         end = time.monotonic() + 120
