@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/fedopt simulate --out runs/demo
+	$(VENV)/bin/fedopt simulate --out runs/demo --overwrite
+	@echo "fedopt is installed in $(VENV): run '. $(VENV)/bin/activate' to put it on your PATH"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

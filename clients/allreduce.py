@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
+import signal
 import socket
 import sys
 import uuid
 
 from fedopt.errors import ConfigError
 
-from .allreduce_config import AllreduceConfig
+from .allreduce_config import AllreduceConfig, load_allreduce_toml
 
 __all__ = ["configure", "run", "launch", "config_from_args", "worker_argv", "under_torchrun"]
 
@@ -41,52 +43,71 @@ _DEFAULTS = AllreduceConfig()
 def configure(p: argparse.ArgumentParser) -> None:
     from fedopt.cli import parse_kv
 
-    d = _DEFAULTS
+    # every default is left out of the namespace, so --config can supply it (flags override the file)
+    d, S = _DEFAULTS, argparse.SUPPRESS
     g = p.add_argument_group("task and training")
-    g.add_argument("--task", default=d.task, help="built-in task (digits, synthetic, ...) or package.module:attr")
-    g.add_argument("--task-option", dest="task_options", action="append", type=parse_kv, default=[],
+    g.add_argument("--config", default=None, help="TOML file with any of these options (flags override it)")
+    g.add_argument("--task", default=S, help=f"built-in task (digits, synthetic, ...) or package.module:attr "
+                                             f"(default {d.task})")
+    g.add_argument("--task-option", dest="task_options", action="append", type=parse_kv, default=S,
                    metavar="KEY=VALUE", help="option for the task's factory (repeatable)")
-    g.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the train set (default {d.epochs})")
-    g.add_argument("--batch-size", type=int, default=d.batch_size,
+    g.add_argument("--epochs", type=int, default=S, help=f"passes over the train set (default {d.epochs})")
+    g.add_argument("--batch-size", type=int, default=S,
                    help=f"per-worker batch; the global batch is nproc times it (default {d.batch_size})")
-    g.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr})")
-    g.add_argument("--momentum", type=float, default=d.momentum)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default=d.optimizer)
-    g.add_argument("--clip-norm", type=float, default=None, help="clip the gradient to this L2 norm every step")
-    g.add_argument("--lr-schedule", choices=("constant", "cosine", "step"), default=d.lr_schedule,
-                   help="learning rate over epochs (default constant)")
-    g.add_argument("--lr-min", type=float, default=d.lr_min, help="cosine: the rate it decays towards")
-    g.add_argument("--lr-step", type=int, default=d.lr_step, help="step: epochs between decays")
-    g.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="step: factor of each decay")
-    g.add_argument("--max-steps", type=int, default=None, help="cap on optimizer steps per epoch and worker")
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--lr", type=float, default=S, help=f"learning rate (default {d.lr})")
+    g.add_argument("--momentum", type=float, default=S, help=f"default {d.momentum}")
+    g.add_argument("--weight-decay", type=float, default=S, help=f"default {d.weight_decay}")
+    g.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default=S, help=f"default {d.optimizer}")
+    g.add_argument("--clip-norm", type=float, default=S, help="clip the gradient to this L2 norm every step")
+    g.add_argument("--lr-schedule", choices=("constant", "cosine", "step"), default=S,
+                   help=f"learning rate over epochs (default {d.lr_schedule})")
+    g.add_argument("--lr-min", type=float, default=S, help=f"cosine: the rate it decays towards (default {d.lr_min})")
+    g.add_argument("--lr-step", type=int, default=S, help="step: epochs between decays")
+    g.add_argument("--lr-gamma", type=float, default=S, help=f"step: factor of each decay (default {d.lr_gamma})")
+    g.add_argument("--max-steps", type=int, default=S, help="cap on optimizer steps per epoch and worker")
+    g.add_argument("--seed", type=int, default=S, help=f"default {d.seed}")
     g = p.add_argument_group("synchronisation")
-    g.add_argument("--sync", default=d.sync, help="step (DDP every step, default) | local:H (average every H steps)")
-    g.add_argument("--outer-lr", type=float, default=None, help="local:H: DiLoCo outer Nesterov learning rate")
-    g.add_argument("--outer-momentum", type=float, default=d.outer_momentum,
+    g.add_argument("--sync", default=S, help="step (DDP every step, default) | local:H (average every H steps)")
+    g.add_argument("--outer-lr", type=float, default=S, help="local:H: DiLoCo outer Nesterov learning rate")
+    g.add_argument("--outer-momentum", type=float, default=S,
                    help=f"local:H with --outer-lr: outer momentum (default {d.outer_momentum})")
-    g.add_argument("--zero", action="store_true", help="shard optimizer state (torch ZeroRedundancyOptimizer)")
-    g.add_argument("--bucket-cap-mb", type=float, default=d.bucket_cap_mb, help="DDP bucket size (default 25)")
+    g.add_argument("--zero", action="store_true", default=S,
+                   help="shard optimizer state (torch ZeroRedundancyOptimizer)")
+    g.add_argument("--bucket-cap-mb", type=float, default=S, help=f"DDP bucket size (default {d.bucket_cap_mb:g})")
     g = p.add_argument_group("processes and devices")
     g.add_argument("--nproc", type=int, default=None,
                    help="launch N local workers through torch.distributed.run (default 1; ignored under torchrun)")
     g.add_argument("--max-restarts", type=int, default=0,
-                   help="with --nproc: restart the worker group up to R times after a failure")
-    g.add_argument("--backend", choices=("auto", "gloo", "nccl"), default=d.backend,
-                   help="auto: nccl when CUDA is present, gloo otherwise")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
-    g.add_argument("--timeout", type=float, default=d.timeout, help="seconds a collective may wait (default 300)")
+                   help="with --nproc: restart the worker group up to R times after a failure (default 0)")
+    g.add_argument("--backend", choices=("auto", "gloo", "nccl"), default=S,
+                   help="auto (default): nccl when CUDA is present, gloo otherwise")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=S, help=f"default {d.device}")
+    g.add_argument("--timeout", type=float, default=S,
+                   help=f"seconds a collective may wait (default {d.timeout:g})")
     g = p.add_argument_group("output")
-    g.add_argument("--out", default=d.out, help=f"output directory (default {d.out})")
+    g.add_argument("--out", default=S, help=f"output directory (default {d.out})")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
-    g.add_argument("--progress", choices=("auto", "bar", "lines", "off"), default=d.progress)
+    g.add_argument("--progress", choices=("auto", "bar", "lines", "off"), default=S, help=f"default {d.progress}")
+    g.add_argument("--no-plot", dest="plot", action="store_false", default=S,
+                   help="skip OUT/accuracy.png (saves about a second of matplotlib start-up)")
 
 
 def config_from_args(args: argparse.Namespace) -> AllreduceConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(AllreduceConfig) if hasattr(args, f.name)}
-    values["task_options"] = dict(values.get("task_options") or [])
+    """Defaults < the --config file < flags."""
+    values = load_allreduce_toml(args.config) if getattr(args, "config", None) else {}
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(AllreduceConfig) if hasattr(args, f.name)}
+    options = {**values.get("task_options", {}), **dict(given.pop("task_options", None) or [])}
+    values.update(given)
+    values["task_options"] = options
     return AllreduceConfig(**values)
+
+
+def run_folder(args: argparse.Namespace) -> tuple[str, bool] | None:
+    """The launcher claims the output folder; under torchrun only rank 0 of the first attempt does (a restarted
+    group continues the run it started, and the other ranks write nothing)."""
+    if under_torchrun() and (os.environ.get("RANK") != "0" or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"):
+        return None
+    return config_from_args(args).out, args.resume
 
 
 def worker_argv(cfg: AllreduceConfig) -> list[str]:
@@ -101,7 +122,7 @@ def worker_argv(cfg: AllreduceConfig) -> list[str]:
             for k, v in value.items():
                 out += ["--task-option", f"{k}={v}"]
         elif isinstance(value, bool):
-            out += [flag] if value else []
+            out += [flag] if value else ["--no-" + f.name.replace("_", "-")]  # a switch whose default is on
         else:
             out += [flag, str(value)]
     return out
@@ -116,6 +137,10 @@ def run(args: argparse.Namespace) -> int:
     if under_torchrun():
         from .allreduce_worker import train_worker
 
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            # the agent owns the group: on Ctrl-C it stops every worker (with SIGINT) and reports once; a worker
+            # just ends, with no traceback of its own
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
         train_worker(cfg)
         return 0
     nproc = 1 if args.nproc is None else args.nproc
@@ -158,8 +183,20 @@ def launch(cfg: AllreduceConfig, nproc: int, max_restarts: int = 0, monitor_inte
     """Start ``nproc`` local workers with torch's elastic agent on loopback; returns 0, or 1 when the group failed."""
     preflight(cfg, nproc)
     import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    from coordinator.local import shared_cores_env
+
+    if nproc > 1:
+        # the workers share this machine's cores, as simulate's client processes do (torchrun would otherwise pick 1
+        # and print a warning about it); with one worker, a small model gets one thread from the worker itself
+        os.environ.setdefault("OMP_NUM_THREADS", shared_cores_env(nproc)["OMP_NUM_THREADS"])
+    # the agent's own notices (shutting down on a signal, rendezvous details) are not for the user: failures are
+    # reported below in one line
+    for name in list(logging.root.manager.loggerDict):  # torch gives each of its modules a logger with its own level
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     # --nproc runs on this machine only: keep gloo's traffic on the loopback interface
     if "GLOO_SOCKET_IFNAME" not in os.environ and (lo := _loopback_interface()):
         os.environ["GLOO_SOCKET_IFNAME"] = lo
@@ -172,4 +209,6 @@ def launch(cfg: AllreduceConfig, nproc: int, max_restarts: int = 0, monitor_inte
         failures = ", ".join(f"rank {r} exit code {f.exitcode}" for r, f in sorted(e.failures.items()))
         sys.stderr.write(f"fedopt allreduce: error: worker group failed ({failures})\n")
         return 1
+    except SignalException:
+        raise KeyboardInterrupt from None  # the workers are stopped: the CLI says "interrupted" once, exit 130
     return 0

@@ -12,7 +12,7 @@ from fedopt.schedules import OPTIMIZERS, SCHEDULES, scheduled_lr
 
 from .allreduce_sync import parse_sync
 
-__all__ = ["AllreduceConfig"]
+__all__ = ["AllreduceConfig", "load_allreduce_toml"]
 
 
 def _number(name: str, value, low: float, strict: bool = False, kind=(int, float)) -> None:
@@ -52,6 +52,7 @@ class AllreduceConfig:
     out: str = "runs/latest"
     resume: bool = False
     progress: str = "auto"
+    plot: bool = True  # write OUT/accuracy.png (when matplotlib is installed)
 
     def __post_init__(self):
         if not isinstance(self.task, str) or not self.task:
@@ -109,3 +110,33 @@ class AllreduceConfig:
 
     def replace(self, **changes) -> "AllreduceConfig":
         return dataclasses.replace(self, **changes)
+
+
+def load_allreduce_toml(path: str) -> dict:
+    """A ``--config`` file for ``fedopt allreduce``: the flags' names (``batch-size`` or ``batch_size``) at top level or
+    under an ``[allreduce]`` table, plus a ``[task-options]`` table. Errors name the file and the key."""
+    from fedopt.config import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file is a directory: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    if isinstance(raw.get("allreduce"), dict):
+        raw = {**{k: v for k, v in raw.items() if k != "allreduce"}, **raw["allreduce"]}
+    fields = {f.name for f in dataclasses.fields(AllreduceConfig)} - {"resume"}
+    out = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            known = ", ".join(sorted(k.replace("_", "-") for k in fields))
+            raise ConfigError(f"unknown config key {key!r} in {path} (known keys: {known})")
+        if isinstance(value, dict) != (name == "task_options"):
+            kind = "a table" if name == "task_options" else "a value"
+            raise ConfigError(f"config key {key!r} in {path} must be {kind}")
+        out[name] = dict(value) if isinstance(value, dict) else value
+    return out

@@ -38,6 +38,7 @@ from fedopt.params import ParamSpec
 from fedopt.task import TrainConfig, resolve_task, to_device
 
 from .allreduce_config import AllreduceConfig
+from .runner import SMALL_MODEL
 from .allreduce_sync import CommCounter, LocalSGDAverager, ShardSampler, counting_allreduce_hook, steps_per_rank
 
 __all__ = ["dist_env", "pick_backend", "train_worker", "AllreduceWorker"]
@@ -121,6 +122,8 @@ class AllreduceWorker:
         torch.manual_seed(cfg.seed)  # the same initial model on every rank (DDP also broadcasts rank 0's)
         self.module = self.task.build_model().to(device)
         self.spec = ParamSpec.from_module(self.module, "average")
+        if self.spec.size < SMALL_MODEL and device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(1)  # as every other mode does for small models (see clients.runner.SMALL_MODEL)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.data = self.task.load_data(0, 1, cfg.seed, PartitionSpec("iid")).to(device)
         self.test = None
@@ -182,7 +185,7 @@ class AllreduceWorker:
         if self.rank == 0:
             resumed = self.start_epoch > 0 or cfg.resume or self.restarts > 0
             output = RunOutput(cfg.out, cfg.epochs, cfg.progress, title=f"fedopt allreduce: {cfg.task}",
-                               resume_after=self.start_epoch if resumed else None)
+                               resume_after=self.start_epoch if resumed else None, plot=cfg.plot)
         record: dict = {}
         try:
             for epoch in range(self.start_epoch + 1, cfg.epochs + 1):

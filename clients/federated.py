@@ -175,6 +175,8 @@ class FederatedClient:
     # ---- the socket thread --------------------------------------------------------------------------------------
     def serve(self) -> int:
         self.worker.start()
+        log.info("client %s: connecting to the coordinator at %s (gives up after %.0fs without one: --give-up)",
+                 self.client, self.connect, self.give_up)
         backoff = Backoff(0.25, cap=8.0)
         last_contact = time.monotonic()
         try:
@@ -188,7 +190,9 @@ class FederatedClient:
                 if time.monotonic() - last_contact > self.give_up:
                     raise FedoptError(f"no coordinator at {self.connect} for {self.give_up:.0f}s: giving up")
                 delay = backoff.next()
-                log.info("client %s: reconnecting in %.2fs", self.client, delay)
+                left = self.give_up - (time.monotonic() - last_contact)
+                log.info("client %s: reconnecting to %s in %.2fs (giving up in %.0fs)", self.client, self.connect,
+                         delay, left)
                 time.sleep(delay)
         finally:
             self.worker.stopping.set()
@@ -199,7 +203,7 @@ class FederatedClient:
     def _session(self) -> str:
         """One connection; returns "done", "welcomed" (lost after registering) or "lost" (never registered)."""
         sock = bus.dealer(self.ctx, self.connect, self.security)
-        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH) if self.security.curve else None
+        monitor = bus.handshake_monitor(sock) if self.security.curve else None
         ep = bus.Endpoint(sock)
         poller = zmq.Poller()
         for s in (sock, self.pipe, monitor):
@@ -215,9 +219,7 @@ class FederatedClient:
             while True:
                 events = dict(poller.poll(int(max(0.01, ticker.remaining()) * 1000)))
                 if monitor is not None and monitor in events:
-                    monitor.recv_multipart()
-                    raise AuthError(f"the coordinator at {self.connect} refused this client's key "
-                                    f"(it is not in the coordinator's allow-list)")
+                    self._handshake_failed(bus.handshake_failures(monitor))
                 if self.pipe in events:
                     self.pipe.recv()
                     self._deliver(ep)
@@ -245,7 +247,8 @@ class FederatedClient:
                 if ticker.due():
                     ep.send(wire.Heartbeat(round=self._models_read, sender=self.client))
                 if live.expire():
-                    log.warning("client %s: coordinator silent for %d heartbeats", self.client, live.misses)
+                    log.warning("client %s: no answer from the coordinator at %s for %d heartbeats (%.0fs)",
+                                self.client, self.connect, live.misses, live.misses * self.heartbeat)
                     return "welcomed" if welcomed else "lost"
                 if self.exit_with_parent is not None and os.getppid() != self.exit_with_parent:
                     return "done"  # the process that started us is gone: no strays
@@ -254,6 +257,15 @@ class FederatedClient:
                 sock.disable_monitor()
                 monitor.close(0)
             ep.close()
+
+    def _handshake_failed(self, events: list[int]) -> None:
+        """A CurveZMQ handshake failed: the keys are wrong, which retrying cannot mend. Raises AuthError."""
+        if zmq.EVENT_HANDSHAKE_FAILED_AUTH in events:
+            raise AuthError(f"the coordinator at {self.connect} refused this client's key (it is not in the "
+                            f"coordinator's allow-list)")
+        if events:
+            raise AuthError(f"the CurveZMQ handshake with {self.connect} failed: the coordinator.key this client "
+                            f"holds is not that coordinator's key (were the keys generated again?)")
 
     def _handle(self, ep: bus.Endpoint, msg: wire.Message) -> str | None:
         if isinstance(msg, wire.Welcome):
@@ -373,7 +385,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--id", default=None, help="stable client id (default: the shard index)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval before the coordinator's is known")
-    p.add_argument("--give-up", type=float, default=300.0, help="seconds without a coordinator before exiting")
+    p.add_argument("--give-up", type=float, default=300.0,
+                   help="seconds without a coordinator before exiting (default 300)")
     p.add_argument("--identities", default=None,
                    help="secagg: folder with identities/*.pub (every client's pinned identity) and this client's "
                         "identity secret (default: --keys)")

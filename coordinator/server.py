@@ -3,7 +3,9 @@
 One thread owns the socket and runs an event loop: receive (with a short poll timeout), send heartbeats, expire
 silent clients, and advance the round. A round::
 
-    wait   until every client is ready, or --join-timeout passed with at least --min-clients ready
+    wait   the first round (of this process) until every client is ready, or --join-timeout passed with at least
+           --min-clients ready; every later round starts at once with the clients ready (at least --min-clients).
+           While it waits, the coordinator says so, and each round records the seconds it waited ("waited")
     train  plan (seeded selection) -> TRAIN to each selected client -> OFFER/PULL/UPDATE, each update folded into the
            aggregator as it arrives and its frame released (streaming; see fedopt.wire on upload credit)
     close  when every selected client answered or dropped, or at --deadline with >= --min-clients updates;
@@ -112,6 +114,11 @@ class Coordinator:
         self.auth = bus.start_authenticator(self.ctx, security)
         self.ep = bus.Endpoint(bus.router(self.ctx, bind, security), wire_dtype=cfg.wire_dtype)
         self.keyed = security.curve  # client ids come from keys, not from HELLO
+        # a client holding another coordinator's key fails the handshake before any message: only a monitor sees it
+        self.handshakes = bus.handshake_monitor(self.ep.sock) if security.curve else None
+        self._handshake_log = LogBudget(3, 10.0, clock)
+        log.info("listening on %s (%s); waiting for %d clients", bind,
+                 "CurveZMQ" if security.curve else "no encryption", cfg.clients)
         self.registry = Registry(cfg.client_cap)
         self.live: Liveness[bytes] = Liveness(cfg.heartbeat, clock=clock)
         self.ticker = Ticker(cfg.heartbeat, clock=clock)
@@ -121,6 +128,10 @@ class Coordinator:
         self.tracker: RoundTracker | None = None
         self.evals: dict | None = None  # federated evaluation in progress: {"pending", "deadline", "results"}
         self._wait_since = clock()
+        self._idle_since = clock()  # when the coordinator became free to start the next round
+        self._waited = 0.0  # how long the round in progress waited for clients
+        self._joined = False  # the join timeout applies once: to the first round this process runs
+        self._waiting_said: tuple | None = None  # (ready, when) of the last "waiting for clients" line
         self._attempt = 0
         self._failed: set[str] = set()  # clients that failed an attempt at this round: not selected again for it
         self._round_t0 = 0.0
@@ -131,6 +142,7 @@ class Coordinator:
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def serve(self) -> int:
+        started = time.perf_counter()
         try:
             while self.round <= self.cfg.rounds:
                 self._pump(min(0.05, self.ticker.remaining()))
@@ -140,6 +152,7 @@ class Coordinator:
                 self.ep.send(wire.Bye(reason="done"), to=peer)
             self.output.finish(self.spec, self.server.global_vec,
                                {"clients": f"{self.cfg.clients} ({self.cfg.per_round} per round)",
+                                "wall time": f"{time.perf_counter() - started:.1f} s (waits for clients included)",
                                 "out": str(self.output.dir), "dropped messages": self.dropped_messages})
             time.sleep(0.2)  # let the BYEs leave before the socket closes (linger is 0)
             return 0
@@ -148,6 +161,10 @@ class Coordinator:
 
     def close(self) -> None:
         self.output.close()
+        if self.handshakes is not None:
+            self.ep.sock.disable_monitor()
+            self.handshakes.close(0)
+            self.handshakes = None
         self.ep.close()
         if self.auth is not None:
             self.auth.stop()
@@ -338,6 +355,10 @@ class Coordinator:
             self._lost(rec.client, reason)
 
     def _keepalive(self) -> None:
+        if self.handshakes is not None and zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL in bus.handshake_failures(
+                self.handshakes) and (skipped := self._handshake_log.take()) is not None:
+            log.warning("curve: a client failed the handshake: it does not hold this coordinator's public key "
+                        "(give it this coordinator.key)%s", f" ({skipped} more not logged)" if skipped else "")
         for peer in self.live.expire():
             rec = self.registry.get(peer)
             log.warning("client %s is silent for %d heartbeats: dead", rec.client if rec else "?", self.live.misses)
@@ -359,19 +380,39 @@ class Coordinator:
                 self._close()
         else:
             sizes = {c: n for c, n in self.registry.sizes(self.round).items() if c not in self._failed}
-            # a retry goes on with whoever is left at once; a new round first waits for every client (or the timeout)
-            waited = self._attempt > 0 or now - self._wait_since >= self.cfg.join_timeout
+            # the first round waits for every client (or the join timeout); a retry, and every later round, goes on
+            # at once with whoever is ready
+            waited = self._joined or self._attempt > 0 or now - self._wait_since >= self.cfg.join_timeout
             if len(sizes) >= self.cfg.clients or (waited and len(sizes) >= self.cfg.min_clients):
                 self._start(sizes)
             elif self._attempt >= MAX_ATTEMPTS and now - self._wait_since >= self.cfg.join_timeout:
                 raise RoundError(f"round {self.round} missed its quorum of {self.cfg.min_clients} in "
                                  f"{self._attempt} attempts, and no other client is ready")
+            else:
+                self._say_waiting(now, len(sizes), waited)
+
+    def _say_waiting(self, now: float, ready: int, waited: bool) -> None:
+        """One line when the number of ready clients changes, and every 10 s, so a wait is never silent."""
+        said = self._waiting_said
+        if said is not None and said[0] == ready and now - said[1] < 10.0:
+            return
+        self._waiting_said = (ready, now)
+        if waited:
+            log.info("round %d: waiting for clients (%d ready, %d needed: --min-clients)", self.round, ready,
+                     self.cfg.min_clients)
+        else:
+            left = self.cfg.join_timeout - (now - self._wait_since)
+            log.info("round %d: waiting for %d clients (%d ready); starts with at least %d in %.0fs (--join-timeout)",
+                     self.round, self.cfg.clients, ready, self.cfg.min_clients, max(0.0, left))
 
     def _start(self, sizes: dict[str, int]) -> None:
         r = self.round
         self._attempt += 1
+        self._joined = True
+        self._waiting_said = None
         if self._attempt == 1:
             self._round_t0 = time.perf_counter()
+            self._waited = self.clock() - self._idle_since
             self._bytes0 = (self.ep.bytes_in, self.ep.bytes_out)
         if self.cfg.aggregator == "secagg":
             from .secure_bus import secure_round
@@ -432,6 +473,7 @@ class Coordinator:
             "selected": len(self.jobs), "stragglers": sum(j.straggler for j in self.jobs),
             "rejected": len(outcome.rejected), "train_loss": outcome.train_loss,
             "seconds": time.perf_counter() - self._round_t0, "attempts": self._attempt,
+            "waited": round(self._waited, 3),  # seconds this round waited for clients before its first attempt
             "bytes_up": self.ep.bytes_in - self._bytes0[0], "bytes_down": self.ep.bytes_out - self._bytes0[1],
             **self._round_info,
         }
@@ -448,7 +490,7 @@ class Coordinator:
         self.round += 1
         self._attempt = 0
         self._failed = set()
-        self._wait_since = self.clock()
+        self._wait_since = self._idle_since = self.clock()
 
 
 # ---- `fedopt coordinator` -----------------------------------------------------------------------------------------------
@@ -465,6 +507,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     add_round_options(p)
     add_bus_options(p)
+
+
+def run_folder(args: argparse.Namespace) -> tuple[str, bool]:
+    from fedopt.cli import config_out
+
+    return config_out(args), args.resume
 
 
 def run(args: argparse.Namespace) -> int:

@@ -41,18 +41,37 @@ from zmq.auth.thread import ThreadAuthenticator
 from . import wire
 from .errors import AuthError, ConfigError, WireError
 
-__all__ = ["Security", "security_for", "generate_keys", "router", "dealer", "Endpoint", "start_authenticator",
+__all__ = ["Security", "security_for", "generate_keys", "existing_keys", "handshake_monitor", "handshake_failures", "router", "dealer", "Endpoint", "start_authenticator",
            "enrolled_id", "enrolled_keys", "configure", "run"]
 
 log = logging.getLogger("fedopt.bus")
 
 
 # ---- keys -----------------------------------------------------------------------------------------------------------
-def generate_keys(directory: str | os.PathLike, clients: int) -> Path:
-    """Write a coordinator key pair and ``clients`` client key pairs laid out as the module docstring shows."""
+def existing_keys(directory: str | os.PathLike) -> list[Path]:
+    """The key files of a ``fedopt keys generate`` layout already in ``directory`` (public and secret)."""
+    d = Path(directory)
+    found = [d / n for n in ("coordinator.key", "coordinator.key_secret") if (d / n).is_file()]
+    for sub, pattern in (("allowed", "*.key"), ("clients", "*.key_secret"), ("clients", "*.identity_secret"),
+                         ("identities", "*.pub")):
+        found += sorted((d / sub).glob(pattern))
+    return found
+
+
+def generate_keys(directory: str | os.PathLike, clients: int, force: bool = False) -> Path:
+    """Write a coordinator key pair and ``clients`` client key pairs laid out as the module docstring shows.
+
+    A folder that already holds keys is refused (ConfigError): new keys lock out every client holding the old
+    coordinator key. With ``force`` the old key files are deleted first, so no stale client key stays admitted."""
     if clients < 1:
         raise ConfigError(f"--clients must be >= 1, not {clients}")
     d = Path(directory)
+    old = existing_keys(d)
+    if old and not force:
+        raise ConfigError(f"the key folder {d} already holds keys ({describe_keys(old)}): new keys would lock out "
+                          f"every client holding the old ones; give --force to replace them, or choose another folder")
+    for path in old:
+        path.unlink()
     for sub in (d, d / "allowed", d / "clients"):
         sub.mkdir(parents=True, exist_ok=True)
     zmq.auth.create_certificates(d, "coordinator")
@@ -67,7 +86,21 @@ def generate_keys(directory: str | os.PathLike, clients: int) -> Path:
     return d
 
 
+def describe_keys(paths: list[Path]) -> str:
+    """A short count of key files: "the coordinator key pair, 8 client keys, 8 client secrets, ..."."""
+    counts: dict[str, int] = {}
+    for p in paths:
+        kind = ("the coordinator key pair" if p.name.startswith("coordinator.") else
+                "client public keys" if p.parent.name == "allowed" else
+                "client identity secrets" if p.name.endswith(".identity_secret") else
+                "client secret keys" if p.name.endswith(".key_secret") else "identity public keys")
+        counts[kind] = counts.get(kind, 0) + 1
+    return ", ".join(k if k.startswith("the ") else f"{n} {k}" for k, n in counts.items())
+
+
 def _load_pair(path: Path, what: str) -> tuple[bytes, bytes]:
+    if not path.is_file():
+        raise AuthError(f"the {what} secret key {path} is missing (make keys with: fedopt keys generate DIR)")
     try:
         public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as e:
@@ -114,6 +147,9 @@ def security_for(url: str, keys: str | None, insecure: bool, role: str, name: st
         if not allowed.is_dir() or not any(allowed.glob("*.key")):
             raise AuthError(f"{allowed} holds no client public keys: no client could ever join")
         return Security(public, secret, allowed_dir=allowed)
+    if not (d / "coordinator.key").is_file():
+        raise AuthError(f"{d / 'coordinator.key'} is missing: copy coordinator.key from the coordinator's key folder "
+                        f"(made by fedopt keys generate) into {d}")
     try:
         server_key, _ = zmq.auth.load_certificate(d / "coordinator.key")
     except (OSError, ValueError) as e:
@@ -240,6 +276,32 @@ def dealer(ctx: zmq.Context, url: str, security: Security, limits: wire.Limits =
     return sock
 
 
+#: a CurveZMQ handshake that failed, as a socket monitor reports it: NO_DETAIL on a client whose pinned server key is
+#: not the server's (measured: pyzmq 26 / libzmq 4.3), PROTOCOL (a cryptographic error) on that server, AUTH (ZAP
+#: status 400) on a client whose key the server's allow-list does not hold
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+def handshake_monitor(sock: zmq.Socket) -> zmq.Socket:
+    """A monitor socket reporting ``sock``'s failed CurveZMQ handshakes; read it with :func:`handshake_failures` in
+    the thread that owns ``sock``, and close it with ``sock.disable_monitor(); monitor.close(0)``."""
+    return sock.get_monitor_socket(HANDSHAKE_FAILED)
+
+
+def handshake_failures(monitor: zmq.Socket) -> list[int]:
+    """The handshake-failure events queued on ``monitor`` (``zmq.EVENT_HANDSHAKE_FAILED_*``), without waiting."""
+    from zmq.utils.monitor import parse_monitor_message
+
+    events = []
+    while True:
+        try:
+            frames = monitor.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return events
+        events.append(int(parse_monitor_message(frames)["event"]))
+
+
 #: frame size for tensors sent over CurveZMQ (see :class:`Endpoint`)
 CURVE_CHUNK_BYTES = 1 << 20
 
@@ -335,16 +397,23 @@ def configure(p: argparse.ArgumentParser) -> None:
     g = sub.add_parser("generate", help="write a coordinator key pair and N client key pairs into DIR")
     g.add_argument("dir", help="directory to write the keys into (created if missing)")
     g.add_argument("--clients", type=int, default=8, help="number of client key pairs (default 8)")
+    g.add_argument("--force", action="store_true",
+                   help="replace the keys DIR already holds (every client then needs its new files)")
 
 
 def run(args: argparse.Namespace) -> int:
-    d = generate_keys(args.dir, args.clients)
+    old = existing_keys(args.dir) if args.force else []
+    d = generate_keys(args.dir, args.clients, force=args.force)
+    if old:
+        print(f"replaced the keys in {d} ({describe_keys(old)}): clients holding the old files can no longer "
+              f"connect; give each its new ones", file=sys.stderr)
     print(f"wrote CurveZMQ keys to {d}:\n"
           f"  coordinator: {d / 'coordinator.key_secret'} (keep here), {d / 'coordinator.key'} (give to clients)\n"
           f"  allow-list:  {d / 'allowed'}/ ({args.clients} client public keys the coordinator admits)\n"
           f"  clients:     {d / 'clients'}/client-NNN.key_secret (give each client only its own)\n"
           f"  secagg:      {d / 'identities'}/ (identity public keys: give to every client), "
-          f"{d / 'clients'}/client-NNN.identity_secret (give each client only its own)")
+          f"{d / 'clients'}/client-NNN.identity_secret (give each client only its own)\n"
+          f"keep {d} out of version control (it holds secret keys)")
     return 0
 
 

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from .errors import FedoptError
 
-__all__ = ["main", "add_round_options", "add_bus_options", "round_overrides", "parse_kv"]
+__all__ = ["main", "add_round_options", "add_bus_options", "round_overrides", "parse_kv", "RUN_FOLDER_COMMANDS"]
 
 # name -> (module implementing configure/run, one-line description)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -27,6 +27,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("fedopt.bus", "make CurveZMQ key pairs: fedopt keys generate DIR"),
     "plot": ("fedopt.plots", "compare runs on one figure: fedopt plot RUN [RUN ...] --out FILE.png"),
 }
+#: commands that write a run folder (OUT/metrics.jsonl, model, checkpoint): each takes --overwrite, and its folder is
+#: claimed (fedopt.metrics.claim_run_dir) before the command starts. A module may define ``run_folder(args) ->
+#: (out, resume) | None`` when its folder is not simply ``args.out`` (None: this process does not claim it; resume
+#: None: the command cannot resume).
+RUN_FOLDER_COMMANDS = ("simulate", "coordinator", "gossip", "allreduce")
 
 
 class Parser(argparse.ArgumentParser):
@@ -144,7 +149,7 @@ def round_overrides(args: argparse.Namespace, skip: Sequence[str] = ("config",))
     """The RunConfig fields the user gave on the command line (key=value lists become dicts)."""
     out = {}
     for k, v in vars(args).items():
-        if k in skip or k.startswith("_"):
+        if k in skip or k == "overwrite" or k.startswith("_"):
             continue
         out[k] = dict(v) if isinstance(v, list) else v
     return out
@@ -158,7 +163,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", choices=("federated", "gossip"), default=S)
     g.add_argument("--transport", choices=("inproc", "ipc", "tcp"), default=S,
                    help="inproc: this process (default); ipc/tcp: a coordinator and real client processes")
-    g.add_argument("--processes", type=int, default=S, help="client processes for --transport ipc|tcp")
+    g.add_argument("--processes", type=int, default=S,
+                   help="client processes for --transport ipc|tcp, one per client (sets --clients when not given)")
     g.add_argument("--peers", type=int, default=S, help="--mode gossip: number of peer processes (default --clients)")
     g.add_argument("--topology", choices=("ring", "exponential", "complete"), default=S,
                    help="--mode gossip: synchronous D-PSGD on this graph (default: random pairwise gossip)")
@@ -172,10 +178,33 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="memory for per-client state (SCAFFOLD); past it, state spills to disk (default 256)")
 
 
-def run(args: argparse.Namespace) -> int:
-    from .config import build_config
+def config_out(args: argparse.Namespace) -> str:
+    """The run folder of a command built from add_round_options: --out, else the config file's, else the default."""
+    from .config import RunConfig, load_toml
 
-    cfg = build_config(args.config, round_overrides(args))
+    if "out" in vars(args):
+        return args.out
+    from_file = load_toml(args.config).get("out") if getattr(args, "config", None) else None
+    return str(from_file) if from_file is not None else RunConfig.out
+
+
+def run_folder(args: argparse.Namespace) -> tuple[str, bool | None]:
+    return config_out(args), None  # simulate always starts afresh
+
+
+def simulate_config(args: argparse.Namespace):
+    """The RunConfig of ``fedopt simulate``: defaults < --config < flags; --processes K alone also means K clients."""
+    from .config import build_config, load_toml
+
+    overrides = round_overrides(args)
+    if "processes" in overrides and "clients" not in overrides:
+        # one client per process unless --clients says otherwise (flag or config file)
+        overrides["clients"] = (load_toml(args.config) if args.config else {}).get("clients", overrides["processes"])
+    return build_config(args.config, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = simulate_config(args)
     if cfg.mode == "gossip":
         from clients.gossip import simulate_gossip  # N peers as local processes
 
@@ -219,8 +248,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     parser = Parser(prog=f"fedopt {name}", description=desc)
     module.configure(parser)
+    if name in RUN_FOLDER_COMMANDS:
+        parser.add_argument("--overwrite", action="store_true",
+                            help="replace the results of an earlier run in the output folder (without this or "
+                                 "--resume, a folder holding results is refused)")
     args = parser.parse_args(argv[1:])
     try:
+        if name in RUN_FOLDER_COMMANDS:
+            _claim_run_folder(module, args)
         return int(module.run(args) or 0)
     except FedoptError as e:
         sys.stderr.write(f"fedopt {name}: error: {e}\n")
@@ -232,6 +267,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a bad value that slipped past validation still gets one line, not a traceback wall
         sys.stderr.write(f"fedopt {name}: error: {e}\n")
         return 2
+
+
+def _claim_run_folder(module: Any, args: argparse.Namespace) -> None:
+    from .metrics import claim_run_dir
+
+    where = module.run_folder(args) if hasattr(module, "run_folder") else (args.out, getattr(args, "resume", False))
+    if where is not None:
+        claim_run_dir(where[0], resume=where[1], overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,61 @@ on ``--resume`` the file is cut back to the last checkpointed round first, so ev
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["MetricsWriter", "read_metrics", "Reporter", "summary_table", "plot_accuracy", "REQUIRED_KEYS"]
+__all__ = ["MetricsWriter", "read_metrics", "Reporter", "summary_table", "plot_accuracy", "REQUIRED_KEYS",
+           "claim_run_dir"]
 
 REQUIRED_KEYS = ("round", "accuracy", "loss", "clients", "seconds", "bytes_up", "bytes_down")
+
+
+#: what a finished or interrupted run leaves in its folder (and in each peer-NNN sub-folder of a simulated swarm)
+_RESULTS = ("metrics.jsonl", "model.safetensors", "checkpoint.safetensors")
+_DERIVED = ("accuracy.png", "summary.json")  # made from the results; replaced with them
+
+
+def _holds_results(d: Path) -> bool:
+    return any(p.stat().st_size > 0 for p in (d / name for name in _RESULTS) if p.is_file())
+
+
+def claim_run_dir(out: str | os.PathLike, resume: bool | None = False, overwrite: bool = False) -> Path:
+    """Make sure a run may write into ``out`` before it starts, so no earlier result is lost by accident.
+
+    A folder holds results when it, or one of its ``peer-*`` sub-folders (``simulate --mode gossip``), has a
+    non-empty ``metrics.jsonl``, a model or a checkpoint. Such a folder is refused unless ``resume`` (continue it: it
+    must then hold a checkpoint) or ``overwrite`` (its result files are deleted here, and nothing else);
+    ``resume=None`` is a command that cannot resume. Raises ConfigError naming the folder and the ways out.
+    """
+    from .errors import ConfigError
+
+    d = Path(out)
+    if resume and overwrite:
+        raise ConfigError("give --resume (continue the run in the folder) or --overwrite (replace it), not both")
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"output folder {d} is a file")
+    folders = [d, *sorted(p for p in d.glob("peer-*") if p.is_dir())] if d.is_dir() else []
+    held = [f for f in folders if _holds_results(f)]
+    if not held:
+        return d
+    if resume:
+        if not (d / "checkpoint.safetensors").is_file() and not any(
+                (f / "checkpoint.safetensors").is_file() for f in held):
+            raise ConfigError(f"--resume: {d} holds results but no checkpoint to continue from "
+                              f"(give --overwrite to replace them)")
+        return d
+    if not overwrite:
+        ways = "give --overwrite to replace it" if resume is None else \
+            "give --resume to continue it or --overwrite to replace it"
+        raise ConfigError(f"{d} holds the results of an earlier run: {ways} (or choose another --out)")
+    for f in held:
+        for name in _RESULTS + _DERIVED:
+            (f / name).unlink(missing_ok=True)
+    print(f"fedopt: --overwrite: removed the earlier results in {d}", file=sys.stderr, flush=True)
+    return d
 
 
 class MetricsWriter:
@@ -86,6 +133,7 @@ class Reporter:
             )
             self._task = self._progress.add_task(title, total=total_rounds, acc="-")
             self._progress.start()
+            self._route_logs()
 
     def round_done(self, rec: dict) -> None:
         acc = rec.get("accuracy")
@@ -102,6 +150,40 @@ class Reporter:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+            root = logging.getLogger()
+            for above, original in self._routed:
+                root.removeHandler(above)
+                root.addHandler(original)
+            self._routed = []
+
+    def _route_logs(self) -> None:
+        """While the bar is live, log lines that would go to the terminal print through its console, above the bar
+        (a handler writing to stderr directly would draw them through it)."""
+        root = logging.getLogger()
+        self._routed: list[tuple[logging.Handler, logging.Handler]] = []
+        for h in list(root.handlers):
+            if type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.__stderr__, self.stream):
+                above = _AboveBar(self._progress.console, h)
+                root.removeHandler(h)
+                root.addHandler(above)
+                self._routed.append((above, h))
+
+
+class _AboveBar(logging.Handler):
+    """Prints the records another handler would write through a rich console, in that handler's format and level."""
+
+    def __init__(self, console, like: logging.Handler) -> None:
+        super().__init__(like.level)
+        self.console = console
+        self.setFormatter(like.formatter or logging.Formatter())
+        for f in like.filters:
+            self.addFilter(f)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.console.print(self.format(record), markup=False, highlight=False, emoji=False, soft_wrap=True)
+        except Exception:
+            self.handleError(record)
 
 
 def summary_table(records: Iterable[dict], title: str, extra: dict | None = None) -> str:

@@ -26,13 +26,15 @@ Site-local data: ``fedopt client --data PATH`` (and ``--task-option data_path=PA
 ``data_path=PATH`` to the task's factory. A task that accepts ``data_path`` reads that site's own files from it;
 ``load_data(0, 1, seed)`` is then the whole of that site's data.
 
-A task is named on the command line by a built-in name (``digits``, ``synthetic``, ``synthetic-iid``) or as
-``package.module:attr``, where ``attr`` is a Task instance, a Task class or a zero-argument factory.
+A task is named on the command line by a built-in name (``digits``, ``synthetic``, ``synthetic-iid``), as
+``package.module:attr`` (importable, or a module in the current folder) or as ``path/to/file.py:attr``, where ``attr``
+is a Task instance, a Task class or a zero-argument factory.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, runtime_checkable
@@ -223,11 +225,8 @@ def resolve_task(name: str, options: Mapping[str, Any] | None = None) -> Task:
     if name in _BUILTINS:
         factory = _BUILTINS[name]
     elif ":" in name:
-        mod_name, _, attr = name.partition(":")
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError as e:
-            raise TaskError(f"cannot import task module {mod_name!r}: {e}") from None
+        mod_name, _, attr = name.rpartition(":")
+        mod = _load_module(mod_name)
         try:
             factory = getattr(mod, attr)
         except AttributeError:
@@ -251,6 +250,73 @@ def resolve_task(name: str, options: Mapping[str, Any] | None = None) -> Task:
     if not hasattr(task, "name"):
         task.name = name
     return task
+
+
+def _load_module(where: str) -> Any:
+    """A task's module: a file path (``./mytask.py``), or a module name looked up on the Python path and then in the
+    current folder (as ``python -m`` would; the ``fedopt`` console script does not put that folder on the path).
+    Raises TaskError naming the file and line when the module cannot be found or fails while it is imported."""
+    import os
+    import sys
+    from pathlib import Path
+
+    if where.endswith(".py") or os.sep in where or "/" in where:
+        path = Path(where).expanduser()
+        if not path.is_file():
+            raise TaskError(f"task file {where} does not exist")
+        name = f"fedopt_task_{path.stem}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # dataclasses and pickling look a class's module up here
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException as e:
+            sys.modules.pop(name, None)
+            raise _import_failure(str(path), e) from None
+        return mod
+    try:
+        return importlib.import_module(where)
+    except ModuleNotFoundError as e:
+        if e.name is None or not (where == e.name or where.startswith(e.name + ".")):
+            raise _import_failure(where, e) from None  # the module exists; something it imports does not
+    except BaseException as e:
+        raise _import_failure(where, e) from None
+    cwd = os.getcwd()
+    missing = TaskError(f"cannot import task module {where!r}: not on the Python path, nor "
+                        f"{where.replace('.', '/')}.py in the current folder")
+    if cwd in sys.path:
+        raise missing
+    sys.path.append(cwd)  # after everything else: a file here never shadows an installed package
+    try:
+        return importlib.import_module(where)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (where == e.name or where.startswith(e.name + ".")):
+            raise missing from None
+        raise _import_failure(where, e) from None
+    except BaseException as e:
+        raise _import_failure(where, e) from None
+
+
+def _import_failure(where: str, e: BaseException) -> BaseException:
+    """One line for a task module that fails while it is imported: its file, the line, the error."""
+    import os
+    import traceback
+
+    if isinstance(e, KeyboardInterrupt):
+        return e
+    if isinstance(e, SyntaxError):
+        return TaskError(f"task module {where}: {e.filename}, line {e.lineno}: SyntaxError: {e.msg}")
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "importlib" not in f.filename]
+    if where.endswith(".py"):
+        own = os.path.abspath(where)
+    else:
+        try:
+            own = os.path.abspath(importlib.util.find_spec(where).origin or "")
+        except Exception:
+            own = ""
+    frames = [f for f in frames if os.path.abspath(f.filename) == own] or frames  # the user's line, when there is one
+    at = f"{frames[-1].filename}, line {frames[-1].lineno}: " if frames else ""
+    return TaskError(f"task module {where} failed to import: {at}{type(e).__name__}: {e}")
 
 
 def _looks_like_task(obj: Any) -> bool:
