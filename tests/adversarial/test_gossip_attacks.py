@@ -235,11 +235,11 @@ def test_non_finite_and_overflowing_models_are_refused(tmp_path, control):
 
 def test_an_absurd_sample_count_does_not_buy_the_swarm(tmp_path, control):
     """The peer's own model with its output bias pushed 20 towards class 0 (a model that answers 0 to everything),
-    claimed with 2**62 samples: weights are clamped, and far models refused or clipped."""
+    claimed with 2**40 samples (the most the wire carries): weights are clamped, and far models refused or clipped."""
     def poisoned(reply):
         model = reply.model.clone()
         model[-10] += 20.0  # the last layer's bias comes last in the flat vector
-        return dict(version=reply.version, num_samples=2**62, model=model)
+        return dict(version=reply.version, num_samples=2**40, model=model)  # the wire's ceiling on a count
 
     def attack(ctx, urls, run, _keys):
         _keep_attacking(ctx, urls, run, poisoned, pause=0.02)
@@ -253,8 +253,16 @@ def test_a_push_listing_20000_dead_addresses_costs_o1(tmp_path, control):
     """The rumour is capped per message and an unverified address is not preferred: exchanges keep completing."""
     def attack(ctx, urls, run, _keys):
         dead = {f"ipc://{tmp_path}/dead-{i}.sock": 1 for i in range(20_000)}
-        _keep_attacking(ctx, urls, run, lambda r: dict(version=r.version, num_samples=10, model=r.model.clone(),
-                                                       peers=dead), pause=1.0)
+
+        def push(reply):  # raw frames: fedopt's own encoder refuses a rumour of more than 64 addresses
+            def frames(xid):
+                head = {"v": 1, "type": "GOSSIP_PUSH", "round": 1, "xid": xid, "version": reply.version,
+                        "num_samples": 10, "addr": ATTACKER, "peers": dead,
+                        "tensors": [{"dtype": "float32", "shape": [reply.model.numel()]}]}
+                return [msgpack.packb(head), reply.model.numpy().tobytes()]
+            return frames
+
+        _keep_attacking(ctx, urls, run, push, pause=1.0)
 
     run = swarm(tmp_path, attack)
     _assert_honest(run, control)
@@ -322,7 +330,7 @@ def test_an_address_claimed_by_another_key_is_refused(tmp_path, control):
         server, _ = zmq.auth.load_certificate(keys / "coordinator.key")
         s = _dealer(ctx, urls[0], (public, secret, server))
         _wait(lambda: len(run.rows(0)) >= 2, 60, "peer 0's second round")
-        got = [_exchange(s, lambda r: dict(version=r.version, num_samples=2**62, model=torch.zeros_like(r.model)),
+        got = [_exchange(s, lambda r: dict(version=r.version, num_samples=2**40, model=torch.zeros_like(r.model)),
                          addr=urls[1], tries=3.0) for _ in range(3)]
         run.attack["replies_as_peer_1"] = sum(g is not None for g in got)
         s.close(0)
