@@ -260,6 +260,7 @@ class Attack:
 
         self.name, self.c = name, context
         self.c.ctx = zmq.Context()
+        self.c.ctx.set(zmq.MAX_SOCKETS, max(1024, context.count + 64))  # ZeroMQ's default is 1023 sockets
         self._sessions: list[_Session] = []
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"attack-{name}", daemon=True)
