@@ -26,7 +26,7 @@ from coordinator.local import stop_processes
 from fedopt import bus
 from fedopt.config import RunConfig
 from fedopt.errors import FedoptError
-from fedopt.metrics import RunOutput, read_metrics
+from fedopt.metrics import Reporter, RunOutput, read_metrics
 from fedopt.params import ParamSpec
 
 from .gossip_state import consensus_distance
@@ -115,8 +115,13 @@ def simulate_gossip(cfg: RunConfig, timeout: float | None = None) -> int:
                 seeds = urls if cfg.topology else sorted({urls[(i - 1) % n], urls[(i + 1) % n]} - {urls[i]})
                 procs.append(spawn(peer_command(urls[i], i, n, seeds, cfg, dirs[i], keys), dirs[i] / "peer.log"))
             end = time.monotonic() + timeout
-            while any(p.poll() is None for p in procs) and time.monotonic() < end:
-                time.sleep(0.2)
+            progress = _SwarmProgress(dirs, cfg)
+            try:
+                while any(p.poll() is None for p in procs) and time.monotonic() < end:
+                    time.sleep(0.2)
+                    progress.poll()
+            finally:
+                progress.close()
         finally:
             stop_processes(procs)
     failed = [i for i, p in enumerate(procs) if p.returncode != 0]
@@ -124,6 +129,32 @@ def simulate_gossip(cfg: RunConfig, timeout: float | None = None) -> int:
     summary["failed_peers"] = failed
     _write_outputs(cfg, dirs, summary)
     return 1 if failed or summary["finished"] < n else 0
+
+
+class _SwarmProgress:
+    """Progress of a local swarm: a round counts once every peer has logged it (the peers' own metrics files are
+    read every half second); it shows the peers' mean accuracy and loss of that round."""
+
+    def __init__(self, dirs: list[Path], cfg: RunConfig) -> None:
+        self.dirs, self.done, self.t0, self.last = dirs, 0, time.monotonic(), 0.0
+        self.reporter = Reporter(cfg.rounds, cfg.progress, title=f"fedopt gossip: {len(dirs)} peers")
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        if now - self.last < 0.5:
+            return
+        self.last = now
+        rows = [read_metrics(d / "metrics.jsonl") for d in self.dirs]
+        reached = min((len(r) for r in rows), default=0)
+        for r in range(self.done + 1, reached + 1):
+            at = [rs[r - 1] for rs in rows]
+            mean = lambda key: (sum(v) / len(v)) if (v := [x[key] for x in at if x.get(key) is not None]) else None  # noqa: E731
+            self.reporter.round_done({"round": r, "accuracy": mean("accuracy"), "loss": mean("loss"),
+                                      "clients": len(at), "seconds": now - self.t0})
+        self.done = max(self.done, reached)
+
+    def close(self) -> None:
+        self.reporter.close()
 
 
 def _write_outputs(cfg: RunConfig, dirs: list[Path], summary: dict) -> None:

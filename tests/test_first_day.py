@@ -416,3 +416,19 @@ def test_readme_setup_ends_with_fedopt_on_the_path():
     after_demo = setup[setup.index("make demo"):setup.index("By hand")]
     assert ". .venv/bin/activate" in after_demo and "fedopt --help" in after_demo
     assert "fedopt keys generate" in readme and "keys/` and `runs/`" in readme
+
+
+def test_a_local_swarm_shows_progress_round_by_round(tmp_path):
+    r = _cli("simulate", "--mode", "gossip", "--peers", "2", "--clients", "2", "--rounds", "2", "--local-epochs", "1",
+             "--progress", "lines", "--no-plot", "--out", str(tmp_path / "g"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = (r.stdout + r.stderr).splitlines()
+    assert any(line.startswith("round    1/2") for line in lines) and any(line.startswith("round    2/2") for line in lines)
+
+
+def test_gossip_help_shows_defaults():
+    r = _cli("gossip", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    for default in ("(default 30)", "default 0.1", "(default 5)", "(default 10)"):
+        assert default in text, default
