@@ -38,6 +38,7 @@ from fedopt.data import PartitionSpec
 from fedopt.errors import ConfigError, FedoptError
 from fedopt.metrics import RunOutput
 from fedopt.params import ParamSpec
+from fedopt.schedules import OPTIMIZERS, SCHEDULES, scheduled_lr
 from fedopt.task import TrainConfig, resolve_task
 
 from .gossip_peer import PeerSockets, Request
@@ -161,7 +162,9 @@ class GossipPeer:
         if a.fault_slow:
             time.sleep(a.fault_slow)  # test seam: a peer whose training takes longer
         vec, _ = self.state.snapshot()
-        cfg = TrainConfig(epochs=a.local_epochs, batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
+        lr = scheduled_lr(a.lr, a.lr_schedule, r, a.rounds, lr_min=a.lr_min, step=a.lr_step, gamma=a.lr_gamma)
+        cfg = TrainConfig(epochs=a.local_epochs, batch_size=a.batch_size, lr=lr, momentum=a.momentum,
+                          weight_decay=a.weight_decay, optimizer=a.optimizer, clip_norm=a.clip_norm,
                           seed=a.seed * 100_003 + a.shard * 1009 + r)
         update = self.trainer.train(self.address, vec, self.data, cfg)
         self.state.add_progress(update.delta, r)
@@ -258,7 +261,15 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--local-epochs", type=int, default=1, help="default %(default)s")
     g.add_argument("--batch-size", type=int, default=16, help="default %(default)s")
     g.add_argument("--lr", type=float, default=0.1, help="default %(default)s")
-    g.add_argument("--momentum", type=float, default=0.0, help="default %(default)s")
+    g.add_argument("--momentum", type=float, default=0.0, help="sgd momentum (default %(default)s)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="local optimizer (default %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="default %(default)s")
+    g.add_argument("--clip-norm", type=float, default=None, help="clip each step's gradient to this L2 norm")
+    g.add_argument("--lr-schedule", choices=SCHEDULES, default="constant",
+                   help="learning rate over rounds (default %(default)s)")
+    g.add_argument("--lr-min", type=float, default=0.0, help="cosine: the rate it decays towards (default %(default)s)")
+    g.add_argument("--lr-step", type=int, default=10, help="step: rounds between decays (default %(default)s)")
+    g.add_argument("--lr-gamma", type=float, default=0.1, help="step: factor of each decay (default %(default)s)")
     g.add_argument("--device", default="cpu", help="default %(default)s")
     g = p.add_argument_group("gossip")
     g.add_argument("--topology", choices=TOPOLOGIES, default=None, help="synchronous D-PSGD on this graph (default %(default)s)")

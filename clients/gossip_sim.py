@@ -41,7 +41,10 @@ def peer_command(url: str, shard: int, n: int, seeds: list[str], cfg: RunConfig,
            "--shard", str(shard), "--num-shards", str(n), "--task", cfg.task, "--partition", cfg.partition,
            "--alpha", str(cfg.alpha), "--seed", str(cfg.seed), "--rounds", str(cfg.rounds),
            "--local-epochs", str(cfg.local_epochs), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr),
-           "--momentum", str(cfg.momentum), "--out", str(out), "--progress", "off", "--log-level", "WARNING",
+           "--momentum", str(cfg.momentum), "--optimizer", cfg.optimizer, "--weight-decay", str(cfg.weight_decay),
+           "--lr-schedule", cfg.lr_schedule, "--lr-min", str(cfg.lr_min), "--lr-step", str(cfg.lr_step),
+           "--lr-gamma", str(cfg.lr_gamma), *(["--clip-norm", str(cfg.clip_norm)] if cfg.clip_norm else []),
+           "--out", str(out), "--progress", "off", "--log-level", "WARNING",
            "--exit-with-parent", "--no-plot", *(["--keys", keys] if keys else []),
            *(["--topology", cfg.topology] if cfg.topology else []), *(extra or [])]
     for k, v in cfg.task_options.items():

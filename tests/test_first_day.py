@@ -432,3 +432,20 @@ def test_gossip_help_shows_defaults():
     text = " ".join(r.stdout.split())
     for default in ("(default 30)", "default 0.1", "(default 5)", "(default 10)"):
         assert default in text, default
+
+
+def test_gossip_peers_get_the_runs_training_choices(tmp_path):
+    """simulate --mode gossip hands the optimizer and schedule to every peer, and the peer's parser takes them."""
+    import argparse
+
+    from clients import gossip
+    from clients.gossip_sim import peer_command
+    from fedopt.config import RunConfig
+
+    cfg = RunConfig(mode="gossip", clients=2, optimizer="adamw", weight_decay=0.01, clip_norm=1.5,
+                    lr_schedule="cosine", lr_min=0.001)
+    cmd = peer_command("ipc:///tmp/x.sock", 0, 2, [], cfg, tmp_path)
+    p = argparse.ArgumentParser()
+    gossip.configure(p)
+    a = p.parse_args(cmd[cmd.index("gossip") + 1:])
+    assert (a.optimizer, a.weight_decay, a.clip_norm, a.lr_schedule, a.lr_min) == ("adamw", 0.01, 1.5, "cosine", 0.001)
