@@ -238,6 +238,7 @@ class Coordinator:
         again = holder == peer
         if not again:
             replaced = self.registry.hello(peer, client, msg.device, self.clock())
+            self._failed.discard(client)  # a new session may retry this round (misses still count toward a bench)
             if replaced is not None:
                 self.live.forget(replaced)
                 self._lost(client, "reconnected during the round")

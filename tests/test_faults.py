@@ -30,23 +30,24 @@ def finished(c: Cluster, timeout: float = 150) -> list[dict]:
 
 
 def test_client_killed_mid_round_then_restarted(tmp_path):
+    """The quorum is every client, so round 2 cannot close without client 2: it is retried without the dead client,
+    waits, and takes the restarted client (a new session) as soon as it is ready again."""
     c = Cluster(tmp_path)
     try:
-        c.start_coordinator(*BASE, "--clients", "3", "--rounds", "6", "--min-clients", "2", "--deadline", "20",
+        c.start_coordinator(*BASE, "--clients", "3", "--rounds", "4", "--min-clients", "3", "--deadline", "20",
                             "--join-timeout", "4")
         c.start_client(0), c.start_client(1)
         c.start_client(2, "--fault-slow", "5")  # slow enough to be caught mid-round
         wait_for(lambda: "training round 2" in c.log("client-2"), 90, "client 2 to start round 2")
         os.killpg(c.clients[2].pid, signal.SIGKILL)
-        wait_for(lambda: len(c.rounds()) >= 3, 90, "round 3")
+        wait_for(lambda: "client 2 is silent for 3 heartbeats: dead" in c.log(), 90, "client 2 to be declared dead")
         c.start_client(2)
         rows = finished(c)
     finally:
         c.stop()
-    assert [r["round"] for r in rows] == list(range(1, 7))
-    assert rows[1]["clients"] == 2  # round 2 closed with the quorum once the killed client was declared dead
-    assert "client 2 is silent for 3 heartbeats: dead" in c.log()
-    assert rows[-1]["clients"] == 3  # the restarted client was selected again
+    assert [r["round"] for r in rows] == list(range(1, 5))
+    assert rows[1]["attempts"] >= 2  # the attempt that lost client 2 missed the quorum and was retried
+    assert all(r["clients"] == 3 for r in rows)  # the restarted client took part in round 2's retry and after
 
 
 def test_straggler_slower_than_the_deadline_is_dropped(tmp_path):
