@@ -99,13 +99,13 @@ def test_client_with_a_key_not_in_the_allow_list_gets_nothing(tmp_path):
     assert "DENIED" in c.log() and "connected" not in c.log() and c.rounds() == []
 
 
-def test_bad_input_from_a_raw_socket(tmp_path):
+def test_bad_input_from_a_raw_socket(zmq_context, tmp_path):
     c = Cluster(tmp_path)
-    ctx = zmq.Context()
+    raw = None
     try:
         c.start_coordinator(*BASE, "--clients", "3", "--rounds", "3", "--min-clients", "2", "--deadline", "30")
         c.start_client(0), c.start_client(1)
-        raw = ctx.socket(zmq.DEALER)
+        raw = zmq_context.socket(zmq.DEALER)
         raw.setsockopt(zmq.LINGER, 0)
         raw.connect(c.url)
 
@@ -141,7 +141,7 @@ def test_bad_input_from_a_raw_socket(tmp_path):
                     send(*wire.encode(wire.UpdateMsg(round=msg.round, num_samples=10, delta=pending)))
             send(*wire.encode(wire.Heartbeat()))
         for i in range(1000):  # connect/disconnect churn
-            s = ctx.socket(zmq.DEALER)
+            s = zmq_context.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
             s.connect(c.url)
             if i % 2:
@@ -149,7 +149,8 @@ def test_bad_input_from_a_raw_socket(tmp_path):
             s.close()
         rows = finished(c)
     finally:
-        ctx.destroy(0)
+        if raw is not None:
+            raw.close(0)
         c.stop()
     log = c.log()
     for reason in ("header is not msgpack", "unknown message type 'EXPLODE'", "frame has 12",

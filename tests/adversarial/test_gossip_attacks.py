@@ -21,6 +21,7 @@ import pytest
 import torch
 import zmq
 
+from _leaks import owned_context
 from clients.gossip_sim import free_ports, peer_command, spawn
 from coordinator.local import stop_processes
 from fedopt import bus, wire
@@ -91,25 +92,27 @@ def swarm(tmp: Path, attack=None, *, topology: str | None = None, members: int =
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
-    ctx = zmq.Context()
-    try:
-        for i in range(N):
-            dirs[i].mkdir()
-            seeds = urls if topology else sorted({urls[(i - 1) % N], urls[(i + 1) % N]} - {urls[i]})
-            procs.append(spawn(peer_command(urls[i], i, members, seeds, cfg, dirs[i], str(key_dir) if keys else None,
-                                            [*FAST, *(extra or [])]), dirs[i] / "peer.log"))
-        sampler.start()
-        _wait(lambda: len(run.rows(0)) >= start_after or procs[0].poll() is not None, 120, "peer 0's first rounds")
-        if attack is not None:
-            run.attack["rss_before"] = _rss(procs[0].pid)
-            attack(ctx, urls, run, key_dir)
-        _wait(lambda: all(p.poll() is not None for p in procs), 150, "every honest peer to finish")
-    finally:
-        stop.set()
-        ctx.destroy(0)  # the attacker's sockets only: the peers are other processes
-        stop_processes(procs)
-        if sampler.is_alive():
-            sampler.join(timeout=5)
+    # the attacker's sockets (the peers are other processes): leaving the block raises if an attack left one open
+    with owned_context() as ctx:
+        try:
+            for i in range(N):
+                dirs[i].mkdir()
+                seeds = urls if topology else sorted({urls[(i - 1) % N], urls[(i + 1) % N]} - {urls[i]})
+                cmd = peer_command(urls[i], i, members, seeds, cfg, dirs[i], str(key_dir) if keys else None,
+                                   [*FAST, *(extra or [])])
+                procs.append(spawn(cmd, dirs[i] / "peer.log"))
+            sampler.start()
+            _wait(lambda: len(run.rows(0)) >= start_after or procs[0].poll() is not None, 120,
+                  "peer 0's first rounds")
+            if attack is not None:
+                run.attack["rss_before"] = _rss(procs[0].pid)
+                attack(ctx, urls, run, key_dir)
+            _wait(lambda: all(p.poll() is not None for p in procs), 150, "every honest peer to finish")
+        finally:
+            stop.set()
+            stop_processes(procs)
+            if sampler.is_alive():
+                sampler.join(timeout=5)
     run.codes = [p.returncode for p in procs]
     return run
 
