@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from _bus import Cluster, wait_for
 from fedopt import bus, wire
+from fedopt.testing import Fault
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 BASE = ["--task", "digits", "--local-epochs", "1", "--partition", "iid", "--heartbeat", "0.5"]
@@ -35,7 +36,7 @@ def test_client_killed_mid_round_then_restarted(tmp_path):
         c.start_coordinator(*BASE, "--clients", "3", "--rounds", "6", "--min-clients", "2", "--deadline", "20",
                             "--join-timeout", "4")
         c.start_client(0), c.start_client(1)
-        c.start_client(2, "--fault-slow", "5")  # slow enough to be caught mid-round
+        c.start_client(2, faults={Fault.SLOW_TRAIN: 5})  # slow enough to be caught mid-round
         wait_for(lambda: "training round 2" in c.log("client-2"), 90, "client 2 to start round 2")
         os.killpg(c.clients[2].pid, signal.SIGKILL)
         wait_for(lambda: len(c.rounds()) >= 3, 90, "round 3")
@@ -53,7 +54,7 @@ def test_straggler_slower_than_the_deadline_is_dropped(tmp_path):
     c = Cluster(tmp_path)
     try:
         c.start_coordinator(*BASE, "--clients", "3", "--rounds", "1", "--min-clients", "2", "--deadline", "10")
-        c.start_client(0), c.start_client(1), c.start_client(2, "--fault-slow", "90")
+        c.start_client(0), c.start_client(1), c.start_client(2, faults={Fault.SLOW_TRAIN: 90})
         rows = finished(c)
     finally:
         c.stop()

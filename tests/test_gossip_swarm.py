@@ -19,6 +19,7 @@ from coordinator.local import stop_processes
 from fedopt import bus, wire
 from fedopt.config import RunConfig
 from fedopt.metrics import read_metrics
+from fedopt.testing import Fault, fault_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -131,10 +132,10 @@ def _rogue(ctx: zmq.Context, url: str, keys: Path, rogue: Path) -> None:
         assert not s.poll(3000)  # nothing comes back
 
 
-def test_churn_kill_join_restart_and_bad_input(zmq_context, tmp_path):
+def test_churn_kill_join_restart_and_bad_input(zmq_context, tmp_path, monkeypatch):
     """One swarm, every kind of churn: two peers killed with SIGKILL mid-run, a newcomer, and a killed peer restarted
     from its checkpoint; and the malformed-message battery aimed at a survivor while all that goes on. Peers are slowed a
-    little (``--fault-slow``) so the run lasts long enough to churn in.
+    little (``Fault.SLOW_TRAIN``) so the run lasts long enough to churn in.
 
     What it asserts holds however loaded the machine is: IID shards, so a survivor's accuracy does not hinge on how many
     exchanges the load let complete (a peer that trained its shard alone still clears the bar), and the newcomer's
@@ -144,7 +145,9 @@ def test_churn_kill_join_restart_and_bad_input(zmq_context, tmp_path):
     urls = [f"ipc://{tmp_path}/p{i}.sock" for i in range(n + 1)]
     dirs = [tmp_path / f"peer-{i}" for i in range(n + 1)]
     fast = ["--exchange-timeout", "1", "--peer-timeout", "4", "--join-wait", "4", "--linger", "1",
-            "--log-level", "INFO", "--fault-slow", "0.3"]
+            "--log-level", "INFO"]
+    for name, value in fault_env({Fault.SLOW_TRAIN: 0.3}).items():  # every peer, through its environment
+        monkeypatch.setenv(name, value)
     procs: dict[int, object] = {}
     started = []
 

@@ -27,6 +27,7 @@ from coordinator.local import stop_processes
 from fedopt import bus, wire
 from fedopt.config import RunConfig
 from fedopt.metrics import read_metrics
+from fedopt.testing import Fault, fault_env
 
 from . import record
 
@@ -283,11 +284,12 @@ def test_a_push_listing_20000_dead_addresses_costs_o1(tmp_path, control):
 
 
 @pytest.mark.timeout(420)
-def test_40000_dpsgd_pushes_for_future_rounds_keep_memory_bounded(tmp_path):
+def test_40000_dpsgd_pushes_for_future_rounds_keep_memory_bounded(tmp_path, monkeypatch):
     """A ring of four whose fourth member is the attacker: it floods peer 0 with pushes for rounds 1000..41000.
     The clean control is the same ring with the fourth member silent."""
     pushes = 40_000
-    extra = ["--fault-slow", "0.5"]
+    for name, value in fault_env({Fault.SLOW_TRAIN: 0.5}).items():  # every peer of both runs trains slowly
+        monkeypatch.setenv(name, value)
 
     def attack(ctx, urls, run, _keys):
         s = _dealer(ctx, urls[0])
@@ -304,8 +306,8 @@ def test_40000_dpsgd_pushes_for_future_rounds_keep_memory_bounded(tmp_path):
         run.attack["sent"] = sent
         s.close(0)
 
-    control = swarm(tmp_path / "control", topology="ring", members=4, extra=extra)
-    run = swarm(tmp_path / "attack", attack, topology="ring", members=4, extra=extra)
+    control = swarm(tmp_path / "control", topology="ring", members=4)
+    run = swarm(tmp_path / "attack", attack, topology="ring", members=4)
     model_bytes = 4810 * 4
     before = run.attack["rss_before"]
     growth = max(run.rss[0]) - before
