@@ -44,6 +44,7 @@ def test_unknown_config_key_one_line(tmp_path, capsys):
     assert "unknown config key 'learning_rate'" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow  # whole runs through the console entry point
 def test_simulate_writes_the_contract_files_and_is_reproducible(tmp_path):
     outs = []
     for name in ("a", "b"):
@@ -60,6 +61,7 @@ def test_simulate_writes_the_contract_files_and_is_reproducible(tmp_path):
     assert outs[0] == outs[1]
 
 
+@pytest.mark.slow  # whole runs through the console entry point
 def test_config_file_with_flag_override(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('task = "synthetic"\npartition = "natural"\nclients = 30\nrounds = 5\n'
@@ -80,6 +82,7 @@ def test_bundled_example_configs_parse():
             build_config(os.path.join(root, name))
 
 
+@pytest.mark.slow  # whole runs through the console entry point
 def test_stragglers_dropped_by_fedavg_kept_by_fedprox(tmp_path):
     counts = {}
     for mu in ("0", "0.1"):

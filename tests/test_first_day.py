@@ -414,6 +414,7 @@ def test_readme_setup_ends_with_fedopt_on_the_path():
     assert "fedopt keys generate" in readme and "keys/` and `runs/`" in readme
 
 
+@pytest.mark.slow  # a swarm of peer processes
 def test_a_local_swarm_shows_progress_round_by_round(tmp_path):
     r = _cli("simulate", "--mode", "gossip", "--peers", "2", "--clients", "2", "--rounds", "2", "--local-epochs", "1",
              "--progress", "lines", "--no-plot", "--out", str(tmp_path / "g"))
