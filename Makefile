@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - a federated simulation on the bundled digits data (creates .venv first)
 #   make test   - the test suite (creates .venv first)
+#   make test-fast - the suite without the end-to-end tests marked slow (real processes, long runs)
 # torch is installed as the pinned CPU wheel before the project, so nothing pulls CUDA packages.
 
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test bench clean venv
+.PHONY: demo test test-fast bench clean venv
 
 venv: $(STAMP)
 
@@ -26,6 +27,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/sim_overhead.py

@@ -27,6 +27,7 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,7 @@ from fedopt.local_sgd import num_samples
 from fedopt.task import TrainConfig, resolve_task
 from fedopt.identity import find_identity_dir, load_identity, load_pinned
 from fedopt.secagg import codec
+from fedopt.testing import SECAGG_STAGES, Fault, SecAggExit, faults
 
 from .runner import SMALL_MODEL, LocalTrainer, pick_device
 from .secagg import SecAggClient
@@ -50,9 +52,8 @@ __all__ = ["FederatedClient", "configure", "run"]
 
 log = logging.getLogger("fedopt.client")
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"sampler"}
-#: test seam --fault-exit-at-stage: the incoming secagg message on which the client kills itself (SIGKILL)
-FAULT_STAGES = {"advertise": codec.Setup, "share": codec.NeighbourKeys, "mask": codec.ShareDelivery,
-                "unmask": codec.UnmaskRequest}
+#: Fault.EXIT_AT_SECAGG_STAGE: the incoming secagg message that begins each stage (the client dies on it)
+STAGE_MESSAGES = dict(zip(SECAGG_STAGES, (codec.Setup, codec.NeighbourKeys, codec.ShareDelivery, codec.UnmaskRequest)))
 
 
 class _Trainer(threading.Thread):
@@ -96,7 +97,7 @@ class _Trainer(threading.Thread):
         vec = payload["model"].to(self.trainer.spec.torch_dtype)
         if kind == "train":
             if self.slow:
-                time.sleep(self.slow)  # fault seam: a straggler slower than the deadline
+                time.sleep(self.slow)  # Fault.SLOW_TRAIN: a straggler slower than the deadline
             cfg = TrainConfig(**{k: v for k, v in payload["config"].items() if k in _TRAIN_FIELDS})
             update = self.trainer.train(payload["client"], vec, self.data, cfg)
             # the trainer reuses its delta buffer; the copy keeps a queued zero-copy send intact
@@ -117,10 +118,9 @@ class FederatedClient:
 
     def __init__(self, connect: str, security: bus.Security, client: str, shard: int, num_shards: int | None,
                  task: str | None = None, task_options: dict | None = None, device: str = "auto",
-                 heartbeat: float = 1.0, give_up: float = 300.0, slow: float = 0.0,
-                 exit_with_parent: bool = False, secure: SecAggClient | None = None,
-                 fault_stage: str | None = None, fault_round: int | None = None,
-                 data_path: str | None = None) -> None:
+                 heartbeat: float = 1.0, give_up: float = 300.0, exit_with_parent: bool = False,
+                 secure: SecAggClient | None = None, data_path: str | None = None,
+                 faults: Mapping[Fault, object] | None = None) -> None:
         self.connect, self.security, self.client = connect, security, client
         self.shard, self.num_shards = shard, num_shards
         self.data_path = data_path  # this site's own data (--data): the task gets data_path=...; shard 0 of 1
@@ -133,7 +133,8 @@ class FederatedClient:
         self.pipe.setsockopt(zmq.LINGER, 0)
         url = f"inproc://fedopt-client-{id(self)}"
         self.pipe.bind(url)
-        self.worker = _Trainer(self.ctx, url, slow)
+        faults = faults or {}
+        self.worker = _Trainer(self.ctx, url, faults.get(Fault.SLOW_TRAIN, 0.0))
         self._settings: dict | None = None
         self._pending: dict | None = None  # the finished update waiting for PULL: {"round", "delta", ...}
         self._offered: list | None = None  # the held masked input already offered
@@ -141,7 +142,7 @@ class FederatedClient:
         self.secure = secure  # this client's secure-aggregation side (None: no identity key)
         if secure is not None:
             secure.hold_masked = True  # the masked input is uploaded on credit: OFFER, then PULL
-        self.fault = (FAULT_STAGES[fault_stage], fault_round) if fault_stage else None  # test seam
+        self.exit_at: SecAggExit | None = faults.get(Fault.EXIT_AT_SECAGG_STAGE)
 
     # ---- set-up from WELCOME ------------------------------------------------------------------------------------
     def _setup(self, welcome: wire.Welcome) -> None:
@@ -308,13 +309,14 @@ class FederatedClient:
         if self.secure is None:
             log.warning("client %s: dropped a SECAGG message: this client has no identity key", self.client)
             return
-        if self.fault is not None and self.fault[1] in (None, msg.round):
+        if self.exit_at is not None and self.exit_at.round in (None, msg.round):
             try:
                 kind = type(codec.unpack(msg.parts))
             except FedoptError:
                 kind = None
-            if kind is self.fault[0]:
-                log.warning("client %s: fault seam: SIGKILL on %s of round %d", self.client, kind.__name__, msg.round)
+            if kind is STAGE_MESSAGES[self.exit_at.stage]:
+                log.warning("client %s: injected fault: SIGKILL on %s of round %d", self.client, kind.__name__,
+                            msg.round)
                 for h in logging.getLogger().handlers:
                     h.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -390,12 +392,6 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--identities", default=None,
                    help="secagg: folder with identities/*.pub (every client's pinned identity) and this client's "
                         "identity secret (default: --keys)")
-    p.add_argument("--fault-slow", type=float, default=0.0, help=argparse.SUPPRESS)  # test seam: a straggler
-    # test seams: SIGKILL this client when a secagg stage begins (optionally only in one round); dump its encoded
-    # (quantised, unmasked) vectors to a folder so a test can check the coordinator's sum bit for bit
-    p.add_argument("--fault-exit-at-stage", choices=tuple(FAULT_STAGES), default=None, help=argparse.SUPPRESS)
-    p.add_argument("--fault-round", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--debug-secagg-dump", default=None, help=argparse.SUPPRESS)
     p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
@@ -417,6 +413,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--shard {args.shard} is out of range for --num-shards {args.num_shards}")
     if not args.heartbeat > 0 or not args.give_up > 0:
         raise ConfigError("--heartbeat and --give-up must be > 0 seconds")
+    injected = faults()  # FEDOPT_FAULTS, set only by tests
     key_name = args.key_name or (f"client-{args.shard:03d}" if args.keys else None)
     security = bus.security_for(args.connect, args.keys, args.insecure, "client", key_name)
     client_id = args.id or str(args.shard)
@@ -426,12 +423,11 @@ def run(args: argparse.Namespace) -> int:
         pinned = load_pinned(ident)
         identity = load_identity(ident, args.key_name or f"client-{args.shard:03d}", client_id, pinned)
         secure = SecAggClient(client_id, identity, pinned)
-        if args.debug_secagg_dump:
-            dump = Path(args.debug_secagg_dump)
+        if Fault.SECAGG_DUMP in injected:
+            dump = injected[Fault.SECAGG_DUMP]
             dump.mkdir(parents=True, exist_ok=True)
             secure.on_encoded = lambda r, vec: np.save(dump / f"encoded-{r}-{client_id}.npy", vec)
     client = FederatedClient(args.connect, security, client_id, args.shard, args.num_shards,
                              args.task, dict(args.task_options), args.device, args.heartbeat, args.give_up,
-                             args.fault_slow, args.exit_with_parent, secure, args.fault_exit_at_stage,
-                             args.fault_round, data_path=args.data)
+                             args.exit_with_parent, secure, data_path=args.data, faults=injected)
     return client.serve()

@@ -27,6 +27,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ from fedopt.data import PartitionSpec
 from fedopt.errors import ConfigError, FedoptError
 from fedopt.metrics import RunOutput
 from fedopt.params import ParamSpec
+from fedopt.testing import Fault, faults
 from fedopt.schedules import OPTIMIZERS, SCHEDULES, scheduled_lr
 from fedopt.task import TrainConfig, resolve_task
 
@@ -54,8 +56,10 @@ log = logging.getLogger("fedopt.gossip")
 class GossipPeer:
     """One peer: ``serve()`` trains ``args.rounds`` rounds, lingers to answer late neighbours, returns 0."""
 
-    def __init__(self, args: argparse.Namespace, server: bus.Security, client: bus.Security) -> None:
+    def __init__(self, args: argparse.Namespace, server: bus.Security, client: bus.Security,
+                 faults: Mapping[Fault, object] | None = None) -> None:
         self.args = args
+        self.slow = (faults or {}).get(Fault.SLOW_TRAIN, 0.0)
         torch.set_num_threads(1)  # a small model: extra intra-op threads only fight the other peers for cores
         self.task = resolve_task(args.task, dict(args.task_options))
         self.device = pick_device(args.device)
@@ -159,8 +163,8 @@ class GossipPeer:
         a = self.args
         t0 = time.perf_counter()
         d0 = len(self.sockets.stats["distances"])
-        if a.fault_slow:
-            time.sleep(a.fault_slow)  # test seam: a peer whose training takes longer
+        if self.slow:
+            time.sleep(self.slow)  # Fault.SLOW_TRAIN: a peer whose training takes longer
         vec, _ = self.state.snapshot()
         lr = scheduled_lr(a.lr, a.lr_schedule, r, a.rounds, lr_min=a.lr_min, step=a.lr_step, gamma=a.lr_gamma)
         cfg = TrainConfig(epochs=a.local_epochs, batch_size=a.batch_size, lr=lr, momentum=a.momentum,
@@ -293,7 +297,6 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-plot", dest="plot", action="store_false", help="do not draw OUT/accuracy.png")
     g.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     g.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
-    g.add_argument("--fault-slow", type=float, default=0.0, help=argparse.SUPPRESS)  # test seam: slow training
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -330,7 +333,7 @@ def run(args: argparse.Namespace) -> int:
     key_name = args.key_name or (f"client-{args.shard:03d}" if args.keys else None)
     server = bus.security_for(args.bind, args.keys, args.insecure, "coordinator")
     client = bus.security_for(address, args.keys, True, "client", key_name) if args.keys else bus.Security()
-    return GossipPeer(args, server, client).serve()
+    return GossipPeer(args, server, client, faults()).serve()  # FEDOPT_FAULTS: set only by tests
 
 
 def simulate_gossip(cfg) -> int:

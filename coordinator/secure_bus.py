@@ -214,7 +214,7 @@ def secure_round(coord: Coordinator, r: int, sizes: dict[str, int]) -> tuple[Rou
     info.update(survivors=len(out.survivors), secagg_dropped=len(out.dropped))
     log.info("round %d: secure sum of %d survivors (%d dropped after sharing keys)", r, len(out.survivors),
              len(out.dropped))
-    if coord.secagg_dump is not None:  # test seam: the sum the coordinator learns, to check it bit for bit
+    if coord.secagg_dump is not None:  # Fault.SECAGG_DUMP: the sum the coordinator learns, checked bit for bit
         d = Path(coord.secagg_dump)
         d.mkdir(parents=True, exist_ok=True)
         np.save(d / f"sum-{r}.npy", out.total)

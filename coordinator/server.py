@@ -53,6 +53,7 @@ from fedopt.metrics import RunOutput
 from fedopt.optimizers import make_server_optimizer
 from fedopt.params import ParamSpec
 from fedopt.task import resolve_task, to_device
+from fedopt.testing import Fault, faults
 
 from .registry import Registry, RoundTracker
 from .rounds import Bounds, RoundServer
@@ -77,7 +78,7 @@ class Coordinator:
                               f"({cfg.per_round}): no round could ever close")
         self.cfg, self.clock = cfg, clock
         self.pinned = identities  # client id -> pinned Ed25519 identity (secure aggregation), or None
-        self.secagg_dump = secagg_dump  # test seam: where secure rounds write the sum they learn
+        self.secagg_dump = secagg_dump  # Fault.SECAGG_DUMP: where secure rounds write the sum they learn
         self.secure = None  # the secure-aggregation round in progress (coordinator.secure_bus.BusTransport)
         self._round_info: dict = {}  # extra metrics fields of the round being closed
         from clients.runner import LocalTrainer, pick_device  # evaluation reuses the trainer's model object
@@ -504,7 +505,6 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue after the last completed round in --out")
     p.add_argument("--identities", default=None,
                    help="secagg: folder with identities/*.pub, the clients' pinned identity keys (default: --keys)")
-    p.add_argument("--debug-secagg-dump", default=None, help=argparse.SUPPRESS)  # test seam: write each secure sum
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     add_round_options(p)
     add_bus_options(p)
@@ -522,10 +522,11 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     security = bus.security_for(args.bind, args.keys, args.insecure, "coordinator")
     cfg = build_config(args.config, round_overrides(args, skip=("config", "bind", "keys", "insecure", "resume",
-                                                                 "log_level", "identities", "debug_secagg_dump")))
+                                                                 "log_level", "identities")))
     ident = find_identity_dir(args.identities, args.keys)
     pinned = load_pinned(ident) if ident is not None and cfg.aggregator == "secagg" else None
     if cfg.aggregator == "secagg" and pinned is None:
         log.warning("secure aggregation without --identities: only the clients check key advertisements")
+    dump = faults().get(Fault.SECAGG_DUMP)  # FEDOPT_FAULTS: set only by tests
     return Coordinator(cfg, args.bind, security, resume=args.resume, identities=pinned,
-                       secagg_dump=args.debug_secagg_dump).serve()
+                       secagg_dump=None if dump is None else str(dump)).serve()

@@ -8,23 +8,34 @@ Use them in your own test suite::
     from fedopt.testing import check_task
     def test_my_task():
         check_task(MyTask())
+
+It is also the one seam through which a test injects faults into a running fedopt process (``Fault``): a test sets
+the environment variable ``FEDOPT_FAULTS`` of the process it starts (``fault_env``), and the process reads it once at
+start-up (``faults``). No command-line flag carries a fault.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import json
 import math
+import os
 import random
+from collections.abc import Mapping
+from pathlib import Path
 
 import msgpack
 import torch
 
 from . import wire
 from .aggregators.base import Aggregator, Update
+from .errors import ConfigError
 from .params import ParamSpec
 from .task import ClientData, Task, TrainConfig
 
-__all__ = ["check_task", "check_aggregator", "check_message", "hostile_frames"]
+__all__ = ["check_task", "check_aggregator", "check_message", "hostile_frames", "Fault", "SecAggExit",
+           "SECAGG_STAGES", "FAULTS_ENV", "faults", "fault_env"]
 
 
 def check_task(task: Task, num_shards: int = 2, seed: int = 0) -> None:
@@ -219,3 +230,103 @@ def hostile_frames(rng: random.Random, seeds: list[list[bytes]], model_size: int
             except Exception:  # the header was already mutated beyond parsing: leave it so
                 pass
     return [bytes(f) for f in frames]
+
+
+# ---- fault injection -------------------------------------------------------------------------------------------------
+#: the environment variable that carries faults into a process: a JSON object {fault name: argument}
+FAULTS_ENV = "FEDOPT_FAULTS"
+#: the secure-aggregation stages a client can die at, in protocol order; each begins with one incoming message
+SECAGG_STAGES = ("advertise", "share", "mask", "unmask")
+
+
+@dataclasses.dataclass(frozen=True)
+class SecAggExit:
+    """The argument of ``Fault.EXIT_AT_SECAGG_STAGE``."""
+
+    stage: str  # one of SECAGG_STAGES: the client dies on the incoming message that begins this stage
+    round: int | None = None  # only in this round; None: whenever the stage begins
+
+    def __post_init__(self) -> None:
+        if self.stage not in SECAGG_STAGES:
+            raise ConfigError(f"{FAULTS_ENV}: exit_at_secagg_stage: stage {self.stage!r} is not one of "
+                              f"{', '.join(SECAGG_STAGES)}")
+        if self.round is not None and (type(self.round) is not int or self.round < 1):
+            raise ConfigError(f"{FAULTS_ENV}: exit_at_secagg_stage: round must be an integer >= 1, "
+                              f"not {self.round!r}")
+
+
+class Fault(enum.Enum):
+    """A fault (or observation point) a test injects into a fedopt process. The value is the name it has in
+    ``FEDOPT_FAULTS``; the argument each takes:
+
+    ``SLOW_TRAIN``            seconds (a number in [0, 3600]): a federated client or a gossip peer sleeps this long
+                              before each local training, so it is a straggler
+    ``EXIT_AT_SECAGG_STAGE``  ``SecAggExit(stage, round)``: a federated client kills itself with SIGKILL when the
+                              secure-aggregation message that begins ``stage`` arrives (in ``round``, if given)
+    ``SECAGG_DUMP``           a folder: each client writes its encoded (quantised, unmasked) vectors there, and the
+                              coordinator each secure sum it learns, so a test can check the sum bit for bit
+    """
+
+    SLOW_TRAIN = "slow_train"
+    EXIT_AT_SECAGG_STAGE = "exit_at_secagg_stage"
+    SECAGG_DUMP = "secagg_dump"
+
+
+def _seconds(fault: Fault, value) -> float:
+    if type(value) not in (int, float) or not 0 <= value <= 3600:
+        raise ConfigError(f"{FAULTS_ENV}: {fault.value} takes seconds in [0, 3600], not {value!r}")
+    return float(value)
+
+
+def _secagg_exit(fault: Fault, value) -> SecAggExit:
+    if isinstance(value, SecAggExit):
+        return value
+    if not isinstance(value, dict) or not set(value) <= {"stage", "round"} or "stage" not in value:
+        raise ConfigError(f'{FAULTS_ENV}: {fault.value} takes {{"stage": ..., "round": ...}}, not {value!r}')
+    return SecAggExit(value["stage"], value.get("round"))
+
+
+def _folder(fault: Fault, value) -> Path:
+    if not isinstance(value, (str, Path)) or not str(value):
+        raise ConfigError(f"{FAULTS_ENV}: {fault.value} takes a folder path, not {value!r}")
+    return Path(value)
+
+
+_PARSE = {Fault.SLOW_TRAIN: _seconds, Fault.EXIT_AT_SECAGG_STAGE: _secagg_exit, Fault.SECAGG_DUMP: _folder}
+
+
+def faults(environ: Mapping[str, str] | None = None) -> dict[Fault, object]:
+    """The faults injected into this process: ``FEDOPT_FAULTS`` of ``environ`` (default ``os.environ``) parsed into
+    ``{Fault: typed argument}`` (float seconds, ``SecAggExit``, ``Path``). Unset or empty: ``{}``.
+
+    Raises ``ConfigError`` naming the variable when it is not a JSON object, names an unknown fault, or gives a fault
+    an argument of the wrong type or range."""
+    text = (os.environ if environ is None else environ).get(FAULTS_ENV, "").strip()
+    if not text:
+        return {}
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{FAULTS_ENV} is not JSON ({e.msg}): {text[:200]!r}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{FAULTS_ENV} must be a JSON object {{fault: argument}}, not {text[:200]!r}")
+    out = {}
+    for name, value in raw.items():
+        try:
+            fault = Fault(name)
+        except ValueError:
+            raise ConfigError(f"{FAULTS_ENV}: unknown fault {name!r} (known: "
+                              f"{', '.join(f.value for f in Fault)})") from None
+        out[fault] = _PARSE[fault](fault, value)
+    return out
+
+
+def fault_env(injected: Mapping[Fault, object]) -> dict[str, str]:
+    """``{FEDOPT_FAULTS: ...}`` to add to the environment of a process that should run with ``injected`` faults;
+    the arguments are checked as ``faults()`` will check them there (raises ``ConfigError``)."""
+    plain = {}
+    for fault, value in injected.items():
+        value = _PARSE[fault](fault, value)
+        plain[fault.value] = (dataclasses.asdict(value) if isinstance(value, SecAggExit)
+                              else str(value) if isinstance(value, Path) else value)
+    return {FAULTS_ENV: json.dumps(plain)}

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from coordinator.local import free_port, stop_processes
+from fedopt.testing import Fault, fault_env
 
 __all__ = ["Cluster", "free_port", "wait_for", "read_rounds"]
 
@@ -49,11 +50,12 @@ class Cluster:
         self.coordinator: subprocess.Popen | None = None
         self.clients: dict[int, subprocess.Popen] = {}
 
-    def _spawn(self, args: list[str], log: str) -> subprocess.Popen:
+    def _spawn(self, args: list[str], log: str, faults: dict[Fault, object] | None = None) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **fault_env(faults or {})}
         f = open(self.tmp / log, "ab")
         try:
             p = subprocess.Popen([sys.executable, "-m", "fedopt", *args], stdout=f, stderr=subprocess.STDOUT,
-                                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+                                 start_new_session=True, env=env)
         finally:
             f.close()
         self.procs.append(p)
@@ -62,17 +64,20 @@ class Cluster:
     def security(self, role_keys: str | None) -> list[str]:
         return ["--keys", role_keys] if role_keys else ["--insecure"]
 
-    def start_coordinator(self, *options: str, resume: bool = False) -> subprocess.Popen:
+    def start_coordinator(self, *options: str, resume: bool = False,
+                          faults: dict[Fault, object] | None = None) -> subprocess.Popen:
         args = ["coordinator", "--bind", self.url, *self.security(self.keys), "--out", str(self.out),
                 "--progress", "lines", *options, *(["--resume"] if resume else [])]
-        self.coordinator = self._spawn(args, "coordinator.log")
+        self.coordinator = self._spawn(args, "coordinator.log", faults)
         return self.coordinator
 
-    def start_client(self, shard: int, *options: str, keys: str | None = "same") -> subprocess.Popen:
+    def start_client(self, shard: int, *options: str, keys: str | None = "same",
+                     faults: dict[Fault, object] | None = None) -> subprocess.Popen:
+        """Client ``shard``; ``faults`` are injected through its environment (``fedopt.testing.fault_env``)."""
         keys = self.keys if keys == "same" else keys
         args = ["client", "--connect", self.url, *self.security(keys), "--shard", str(shard), "--give-up", "60",
                 *options]
-        self.clients[shard] = self._spawn(args, f"client-{shard}.log")
+        self.clients[shard] = self._spawn(args, f"client-{shard}.log", faults)
         return self.clients[shard]
 
     def log(self, name: str = "coordinator") -> str:

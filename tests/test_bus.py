@@ -13,6 +13,7 @@ import torch
 import zmq
 
 from _bus import Cluster, free_port, wait_for
+from _leaks import owned_context
 from fedopt import bus, wire
 from fedopt.cli import main
 from fedopt.errors import AuthError, ConfigError
@@ -50,21 +51,20 @@ def test_transport_and_key_rules(tmp_path, capsys):
 def _curve_exchange(tmp_path, client_keys: Path, caplog, msg: wire.Message = wire.Hello(client="0")):
     keys = bus.generate_keys(tmp_path / "k", 1) if not (tmp_path / "k").exists() else tmp_path / "k"
     url = f"tcp://127.0.0.1:{free_port()}"
-    ctx = zmq.Context()
     server_sec = bus.security_for(url, str(keys), False, "coordinator")
-    auth = bus.start_authenticator(ctx, server_sec)
-    try:
-        srv = bus.Endpoint(bus.router(ctx, url, server_sec))
-        cli = bus.Endpoint(bus.dealer(ctx, url, bus.security_for(url, str(client_keys), False, "client",
-                                                                 "client-000")))
-        assert cli.chunk_bytes == srv.chunk_bytes == bus.CURVE_CHUNK_BYTES  # encrypted: tensors go in chunks
-        cli.send(msg)
-        got = srv.recv(timeout=3)
-        srv.close(), cli.close()
-        return None if got is None else got[1]
-    finally:
-        auth.stop()
-        ctx.term()  # fails (hangs, then times out) if a socket leaked
+    with owned_context() as ctx:  # raises if a socket is left open (called twice per test: not the fixture)
+        auth = bus.start_authenticator(ctx, server_sec)
+        try:
+            srv = bus.Endpoint(bus.router(ctx, url, server_sec))
+            cli = bus.Endpoint(bus.dealer(ctx, url, bus.security_for(url, str(client_keys), False, "client",
+                                                                     "client-000")))
+            assert cli.chunk_bytes == srv.chunk_bytes == bus.CURVE_CHUNK_BYTES  # encrypted: tensors go in chunks
+            cli.send(msg)
+            got = srv.recv(timeout=3)
+            srv.close(), cli.close()
+            return None if got is None else got[1]
+        finally:
+            auth.stop()
 
 
 def test_curve_admits_listed_keys_and_refuses_others(tmp_path, caplog):
@@ -85,11 +85,10 @@ def test_curve_sends_a_large_tensor_in_chunks_and_it_arrives_whole(tmp_path, cap
     assert isinstance(got, wire.UpdateMsg) and got.num_samples == 7 and torch.equal(got.delta, delta)
 
 
-def test_endpoint_recv_honours_its_timeout_and_reports_the_peer_of_bad_input():
-    ctx = zmq.Context()
+def test_endpoint_recv_honours_its_timeout_and_reports_the_peer_of_bad_input(zmq_context):
     url = "inproc://ep-test"
-    r = bus.Endpoint(bus.router(ctx, url, bus.Security()))
-    d = bus.Endpoint(bus.dealer(ctx, url, bus.Security()))
+    r = bus.Endpoint(bus.router(zmq_context, url, bus.Security()))
+    d = bus.Endpoint(bus.dealer(zmq_context, url, bus.Security()))
     assert r.chunk_bytes is None and d.chunk_bytes is None  # plain sockets send every tensor zero-copy, whole
     try:
         assert r.recv(timeout=0.05) is None
@@ -103,7 +102,6 @@ def test_endpoint_recv_honours_its_timeout_and_reports_the_peer_of_bad_input():
         assert torch.equal(msg.delta, torch.ones(10)) and r.bytes_in == d.bytes_out + 1  # + the bad byte
     finally:
         r.close(), d.close()
-        ctx.term()
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from _bus import Cluster, wait_for
 from fedopt import bus, wire
+from fedopt.testing import Fault
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 BASE = ["--task", "digits", "--local-epochs", "1", "--partition", "iid", "--heartbeat", "0.5"]
@@ -37,7 +38,7 @@ def test_client_killed_mid_round_then_restarted(tmp_path):
         c.start_coordinator(*BASE, "--clients", "3", "--rounds", "4", "--min-clients", "3", "--deadline", "20",
                             "--join-timeout", "4")
         c.start_client(0), c.start_client(1)
-        c.start_client(2, "--fault-slow", "5")  # slow enough to be caught mid-round
+        c.start_client(2, faults={Fault.SLOW_TRAIN: 5})  # slow enough to be caught mid-round
         wait_for(lambda: "training round 2" in c.log("client-2"), 90, "client 2 to start round 2")
         os.killpg(c.clients[2].pid, signal.SIGKILL)
         wait_for(lambda: "client 2 is silent for 3 heartbeats: dead" in c.log(), 90, "client 2 to be declared dead")
@@ -54,7 +55,7 @@ def test_straggler_slower_than_the_deadline_is_dropped(tmp_path):
     c = Cluster(tmp_path)
     try:
         c.start_coordinator(*BASE, "--clients", "3", "--rounds", "1", "--min-clients", "2", "--deadline", "10")
-        c.start_client(0), c.start_client(1), c.start_client(2, "--fault-slow", "90")
+        c.start_client(0), c.start_client(1), c.start_client(2, faults={Fault.SLOW_TRAIN: 90})
         rows = finished(c)
     finally:
         c.stop()
@@ -100,13 +101,13 @@ def test_client_with_a_key_not_in_the_allow_list_gets_nothing(tmp_path):
     assert "DENIED" in c.log() and "connected" not in c.log() and c.rounds() == []
 
 
-def test_bad_input_from_a_raw_socket(tmp_path):
+def test_bad_input_from_a_raw_socket(zmq_context, tmp_path):
     c = Cluster(tmp_path)
-    ctx = zmq.Context()
+    raw = None
     try:
         c.start_coordinator(*BASE, "--clients", "3", "--rounds", "3", "--min-clients", "2", "--deadline", "30")
         c.start_client(0), c.start_client(1)
-        raw = ctx.socket(zmq.DEALER)
+        raw = zmq_context.socket(zmq.DEALER)
         raw.setsockopt(zmq.LINGER, 0)
         raw.connect(c.url)
 
@@ -142,7 +143,7 @@ def test_bad_input_from_a_raw_socket(tmp_path):
                     send(*wire.encode(wire.UpdateMsg(round=msg.round, num_samples=10, delta=pending)))
             send(*wire.encode(wire.Heartbeat()))
         for i in range(1000):  # connect/disconnect churn
-            s = ctx.socket(zmq.DEALER)
+            s = zmq_context.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
             s.connect(c.url)
             if i % 2:
@@ -150,7 +151,8 @@ def test_bad_input_from_a_raw_socket(tmp_path):
             s.close()
         rows = finished(c)
     finally:
-        ctx.destroy(0)
+        if raw is not None:
+            raw.close(0)
         c.stop()
     log = c.log()
     for reason in ("header is not msgpack", "unknown message type 'EXPLODE'", "frame has 12",

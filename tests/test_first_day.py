@@ -160,14 +160,13 @@ def _serve_in_thread(client) -> dict:
     return got
 
 
-def test_a_client_holding_another_coordinators_key_says_so(tmp_path, caplog):
+def test_a_client_holding_another_coordinators_key_says_so(zmq_context, tmp_path, caplog):
     from clients.federated import FederatedClient
 
     ours, theirs = bus.generate_keys(tmp_path / "a", 1), bus.generate_keys(tmp_path / "b", 1)
     url = f"tcp://127.0.0.1:{_free_port()}"
-    ctx = zmq.Context()
     security = bus.security_for(url, str(ours), False, "coordinator")
-    router = bus.router(ctx, url, security)
+    router = bus.router(zmq_context, url, security)
     monitor = None
     try:
         monitor = bus.handshake_monitor(router)
@@ -189,10 +188,9 @@ def test_a_client_holding_another_coordinators_key_says_so(tmp_path, caplog):
             router.disable_monitor()
             monitor.close(0)
         router.close(0)
-        ctx.term()
 
 
-def test_coordinator_logs_a_client_holding_another_coordinators_key(tmp_path, caplog):
+def test_coordinator_logs_a_client_holding_another_coordinators_key(zmq_context, tmp_path, caplog):
     from coordinator.server import Coordinator
     from fedopt.config import RunConfig
 
@@ -200,8 +198,7 @@ def test_coordinator_logs_a_client_holding_another_coordinators_key(tmp_path, ca
     url = f"tcp://127.0.0.1:{_free_port()}"
     cfg = RunConfig(clients=1, rounds=1, out=str(tmp_path / "run"), progress="off", plot=False)
     coord = Coordinator(cfg, url, bus.security_for(url, str(ours), False, "coordinator"))
-    ctx = zmq.Context()
-    sock = bus.dealer(ctx, url, bus.security_for(url, str(theirs), False, "client", "client-000"))
+    sock = bus.dealer(zmq_context, url, bus.security_for(url, str(theirs), False, "client", "client-000"))
     try:
         with caplog.at_level(logging.WARNING, logger="fedopt.coordinator"):
             end = time.monotonic() + 10
@@ -211,7 +208,6 @@ def test_coordinator_logs_a_client_holding_another_coordinators_key(tmp_path, ca
         assert "does not hold this coordinator's public key" in caplog.text
     finally:
         sock.close(0)
-        ctx.term()
         coord.close()
 
 
@@ -418,6 +414,7 @@ def test_readme_setup_ends_with_fedopt_on_the_path():
     assert "fedopt keys generate" in readme and "keys/` and `runs/`" in readme
 
 
+@pytest.mark.slow  # a swarm of peer processes
 def test_a_local_swarm_shows_progress_round_by_round(tmp_path):
     r = _cli("simulate", "--mode", "gossip", "--peers", "2", "--clients", "2", "--rounds", "2", "--local-epochs", "1",
              "--progress", "lines", "--no-plot", "--out", str(tmp_path / "g"))

@@ -19,6 +19,7 @@ from coordinator.local import stop_processes
 from fedopt import bus, wire
 from fedopt.config import RunConfig
 from fedopt.metrics import read_metrics
+from fedopt.testing import Fault, fault_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -43,7 +44,7 @@ def wait_for(pred, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def test_eight_peers_match_fedavg_and_refuse_a_rogue_key(tmp_path):
+def test_eight_peers_match_fedavg_and_refuse_a_rogue_key(zmq_context, tmp_path):
     from clients.simulation import simulate
 
     n, rounds = 8, 20
@@ -54,7 +55,6 @@ def test_eight_peers_match_fedavg_and_refuse_a_rogue_key(tmp_path):
     urls = [f"tcp://127.0.0.1:{p}" for p in free_ports(n)]
     dirs = [tmp_path / f"peer-{i}" for i in range(n)]
     procs = []
-    ctx = zmq.Context()
     try:
         for i in range(n):
             dirs[i].mkdir()
@@ -62,10 +62,9 @@ def test_eight_peers_match_fedavg_and_refuse_a_rogue_key(tmp_path):
             procs.append(spawn(peer_command(urls[i], i, n, seeds, cfg, dirs[i], str(keys), ["--exchanges", "8"]),
                                dirs[i] / "peer.log"))
         wait_for(lambda: len(rows(dirs[0])) >= 1, 60, "peer 0 to train a round")
-        _rogue(ctx, urls[0], keys, rogue)
+        _rogue(zmq_context, urls[0], keys, rogue)
         wait_for(lambda: all(p.poll() is not None for p in procs), 120, "every peer to finish")
     finally:
-        ctx.destroy(0)
         stop_processes(procs)
     assert [p.returncode for p in procs] == [0] * n, log(dirs[0])[-3000:]
     reference = simulate(cfg.replace(mode="federated")).records  # FedAvg, same data, epochs and rounds, in-process
@@ -91,52 +90,52 @@ def test_eight_peers_match_fedavg_and_refuse_a_rogue_key(tmp_path):
 
 def _battery(ctx: zmq.Context, url: str, out: Path) -> None:
     """The bus's malformed-message battery, aimed at a running peer's socket by a raw DEALER."""
-    raw = ctx.socket(zmq.DEALER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.connect(url)
-    head = lambda **kw: msgpack.packb({"v": 1, **kw})  # noqa: E731
-    me = "tcp://127.0.0.1:1"
-    raw.send_multipart([b"\x00garbage\xff"])
-    raw.send_multipart([b"\xc1 not msgpack"])
-    raw.send_multipart([head(type="EXPLODE")])
-    push = dict(type="GOSSIP_PUSH", xid=1, version=1, num_samples=10, addr=me, peers={})
-    raw.send_multipart([head(**push, tensors=[{"dtype": "float32", "shape": [100]}]), b"\0" * 12])
-    raw.send_multipart([head(**push, tensors=[{"dtype": "float32", "shape": [10**12]}]), b"\0" * 16])
-    raw.send_multipart(wire.encode(wire.GossipPush(xid=5, num_samples=10, addr=me, model=torch.zeros(10))))  # unasked
-    for bad in ("nan", "short"):
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # ask for an exchange until the peer agrees, then push a bad model
-            raw.send_multipart(wire.encode(wire.GossipFetch(xid=9, addr=me, kind="exchange")))
-            if raw.poll(5000):
-                msg = wire.decode(raw.recv_multipart())
-                if isinstance(msg, wire.GossipReply):
-                    n = msg.model.numel()
-                    model = torch.full((n,), math.nan) if bad == "nan" else torch.zeros(n - 1)
-                    raw.send_multipart(wire.encode(wire.GossipPush(xid=9, num_samples=10, addr=me, model=model)))
-                    break
-            time.sleep(0.1)
-        else:
-            raise AssertionError("the peer never agreed to an exchange")
-    wait_for(lambda: "does not match this peer's" in log(out), 30, "the peer to refuse the short model")
-    raw.close(0)
+    with ctx.socket(zmq.DEALER) as raw:  # closed however the block ends
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(url)
+        head = lambda **kw: msgpack.packb({"v": 1, **kw})  # noqa: E731
+        me = "tcp://127.0.0.1:1"
+        raw.send_multipart([b"\x00garbage\xff"])
+        raw.send_multipart([b"\xc1 not msgpack"])
+        raw.send_multipart([head(type="EXPLODE")])
+        push = dict(type="GOSSIP_PUSH", xid=1, version=1, num_samples=10, addr=me, peers={})
+        raw.send_multipart([head(**push, tensors=[{"dtype": "float32", "shape": [100]}]), b"\0" * 12])
+        raw.send_multipart([head(**push, tensors=[{"dtype": "float32", "shape": [10**12]}]), b"\0" * 16])
+        unasked = wire.GossipPush(xid=5, num_samples=10, addr=me, model=torch.zeros(10))
+        raw.send_multipart(wire.encode(unasked))
+        for bad in ("nan", "short"):
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # ask for an exchange until the peer agrees, then push a bad model
+                raw.send_multipart(wire.encode(wire.GossipFetch(xid=9, addr=me, kind="exchange")))
+                if raw.poll(5000):
+                    msg = wire.decode(raw.recv_multipart())
+                    if isinstance(msg, wire.GossipReply):
+                        n = msg.model.numel()
+                        model = torch.full((n,), math.nan) if bad == "nan" else torch.zeros(n - 1)
+                        raw.send_multipart(wire.encode(wire.GossipPush(xid=9, num_samples=10, addr=me, model=model)))
+                        break
+                time.sleep(0.1)
+            else:
+                raise AssertionError("the peer never agreed to an exchange")
+        wait_for(lambda: "does not match this peer's" in log(out), 30, "the peer to refuse the short model")
 
 
 def _rogue(ctx: zmq.Context, url: str, keys: Path, rogue: Path) -> None:
     """A peer whose key is not in the allow-list: refused at the handshake, and the refusal is logged."""
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.curve_publickey, s.curve_secretkey = zmq.auth.load_certificate(rogue / "clients" / "client-000.key_secret")
-    s.curve_serverkey, _ = zmq.auth.load_certificate(keys / "coordinator.key")
-    s.connect(url)
-    s.send_multipart(wire.encode(wire.GossipFetch(xid=1, addr="tcp://127.0.0.1:2", kind="fetch")))
-    assert not s.poll(3000)  # nothing comes back
-    s.close(0)
+    with ctx.socket(zmq.DEALER) as s:  # closed however the block ends
+        s.setsockopt(zmq.LINGER, 0)
+        secret = rogue / "clients" / "client-000.key_secret"
+        s.curve_publickey, s.curve_secretkey = zmq.auth.load_certificate(secret)
+        s.curve_serverkey, _ = zmq.auth.load_certificate(keys / "coordinator.key")
+        s.connect(url)
+        s.send_multipart(wire.encode(wire.GossipFetch(xid=1, addr="tcp://127.0.0.1:2", kind="fetch")))
+        assert not s.poll(3000)  # nothing comes back
 
 
-def test_churn_kill_join_restart_and_bad_input(tmp_path):
+def test_churn_kill_join_restart_and_bad_input(zmq_context, tmp_path, monkeypatch):
     """One swarm, every kind of churn: two peers killed with SIGKILL mid-run, a newcomer, and a killed peer restarted
     from its checkpoint; and the malformed-message battery aimed at a survivor while all that goes on. Peers are slowed a
-    little (``--fault-slow``) so the run lasts long enough to churn in.
+    little (``Fault.SLOW_TRAIN``) so the run lasts long enough to churn in.
 
     What it asserts holds however loaded the machine is: IID shards, so a survivor's accuracy does not hinge on how many
     exchanges the load let complete (a peer that trained its shard alone still clears the bar), and the newcomer's
@@ -146,7 +145,9 @@ def test_churn_kill_join_restart_and_bad_input(tmp_path):
     urls = [f"ipc://{tmp_path}/p{i}.sock" for i in range(n + 1)]
     dirs = [tmp_path / f"peer-{i}" for i in range(n + 1)]
     fast = ["--exchange-timeout", "1", "--peer-timeout", "4", "--join-wait", "4", "--linger", "1",
-            "--log-level", "INFO", "--fault-slow", "0.3"]
+            "--log-level", "INFO"]
+    for name, value in fault_env({Fault.SLOW_TRAIN: 0.3}).items():  # every peer, through its environment
+        monkeypatch.setenv(name, value)
     procs: dict[int, object] = {}
     started = []
 
@@ -167,11 +168,7 @@ def test_churn_kill_join_restart_and_bad_input(tmp_path):
         wait_for(lambda: len(rows(dirs[0])) >= 5, 60, "round 5")
         start(5, "--rounds", "5", "--join-wait", "15")  # a newcomer joins (it trains 5 rounds of its own)
         start(3, "--resume", "--join-wait", "15")  # a killed peer restarts from its (now stale) checkpoint
-        ctx = zmq.Context()
-        try:
-            _battery(ctx, urls[1], dirs[1])  # malformed messages and bad models aimed at a survivor
-        finally:
-            ctx.destroy(0)
+        _battery(zmq_context, urls[1], dirs[1])  # malformed messages and bad models aimed at a survivor
         wait_for(lambda: all(procs[i].poll() is not None for i in (0, 1, 2, 3, 5)), 120, "the peers to finish")
     finally:
         stop_processes(started)

@@ -16,6 +16,7 @@ from fedopt.errors import AuthError, WireError
 from fedopt.identity import load_identity, load_pinned, write_identities
 from fedopt.secagg import codec, generate_identity, identity_public_bytes
 from fedopt.secagg.messages import MaskedInput
+from fedopt.testing import Fault, SecAggExit
 
 DIGITS = ["--task", "digits", "--local-epochs", "1", "--partition", "iid", "--heartbeat", "0.5"]
 
@@ -104,18 +105,19 @@ def test_clients_killed_at_every_stage_then_too_many(tmp_path):
     keys = str(bus.generate_keys(tmp_path / "keys", 6))
     dump = tmp_path / "dump"
     c = Cluster(tmp_path, keys)
-    seam = ["--debug-secagg-dump", str(dump)]
+    seam = {Fault.SECAGG_DUMP: dump}
     try:
-        c.start_coordinator(*DIGITS, *seam, "--aggregator", "secagg", "--clients", "6", "--rounds", "5",
-                            "--min-clients", "3", "--join-timeout", "2", "--deadline", "40", "--seed", "1")
-        faults = {5: ("share", 1), 4: ("mask", 2), 3: ("unmask", 3), 2: ("mask", 4), 1: ("mask", 4)}
+        c.start_coordinator(*DIGITS, "--aggregator", "secagg", "--clients", "6", "--rounds", "5",
+                            "--min-clients", "3", "--join-timeout", "2", "--deadline", "40", "--seed", "1",
+                            faults=seam)
+        faults = {5: SecAggExit("share", 1), 4: SecAggExit("mask", 2), 3: SecAggExit("unmask", 3),
+                  2: SecAggExit("mask", 4), 1: SecAggExit("mask", 4)}
         for i in range(6):
-            stage = ["--fault-exit-at-stage", faults[i][0], "--fault-round", str(faults[i][1])] if i in faults else []
-            c.start_client(i, *seam, *stage)
+            c.start_client(i, faults={**seam, **({Fault.EXIT_AT_SECAGG_STAGE: faults[i]} if i in faults else {})})
         wait_for(lambda: len(c.rounds()) >= 4, 150, "round 4")
         for i in (1, 2):
             c.clients[i].wait(timeout=10)
-            c.start_client(i, *seam)  # the same clients, restarted without the fault
+            c.start_client(i, faults=seam)  # the same clients, restarted without the fault
         wait_for(lambda: c.coordinator.poll() is not None, 120, "the coordinator to finish")
         assert c.coordinator.returncode == 0, c.log()[-3000:]
     finally:
@@ -124,7 +126,7 @@ def test_clients_killed_at_every_stage_then_too_many(tmp_path):
     log = c.log()
     assert [r["round"] for r in rows] == [1, 2, 3, 4, 5], log[-3000:]
     for i in faults:  # each faulty client really died of SIGKILL at its stage
-        assert "fault seam: SIGKILL" in c.log(f"client-{i}")
+        assert "injected fault: SIGKILL" in c.log(f"client-{i}")
     survivors = {r: _survivors_sum_matches(dump, r) for r in (1, 2, 3, 5)}
     assert survivors[1]["survivors"] == ["0", "1", "2", "3", "4"] and survivors[1]["dropped"] == []
     assert survivors[2]["survivors"] == ["0", "1", "2", "3"] and survivors[2]["dropped"] == ["4"]

@@ -61,11 +61,10 @@ def seeds(n: int) -> list[list[bytes]]:
     return [[bytes(f) for f in wire.encode(m, chunk_bytes=max(4 * n // 3, 1))] for m in msgs]
 
 
-def attack(url: str, count: int, log_path, running) -> dict:
+def attack(ctx: zmq.Context, url: str, count: int, log_path, running) -> dict:
     """Send ``count`` hostile messages to ``url``, reacting to what comes back (a hostile upload whenever the
     coordinator pulls one), and go on reacting after the last one until ``running()`` turns false."""
     rng = random.Random(1234)
-    ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(url)
@@ -113,18 +112,19 @@ def attack(url: str, count: int, log_path, running) -> dict:
                 log.flush()
                 time.sleep(0.002)  # the clients' messages share the coordinator's loop with ours
     finally:
-        ctx.destroy(0)
+        sock.close(0)
     return stats
 
 
-def test_coordinator_survives_hostile_traffic_while_training(tmp_path):
+def test_coordinator_survives_hostile_traffic_while_training(zmq_context, tmp_path):
     c = Cluster(tmp_path, transport="ipc")
     try:
         c.start_coordinator(*OPTS)
         for i in range(CLIENTS):
             c.start_client(i)
         wait_for(lambda: c.rounds() or "training round" in c.log("client-0"), 120, "training to start")
-        stats = attack(c.url, COUNT, tmp_path / "attack.log", running=lambda: c.coordinator.poll() is None)
+        stats = attack(zmq_context, c.url, COUNT, tmp_path / "attack.log",
+                       running=lambda: c.coordinator.poll() is None)
         log = c.log()
         assert c.coordinator.returncode == 0, f"the coordinator died; see {tmp_path}/attack.log\n{log[-4000:]}"
     finally:

@@ -21,11 +21,13 @@ import pytest
 import torch
 import zmq
 
+from _leaks import owned_context
 from clients.gossip_sim import free_ports, peer_command, spawn
 from coordinator.local import stop_processes
 from fedopt import bus, wire
 from fedopt.config import RunConfig
 from fedopt.metrics import read_metrics
+from fedopt.testing import Fault, fault_env
 
 from . import record
 
@@ -91,25 +93,27 @@ def swarm(tmp: Path, attack=None, *, topology: str | None = None, members: int =
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
-    ctx = zmq.Context()
-    try:
-        for i in range(N):
-            dirs[i].mkdir()
-            seeds = urls if topology else sorted({urls[(i - 1) % N], urls[(i + 1) % N]} - {urls[i]})
-            procs.append(spawn(peer_command(urls[i], i, members, seeds, cfg, dirs[i], str(key_dir) if keys else None,
-                                            [*FAST, *(extra or [])]), dirs[i] / "peer.log"))
-        sampler.start()
-        _wait(lambda: len(run.rows(0)) >= start_after or procs[0].poll() is not None, 120, "peer 0's first rounds")
-        if attack is not None:
-            run.attack["rss_before"] = _rss(procs[0].pid)
-            attack(ctx, urls, run, key_dir)
-        _wait(lambda: all(p.poll() is not None for p in procs), 150, "every honest peer to finish")
-    finally:
-        stop.set()
-        ctx.destroy(0)  # the attacker's sockets only: the peers are other processes
-        stop_processes(procs)
-        if sampler.is_alive():
-            sampler.join(timeout=5)
+    # the attacker's sockets (the peers are other processes): leaving the block raises if an attack left one open
+    with owned_context() as ctx:
+        try:
+            for i in range(N):
+                dirs[i].mkdir()
+                seeds = urls if topology else sorted({urls[(i - 1) % N], urls[(i + 1) % N]} - {urls[i]})
+                cmd = peer_command(urls[i], i, members, seeds, cfg, dirs[i], str(key_dir) if keys else None,
+                                   [*FAST, *(extra or [])])
+                procs.append(spawn(cmd, dirs[i] / "peer.log"))
+            sampler.start()
+            _wait(lambda: len(run.rows(0)) >= start_after or procs[0].poll() is not None, 120,
+                  "peer 0's first rounds")
+            if attack is not None:
+                run.attack["rss_before"] = _rss(procs[0].pid)
+                attack(ctx, urls, run, key_dir)
+            _wait(lambda: all(p.poll() is not None for p in procs), 150, "every honest peer to finish")
+        finally:
+            stop.set()
+            stop_processes(procs)
+            if sampler.is_alive():
+                sampler.join(timeout=5)
     run.codes = [p.returncode for p in procs]
     return run
 
@@ -280,11 +284,12 @@ def test_a_push_listing_20000_dead_addresses_costs_o1(tmp_path, control):
 
 
 @pytest.mark.timeout(420)
-def test_40000_dpsgd_pushes_for_future_rounds_keep_memory_bounded(tmp_path):
+def test_40000_dpsgd_pushes_for_future_rounds_keep_memory_bounded(tmp_path, monkeypatch):
     """A ring of four whose fourth member is the attacker: it floods peer 0 with pushes for rounds 1000..41000.
     The clean control is the same ring with the fourth member silent."""
     pushes = 40_000
-    extra = ["--fault-slow", "0.5"]
+    for name, value in fault_env({Fault.SLOW_TRAIN: 0.5}).items():  # every peer of both runs trains slowly
+        monkeypatch.setenv(name, value)
 
     def attack(ctx, urls, run, _keys):
         s = _dealer(ctx, urls[0])
@@ -301,8 +306,8 @@ def test_40000_dpsgd_pushes_for_future_rounds_keep_memory_bounded(tmp_path):
         run.attack["sent"] = sent
         s.close(0)
 
-    control = swarm(tmp_path / "control", topology="ring", members=4, extra=extra)
-    run = swarm(tmp_path / "attack", attack, topology="ring", members=4, extra=extra)
+    control = swarm(tmp_path / "control", topology="ring", members=4)
+    run = swarm(tmp_path / "attack", attack, topology="ring", members=4)
     model_bytes = 4810 * 4
     before = run.attack["rss_before"]
     growth = max(run.rss[0]) - before
