@@ -41,7 +41,7 @@ _DEFAULTS = AllreduceConfig()
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from fedopt.cli import parse_kv
+    from fedopt.options import parse_kv
 
     # every default is left out of the namespace, so --config can supply it (flags override the file)
     d, S = _DEFAULTS, argparse.SUPPRESS

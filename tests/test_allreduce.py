@@ -26,7 +26,6 @@ from clients.allreduce_config import AllreduceConfig
 from clients.allreduce_sync import (CommCounter, LocalSGDAverager, ShardSampler, parse_sync, ring_bytes,
                                     steps_per_rank)
 from clients.allreduce_worker import train_worker
-from clients.runner import LocalTrainer
 from coordinator.local import stop_processes
 from fedopt.cli import Parser, main
 from fedopt.data import PartitionSpec
@@ -35,6 +34,7 @@ from fedopt.errors import ConfigError
 from fedopt.metrics import read_metrics
 from fedopt.params import ParamSpec
 from fedopt.task import BaseTask, TrainConfig, sgd_loop
+from fedopt.trainer import LocalTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -375,7 +375,7 @@ def test_allreduce_takes_config_and_no_plot_like_simulate(tmp_path, capsys):
 
 
 def test_simulate_processes_alone_sets_the_clients():
-    from fedopt.cli import configure, simulate_config
+    from fedopt.cli.simulate import configure, simulate_config
 
     p = Parser(prog="fedopt simulate")
     configure(p)
