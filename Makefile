@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - a federated simulation on the bundled digits data (creates .venv first)
-#   make test   - the test suite (creates .venv first)
+#   make test   - the import contracts (pyproject.toml) and the test suite (creates .venv first)
 # torch is installed as the pinned CPU wheel before the project, so nothing pulls CUDA packages.
 
 PYTHON ?= python3
@@ -25,6 +25,7 @@ demo: $(STAMP)
 	@echo "fedopt is installed in $(VENV): run '. $(VENV)/bin/activate' to put it on your PATH"
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
