@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from coordinator.local import free_port, stop_processes
+from fedopt.launch import fedopt_command, free_port, one_thread_env, spawn, stop_processes
 
 __all__ = ["Cluster", "free_port", "wait_for", "read_rounds"]
 
@@ -50,12 +48,7 @@ class Cluster:
         self.clients: dict[int, subprocess.Popen] = {}
 
     def _spawn(self, args: list[str], log: str) -> subprocess.Popen:
-        f = open(self.tmp / log, "ab")
-        try:
-            p = subprocess.Popen([sys.executable, "-m", "fedopt", *args], stdout=f, stderr=subprocess.STDOUT,
-                                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
-        finally:
-            f.close()
+        p = spawn(fedopt_command(*args), self.tmp / log, one_thread_env(PYTHONUNBUFFERED="1"))
         self.procs.append(p)
         return p
 

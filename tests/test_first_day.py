@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,18 +25,13 @@ from fedopt import bus
 from fedopt.cli import Parser, main
 from fedopt.config import tomllib
 from fedopt.errors import AuthError, FedoptError, TaskError
+from fedopt.launch import free_port
 from fedopt.metrics import Reporter, read_metrics
 from fedopt.task import resolve_task
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 QUICK = ["--clients", "2", "--rounds", "1", "--local-epochs", "1", "--progress", "off", "--no-plot"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli(*args: str, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -164,7 +158,7 @@ def test_a_client_holding_another_coordinators_key_says_so(tmp_path, caplog):
     from clients.federated import FederatedClient
 
     ours, theirs = bus.generate_keys(tmp_path / "a", 1), bus.generate_keys(tmp_path / "b", 1)
-    url = f"tcp://127.0.0.1:{_free_port()}"
+    url = f"tcp://127.0.0.1:{free_port()}"
     ctx = zmq.Context()
     security = bus.security_for(url, str(ours), False, "coordinator")
     router = bus.router(ctx, url, security)
@@ -197,7 +191,7 @@ def test_coordinator_logs_a_client_holding_another_coordinators_key(tmp_path, ca
     from fedopt.config import RunConfig
 
     ours, theirs = bus.generate_keys(tmp_path / "a", 1), bus.generate_keys(tmp_path / "b", 1)
-    url = f"tcp://127.0.0.1:{_free_port()}"
+    url = f"tcp://127.0.0.1:{free_port()}"
     cfg = RunConfig(clients=1, rounds=1, out=str(tmp_path / "run"), progress="off", plot=False)
     coord = Coordinator(cfg, url, bus.security_for(url, str(ours), False, "coordinator"))
     ctx = zmq.Context()
@@ -343,7 +337,7 @@ def test_allreduce_one_cpu_worker_trains_a_small_model_on_one_thread(tmp_path, m
     from clients.allreduce_worker import train_worker
 
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(_free_port())).items():
+                     MASTER_PORT=str(free_port())).items():
         monkeypatch.setenv(k, v)
     for k in ("OMP_NUM_THREADS", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT"):
         monkeypatch.delenv(k, raising=False)

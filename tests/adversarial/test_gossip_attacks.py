@@ -21,10 +21,10 @@ import pytest
 import torch
 import zmq
 
-from clients.gossip_sim import free_ports, peer_command, spawn
-from coordinator.local import stop_processes
+from clients.gossip_sim import peer_command
 from fedopt import bus, wire
 from fedopt.config import RunConfig
+from fedopt.launch import free_ports, one_thread_env, spawn, stop_processes
 from fedopt.metrics import read_metrics
 
 from . import record
@@ -35,6 +35,7 @@ N = 3  # honest peers
 ROUNDS = 6
 CLOSE = 0.02  # honest accuracy within 2 points of the clean control
 FAST = ["--exchange-timeout", "1", "--peer-timeout", "4", "--join-wait", "3", "--linger", "1", "--log-level", "INFO"]
+PEER_ENV = one_thread_env(PYTHONUNBUFFERED="1")  # each peer process on one core
 ATTACKER = "ipc:///nonexistent/fedopt-attacker.sock"
 
 
@@ -97,7 +98,7 @@ def swarm(tmp: Path, attack=None, *, topology: str | None = None, members: int =
             dirs[i].mkdir()
             seeds = urls if topology else sorted({urls[(i - 1) % N], urls[(i + 1) % N]} - {urls[i]})
             procs.append(spawn(peer_command(urls[i], i, members, seeds, cfg, dirs[i], str(key_dir) if keys else None,
-                                            [*FAST, *(extra or [])]), dirs[i] / "peer.log"))
+                                            [*FAST, *(extra or [])]), dirs[i] / "peer.log", PEER_ENV))
         sampler.start()
         _wait(lambda: len(run.rows(0)) >= start_after or procs[0].poll() is not None, 120, "peer 0's first rounds")
         if attack is not None:
