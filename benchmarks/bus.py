@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedopt import bus, wire  # noqa: E402
+from fedopt.keys import generate_keys  # noqa: E402
 from fedopt.launch import fedopt_command, free_port, one_thread_env, spawn, stop_processes  # noqa: E402
 from fedopt.task import BaseTask, ClientData  # noqa: E402
 
@@ -148,7 +149,7 @@ def coordinator_round(clients: int, rounds: int, secagg: bool = False, curve: bo
         url = f"tcp://127.0.0.1:{free_port()}"  # the same transport as the floor
         out = Path(tmp) / "out"
         env = one_thread_env(PYTHONPATH=f"{ROOT / 'benchmarks'}{os.pathsep}{ROOT}")
-        keys = str(bus.generate_keys(Path(tmp) / "keys", clients)) if secagg or curve else None
+        keys = str(generate_keys(Path(tmp) / "keys", clients)) if secagg or curve else None
         security = ["--keys", keys] if curve else ["--insecure"]
         extra = ["--aggregator", "secagg", "--deadline", "120", "--identities", keys] if secagg else []
         cmd = fedopt_command("coordinator", "--bind", url, "--task", "bus:BigTask", "--clients", str(clients),

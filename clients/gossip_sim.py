@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from fedopt import bus
 from fedopt.config import RunConfig
 from fedopt.errors import FedoptError
+from fedopt.keys import generate_keys
 from fedopt.launch import free_ports, one_thread_env, spawn, stop_processes
 from fedopt.metrics import Reporter, RunOutput, read_metrics
 from fedopt.params import ParamSpec
@@ -82,7 +82,7 @@ def simulate_gossip(cfg: RunConfig, timeout: float | None = None) -> int:
         if cfg.transport == "ipc":
             urls = [f"ipc://{tmp}/peer-{i:03d}.sock" for i in range(n)]
         else:
-            keys = str(bus.generate_keys(Path(tmp) / "keys", n))
+            keys = str(generate_keys(Path(tmp) / "keys", n))
             urls = [f"tcp://127.0.0.1:{p}" for p in free_ports(n)]
         procs, dirs = [], [out / f"peer-{i:03d}" for i in range(n)]
         env = one_thread_env(PYTHONUNBUFFERED="1")

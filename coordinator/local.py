@@ -22,6 +22,7 @@ from fedopt import bus
 from fedopt.config import RunConfig
 from fedopt.errors import ConfigError
 from fedopt.identity import load_pinned, write_identities
+from fedopt.keys import generate_keys
 from fedopt.launch import fedopt_command, free_port, shared_cores_env, spawn, stop_processes
 
 __all__ = ["simulate_processes", "spawn_client"]
@@ -48,7 +49,7 @@ def simulate_processes(cfg: RunConfig) -> int:
     with tempfile.TemporaryDirectory(prefix="fedopt-bus-") as tmp:
         keys = None
         if cfg.transport == "tcp":
-            keys = str(bus.generate_keys(Path(tmp) / "keys", k))
+            keys = str(generate_keys(Path(tmp) / "keys", k))
             url = f"tcp://127.0.0.1:{free_port()}"
         else:
             url = f"ipc://{tmp}/coordinator.sock"

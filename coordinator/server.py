@@ -22,7 +22,7 @@ Anything a client sends that does not fit (malformed, wrong round, unexpected) i
 the loop never dies on input: a handler that fails on a message logs one line and the loop goes on.
 
 Zero trust (the README's threat model): over CurveZMQ a client's id is the one its key was enrolled under (the ZAP
-User-Id, :func:`fedopt.bus.enrolled_id`), so a HELLO naming another id is refused; under ``--insecure`` and ipc the id
+User-Id, :func:`fedopt.keys.enrolled_id`), so a HELLO naming another id is refused; under ``--insecure`` and ipc the id
 is whatever HELLO says, unauthenticated. Either way one id has one live connection: a HELLO for an id held by a
 connection that still answers is refused, never a silent takeover. Registrations are capped (``--max-clients``); a
 client's weight is its READY count, capped (:class:`~fedopt.rounds.Bounds`); a client that keeps missing its

@@ -104,22 +104,23 @@ def stop_processes(procs: Iterable[subprocess.Popen], grace: float = 3.0) -> Non
     """SIGTERM the process group of every process, wait up to ``grace`` seconds in all, SIGKILL the groups still
     running, and reap every process. A process that has already exited is only reaped."""
     procs = list(procs)
-    for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+    _signal_groups(procs, signal.SIGTERM)
     end = time.monotonic() + grace
     for p in procs:
         try:
             p.wait(timeout=max(0.0, end - time.monotonic()))
         except subprocess.TimeoutExpired:
             pass
+    _signal_groups(procs, signal.SIGKILL)
+    for p in procs:
+        p.wait(timeout=5)
+
+
+def _signal_groups(procs: list[subprocess.Popen], sig: signal.Signals) -> None:
+    """Send ``sig`` to the process group of every process still running (a group already gone is skipped)."""
     for p in procs:
         if p.poll() is None:
             try:
-                os.killpg(p.pid, signal.SIGKILL)
+                os.killpg(p.pid, sig)
             except ProcessLookupError:
                 pass
-            p.wait(timeout=5)

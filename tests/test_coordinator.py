@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 
 from _bus import Cluster, wait_for
 from clients.simulation import simulate
 from coordinator.registry import Registry, RoundTracker
-from fedopt import bus
 from fedopt.config import RunConfig
+from fedopt.keys import generate_keys
 
 ROUND_OPTS = ["--task", "digits", "--clients", "3", "--rounds", "3", "--local-epochs", "1", "--seed", "7",
               "--partition", "iid", "--heartbeat", "0.5"]
@@ -43,7 +42,7 @@ def test_round_tracker_grants_uploads_within_its_slots():
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_coordinator_and_clients_over_curve_match_in_process(tmp_path):
-    keys = str(bus.generate_keys(tmp_path / "keys", 3))
+    keys = str(generate_keys(tmp_path / "keys", 3))
     c = Cluster(tmp_path, keys)
     try:
         c.start_coordinator(*ROUND_OPTS, "--fed-eval-every", "3")

@@ -25,6 +25,7 @@ from fedopt import bus
 from fedopt.cli import Parser, main
 from fedopt.config import tomllib
 from fedopt.errors import AuthError, FedoptError, TaskError
+from fedopt.keys import generate_keys
 from fedopt.launch import free_port
 from fedopt.metrics import Reporter, read_metrics
 from fedopt.task import resolve_task
@@ -132,7 +133,7 @@ def test_gitignore_keeps_keys_and_runs_out_of_version_control():
 
 
 def test_a_missing_coordinator_key_is_named(tmp_path):
-    d = bus.generate_keys(tmp_path / "keys", 1)
+    d = generate_keys(tmp_path / "keys", 1)
     (d / "coordinator.key").unlink()
     with pytest.raises(AuthError, match=r"coordinator\.key is missing: copy coordinator\.key"):
         bus.security_for("tcp://127.0.0.1:5555", str(d), False, "client", "client-000")
@@ -157,7 +158,7 @@ def _serve_in_thread(client) -> dict:
 def test_a_client_holding_another_coordinators_key_says_so(tmp_path, caplog):
     from clients.federated import FederatedClient
 
-    ours, theirs = bus.generate_keys(tmp_path / "a", 1), bus.generate_keys(tmp_path / "b", 1)
+    ours, theirs = generate_keys(tmp_path / "a", 1), generate_keys(tmp_path / "b", 1)
     url = f"tcp://127.0.0.1:{free_port()}"
     ctx = zmq.Context()
     security = bus.security_for(url, str(ours), False, "coordinator")
@@ -190,7 +191,7 @@ def test_coordinator_logs_a_client_holding_another_coordinators_key(tmp_path, ca
     from coordinator.server import Coordinator
     from fedopt.config import RunConfig
 
-    ours, theirs = bus.generate_keys(tmp_path / "a", 1), bus.generate_keys(tmp_path / "b", 1)
+    ours, theirs = generate_keys(tmp_path / "a", 1), generate_keys(tmp_path / "b", 1)
     url = f"tcp://127.0.0.1:{free_port()}"
     cfg = RunConfig(clients=1, rounds=1, out=str(tmp_path / "run"), progress="off", plot=False)
     coord = Coordinator(cfg, url, bus.security_for(url, str(ours), False, "coordinator"))

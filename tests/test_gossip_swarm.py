@@ -15,8 +15,9 @@ import zmq
 from safetensors.torch import load_file
 
 from clients.gossip_sim import peer_command, swarm_summary
-from fedopt import bus, wire
+from fedopt import wire
 from fedopt.config import RunConfig
+from fedopt.keys import generate_keys
 from fedopt.launch import free_ports, one_thread_env, spawn, stop_processes
 from fedopt.metrics import read_metrics
 
@@ -50,8 +51,8 @@ def test_eight_peers_match_fedavg_and_refuse_a_rogue_key(tmp_path):
     n, rounds = 8, 20
     cfg = RunConfig(clients=n, rounds=rounds, local_epochs=2, partition="dirichlet", alpha=0.5, seed=0, progress="off",
                     out=str(tmp_path / "fedavg"), mode="gossip")
-    keys = bus.generate_keys(tmp_path / "keys", n)
-    rogue = bus.generate_keys(tmp_path / "rogue", 1)
+    keys = generate_keys(tmp_path / "keys", n)
+    rogue = generate_keys(tmp_path / "rogue", 1)
     urls = [f"tcp://127.0.0.1:{p}" for p in free_ports(n)]
     dirs = [tmp_path / f"peer-{i}" for i in range(n)]
     procs = []

@@ -5,7 +5,7 @@ This package is the one composition root: the only part of :mod:`fedopt` that im
 imported only when chosen, so ``fedopt --help`` and bad-usage errors answer without importing torch; the modes it
 starts are imported inside the functions that start them. A subcommand module provides ``configure(parser)`` and
 ``run(args) -> int``: ``simulate``, ``coordinator`` and ``plot`` are modules of this package; ``client``, ``gossip``
-and ``allreduce`` are still provided by their runtimes, and ``keys`` by :mod:`fedopt.bus`. Option groups that several
+and ``allreduce`` are still provided by their runtimes, and ``keys`` by :mod:`fedopt.keys`. Option groups that several
 commands share are in :mod:`fedopt.options`. Every deliberate error is one line on stderr; exit codes are 0 success, 2 bad usage or invalid
 input, 1 a run that failed.
 """
@@ -28,7 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "client": ("clients.federated", "run one federated client on its private shard"),
     "gossip": ("clients.gossip", "run one gossip peer (no coordinator)"),
     "allreduce": ("clients.allreduce", "run datacenter workers on torch.distributed (DDP / local SGD)"),
-    "keys": ("fedopt.bus", "make CurveZMQ key pairs: fedopt keys generate DIR"),
+    "keys": ("fedopt.keys", "make CurveZMQ key pairs: fedopt keys generate DIR"),
     "plot": ("fedopt.cli.plot", "compare runs on one figure: fedopt plot RUN [RUN ...] --out FILE.png"),
 }
 #: commands that write a run folder (OUT/metrics.jsonl, model, checkpoint): each takes --overwrite, and its folder is

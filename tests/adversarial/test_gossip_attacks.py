@@ -22,8 +22,9 @@ import torch
 import zmq
 
 from clients.gossip_sim import peer_command
-from fedopt import bus, wire
+from fedopt import wire
 from fedopt.config import RunConfig
+from fedopt.keys import generate_keys
 from fedopt.launch import free_ports, one_thread_env, spawn, stop_processes
 from fedopt.metrics import read_metrics
 
@@ -73,7 +74,7 @@ def swarm(tmp: Path, attack=None, *, topology: str | None = None, members: int =
     ``start_after`` rounds, ``attack(ctx, urls, run)`` in this thread; returns when every peer has exited."""
     cfg = RunConfig(clients=members, rounds=rounds, local_epochs=1, partition="iid", seed=3, mode="gossip", topology=topology)
     tmp.mkdir(parents=True, exist_ok=True)
-    key_dir = bus.generate_keys(tmp / "keys", members + 1) if keys else None
+    key_dir = generate_keys(tmp / "keys", members + 1) if keys else None
     if keys:
         urls = [f"tcp://127.0.0.1:{p}" for p in free_ports(members)]
     else:
