@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - a federated simulation on the bundled digits data (creates .venv first)
-#   make test   - the test suite (creates .venv first)
-#   make test-fast - the suite without the end-to-end tests marked slow (real processes, long runs)
+#   make test   - the import contracts (pyproject.toml) and the test suite (creates .venv first)
+#   make test-fast - the same without the end-to-end tests marked slow (real processes, long runs)
 # torch is installed as the pinned CPU wheel before the project, so nothing pulls CUDA packages.
 
 PYTHON ?= python3
@@ -26,9 +26,11 @@ demo: $(STAMP)
 	@echo "fedopt is installed in $(VENV): run '. $(VENV)/bin/activate' to put it on your PATH"
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)

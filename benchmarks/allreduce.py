@@ -26,7 +26,6 @@ import argparse
 import itertools
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,23 +36,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import emit, table  # noqa: E402
+from fedopt.launch import free_port, loopback_interface, one_thread_env  # noqa: E402
 
 
 def _env() -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = one_thread_env(PYTHONPATH=str(ROOT))
     if "GLOO_SOCKET_IFNAME" not in env:
-        from clients.allreduce import _loopback_interface
-
-        lo = _loopback_interface()
+        lo = loopback_interface()
         if lo:
             env["GLOO_SOCKET_IFNAME"] = lo
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 #: launches of the plain DDP baseline per measurement before the benchmark gives up
@@ -93,7 +85,7 @@ def plain_step(nproc: int, hidden: int, batch: int, steps: int, epochs: int) -> 
             result = Path(d, "plain.json")
             try:
                 _run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
-                      "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+                      "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
                       "--monitor-interval", "0.2", str(ROOT / "benchmarks" / "plain_ddp.py"), "--task", "digits",
                       "--task-option", f"hidden={hidden}", "--batch-size", str(batch), "--steps", str(steps),
                       "--epochs", str(epochs), "--lr", "0.05", "--result", str(result)], timeout=600)

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedopt import bus, wire  # noqa: E402
+from fedopt.keys import generate_keys  # noqa: E402
+from fedopt.launch import fedopt_command, free_port, one_thread_env, spawn, stop_processes  # noqa: E402
 from fedopt.task import BaseTask, ClientData  # noqa: E402
 
 MB = 1_000_000
@@ -137,40 +138,27 @@ def floor_round(clients: int, nbytes: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def free_port() -> int:
-    from coordinator.local import free_port as fp
-
-    return fp()
-
-
 def coordinator_round(clients: int, rounds: int, secagg: bool = False, curve: bool = False) -> tuple[float, float]:
     """Median round seconds (rounds 2..) and RSS growth in updates of a real coordinator with real clients.
 
     ``secagg``: the same with ``--aggregator secagg`` (masked inputs are uploaded on credit too); ``curve``: over
     CurveZMQ instead of plain tcp."""
-    from coordinator.local import spawn_client, stop_processes
+    from coordinator.local import spawn_client
 
     with tempfile.TemporaryDirectory(prefix="fedopt-busbench-") as tmp:
         url = f"tcp://127.0.0.1:{free_port()}"  # the same transport as the floor
         out = Path(tmp) / "out"
-        env = {**os.environ, "PYTHONPATH": f"{ROOT / 'benchmarks'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
-        keys = str(bus.generate_keys(Path(tmp) / "keys", clients)) if secagg or curve else None
+        env = one_thread_env(PYTHONPATH=f"{ROOT / 'benchmarks'}{os.pathsep}{ROOT}")
+        keys = str(generate_keys(Path(tmp) / "keys", clients)) if secagg or curve else None
         security = ["--keys", keys] if curve else ["--insecure"]
         extra = ["--aggregator", "secagg", "--deadline", "120", "--identities", keys] if secagg else []
-        cmd = [sys.executable, "-m", "fedopt", "coordinator", "--bind", url, "--task", "bus:BigTask",
-               "--clients", str(clients), "--rounds", str(rounds), "--out", str(out), "--progress", "off",
-               "--heartbeat", "5", "--log-level", "WARNING", "--partition", "iid", *security, *extra]
-        coord = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 start_new_session=True)
-        old = os.environ.get("PYTHONPATH")
-        os.environ["PYTHONPATH"] = env["PYTHONPATH"]
+        cmd = fedopt_command("coordinator", "--bind", url, "--task", "bus:BigTask", "--clients", str(clients),
+                             "--rounds", str(rounds), "--out", str(out), "--progress", "off", "--heartbeat", "5",
+                             "--log-level", "WARNING", "--partition", "iid", *security, *extra)
+        coord = spawn(cmd, env=env)
         client_args = ["--log-level", "WARNING", *([] if curve else ["--insecure"]),
                        *(["--identities", keys] if secagg else [])]
-        procs = [spawn_client(url, i, clients, keys if curve else None, client_args) for i in range(clients)]
-        if old is None:
-            os.environ.pop("PYTHONPATH")
-        else:
-            os.environ["PYTHONPATH"] = old
+        procs = [spawn_client(url, i, clients, keys if curve else None, client_args, env=env) for i in range(clients)]
         ps = psutil.Process(coord.pid)
         base = peak = None
         try:

@@ -26,7 +26,6 @@ import json
 import math
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, table  # noqa: E402
 
 from clients.gossip_state import Bounds, ModelState, consensus_distance  # noqa: E402
+from fedopt.launch import spawn, stop_processes  # noqa: E402
 
 #: the mixing math alone: a swarm of honest peers, no clipping or clamping in the way of the rate being measured
 HONEST = Bounds(norm_factor=1e9, dist_factor=1e9, clip_factor=1e9, max_weight_ratio=1e9)
@@ -121,7 +121,7 @@ def _read(p: Path) -> list[dict]:
 def time_to_target(cmd: list[str], out: Path, peers: int | None, target: float, limit: float) -> tuple[float, dict]:
     """Seconds from launch until the run's accuracy reaches ``target`` (inf if never), and the run's end state."""
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = spawn(cmd)
     hit = math.inf
     try:
         while time.monotonic() - t0 < limit:
@@ -138,12 +138,7 @@ def time_to_target(cmd: list[str], out: Path, peers: int | None, target: float, 
                 break
             time.sleep(0.1)
     finally:
-        if proc.poll() is None:
-            import os
-            import signal
-
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        stop_processes([proc], grace=0.0)
     return hit, {"rc": proc.returncode, "seconds": time.monotonic() - t0}
 
 

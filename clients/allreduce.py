@@ -27,11 +27,11 @@ import dataclasses
 import logging
 import os
 import signal
-import socket
 import sys
 import uuid
 
 from fedopt.errors import ConfigError
+from fedopt.launch import free_port, loopback_interface, shared_cores_env
 
 from .allreduce_config import AllreduceConfig, load_allreduce_toml
 
@@ -41,7 +41,7 @@ _DEFAULTS = AllreduceConfig()
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from fedopt.cli import parse_kv
+    from fedopt.options import parse_kv
 
     # every default is left out of the namespace, so --config can supply it (flags override the file)
     d, S = _DEFAULTS, argparse.SUPPRESS
@@ -151,21 +151,6 @@ def run(args: argparse.Namespace) -> int:
     return launch(cfg, nproc, args.max_restarts)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _loopback_interface() -> str | None:
-    import psutil
-
-    for name, addrs in psutil.net_if_addrs().items():
-        if any(a.family == socket.AF_INET and a.address.startswith("127.") for a in addrs):
-            return name
-    return None
-
-
 def preflight(cfg: AllreduceConfig, nproc: int) -> None:
     """Everything a launch can check before starting workers, so bad input is one line and exit code 2."""
     from fedopt.checkpoint import CHECKPOINT
@@ -186,8 +171,6 @@ def launch(cfg: AllreduceConfig, nproc: int, max_restarts: int = 0, monitor_inte
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    from coordinator.local import shared_cores_env
-
     if nproc > 1:
         # the workers share this machine's cores, as simulate's client processes do (torchrun would otherwise pick 1
         # and print a warning about it); with one worker, a small model gets one thread from the worker itself
@@ -198,10 +181,10 @@ def launch(cfg: AllreduceConfig, nproc: int, max_restarts: int = 0, monitor_inte
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.ERROR)
     # --nproc runs on this machine only: keep gloo's traffic on the loopback interface
-    if "GLOO_SOCKET_IFNAME" not in os.environ and (lo := _loopback_interface()):
+    if "GLOO_SOCKET_IFNAME" not in os.environ and (lo := loopback_interface()):
         os.environ["GLOO_SOCKET_IFNAME"] = lo
     argv = ["--nnodes", "1", "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
-            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", uuid.uuid4().hex,
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", uuid.uuid4().hex,
             "--monitor-interval", str(monitor_interval), "--module", "fedopt", "allreduce", *worker_argv(cfg)]
     try:
         torchrun.run(torchrun.get_args_parser().parse_args(argv))

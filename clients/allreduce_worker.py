@@ -36,9 +36,9 @@ from fedopt.errors import ConfigError, TaskError
 from fedopt.metrics import RunOutput
 from fedopt.params import ParamSpec
 from fedopt.task import TrainConfig, resolve_task, to_device
+from fedopt.trainer import SMALL_MODEL
 
 from .allreduce_config import AllreduceConfig
-from .runner import SMALL_MODEL
 from .allreduce_sync import CommCounter, LocalSGDAverager, ShardSampler, counting_allreduce_hook, steps_per_rank
 
 __all__ = ["dist_env", "pick_backend", "train_worker", "AllreduceWorker"]
@@ -123,7 +123,7 @@ class AllreduceWorker:
         self.module = self.task.build_model().to(device)
         self.spec = ParamSpec.from_module(self.module, "average")
         if self.spec.size < SMALL_MODEL and device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(1)  # as every other mode does for small models (see clients.runner.SMALL_MODEL)
+            torch.set_num_threads(1)  # as every other mode does for small models (see fedopt.trainer.SMALL_MODEL)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.data = self.task.load_data(0, 1, cfg.seed, PartitionSpec("iid")).to(device)
         self.test = None

@@ -1,7 +1,7 @@
 """``fedopt client``: one federated client, a DEALER that registers, trains when asked and survives restarts.
 
 Two threads. The socket thread owns the DEALER and never blocks on anything but a poll with a timeout: it answers
-the coordinator, sends heartbeats and notices silence. The training thread runs :class:`~clients.runner.LocalTrainer`
+the coordinator, sends heartbeats and notices silence. The training thread runs :class:`~fedopt.trainer.LocalTrainer`
 on the jobs it is handed through a queue and wakes the socket thread through an inproc PAIR pipe when a result is
 ready, so heartbeats keep flowing however long training takes (sockets stay with one thread, as ZeroMQ requires).
 
@@ -44,8 +44,8 @@ from fedopt.task import TrainConfig, resolve_task
 from fedopt.identity import find_identity_dir, load_identity, load_pinned
 from fedopt.secagg import codec
 from fedopt.testing import SECAGG_STAGES, Fault, SecAggExit, faults
+from fedopt.trainer import SMALL_MODEL, LocalTrainer, pick_device
 
-from .runner import SMALL_MODEL, LocalTrainer, pick_device
 from .secagg import SecAggClient
 
 __all__ = ["FederatedClient", "configure", "run"]
@@ -370,7 +370,7 @@ class FederatedClient:
 
 # ---- `fedopt client` --------------------------------------------------------------------------------------------------
 def configure(p: argparse.ArgumentParser) -> None:
-    from fedopt.cli import parse_kv
+    from fedopt.options import parse_kv
 
     p.add_argument("--connect", required=True, help="the coordinator: tcp://HOST:PORT or ipc://PATH")
     p.add_argument("--keys", default=None, help="key directory holding coordinator.key and this client's secret")

@@ -42,10 +42,10 @@ from fedopt.params import ParamSpec
 from fedopt.testing import Fault, faults
 from fedopt.schedules import OPTIMIZERS, SCHEDULES, scheduled_lr
 from fedopt.task import TrainConfig, resolve_task
+from fedopt.trainer import LocalTrainer, pick_device
 
 from .gossip_peer import PeerSockets, Request
 from .gossip_state import ModelState
-from .runner import LocalTrainer, pick_device
 from .topology import TOPOLOGIES
 
 __all__ = ["GossipPeer", "configure", "run", "simulate_gossip"]
@@ -239,7 +239,7 @@ def _swarm_secret(args: argparse.Namespace) -> bytes:
 
 # ---- `fedopt gossip` --------------------------------------------------------------------------------------------------
 def configure(p: argparse.ArgumentParser) -> None:
-    from fedopt.cli import parse_kv
+    from fedopt.options import parse_kv
 
     g = p.add_argument_group("network")
     g.add_argument("--bind", required=True, help="this peer's socket: tcp://IP:PORT or ipc://PATH (default %(default)s)")

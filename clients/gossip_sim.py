@@ -6,14 +6,12 @@ with ``--topology``, gets the whole member list. Each peer writes ``OUT/peer-NNN
 log). At the end this process writes ``OUT/metrics.jsonl`` (per round: the peers' mean accuracy, min, max),
 ``OUT/model.safetensors`` (the sample-weighted mean of the peers' final models), ``OUT/summary.json``, and prints every
 peer's accuracy, their spread and the final consensus distance. Processes are started in their own process groups
-and torn down with :func:`coordinator.local.stop_processes`, whatever happens.
+and torn down with :func:`fedopt.launch.stop_processes`, whatever happens.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,16 +20,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from coordinator.local import stop_processes
-from fedopt import bus
 from fedopt.config import RunConfig
 from fedopt.errors import FedoptError
+from fedopt.keys import generate_keys
+from fedopt.launch import free_ports, one_thread_env, spawn, stop_processes
 from fedopt.metrics import Reporter, RunOutput, read_metrics
 from fedopt.params import ParamSpec
 
 from .gossip_state import consensus_distance
 
-__all__ = ["simulate_gossip", "peer_command", "swarm_summary", "free_ports", "spawn"]
+__all__ = ["simulate_gossip", "peer_command", "swarm_summary"]
 
 
 def peer_command(url: str, shard: int, n: int, seeds: list[str], cfg: RunConfig, out: Path,
@@ -50,31 +48,6 @@ def peer_command(url: str, shard: int, n: int, seeds: list[str], cfg: RunConfig,
     for k, v in cfg.task_options.items():
         cmd += ["--task-option", f"{k}={v}"]
     return cmd
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1, drawn below the kernel's ephemeral range (where other programs'
-    outgoing connections land), so a port picked now is unlikely to be taken before the peer binds it."""
-    import random
-    import socket
-
-    out: list[int] = []
-    while len(out) < n:
-        port = random.randint(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        if port not in out:
-            out.append(port)
-    return out
-
-
-def spawn(cmd: list[str], log_path: Path) -> subprocess.Popen:
-    with open(log_path, "ab") as f:
-        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
 
 
 def swarm_summary(peer_dirs: list[Path], weights: list[int] | None = None) -> dict:
@@ -109,14 +82,16 @@ def simulate_gossip(cfg: RunConfig, timeout: float | None = None) -> int:
         if cfg.transport == "ipc":
             urls = [f"ipc://{tmp}/peer-{i:03d}.sock" for i in range(n)]
         else:
-            keys = str(bus.generate_keys(Path(tmp) / "keys", n))
+            keys = str(generate_keys(Path(tmp) / "keys", n))
             urls = [f"tcp://127.0.0.1:{p}" for p in free_ports(n)]
         procs, dirs = [], [out / f"peer-{i:03d}" for i in range(n)]
+        env = one_thread_env(PYTHONUNBUFFERED="1")
         try:
             for i in range(n):
                 dirs[i].mkdir(parents=True, exist_ok=True)
                 seeds = urls if cfg.topology else sorted({urls[(i - 1) % n], urls[(i + 1) % n]} - {urls[i]})
-                procs.append(spawn(peer_command(urls[i], i, n, seeds, cfg, dirs[i], keys), dirs[i] / "peer.log"))
+                cmd = peer_command(urls[i], i, n, seeds, cfg, dirs[i], keys)
+                procs.append(spawn(cmd, dirs[i] / "peer.log", env))
             end = time.monotonic() + timeout
             progress = _SwarmProgress(dirs, cfg)
             try:

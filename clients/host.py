@@ -12,12 +12,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from coordinator.rounds import Job, RoundServer
 from fedopt.aggregators import Update
 from fedopt.params import ParamSpec
+from fedopt.rounds import Job, RoundServer
 from fedopt.task import ClientData, Task
+from fedopt.trainer import LocalTrainer
 
-from .runner import LocalTrainer
 from .scaffold import ScaffoldClients
 
 __all__ = ["ClientHost"]

@@ -25,12 +25,12 @@ import traceback
 import torch
 import torch.multiprocessing as tmp
 
-from coordinator.rounds import Job, RoundServer
 from fedopt.aggregators import Update, make_aggregator
 from fedopt.config import RunConfig
 from fedopt.errors import FedoptError, RoundError
 from fedopt.optimizers import make_server_optimizer
 from fedopt.params import ParamSpec
+from fedopt.rounds import Job, RoundServer
 
 from .scaffold import ScaffoldServer
 
@@ -176,7 +176,7 @@ def _worker_main(rank, cfg: RunConfig, spec_dict, threads, budget, global_vec, c
         from fedopt.task import TrainConfig, resolve_task
 
         from .host import ClientHost
-        from .runner import pick_device
+        from fedopt.trainer import pick_device
         from .scaffold import ScaffoldClients
         from .shards import ShardSource
 

@@ -2,7 +2,7 @@
 
 A virtual client is its data shard plus whatever state its algorithm needs: no process, socket or model object per
 client. Shards are loaded lazily (:class:`~clients.shards.ShardSource`), so memory grows with the data and the number
-of workers, not with the number of clients. The engine plans each round with :class:`~coordinator.rounds.RoundServer`,
+of workers, not with the number of clients. The engine plans each round with :class:`~fedopt.rounds.RoundServer`,
 hands the jobs to an executor that trains them, and records metrics exactly as the other modes do.
 
 Executors (``run_round(server, jobs)`` feeds the round's results into ``server``, by ``offer`` or ``merge``):
@@ -28,7 +28,6 @@ from typing import Protocol
 
 import torch
 
-from coordinator.rounds import Bounds, Job, RoundServer
 from fedopt.aggregators import make_aggregator
 from fedopt.config import RunConfig
 from fedopt.data import PartitionSpec
@@ -36,10 +35,11 @@ from fedopt.metrics import RunOutput
 from fedopt.optimizers import make_server_optimizer
 from fedopt.params import ParamSpec
 from fedopt.local_sgd import num_samples
+from fedopt.rounds import Bounds, Job, RoundServer
 from fedopt.task import BaseTask, Task, TrainConfig, evaluate_classifier, resolve_task, to_device
+from fedopt.trainer import SMALL_MODEL, LocalTrainer, pick_device
 
 from .host import ClientHost
-from .runner import SMALL_MODEL, LocalTrainer, pick_device
 from .scaffold import ScaffoldClients, ScaffoldServer, check_scaffold_task
 from .shards import ShardSource
 

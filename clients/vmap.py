@@ -28,9 +28,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from coordinator.rounds import Job, RoundServer
 from fedopt.aggregators import Update
 from fedopt.params import ParamSpec
+from fedopt.rounds import Job, RoundServer
 from fedopt.task import BaseTask, Task, TrainConfig
 
 from .scaffold import ScaffoldClients, ScaffoldServer

@@ -35,10 +35,10 @@ import torch
 from fedopt import wire
 from fedopt.aggregators.secure import round_encoding, round_parameters
 from fedopt.errors import SecAggError
+from fedopt.rounds import RoundOutcome
 from fedopt.secagg import RoundConfig
 
 from .registry import RoundTracker
-from .rounds import RoundOutcome
 from .secagg import run_round
 
 if TYPE_CHECKING:

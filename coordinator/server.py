@@ -1,4 +1,4 @@
-"""``fedopt coordinator``: the ROUTER side of federated mode, driving :class:`~coordinator.rounds.RoundServer`.
+"""The coordinator: the ROUTER side of federated mode, driving :class:`~fedopt.rounds.RoundServer`.
 
 One thread owns the socket and runs an event loop: receive (with a short poll timeout), send heartbeats, expire
 silent clients, and advance the round. A round::
@@ -22,10 +22,10 @@ Anything a client sends that does not fit (malformed, wrong round, unexpected) i
 the loop never dies on input: a handler that fails on a message logs one line and the loop goes on.
 
 Zero trust (the README's threat model): over CurveZMQ a client's id is the one its key was enrolled under (the ZAP
-User-Id, :func:`fedopt.bus.enrolled_id`), so a HELLO naming another id is refused; under ``--insecure`` and ipc the id
+User-Id, :func:`fedopt.keys.enrolled_id`), so a HELLO naming another id is refused; under ``--insecure`` and ipc the id
 is whatever HELLO says, unauthenticated. Either way one id has one live connection: a HELLO for an id held by a
 connection that still answers is refused, never a silent takeover. Registrations are capped (``--max-clients``); a
-client's weight is its READY count, capped (:class:`~coordinator.rounds.Bounds`); a client that keeps missing its
+client's weight is its READY count, capped (:class:`~fedopt.rounds.Bounds`); a client that keeps missing its
 rounds is benched; a client holds at most one unread model message; upload credit a client does not use within
 three heartbeats is taken back. Because planning is RoundServer's seeded ``plan`` over the same client ids, a bus run
 selects the same clients with the same seeds as ``fedopt simulate`` in-process.
@@ -33,7 +33,6 @@ selects the same clients with the same seeds as ``fedopt simulate`` in-process.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
@@ -45,20 +44,19 @@ import zmq
 from fedopt import bus, wire
 from fedopt.aggregators import Update, make_aggregator
 from fedopt.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedopt.config import RunConfig, build_config
+from fedopt.config import RunConfig
 from fedopt.errors import ConfigError, RoundError
-from fedopt.identity import find_identity_dir, load_pinned
 from fedopt.liveness import Liveness, LogBudget, Ticker
 from fedopt.metrics import RunOutput
 from fedopt.optimizers import make_server_optimizer
 from fedopt.params import ParamSpec
+from fedopt.rounds import Bounds, RoundServer
 from fedopt.task import resolve_task, to_device
-from fedopt.testing import Fault, faults
+from fedopt.trainer import LocalTrainer, pick_device  # evaluation reuses the trainer's model object
 
 from .registry import Registry, RoundTracker
-from .rounds import Bounds, RoundServer
 
-__all__ = ["Coordinator", "configure", "run"]
+__all__ = ["Coordinator"]
 
 log = logging.getLogger("fedopt.coordinator")
 #: a round that misses its quorum this many times in a row, with no client left that has not failed it, ends the run
@@ -81,8 +79,6 @@ class Coordinator:
         self.secagg_dump = secagg_dump  # Fault.SECAGG_DUMP: where secure rounds write the sum they learn
         self.secure = None  # the secure-aggregation round in progress (coordinator.secure_bus.BusTransport)
         self._round_info: dict = {}  # extra metrics fields of the round being closed
-        from clients.runner import LocalTrainer, pick_device  # evaluation reuses the trainer's model object
-
         self.task = resolve_task(cfg.task, cfg.task_options)
         device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)  # the same initial model as the in-process engine
@@ -493,40 +489,3 @@ class Coordinator:
         self._attempt = 0
         self._failed = set()
         self._wait_since = self._idle_since = self.clock()
-
-
-# ---- `fedopt coordinator` -----------------------------------------------------------------------------------------------
-def configure(p: argparse.ArgumentParser) -> None:
-    from fedopt.cli import add_bus_options, add_round_options
-
-    p.add_argument("--bind", required=True, help="address to listen on: tcp://HOST:PORT, ipc://PATH")
-    p.add_argument("--keys", default=None, help="CurveZMQ key directory made by `fedopt keys generate`")
-    p.add_argument("--insecure", action="store_true", help="allow plain TCP without authentication (warns)")
-    p.add_argument("--resume", action="store_true", help="continue after the last completed round in --out")
-    p.add_argument("--identities", default=None,
-                   help="secagg: folder with identities/*.pub, the clients' pinned identity keys (default: --keys)")
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    add_round_options(p)
-    add_bus_options(p)
-
-
-def run_folder(args: argparse.Namespace) -> tuple[str, bool]:
-    from fedopt.cli import config_out
-
-    return config_out(args), args.resume
-
-
-def run(args: argparse.Namespace) -> int:
-    from fedopt.cli import round_overrides
-
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    security = bus.security_for(args.bind, args.keys, args.insecure, "coordinator")
-    cfg = build_config(args.config, round_overrides(args, skip=("config", "bind", "keys", "insecure", "resume",
-                                                                 "log_level", "identities")))
-    ident = find_identity_dir(args.identities, args.keys)
-    pinned = load_pinned(ident) if ident is not None and cfg.aggregator == "secagg" else None
-    if cfg.aggregator == "secagg" and pinned is None:
-        log.warning("secure aggregation without --identities: only the clients check key advertisements")
-    dump = faults().get(Fault.SECAGG_DUMP)  # FEDOPT_FAULTS: set only by tests
-    return Coordinator(cfg, args.bind, security, resume=args.resume, identities=pinned,
-                       secagg_dump=None if dump is None else str(dump)).serve()

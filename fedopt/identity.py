@@ -4,7 +4,7 @@ Trust model. Secure aggregation (Bonawitz et al., CCS 2017, Section 4; Bell et a
 knows every other client's long-term public key from a source the coordinator does not control: if the coordinator
 handed out the keys, it could replace an honest client's keys with its own, play every other client in that client's
 neighbourhood, and unmask the one real input. So identities are distributed like the CurveZMQ keys of
-:mod:`fedopt.bus`, by whoever enrols clients, out of band::
+:mod:`fedopt.keys`, by whoever enrols clients, out of band::
 
     DIR/identities/client-NNN.pub             every client's public identity: give the whole folder to every client
                                               (and to the coordinator, which then rejects forged advertisements early)

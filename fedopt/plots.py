@@ -1,4 +1,4 @@
-"""Plots of runs: test accuracy and loss against rounds (or epochs), and ``fedopt plot RUN [RUN ...]`` to compare runs.
+"""Plots of runs: test accuracy and loss against rounds (or epochs), the figure ``fedopt plot`` draws to compare runs.
 
 Every run's ``metrics.jsonl`` holds what a plot needs. The x axis counts whole rounds, with integer ticks; it is
 labelled ``epoch`` for datacenter runs (their records carry an ``epoch`` key) and ``round`` otherwise. Plots need
@@ -7,14 +7,11 @@ matplotlib (the ``plot`` extra); without it a run skips its plot and ``fedopt pl
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import Sequence
 
-from .errors import ConfigError
-
-__all__ = ["plot_runs", "x_label", "configure", "run"]
+__all__ = ["plot_runs", "x_label"]
 
 
 def x_label(records: list[dict]) -> str:
@@ -59,36 +56,3 @@ def plot_runs(runs: Sequence[tuple[str, list[dict]]], path: str | os.PathLike, t
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
-
-
-# ---- `fedopt plot` ------------------------------------------------------------------------------------------------------
-def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (each holding metrics.jsonl)")
-    p.add_argument("--out", default="comparison.png", help="the PNG to write (default comparison.png)")
-    p.add_argument("--title", default=None, help="figure title (default: the run names)")
-    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-
-
-def run(args: argparse.Namespace) -> int:
-    from .metrics import read_metrics
-
-    runs = []
-    for folder in args.runs:
-        path = Path(folder) / "metrics.jsonl"
-        if not path.is_file():
-            raise ConfigError(f"{folder} is not a run folder (no metrics.jsonl)")
-        records = read_metrics(path)
-        if not records:
-            raise ConfigError(f"{path} holds no rounds")
-        runs.append((Path(folder).resolve().name, records))
-    names = [n for n, _ in runs]
-    if len(set(names)) < len(names):  # two folders of the same name: label them by their full paths
-        runs = [(str(Path(f)), r) for f, (_, r) in zip(args.runs, runs)]
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise ConfigError(f"{out} exists: give another --out, or --force to replace it")
-    title = args.title or "fedopt: " + " vs ".join(label for label, _ in runs)
-    if plot_runs(runs, out, title) is None:
-        raise ConfigError("fedopt plot needs matplotlib: pip install 'fedopt[plot]'")
-    print(out)
-    return 0

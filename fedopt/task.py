@@ -59,6 +59,7 @@ __all__ = [
     "LocalSGD",
     "to_device",
     "evaluate_classifier",
+    "BUILTIN_TASKS",
     "register_task",
     "builtin_tasks",
     "resolve_task",
@@ -196,22 +197,23 @@ def evaluate_classifier(model: nn.Module, data: "Batch | Dataset", batch_size: i
 
 
 # ---- the registry -------------------------------------------------------------------------------------------------
-_BUILTINS: dict[str, Callable[..., Any]] = {}
+#: The bundled tasks: each name stands for the ``package.module:attr`` of its factory and is resolved like any other
+#: task module, so :mod:`fedopt.data` builds on this module without this module importing it back.
+BUILTIN_TASKS: dict[str, str] = {
+    "digits": "fedopt.data.digits:DigitsTask",
+    "synthetic": "fedopt.data.synthetic:SyntheticTask",
+    "synthetic-iid": "fedopt.data.synthetic:synthetic_iid",
+}
+_REGISTERED: dict[str, Callable[..., Any]] = {}
 
 
 def register_task(name: str, factory: Callable[..., Any]) -> None:
-    """Make ``factory(**options)`` available as the built-in task ``name``."""
-    _BUILTINS[name] = factory
+    """Make ``factory(**options)`` available as the task ``name`` in this process (it shadows a bundled task)."""
+    _REGISTERED[name] = factory
 
 
 def builtin_tasks() -> list[str]:
-    _load_builtins()
-    return sorted(_BUILTINS)
-
-
-def _load_builtins() -> None:
-    # The bundled tasks register themselves on import; imported lazily so `import fedopt` stays light.
-    from .data import digits, synthetic  # noqa: F401
+    return sorted({*BUILTIN_TASKS, *_REGISTERED})
 
 
 def resolve_task(name: str, options: Mapping[str, Any] | None = None) -> Task:
@@ -221,11 +223,10 @@ def resolve_task(name: str, options: Mapping[str, Any] | None = None) -> Task:
     Raises :class:`TaskError` with one line naming the problem (listing the built-ins for an unknown name).
     """
     options = dict(options or {})
-    _load_builtins()
-    if name in _BUILTINS:
-        factory = _BUILTINS[name]
-    elif ":" in name:
-        mod_name, _, attr = name.rpartition(":")
+    if name in _REGISTERED:
+        factory = _REGISTERED[name]
+    elif name in BUILTIN_TASKS or ":" in name:
+        mod_name, _, attr = BUILTIN_TASKS.get(name, name).rpartition(":")
         mod = _load_module(mod_name)
         try:
             factory = getattr(mod, attr)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from coordinator.local import free_port, stop_processes
+from fedopt.launch import fedopt_command, free_port, one_thread_env, spawn, stop_processes
 from fedopt.testing import Fault, fault_env
 
 __all__ = ["Cluster", "free_port", "wait_for", "read_rounds"]
@@ -51,13 +49,8 @@ class Cluster:
         self.clients: dict[int, subprocess.Popen] = {}
 
     def _spawn(self, args: list[str], log: str, faults: dict[Fault, object] | None = None) -> subprocess.Popen:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **fault_env(faults or {})}
-        f = open(self.tmp / log, "ab")
-        try:
-            p = subprocess.Popen([sys.executable, "-m", "fedopt", *args], stdout=f, stderr=subprocess.STDOUT,
-                                 start_new_session=True, env=env)
-        finally:
-            f.close()
+        p = spawn(fedopt_command(*args), self.tmp / log,
+                  one_thread_env(PYTHONUNBUFFERED="1", **fault_env(faults or {})))
         self.procs.append(p)
         return p
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.rounds import RoundServer
 from fedopt.aggregators import SecureAggregator, Update, make_aggregator
 from fedopt.config import RunConfig, build_config
 from fedopt.errors import ConfigError
 from fedopt.optimizers import make_server_optimizer
 from fedopt.params import ParamSpec
+from fedopt.rounds import RoundServer
 from fedopt.task import TrainConfig
 
 P = 500

@@ -7,9 +7,7 @@ in ``finally``.
 from __future__ import annotations
 
 import math
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,23 +24,17 @@ from clients.allreduce_config import AllreduceConfig
 from clients.allreduce_sync import (CommCounter, LocalSGDAverager, ShardSampler, parse_sync, ring_bytes,
                                     steps_per_rank)
 from clients.allreduce_worker import train_worker
-from clients.runner import LocalTrainer
-from coordinator.local import stop_processes
 from fedopt.cli import Parser, main
 from fedopt.data import PartitionSpec
 from fedopt.data.digits import DigitsTask
 from fedopt.errors import ConfigError
+from fedopt.launch import fedopt_command, free_port, one_thread_env, spawn, stop_processes
 from fedopt.metrics import read_metrics
 from fedopt.params import ParamSpec
 from fedopt.task import BaseTask, TrainConfig, sgd_loop
+from fedopt.trainer import LocalTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- pure pieces ------------------------------------------------------------------------------------------------------
@@ -129,7 +121,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, needle, tmp_path, capsys):
 def one_rank(monkeypatch):
     """The environment torchrun gives a one-process group, on loopback."""
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(_free_port())).items():
+                     MASTER_PORT=str(free_port())).items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
     monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
@@ -182,17 +174,17 @@ def test_resume_zero_and_local_sgd_in_one_rank(one_rank, tmp_path, monkeypatch):
     base = dict(epochs=2, batch_size=64, lr=0.2, momentum=0.5, out=str(tmp_path), progress="off")
     train_worker(AllreduceConfig(zero=True, **base))
     first = read_metrics(tmp_path / "metrics.jsonl")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     train_worker(AllreduceConfig(zero=True, resume=True, **{**base, "epochs": 3}))
     resumed = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["round"] for r in resumed] == [1, 2, 3] and resumed[:2] == first
     # the resumed run (model + ZeRO momentum from the checkpoint) continues exactly like an uninterrupted one
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     train_worker(AllreduceConfig(zero=True, **{**base, "epochs": 3, "out": str(tmp_path / "straight")}))
     straight = read_metrics(tmp_path / "straight" / "metrics.jsonl")
     assert straight[2]["loss"] == pytest.approx(resumed[2]["loss"], abs=1e-6)
     # local SGD: 23 steps an epoch (1437 samples / 64) averaged every 4 -> 5 syncs + 1 end-of-epoch flush
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     out = tmp_path / "local"
     train_worker(AllreduceConfig(**{**base, "out": str(out), "epochs": 1, "momentum": 0.0},
                                  sync="local:4", outer_lr=0.7))
@@ -221,10 +213,8 @@ def test_outer_nesterov_step_matches_the_formula(one_rank):
 
 # ---- end to end: fedopt allreduce --nproc -----------------------------------------------------------------------------
 def _start(out: Path, *flags: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    log = open(out.with_suffix(".log"), "w")
-    return subprocess.Popen([sys.executable, "-m", "fedopt", "allreduce", "--out", str(out), "--progress", "off",
-                             *flags], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return spawn(fedopt_command("allreduce", "--out", str(out), "--progress", "off", *flags), out.with_suffix(".log"),
+                 one_thread_env(PYTHONPATH=str(ROOT)), cwd=ROOT)
 
 
 def _finish(procs, timeout=240.0) -> None:

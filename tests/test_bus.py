@@ -17,6 +17,7 @@ from _leaks import owned_context
 from fedopt import bus, wire
 from fedopt.cli import main
 from fedopt.errors import AuthError, ConfigError
+from fedopt.keys import generate_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +41,7 @@ def test_transport_and_key_rules(tmp_path, capsys):
         bus.security_for("http://x", None, True, "client")
     with pytest.raises(AuthError, match="does not exist"):
         bus.security_for("tcp://127.0.0.1:1", str(tmp_path / "none"), False, "client")
-    keys = bus.generate_keys(tmp_path / "k", 2)
+    keys = generate_keys(tmp_path / "k", 2)
     with pytest.raises(AuthError, match="--key-name"):
         bus.security_for("tcp://127.0.0.1:1", str(keys), False, "client")
     assert bus.security_for("tcp://127.0.0.1:1", str(keys), False, "client", "client-001").server_key
@@ -49,7 +50,7 @@ def test_transport_and_key_rules(tmp_path, capsys):
 
 
 def _curve_exchange(tmp_path, client_keys: Path, caplog, msg: wire.Message = wire.Hello(client="0")):
-    keys = bus.generate_keys(tmp_path / "k", 1) if not (tmp_path / "k").exists() else tmp_path / "k"
+    keys = generate_keys(tmp_path / "k", 1) if not (tmp_path / "k").exists() else tmp_path / "k"
     url = f"tcp://127.0.0.1:{free_port()}"
     server_sec = bus.security_for(url, str(keys), False, "coordinator")
     with owned_context() as ctx:  # raises if a socket is left open (called twice per test: not the fixture)
@@ -69,16 +70,16 @@ def _curve_exchange(tmp_path, client_keys: Path, caplog, msg: wire.Message = wir
 
 def test_curve_admits_listed_keys_and_refuses_others(tmp_path, caplog):
     caplog.set_level(logging.INFO, "fedopt.bus")
-    keys = bus.generate_keys(tmp_path / "k", 1)
+    keys = generate_keys(tmp_path / "k", 1)
     assert isinstance(_curve_exchange(tmp_path, keys, caplog), wire.Hello)
-    rogue = bus.generate_keys(tmp_path / "rogue", 1)
+    rogue = generate_keys(tmp_path / "rogue", 1)
     (rogue / "coordinator.key").write_bytes((keys / "coordinator.key").read_bytes())
     assert _curve_exchange(tmp_path, rogue, caplog) is None
     assert "refused a client" in caplog.text
 
 
 def test_curve_sends_a_large_tensor_in_chunks_and_it_arrives_whole(tmp_path, caplog):
-    keys = bus.generate_keys(tmp_path / "k", 1)
+    keys = generate_keys(tmp_path / "k", 1)
     delta = torch.randn(bus.CURVE_CHUNK_BYTES // 4 * 3 + 5)  # 3 chunks and a ragged tail
     assert len(wire.encode(wire.UpdateMsg(delta=delta), chunk_bytes=bus.CURVE_CHUNK_BYTES)) == 1 + 4
     got = _curve_exchange(tmp_path, keys, caplog, wire.UpdateMsg(round=2, num_samples=7, delta=delta))
@@ -111,7 +112,7 @@ def test_endpoint_recv_honours_its_timeout_and_reports_the_peer_of_bad_input(zmq
 def test_a_one_gigabyte_update_end_to_end_over_tcp(tmp_path, monkeypatch, curve):
     params = 270_000_000  # 1.08 GB in float32; over CurveZMQ about 1,030 frames of 1 MiB each way
     monkeypatch.setenv("PYTHONPATH", f"{ROOT / 'benchmarks'}{os.pathsep}{ROOT}")
-    c = Cluster(tmp_path, str(bus.generate_keys(tmp_path / "keys", 1)) if curve else None)
+    c = Cluster(tmp_path, str(generate_keys(tmp_path / "keys", 1)) if curve else None)
     opts = ["--task", "bus:BigTask", "--task-option", f"params={params}", "--clients", "1", "--rounds", "2",
             "--heartbeat", "10", "--deadline", "600", "--partition", "iid"]
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -13,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from clients.discovery import Beacon, beacon_key, decode_beacon, encode_beacon, interface_address
-from coordinator.local import free_port, stop_processes
 from fedopt.errors import ConfigError
+from fedopt.launch import free_port, one_thread_env, spawn, stop_processes
 from fedopt.metrics import read_metrics
 
 KEY = beacon_key(b"swarm secret")
@@ -121,9 +120,7 @@ def test_peers_in_separate_namespaces_discover_each_other_and_train(tmp_path):
                    "--swarm-secret", "lan-test", "--shard", str(i), "--num-shards", "3", "--rounds", "6", "--final-mixes", "2",
                    "--join-wait", "3", "--out", str(out), "--progress", "off", "--log-level", "INFO",
                    "--exit-with-parent"]
-            with open(out / "peer.log", "wb") as f:
-                procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                              env={**os.environ, "OMP_NUM_THREADS": "1"}))
+            procs.append(spawn(cmd, out / "peer.log", one_thread_env()))
         end = time.monotonic() + 100
         while any(p.poll() is None for p in procs) and time.monotonic() < end:
             time.sleep(0.3)

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,18 +25,14 @@ from fedopt import bus
 from fedopt.cli import Parser, main
 from fedopt.config import tomllib
 from fedopt.errors import AuthError, FedoptError, TaskError
+from fedopt.keys import generate_keys
+from fedopt.launch import free_port
 from fedopt.metrics import Reporter, read_metrics
 from fedopt.task import resolve_task
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 QUICK = ["--clients", "2", "--rounds", "1", "--local-epochs", "1", "--progress", "off", "--no-plot"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli(*args: str, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -138,7 +133,7 @@ def test_gitignore_keeps_keys_and_runs_out_of_version_control():
 
 
 def test_a_missing_coordinator_key_is_named(tmp_path):
-    d = bus.generate_keys(tmp_path / "keys", 1)
+    d = generate_keys(tmp_path / "keys", 1)
     (d / "coordinator.key").unlink()
     with pytest.raises(AuthError, match=r"coordinator\.key is missing: copy coordinator\.key"):
         bus.security_for("tcp://127.0.0.1:5555", str(d), False, "client", "client-000")
@@ -163,8 +158,8 @@ def _serve_in_thread(client) -> dict:
 def test_a_client_holding_another_coordinators_key_says_so(zmq_context, tmp_path, caplog):
     from clients.federated import FederatedClient
 
-    ours, theirs = bus.generate_keys(tmp_path / "a", 1), bus.generate_keys(tmp_path / "b", 1)
-    url = f"tcp://127.0.0.1:{_free_port()}"
+    ours, theirs = generate_keys(tmp_path / "a", 1), generate_keys(tmp_path / "b", 1)
+    url = f"tcp://127.0.0.1:{free_port()}"
     security = bus.security_for(url, str(ours), False, "coordinator")
     router = bus.router(zmq_context, url, security)
     monitor = None
@@ -194,8 +189,8 @@ def test_coordinator_logs_a_client_holding_another_coordinators_key(zmq_context,
     from coordinator.server import Coordinator
     from fedopt.config import RunConfig
 
-    ours, theirs = bus.generate_keys(tmp_path / "a", 1), bus.generate_keys(tmp_path / "b", 1)
-    url = f"tcp://127.0.0.1:{_free_port()}"
+    ours, theirs = generate_keys(tmp_path / "a", 1), generate_keys(tmp_path / "b", 1)
+    url = f"tcp://127.0.0.1:{free_port()}"
     cfg = RunConfig(clients=1, rounds=1, out=str(tmp_path / "run"), progress="off", plot=False)
     coord = Coordinator(cfg, url, bus.security_for(url, str(ours), False, "coordinator"))
     sock = bus.dealer(zmq_context, url, bus.security_for(url, str(theirs), False, "client", "client-000"))
@@ -339,7 +334,7 @@ def test_allreduce_one_cpu_worker_trains_a_small_model_on_one_thread(tmp_path, m
     from clients.allreduce_worker import train_worker
 
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(_free_port())).items():
+                     MASTER_PORT=str(free_port())).items():
         monkeypatch.setenv(k, v)
     for k in ("OMP_NUM_THREADS", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT"):
         monkeypatch.delenv(k, raising=False)
@@ -371,7 +366,7 @@ def test_allreduce_takes_config_and_no_plot_like_simulate(tmp_path, capsys):
 
 
 def test_simulate_processes_alone_sets_the_clients():
-    from fedopt.cli import configure, simulate_config
+    from fedopt.cli.simulate import configure, simulate_config
 
     p = Parser(prog="fedopt simulate")
     configure(p)

@@ -14,15 +14,17 @@ import torch
 import zmq
 from safetensors.torch import load_file
 
-from clients.gossip_sim import free_ports, peer_command, spawn, swarm_summary
-from coordinator.local import stop_processes
-from fedopt import bus, wire
+from clients.gossip_sim import peer_command, swarm_summary
+from fedopt import wire
 from fedopt.config import RunConfig
+from fedopt.keys import generate_keys
+from fedopt.launch import free_ports, one_thread_env, spawn, stop_processes
 from fedopt.metrics import read_metrics
 from fedopt.testing import Fault, fault_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
+PEER_ENV = one_thread_env(PYTHONUNBUFFERED="1")  # each peer process on one core
 CONSENSUS_TOLERANCE = 0.02  # final consensus distance, relative to the mean model's norm
 
 
@@ -50,8 +52,8 @@ def test_eight_peers_match_fedavg_and_refuse_a_rogue_key(zmq_context, tmp_path):
     n, rounds = 8, 20
     cfg = RunConfig(clients=n, rounds=rounds, local_epochs=2, partition="dirichlet", alpha=0.5, seed=0, progress="off",
                     out=str(tmp_path / "fedavg"), mode="gossip")
-    keys = bus.generate_keys(tmp_path / "keys", n)
-    rogue = bus.generate_keys(tmp_path / "rogue", 1)
+    keys = generate_keys(tmp_path / "keys", n)
+    rogue = generate_keys(tmp_path / "rogue", 1)
     urls = [f"tcp://127.0.0.1:{p}" for p in free_ports(n)]
     dirs = [tmp_path / f"peer-{i}" for i in range(n)]
     procs = []
@@ -60,7 +62,7 @@ def test_eight_peers_match_fedavg_and_refuse_a_rogue_key(zmq_context, tmp_path):
             dirs[i].mkdir()
             seeds = [urls[(i - 1) % n], urls[(i + 1) % n]]
             procs.append(spawn(peer_command(urls[i], i, n, seeds, cfg, dirs[i], str(keys), ["--exchanges", "8"]),
-                               dirs[i] / "peer.log"))
+                               dirs[i] / "peer.log", PEER_ENV))
         wait_for(lambda: len(rows(dirs[0])) >= 1, 60, "peer 0 to train a round")
         _rogue(zmq_context, urls[0], keys, rogue)
         wait_for(lambda: all(p.poll() is not None for p in procs), 120, "every peer to finish")
@@ -155,7 +157,7 @@ def test_churn_kill_join_restart_and_bad_input(zmq_context, tmp_path, monkeypatc
         dirs[i].mkdir(exist_ok=True)
         seeds = [urls[(i - 1) % n], urls[(i + 1) % n]] if i < n else urls[:2]
         procs[i] = spawn(peer_command(urls[i], i, n + 1, seeds, cfg, dirs[i], None, [*fast, *extra]),
-                         dirs[i] / "peer.log")
+                         dirs[i] / "peer.log", PEER_ENV)
         started.append(procs[i])
 
     try:

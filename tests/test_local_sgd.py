@@ -9,13 +9,13 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from coordinator.rounds import RoundServer
 from fedopt.aggregators import make_aggregator
 from fedopt.config import RunConfig
 from fedopt.errors import ConfigError
 from fedopt.local_sgd import sgd_loop
 from fedopt.optimizers import make_server_optimizer
 from fedopt.params import ParamSpec
+from fedopt.rounds import RoundServer
 from fedopt.schedules import scheduled_lr
 from fedopt.task import TrainConfig, evaluate_classifier
 

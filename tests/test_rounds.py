@@ -1,9 +1,9 @@
 import torch
 
-from coordinator.rounds import RoundServer, client_seed
 from fedopt.aggregators import Update, fedavg
 from fedopt.optimizers import make_server_optimizer
 from fedopt.params import ParamSpec
+from fedopt.rounds import RoundServer, client_seed
 from fedopt.task import TrainConfig
 
 

@@ -14,6 +14,7 @@ from _bus import Cluster, wait_for
 from fedopt import bus, wire
 from fedopt.errors import AuthError, WireError
 from fedopt.identity import load_identity, load_pinned, write_identities
+from fedopt.keys import generate_keys
 from fedopt.secagg import codec, generate_identity, identity_public_bytes
 from fedopt.secagg.messages import MaskedInput
 from fedopt.testing import Fault, SecAggExit
@@ -58,7 +59,7 @@ def test_identity_files_pin_each_client_to_its_id(tmp_path):
 
 
 def test_keys_generate_writes_identities_beside_the_curve_keys(tmp_path):
-    d = bus.generate_keys(tmp_path / "keys", 3)
+    d = generate_keys(tmp_path / "keys", 3)
     assert set(load_pinned(d)) == {"0", "1", "2"}
     assert (d / "clients" / "client-002.identity_secret").stat().st_mode & 0o077 == 0
     bus.security_for("tcp://127.0.0.1:1", str(d), False, "client", "client-002")  # still one Curve secret each
@@ -102,7 +103,7 @@ def test_clients_killed_at_every_stage_then_too_many(tmp_path):
     """6 clients over tcp + CurveZMQ. Round 1: one dies before sharing keys; 2: one after sharing (before its masked
     input); 3: one after its masked input; 4: two of the last three die after sharing -> fewer than t survive ->
     abort; the killed two come back and round 5 completes."""
-    keys = str(bus.generate_keys(tmp_path / "keys", 6))
+    keys = str(generate_keys(tmp_path / "keys", 6))
     dump = tmp_path / "dump"
     c = Cluster(tmp_path, keys)
     seam = {Fault.SECAGG_DUMP: dump}

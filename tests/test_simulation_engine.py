@@ -99,7 +99,7 @@ class OwnTrain(DigitsTask):
 def test_scaffold_refuses_a_task_with_its_own_train(monkeypatch):
     from fedopt import task as task_mod
 
-    monkeypatch.setitem(task_mod._BUILTINS, "own-train", OwnTrain)
+    monkeypatch.setitem(task_mod._REGISTERED, "own-train", OwnTrain)
     with pytest.raises(ConfigError, match="scaffold needs a task"):
         Simulation(RunConfig(**{**BASE, "task": "own-train", "algorithm": "scaffold"}))
 

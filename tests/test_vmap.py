@@ -65,7 +65,7 @@ class SumLossTask(DigitsTask):
     (SumLossTask, "not a mean over the samples"),
 ])
 def test_unvmappable_tasks_fall_back_with_one_line(monkeypatch, capsys, factory, why):
-    monkeypatch.setitem(task_mod._BUILTINS, "odd", factory)
+    monkeypatch.setitem(task_mod._REGISTERED, "odd", factory)
     sim = Simulation(RunConfig(**{**BASE, "task": "odd", "backend": "vmap", "rounds": 1}))
     err = capsys.readouterr().err.strip().splitlines()
     assert isinstance(sim.executor, SequentialExecutor)

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from ..errors import DataError
-from ..task import register_task
 from .array import ArrayTask
 
 __all__ = ["DigitsTask", "digits_arrays"]
@@ -90,6 +89,3 @@ class DigitsTask(ArrayTask):
         if self.replicate > 1:
             x, y = x.repeat(self.replicate, 1), y.repeat(self.replicate)
         return x, y, xt, yt
-
-
-register_task("digits", DigitsTask)

@@ -15,10 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..task import register_task
 from .array import ArrayTask
 
-__all__ = ["SyntheticTask", "synthetic_users"]
+__all__ = ["SyntheticTask", "synthetic_iid", "synthetic_users"]
 
 DIM, CLASSES = 60, 10
 
@@ -78,5 +77,6 @@ class SyntheticTask(ArrayTask):
         return self._natural[seed]
 
 
-register_task("synthetic", SyntheticTask)
-register_task("synthetic-iid", lambda users=30: SyntheticTask(0.0, 0.0, users, iid=True))
+def synthetic_iid(users: int = 30) -> SyntheticTask:
+    """The built-in ``synthetic-iid``: Synthetic(0, 0) with every user's data drawn from one distribution."""
+    return SyntheticTask(0.0, 0.0, users, iid=True)

@@ -17,6 +17,7 @@ import pytest
 from _bus import Cluster, wait_for
 from fedopt import bus
 from fedopt.adversary import Attack, AttackContext
+from fedopt.keys import generate_keys
 
 from . import record
 
@@ -113,7 +114,7 @@ def test_impersonation_without_keys_cannot_take_over_a_live_client(tmp_path, cle
 
 
 def test_an_enrolled_key_cannot_speak_for_other_clients(tmp_path, clean):
-    keys = str(bus.generate_keys(tmp_path / "keys", HONEST + 1))
+    keys = str(generate_keys(tmp_path / "keys", HONEST + 1))
     rows, log, _ = run(tmp_path / "run", "--clients", "3", attack="impersonate", keys=keys,
                        attacker_key="client-003")
     held(rows, clean, "one enrolled key claims other ids")

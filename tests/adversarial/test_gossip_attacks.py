@@ -22,10 +22,11 @@ import torch
 import zmq
 
 from _leaks import owned_context
-from clients.gossip_sim import free_ports, peer_command, spawn
-from coordinator.local import stop_processes
-from fedopt import bus, wire
+from clients.gossip_sim import peer_command
+from fedopt import wire
 from fedopt.config import RunConfig
+from fedopt.keys import generate_keys
+from fedopt.launch import free_ports, one_thread_env, spawn, stop_processes
 from fedopt.metrics import read_metrics
 from fedopt.testing import Fault, fault_env
 
@@ -74,7 +75,7 @@ def swarm(tmp: Path, attack=None, *, topology: str | None = None, members: int =
     ``start_after`` rounds, ``attack(ctx, urls, run)`` in this thread; returns when every peer has exited."""
     cfg = RunConfig(clients=members, rounds=rounds, local_epochs=1, partition="iid", seed=3, mode="gossip", topology=topology)
     tmp.mkdir(parents=True, exist_ok=True)
-    key_dir = bus.generate_keys(tmp / "keys", members + 1) if keys else None
+    key_dir = generate_keys(tmp / "keys", members + 1) if keys else None
     if keys:
         urls = [f"tcp://127.0.0.1:{p}" for p in free_ports(members)]
     else:
@@ -101,7 +102,7 @@ def swarm(tmp: Path, attack=None, *, topology: str | None = None, members: int =
                 seeds = urls if topology else sorted({urls[(i - 1) % N], urls[(i + 1) % N]} - {urls[i]})
                 cmd = peer_command(urls[i], i, members, seeds, cfg, dirs[i], str(key_dir) if keys else None,
                                    [*FAST, *(extra or [])])
-                procs.append(spawn(cmd, dirs[i] / "peer.log"))
+                procs.append(spawn(cmd, dirs[i] / "peer.log", one_thread_env(PYTHONUNBUFFERED="1")))
             sampler.start()
             _wait(lambda: len(run.rows(0)) >= start_after or procs[0].poll() is not None, 120,
                   "peer 0's first rounds")

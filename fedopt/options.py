@@ -1,45 +1,16 @@
-"""The ``fedopt`` command. Thin: parse, build objects, call; argv is seen only here.
+"""Command-line option groups that several commands share, and reading them back into RunConfig fields.
 
-Each subcommand lives in the module that implements it and is imported only when chosen, so ``fedopt --help`` and
-bad-usage errors answer without importing torch. A subcommand module provides ``configure(parser)`` and
-``run(args) -> int``. Every deliberate error is one line on stderr; exit codes are 0 success, 2 bad usage or invalid
-input, 1 a run that failed.
+Every command that runs rounds (``simulate``, ``coordinator``) takes the same round and bus options, and every runtime
+that takes ``KEY=VALUE`` options parses them the same way. These helpers only declare options on a parser a command
+hands them and read back the namespace argparse made: parsing argv itself happens in :mod:`fedopt.cli` alone.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import sys
 from typing import Any, Sequence
 
-from .errors import FedoptError
-
-__all__ = ["main", "add_round_options", "add_bus_options", "round_overrides", "parse_kv", "RUN_FOLDER_COMMANDS"]
-
-# name -> (module implementing configure/run, one-line description)
-SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "simulate": ("fedopt.cli", "run many clients on this machine (in-process, worker pool, or real processes)"),
-    "coordinator": ("coordinator.server", "run a coordinator that federated clients connect to"),
-    "client": ("clients.federated", "run one federated client on its private shard"),
-    "gossip": ("clients.gossip", "run one gossip peer (no coordinator)"),
-    "allreduce": ("clients.allreduce", "run datacenter workers on torch.distributed (DDP / local SGD)"),
-    "keys": ("fedopt.bus", "make CurveZMQ key pairs: fedopt keys generate DIR"),
-    "plot": ("fedopt.plots", "compare runs on one figure: fedopt plot RUN [RUN ...] --out FILE.png"),
-}
-#: commands that write a run folder (OUT/metrics.jsonl, model, checkpoint): each takes --overwrite, and its folder is
-#: claimed (fedopt.metrics.claim_run_dir) before the command starts. A module may define ``run_folder(args) ->
-#: (out, resume) | None`` when its folder is not simply ``args.out`` (None: this process does not claim it; resume
-#: None: the command cannot resume).
-RUN_FOLDER_COMMANDS = ("simulate", "coordinator", "gossip", "allreduce")
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage dump) and exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        raise SystemExit(2)
+__all__ = ["parse_kv", "add_round_options", "add_bus_options", "round_overrides", "config_out"]
 
 
 def parse_kv(text: str) -> tuple[str, Any]:
@@ -155,29 +126,6 @@ def round_overrides(args: argparse.Namespace, skip: Sequence[str] = ("config",))
     return out
 
 
-# ---- simulate ---------------------------------------------------------------------------------------------------------
-def configure(p: argparse.ArgumentParser) -> None:
-    add_round_options(p)
-    S = argparse.SUPPRESS
-    g = p.add_argument_group("execution")
-    g.add_argument("--mode", choices=("federated", "gossip"), default=S)
-    g.add_argument("--transport", choices=("inproc", "ipc", "tcp"), default=S,
-                   help="inproc: this process (default); ipc/tcp: a coordinator and real client processes")
-    g.add_argument("--processes", type=int, default=S,
-                   help="client processes for --transport ipc|tcp, one per client (sets --clients when not given)")
-    g.add_argument("--peers", type=int, default=S, help="--mode gossip: number of peer processes (default --clients)")
-    g.add_argument("--topology", choices=("ring", "exponential", "complete"), default=S,
-                   help="--mode gossip: synchronous D-PSGD on this graph (default: random pairwise gossip)")
-    add_bus_options(p)
-    g.add_argument("--backend", choices=("sequential", "vmap"), default=S)
-    g.add_argument("--workers", type=int, default=S,
-                   help="simulation worker processes (default: 1 = in-process for small models, else cores)")
-    g.add_argument("--algorithm", choices=("fedavg", "scaffold"), default=S,
-                   help="fedavg: plain local SGD (FedProx with --mu); scaffold: SCAFFOLD control variates")
-    g.add_argument("--state-budget-mb", type=float, default=S,
-                   help="memory for per-client state (SCAFFOLD); past it, state spills to disk (default 256)")
-
-
 def config_out(args: argparse.Namespace) -> str:
     """The run folder of a command built from add_round_options: --out, else the config file's, else the default."""
     from .config import RunConfig, load_toml
@@ -186,96 +134,3 @@ def config_out(args: argparse.Namespace) -> str:
         return args.out
     from_file = load_toml(args.config).get("out") if getattr(args, "config", None) else None
     return str(from_file) if from_file is not None else RunConfig.out
-
-
-def run_folder(args: argparse.Namespace) -> tuple[str, bool | None]:
-    return config_out(args), None  # simulate always starts afresh
-
-
-def simulate_config(args: argparse.Namespace):
-    """The RunConfig of ``fedopt simulate``: defaults < --config < flags; --processes K alone also means K clients."""
-    from .config import build_config, load_toml
-
-    overrides = round_overrides(args)
-    if "processes" in overrides and "clients" not in overrides:
-        # one client per process unless --clients says otherwise (flag or config file)
-        overrides["clients"] = (load_toml(args.config) if args.config else {}).get("clients", overrides["processes"])
-    return build_config(args.config, overrides)
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = simulate_config(args)
-    if cfg.mode == "gossip":
-        from clients.gossip import simulate_gossip  # N peers as local processes
-
-        return simulate_gossip(cfg)
-    if cfg.transport != "inproc":
-        from coordinator.local import simulate_processes  # a coordinator + K client processes over the bus
-
-        return simulate_processes(cfg)
-    from clients.simulation import simulate  # in-process engine / worker pool / vmap
-
-    simulate(cfg)
-    return 0
-
-
-# ---- entry point ------------------------------------------------------------------------------------------------------
-def _top_help() -> str:
-    width = max(map(len, SUBCOMMANDS))
-    rows = "\n".join(f"  {n:<{width}}  {d}" for n, (_, d) in SUBCOMMANDS.items())
-    return f"usage: fedopt COMMAND [options]\n\ncommands:\n{rows}\n\n`fedopt COMMAND --help` lists a command's options."
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(_top_help())
-        return 0 if argv else 2
-    if argv[0] in ("-V", "--version"):
-        from . import __version__
-
-        print(f"fedopt {__version__}")
-        return 0
-    name = argv[0]
-    if name not in SUBCOMMANDS:
-        sys.stderr.write(f"fedopt: error: unknown command {name!r} (choose from {', '.join(SUBCOMMANDS)})\n")
-        return 2
-    module_name, desc = SUBCOMMANDS[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        sys.stderr.write(f"fedopt {name}: error: this command is unavailable: {e}\n")
-        return 1
-    parser = Parser(prog=f"fedopt {name}", description=desc)
-    module.configure(parser)
-    if name in RUN_FOLDER_COMMANDS:
-        parser.add_argument("--overwrite", action="store_true",
-                            help="replace the results of an earlier run in the output folder (without this or "
-                                 "--resume, a folder holding results is refused)")
-    args = parser.parse_args(argv[1:])
-    try:
-        if name in RUN_FOLDER_COMMANDS:
-            _claim_run_folder(module, args)
-        return int(module.run(args) or 0)
-    except FedoptError as e:
-        sys.stderr.write(f"fedopt {name}: error: {e}\n")
-        return e.exit_code
-    except KeyboardInterrupt:
-        sys.stderr.write(f"fedopt {name}: interrupted\n")
-        return 130
-    except (ValueError, FileNotFoundError) as e:
-        # a bad value that slipped past validation still gets one line, not a traceback wall
-        sys.stderr.write(f"fedopt {name}: error: {e}\n")
-        return 2
-
-
-def _claim_run_folder(module: Any, args: argparse.Namespace) -> None:
-    from .metrics import claim_run_dir
-
-    where = module.run_folder(args) if hasattr(module, "run_folder") else (args.out, getattr(args, "resume", False))
-    if where is not None:
-        claim_run_dir(where[0], resume=where[1], overwrite=args.overwrite)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,7 +1,7 @@
 """LocalTrainer: one model object that trains any number of clients one after another.
 
-Every client runtime uses it: the bus client (one client), simulation workers (thousands of virtual clients) and the
-in-process engine. For each job it loads the global vector into the model, calls the task's own ``train``, and returns
+Every client runtime uses it: the bus client (one client), simulation workers (thousands of virtual clients), the
+in-process engine and gossip peers; the coordinator evaluates the global model with one. For each job it loads the global vector into the model, calls the task's own ``train``, and returns
 ``delta = local - global`` as an :class:`Update`. The delta buffer is reused from call to call (aggregators do not keep
 it), so a worker's memory does not grow with the number of clients it trains.
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from fedopt.aggregators import Update
-from fedopt.params import ParamSpec
-from fedopt.task import ClientData, Task, TrainConfig
+from .aggregators import Update
+from .params import ParamSpec
+from .task import ClientData, Task, TrainConfig
 
 #: Below this many parameters a client's training is dominated by Python overhead, not arithmetic: a worker pool's
 #: messaging and start-up cost more than a second core saves, and so does a second intra-op thread (hand-off and
@@ -27,7 +27,7 @@ __all__ = ["LocalTrainer", "pick_device"]
 
 def pick_device(name: str = "auto") -> torch.device:
     """``auto`` is CUDA when present, else CPU; ``cuda`` without a GPU is an error naming the problem."""
-    from fedopt.errors import ConfigError
+    from .errors import ConfigError
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

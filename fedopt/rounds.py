@@ -28,11 +28,11 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from fedopt.aggregators import Aggregator, Update
-from fedopt.errors import ConfigError, SecAggError
-from fedopt.optimizers import ServerOptimizer
-from fedopt.params import ParamSpec
-from fedopt.task import TrainConfig
+from .aggregators import Aggregator, Update
+from .errors import ConfigError, SecAggError
+from .optimizers import ServerOptimizer
+from .params import ParamSpec
+from .task import TrainConfig
 
 __all__ = ["Bounds", "Job", "RoundOutcome", "RoundServer", "capped_weights", "client_seed"]
 

@@ -1,0 +1,69 @@
+"""``fedopt simulate``: many clients on this machine, in one of three ways chosen by the run's config.
+
+``--mode gossip`` starts peer processes (:mod:`clients.gossip`), ``--transport ipc|tcp`` a coordinator and real client
+processes over the bus (:mod:`coordinator.local`), and the default runs the in-process engine, a worker pool or vmap
+(:mod:`clients.simulation`). Each is imported only when chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..options import add_bus_options, add_round_options, config_out, round_overrides
+
+__all__ = ["configure", "run_folder", "simulate_config", "run"]
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    add_round_options(p)
+    S = argparse.SUPPRESS
+    g = p.add_argument_group("execution")
+    g.add_argument("--mode", choices=("federated", "gossip"), default=S)
+    g.add_argument("--transport", choices=("inproc", "ipc", "tcp"), default=S,
+                   help="inproc: this process (default); ipc/tcp: a coordinator and real client processes")
+    g.add_argument("--processes", type=int, default=S,
+                   help="client processes for --transport ipc|tcp, one per client (sets --clients when not given)")
+    g.add_argument("--peers", type=int, default=S, help="--mode gossip: number of peer processes (default --clients)")
+    g.add_argument("--topology", choices=("ring", "exponential", "complete"), default=S,
+                   help="--mode gossip: synchronous D-PSGD on this graph (default: random pairwise gossip)")
+    add_bus_options(p)
+    g.add_argument("--backend", choices=("sequential", "vmap"), default=S)
+    g.add_argument("--workers", type=int, default=S,
+                   help="simulation worker processes (default: 1 = in-process for small models, else cores)")
+    g.add_argument("--algorithm", choices=("fedavg", "scaffold"), default=S,
+                   help="fedavg: plain local SGD (FedProx with --mu); scaffold: SCAFFOLD control variates")
+    g.add_argument("--state-budget-mb", type=float, default=S,
+                   help="memory for per-client state (SCAFFOLD); past it, state spills to disk (default 256)")
+
+
+def run_folder(args: argparse.Namespace) -> tuple[str, bool | None]:
+    return config_out(args), None  # simulate always starts afresh
+
+
+def simulate_config(args: argparse.Namespace):
+    """The RunConfig of ``fedopt simulate``: defaults < --config < flags; --processes K alone also means K clients."""
+    from ..config import build_config, load_toml
+
+    overrides = round_overrides(args)
+    if "processes" in overrides and "clients" not in overrides:
+        # one client per process unless --clients says otherwise (flag or config file)
+        overrides["clients"] = (load_toml(args.config) if args.config else {}).get("clients", overrides["processes"])
+    return build_config(args.config, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = simulate_config(args)
+    if cfg.mode == "gossip":
+        from clients.gossip import simulate_gossip  # N peers as local processes
+
+        return simulate_gossip(cfg)
+    if cfg.transport != "inproc":
+        from coordinator.local import simulate_processes  # a coordinator + K client processes over the bus
+
+        return simulate_processes(cfg)
+    from clients.simulation import simulate  # in-process engine / worker pool / vmap
+
+    simulate(cfg)
+    return 0
+
+
