@@ -25,6 +25,7 @@ from clients.simulation import simulate
 from fedopt import testing, wire
 from fedopt.config import RunConfig
 from fedopt.errors import WireError
+from fedopt.testing import Fault
 
 from . import record
 
@@ -121,7 +122,8 @@ def test_coordinator_survives_hostile_traffic_while_training(zmq_context, tmp_pa
     try:
         c.start_coordinator(*OPTS)
         for i in range(CLIENTS):
-            c.start_client(i)
+            # each round takes at least 0.5 s of training, so the attack (a few ms a message) overlaps the run
+            c.start_client(i, faults={Fault.SLOW_TRAIN: 0.5})
         wait_for(lambda: c.rounds() or "training round" in c.log("client-0"), 120, "training to start")
         stats = attack(zmq_context, c.url, COUNT, tmp_path / "attack.log",
                        running=lambda: c.coordinator.poll() is None)
