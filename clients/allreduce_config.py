@@ -115,17 +115,9 @@ class AllreduceConfig:
 def load_allreduce_toml(path: str) -> dict:
     """A ``--config`` file for ``fedopt allreduce``: the flags' names (``batch-size`` or ``batch_size``) at top level or
     under an ``[allreduce]`` table, plus a ``[task-options]`` table. Errors name the file and the key."""
-    from fedopt.config import tomllib
+    from fedopt.config import read_toml
 
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file is a directory: {path}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    raw = read_toml(path)
     if isinstance(raw.get("allreduce"), dict):
         raw = {**{k: v for k, v in raw.items() if k != "allreduce"}, **raw["allreduce"]}
     fields = {f.name for f in dataclasses.fields(AllreduceConfig)} - {"resume"}

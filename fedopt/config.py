@@ -310,17 +310,22 @@ def _normalise(raw: Mapping[str, Any], source: str) -> dict:
     return out
 
 
-def load_toml(path: str | os.PathLike) -> dict:
-    """Read a config file into a dict of RunConfig fields; errors name the file and the key."""
+def read_toml(path: str | os.PathLike) -> dict:
+    """A TOML file as a dict; ConfigError naming the file when it is missing, a folder, or not TOML."""
     try:
         with open(path, "rb") as f:
-            raw = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except IsADirectoryError:
         raise ConfigError(f"config file is a directory: {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def load_toml(path: str | os.PathLike) -> dict:
+    """Read a config file into a dict of RunConfig fields; errors name the file and the key."""
+    raw = read_toml(path)
     if "simulate" in raw and isinstance(raw["simulate"], dict):
         raw = {**{k: v for k, v in raw.items() if k != "simulate"}, **raw["simulate"]}
     return _normalise(raw, str(path))
