@@ -252,12 +252,13 @@ class VmapExecutor:
         # the L2 norm of each delta in one pass (NaN and Inf survive it), for the server's bounds
         if deltas is not None:
             norms = torch.linalg.vector_norm(deltas, dim=1)
-        else:
-            chunks, at = [], 0
+        else:  # ||r - g||^2 = ||r||^2 - 2 r.g + ||g||^2, chunk by chunk: no B x P temporary
+            sq, at = torch.zeros(B, dtype=g.dtype, device=g.device), 0
             for r in rows:
-                chunks.append((r - g[at:at + r.shape[1]]).pow_(2).sum(dim=1))
+                gc = g[at:at + r.shape[1]]
+                sq += torch.linalg.vector_norm(r, dim=1).square_() - 2 * (r @ gc) + gc.dot(gc)
                 at += r.shape[1]
-            norms = torch.stack(chunks).sum(dim=0).sqrt_()
+            norms = sq.clamp_(min=0).sqrt_()  # NaN and Inf survive the clamp
         norms = norms.tolist()
         keep = []
         for b, u in enumerate(updates):
