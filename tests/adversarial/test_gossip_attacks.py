@@ -10,6 +10,7 @@ claimed by another key.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -225,17 +226,23 @@ def test_a_huge_version_with_a_huge_model_is_not_adopted(tmp_path, control):
 
 
 def test_non_finite_and_overflowing_models_are_refused(tmp_path, control):
-    kinds = iter([float("nan"), float("inf"), 3e38] * 100)
+    kinds = iter([3e38, float("nan"), float("inf")] * 100)
+    pushed = []  # the values actually pushed: how many exchanges the attack gets depends on the machine's speed
+
+    def poisoned(reply):
+        pushed.append(next(kinds))
+        return dict(version=reply.version, num_samples=10, model=torch.full_like(reply.model, pushed[-1]))
 
     def attack(ctx, urls, run, _keys):
-        _keep_attacking(ctx, urls, run, lambda r: dict(version=r.version, num_samples=10,
-                                                       model=torch.full_like(r.model, next(kinds))))
+        _keep_attacking(ctx, urls, run, poisoned)
 
     run = swarm(tmp_path, attack)
     _assert_honest(run, control)
     assert run.attack["exchanges"] >= 1
     text = "".join(run.log(i) for i in range(N))
-    assert "non-finite values" in text and "is over 3x this peer's" in text
+    assert "is over 3x this peer's" in text  # the first push, 3e38, is finite and far too large
+    if any(not math.isfinite(v) for v in pushed):
+        assert "non-finite values" in text
 
 
 def test_an_absurd_sample_count_does_not_buy_the_swarm(tmp_path, control):
