@@ -36,7 +36,7 @@ from fedopt.optimizers import make_server_optimizer
 from fedopt.params import ParamSpec
 from fedopt.local_sgd import num_samples
 from fedopt.rounds import Bounds, Job, RoundServer
-from fedopt.task import BaseTask, Task, TrainConfig, evaluate_classifier, resolve_task, to_device
+from fedopt.task import BaseTask, Task, evaluate_classifier, resolve_task, to_device
 from fedopt.trainer import SMALL_MODEL, LocalTrainer, pick_device
 
 from .host import ClientHost

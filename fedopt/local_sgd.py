@@ -24,7 +24,7 @@ from torch import nn
 from .schedules import OPTIMIZERS, SCHEDULES, scheduled_lr
 
 if TYPE_CHECKING:  # task.py imports this module; the names are only needed for annotations
-    from .task import Batch, TrainConfig
+    from .task import TrainConfig
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "LocalSGD", "sgd_loop", "make_local_optimizer", "scheduled_lr",
            "is_tensors", "num_samples", "move_batch", "iterate_batches"]

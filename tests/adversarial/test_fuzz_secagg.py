@@ -10,7 +10,7 @@ import os
 import msgpack
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedopt.errors import WireError
