@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, table  # noqa: E402
 
-from clients.simulation import Simulation  # noqa: E402
+from clients.simulation.run import Simulation  # noqa: E402
 from fedopt.config import build_config  # noqa: E402
 from fedopt.metrics import RunOutput  # noqa: E402
 

@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, table  # noqa: E402
 
-from clients.gossip_state import Bounds, ModelState, consensus_distance  # noqa: E402
+from clients.gossip.state import Bounds, ModelState, consensus_distance  # noqa: E402
 from fedopt.launch import spawn, stop_processes  # noqa: E402
 
 #: the mixing math alone: a swarm of honest peers, no clipping or clamping in the way of the rate being measured
@@ -64,7 +64,7 @@ def measured_rate(n: int, exchanges: int, trials: int, seed: int = 0) -> float:
 # ---- (b) traffic per node -------------------------------------------------------------------------------------------
 def busiest_node(n: int, rounds: int, slots: int = 5, max_accept: int = 1, tries: int = 6,
                  seed: int = 0) -> tuple[float, float, float]:
-    """Simulated budget rule of :mod:`clients.gossip_peer`: per round each node has ``2 (1 + max_accept) slots`` model
+    """Simulated budget rule of :mod:`clients.gossip.peer`: per round each node has ``2 (1 + max_accept) slots`` model
     messages, keeps two per own slot still to come, and initiates one exchange per slot (up to ``tries`` picks).
     Returns (worst models per slot of one node-round, busiest node's mean per slot, fraction of slots exchanged)."""
     rng = random.Random(seed)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, median, table  # noqa: E402
 
-from clients.simulation import Simulation  # noqa: E402
+from clients.simulation.run import Simulation  # noqa: E402
 from fedopt.config import RunConfig  # noqa: E402
 
 

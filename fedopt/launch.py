@@ -2,7 +2,7 @@
 
 Every mode that starts processes on this machine uses these, and so do the tests and benchmarks that start real
 coordinators, clients, peers and workers: ``simulate --transport ipc|tcp`` (:mod:`coordinator.local`), ``simulate
---mode gossip`` (:mod:`clients.gossip_sim`) and ``allreduce --nproc`` (:mod:`clients.allreduce`).
+--mode gossip`` (:mod:`clients.gossip.sim`) and ``allreduce --nproc`` (:mod:`clients.allreduce.run`).
 
 A process is started in its own process group (its own session), so stopping it also stops whatever it started
 (torch's elastic agent, a worker pool), and a Ctrl-C on the terminal reaches the parent alone, which then stops its

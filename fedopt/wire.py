@@ -64,7 +64,7 @@ An absent field takes its default, which is always a valid value (a weight defau
 the same checks to what it sends, so an honest sender learns of a bad value (a NaN loss, an over-long name) at once,
 from a WireError naming the field, instead of from a peer that drops the message.
 
-Gossip peers (:mod:`clients.gossip`) speak only the GOSSIP_* types. An exchange is FETCH(kind="exchange") -> REPLY
+Gossip peers (:mod:`clients.gossip.run`) speak only the GOSSIP_* types. An exchange is FETCH(kind="exchange") -> REPLY
 (the replier reserves itself for this exchange) -> PUSH (both sides mix), or FETCH -> BUSY, so a refusal moves no
 model; FETCH(kind="fetch") is a newcomer pulling a model, which it adopts when newer. ``addr`` is the sender's own
 bind address, ``peers`` a map of live peer addresses it knows (membership rumours).

@@ -163,7 +163,7 @@ def test_cli_rejects_secagg_flags_without_secagg(capsys, tmp_path):
 
 def test_digits_with_secagg_matches_plain_fedavg_within_half_a_point():
     """Same seed and settings, 16-bit quantisation: accuracy within 0.5 points at the same round count."""
-    from clients.simulation import Simulation
+    from clients.simulation.run import Simulation
 
     # trained far enough (10 rounds of 2 epochs) for the comparison to be about a converging model
     base = dict(task="digits", clients=6, rounds=10, local_epochs=2, seed=0, progress="off", eval_every=1)

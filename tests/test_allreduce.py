@@ -19,11 +19,11 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
-from clients.allreduce import config_from_args, configure, worker_argv
-from clients.allreduce_config import AllreduceConfig
-from clients.allreduce_sync import (CommCounter, LocalSGDAverager, ShardSampler, parse_sync, ring_bytes,
+from clients.allreduce.run import config_from_args, configure, worker_argv
+from clients.allreduce.config import AllreduceConfig
+from clients.allreduce.sync import (CommCounter, LocalSGDAverager, ShardSampler, parse_sync, ring_bytes,
                                     steps_per_rank)
-from clients.allreduce_worker import train_worker
+from clients.allreduce.worker import train_worker
 from fedopt.cli import Parser, main
 from fedopt.data import PartitionSpec
 from fedopt.data.digits import DigitsTask

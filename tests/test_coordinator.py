@@ -7,7 +7,7 @@ import math
 import pytest
 
 from _bus import Cluster, wait_for
-from clients.simulation import simulate
+from clients.simulation.run import simulate
 from coordinator.registry import Registry, RoundTracker
 from fedopt.config import RunConfig
 from fedopt.keys import generate_keys

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.discovery import Beacon, beacon_key, decode_beacon, encode_beacon, interface_address
+from clients.gossip.discovery import Beacon, beacon_key, decode_beacon, encode_beacon, interface_address
 from fedopt.errors import ConfigError
 from fedopt.launch import free_port, one_thread_env, spawn, stop_processes
 from fedopt.metrics import read_metrics

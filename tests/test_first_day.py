@@ -156,7 +156,7 @@ def _serve_in_thread(client) -> dict:
 
 
 def test_a_client_holding_another_coordinators_key_says_so(zmq_context, tmp_path, caplog):
-    from clients.federated import FederatedClient
+    from clients.federated.client import FederatedClient
 
     ours, theirs = generate_keys(tmp_path / "a", 1), generate_keys(tmp_path / "b", 1)
     url = f"tcp://127.0.0.1:{free_port()}"
@@ -207,7 +207,7 @@ def test_coordinator_logs_a_client_holding_another_coordinators_key(zmq_context,
 
 
 def test_a_client_pointed_at_nothing_names_the_address_and_how_long_it_tries(tmp_path, caplog):
-    from clients.federated import FederatedClient
+    from clients.federated.client import FederatedClient
 
     url = f"ipc://{tmp_path}/nobody.sock"
     client = FederatedClient(url, bus.Security(), "0", 0, 1, heartbeat=0.1, give_up=1.0)
@@ -217,7 +217,7 @@ def test_a_client_pointed_at_nothing_names_the_address_and_how_long_it_tries(tmp
     assert f"connecting to the coordinator at {url}" in caplog.text and "--give-up" in caplog.text
     assert f"no answer from the coordinator at {url}" in caplog.text
     p = Parser(prog="fedopt client")
-    from clients.federated import configure
+    from clients.federated.client import configure
 
     configure(p)
     assert "default 300" in " ".join(p.format_help().split())
@@ -330,8 +330,8 @@ def test_allreduce_ctrl_c_is_one_line_and_exit_130_with_a_quiet_start(tmp_path):
 def test_allreduce_one_cpu_worker_trains_a_small_model_on_one_thread(tmp_path, monkeypatch):
     import torch.distributed as dist
 
-    from clients.allreduce_config import AllreduceConfig
-    from clients.allreduce_worker import train_worker
+    from clients.allreduce.config import AllreduceConfig
+    from clients.allreduce.worker import train_worker
 
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                      MASTER_PORT=str(free_port())).items():
@@ -350,7 +350,7 @@ def test_allreduce_one_cpu_worker_trains_a_small_model_on_one_thread(tmp_path, m
 
 
 def test_allreduce_takes_config_and_no_plot_like_simulate(tmp_path, capsys):
-    from clients.allreduce import config_from_args, configure, worker_argv
+    from clients.allreduce.run import config_from_args, configure, worker_argv
 
     cfg_file = tmp_path / "dc.toml"
     cfg_file.write_text("epochs = 3\nlr = 0.05\n[task-options]\nhidden = 16\n")
@@ -430,8 +430,8 @@ def test_gossip_peers_get_the_runs_training_choices(tmp_path):
     """simulate --mode gossip hands the optimizer and schedule to every peer, and the peer's parser takes them."""
     import argparse
 
-    from clients import gossip
-    from clients.gossip_sim import peer_command
+    from clients.gossip import run as gossip
+    from clients.gossip.sim import peer_command
     from fedopt.config import RunConfig
 
     cfg = RunConfig(mode="gossip", clients=2, optimizer="adamw", weight_decay=0.01, clip_norm=1.5,

@@ -9,9 +9,9 @@ import pytest
 import torch
 import zmq
 
-from clients import topology
-from clients.gossip_peer import PeerSockets, Request
-from clients.gossip_state import Bounds, ModelState, consensus_distance
+from clients.gossip import topology
+from clients.gossip.peer import PeerSockets, Request
+from clients.gossip.state import Bounds, ModelState, consensus_distance
 from fedopt import bus, wire
 from fedopt.errors import WireError
 
@@ -175,7 +175,7 @@ def test_an_exchange_with_a_dead_peer_times_out_and_drops_it(zmq_context, tmp_pa
 
 
 def test_cli_rejects_bad_gossip_options():
-    from clients import gossip
+    from clients.gossip import run as gossip
     from fedopt.errors import ConfigError
 
     parser = argparse.ArgumentParser()
@@ -298,7 +298,7 @@ def test_a_fetch_takes_the_coordinate_median_so_one_hostile_reply_moves_nothing(
 
 
 def test_membership_takes_few_rumours_per_message_and_prefers_met_peers():
-    from clients.gossip_members import RUMOURS_PER_MESSAGE, Membership
+    from clients.gossip.members import RUMOURS_PER_MESSAGE, Membership
 
     m = Membership("ipc://me", ["ipc://seed"], peer_timeout=60, max_known=16, explore=0.0)
     m.heard("ipc://seed")  # reached directly: met
@@ -312,7 +312,7 @@ def test_membership_takes_few_rumours_per_message_and_prefers_met_peers():
 
 
 def test_an_address_is_bound_to_the_key_that_announced_it_first():
-    from clients.gossip_members import AddressKeys
+    from clients.gossip.members import AddressKeys
 
     book = AddressKeys(per_key=2, max_keys=2)
     assert book.claim("ipc://a", "K1") and book.claim("ipc://a", "K1")
@@ -345,7 +345,7 @@ def test_dpsgd_keeps_only_the_current_and_next_round_from_graph_neighbours(zmq_c
 @pytest.mark.timeout(60)
 def test_a_message_whose_decoding_or_handling_fails_is_dropped_and_the_loop_goes_on(zmq_context, tmp_path,
                                                                                      monkeypatch):
-    import clients.gossip_peer as gp
+    import clients.gossip.peer as gp
 
     peers, states, threads = _pair(zmq_context, tmp_path, exchange_timeout=2.0)
     real = wire.decode

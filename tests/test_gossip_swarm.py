@@ -14,7 +14,7 @@ import torch
 import zmq
 from safetensors.torch import load_file
 
-from clients.gossip_sim import peer_command, swarm_summary
+from clients.gossip.sim import peer_command, swarm_summary
 from fedopt import wire
 from fedopt.config import RunConfig
 from fedopt.keys import generate_keys
@@ -47,7 +47,7 @@ def wait_for(pred, timeout: float, what: str):
 
 
 def test_eight_peers_match_fedavg_and_refuse_a_rogue_key(zmq_context, tmp_path):
-    from clients.simulation import simulate
+    from clients.simulation.run import simulate
 
     n, rounds = 8, 20
     cfg = RunConfig(clients=n, rounds=rounds, local_epochs=2, partition="dirichlet", alpha=0.5, seed=0, progress="off",

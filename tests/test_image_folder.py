@@ -106,7 +106,7 @@ def test_three_sites_over_the_bus_and_the_same_task_simulated(folders, tmp_path,
     for i, site in enumerate(sites):
         assert f"{60 if i < 2 else 40} samples" in c.log(f"client-{i}"), c.log(f"client-{i}")
 
-    from clients.simulation import simulate
+    from clients.simulation.run import simulate
 
     cfg = RunConfig(task=TASK, task_options={"classes": ",".join(CLASSES), "test_path": str(test),
                                              "data_path": str(everything)},

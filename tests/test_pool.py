@@ -6,8 +6,8 @@ import psutil
 import pytest
 import torch
 
-from clients.pool import PoolExecutor
-from clients.simulation import Simulation
+from clients.simulation.pool import PoolExecutor
+from clients.simulation.run import Simulation
 from fedopt.config import RunConfig
 from fedopt.errors import RoundError
 

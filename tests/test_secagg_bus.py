@@ -69,7 +69,7 @@ def test_keys_generate_writes_identities_beside_the_curve_keys(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_ipc_processes_match_the_in_process_secagg_run(tmp_path):
-    from clients.simulation import simulate
+    from clients.simulation.run import simulate
     from coordinator.local import simulate_processes
     from fedopt.config import RunConfig
 

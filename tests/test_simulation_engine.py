@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import pytest
 
-from clients.scaffold import ScaffoldServer, control_delta
-from clients.shards import ShardSource
-from clients.simulation import SequentialExecutor, Simulation, default_workers
+from clients.simulation.scaffold import ScaffoldServer, control_delta
+from clients.simulation.shards import ShardSource
+from clients.simulation.run import SequentialExecutor, Simulation, default_workers
 from fedopt.config import RunConfig
 from fedopt.data import PartitionSpec
 from fedopt.data.digits import DigitsTask

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from clients.state import ClientStateStore
+from clients.simulation.state import ClientStateStore
 from fedopt.errors import ConfigError
 
 

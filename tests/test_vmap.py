@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from clients.simulation import SequentialExecutor, Simulation
-from clients.vmap import VmapExecutor
+from clients.simulation.run import SequentialExecutor, Simulation
+from clients.simulation.vmap import VmapExecutor
 from fedopt import task as task_mod
 from fedopt.config import RunConfig
 from fedopt.data.digits import DigitsTask

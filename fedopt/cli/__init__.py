@@ -25,9 +25,9 @@ __all__ = ["main", "Parser", "SUBCOMMANDS", "RUN_FOLDER_COMMANDS"]
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("fedopt.cli.simulate", "run many clients on this machine (in-process, worker pool, or real processes)"),
     "coordinator": ("fedopt.cli.coordinator", "run a coordinator that federated clients connect to"),
-    "client": ("clients.federated", "run one federated client on its private shard"),
-    "gossip": ("clients.gossip", "run one gossip peer (no coordinator)"),
-    "allreduce": ("clients.allreduce", "run datacenter workers on torch.distributed (DDP / local SGD)"),
+    "client": ("clients.federated.client", "run one federated client on its private shard"),
+    "gossip": ("clients.gossip.run", "run one gossip peer (no coordinator)"),
+    "allreduce": ("clients.allreduce.run", "run datacenter workers on torch.distributed (DDP / local SGD)"),
     "keys": ("fedopt.keys", "make CurveZMQ key pairs: fedopt keys generate DIR"),
     "plot": ("fedopt.cli.plot", "compare runs on one figure: fedopt plot RUN [RUN ...] --out FILE.png"),
 }

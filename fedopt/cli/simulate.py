@@ -1,8 +1,8 @@
 """``fedopt simulate``: many clients on this machine, in one of three ways chosen by the run's config.
 
-``--mode gossip`` starts peer processes (:mod:`clients.gossip`), ``--transport ipc|tcp`` a coordinator and real client
+``--mode gossip`` starts peer processes (:mod:`clients.gossip.run`), ``--transport ipc|tcp`` a coordinator and real client
 processes over the bus (:mod:`coordinator.local`), and the default runs the in-process engine, a worker pool or vmap
-(:mod:`clients.simulation`). Each is imported only when chosen.
+(:mod:`clients.simulation.run`). Each is imported only when chosen.
 """
 
 from __future__ import annotations
@@ -54,14 +54,14 @@ def simulate_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     cfg = simulate_config(args)
     if cfg.mode == "gossip":
-        from clients.gossip import simulate_gossip  # N peers as local processes
+        from clients.gossip.run import simulate_gossip  # N peers as local processes
 
         return simulate_gossip(cfg)
     if cfg.transport != "inproc":
         from coordinator.local import simulate_processes  # a coordinator + K client processes over the bus
 
         return simulate_processes(cfg)
-    from clients.simulation import simulate  # in-process engine / worker pool / vmap
+    from clients.simulation.run import simulate  # in-process engine / worker pool / vmap
 
     simulate(cfg)
     return 0

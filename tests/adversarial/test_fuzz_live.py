@@ -21,7 +21,7 @@ import torch
 import zmq
 
 from _bus import Cluster, read_rounds, wait_for
-from clients.simulation import simulate
+from clients.simulation.run import simulate
 from fedopt import testing, wire
 from fedopt.config import RunConfig
 from fedopt.errors import WireError

@@ -23,7 +23,7 @@ import torch
 import zmq
 
 from _leaks import owned_context
-from clients.gossip_sim import peer_command
+from clients.gossip.sim import peer_command
 from fedopt import wire
 from fedopt.config import RunConfig
 from fedopt.keys import generate_keys

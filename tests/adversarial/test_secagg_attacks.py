@@ -48,7 +48,7 @@ def _forging_unmask(liar: str):
 def _run(cfg: RunConfig, sizes: dict | None = None, drop: str | None = None):
     """An in-process run: ``(final accuracy, outcomes per round)``; ``sizes`` overrides READY counts, ``drop`` never
     sends its update (it drops out after sharing keys, every round)."""
-    from clients.simulation import Simulation
+    from clients.simulation.run import Simulation
 
     sim = Simulation(cfg)
     if sizes:

@@ -38,12 +38,12 @@ Zero trust. Every message is validated before use and a handler that fails (any 
 one log line; the loop goes on. Over CurveZMQ an inbound message's sender is the key that authenticated its
 connection (the ZAP User-Id), and a claimed ``addr`` belongs to the key that first announced it
 (:class:`~clients.gossip_members.AddressKeys`); without keys claims are unauthenticated. Models are screened and
-weights, versions and rumours bounded (:mod:`clients.gossip_state`, :mod:`clients.gossip_members`) only once the whole
+weights, versions and rumours bounded (:mod:`clients.gossip.state`, :mod:`clients.gossip.members`) only once the whole
 message is valid. A fetch collects up to ``fetch_quorum`` neighbours' models and takes their coordinate-wise median.
 If this thread dies anyway, it closes its sockets and :meth:`PeerSockets.submit` answers ``stopped`` at once, so the
 training thread ends instead of waiting.
 
-Synchronous D-PSGD (``--topology``) lives in :mod:`clients.gossip_dpsgd`; membership in :mod:`clients.gossip_members`.
+Synchronous D-PSGD (``--topology``) lives in :mod:`clients.gossip.dpsgd`; membership in :mod:`clients.gossip.members`.
 """
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ import zmq
 from fedopt import bus, wire
 from fedopt.errors import WireError
 
-from .gossip_dpsgd import SyncRounds
-from .gossip_members import AddressKeys, Membership
-from .gossip_state import ModelState
+from clients.gossip.dpsgd import SyncRounds
+from clients.gossip.members import AddressKeys, Membership
+from clients.gossip.state import ModelState
 
 __all__ = ["Request", "PeerSockets"]
 

@@ -33,8 +33,8 @@ from fedopt.params import ParamSpec
 from fedopt.rounds import Job, RoundServer
 from fedopt.task import BaseTask, Task, TrainConfig
 
-from .scaffold import ScaffoldClients, ScaffoldServer
-from .shards import ShardSource
+from clients.simulation.scaffold import ScaffoldClients, ScaffoldServer
+from clients.simulation.shards import ShardSource
 
 __all__ = ["VmapExecutor", "vmap_unsupported"]
 

@@ -10,7 +10,7 @@ from fedopt.errors import ConfigError
 
 from fedopt.schedules import OPTIMIZERS, SCHEDULES, scheduled_lr
 
-from .allreduce_sync import parse_sync
+from clients.allreduce.sync import parse_sync
 
 __all__ = ["AllreduceConfig", "load_allreduce_toml"]
 

@@ -15,7 +15,7 @@ Executors (``run_round(server, jobs)`` feeds the round's results into ``server``
 * :class:`~clients.vmap.VmapExecutor` (``--backend vmap``) — a whole batch of clients at once with ``torch.func``.
 
 ``--algorithm scaffold`` keeps SCAFFOLD's server control variate here, in the engine, and each client's ``c_i`` in a
-:class:`~clients.state.ClientStateStore` where the client trains (see :mod:`clients.scaffold`).
+:class:`~clients.state.ClientStateStore` where the client trains (see :mod:`clients.simulation.scaffold`).
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ from fedopt.rounds import Bounds, Job, RoundServer
 from fedopt.task import BaseTask, Task, evaluate_classifier, resolve_task, to_device
 from fedopt.trainer import SMALL_MODEL, LocalTrainer, pick_device
 
-from .host import ClientHost
-from .scaffold import ScaffoldClients, ScaffoldServer, check_scaffold_task
-from .shards import ShardSource
+from clients.simulation.host import ClientHost
+from clients.simulation.scaffold import ScaffoldClients, ScaffoldServer, check_scaffold_task
+from clients.simulation.shards import ShardSource
 
 __all__ = ["Simulation", "SequentialExecutor", "simulate", "SimResult", "default_workers"]
 
@@ -130,7 +130,7 @@ class Simulation:
         cfg = self.cfg
         budget = int(cfg.state_budget_mb * (1 << 20))
         if cfg.backend == "vmap":
-            from .vmap import VmapExecutor, vmap_unsupported
+            from clients.simulation.vmap import VmapExecutor, vmap_unsupported
 
             reason = vmap_unsupported(self.task, self.spec, self.shards, self.server.train, self.device)
             if reason is None:
@@ -138,7 +138,7 @@ class Simulation:
             _note(f"vmap backend unavailable ({reason}); using the sequential backend")
         workers = default_workers(cfg, self.spec)
         if workers > 1:
-            from .pool import PoolExecutor
+            from clients.simulation.pool import PoolExecutor
 
             return PoolExecutor(cfg, self.spec, workers, self.sizes, self.scaffold)
         return SequentialExecutor(self.task, self.spec, self.shards, self.device, cfg.buffers, self.scaffold, budget)

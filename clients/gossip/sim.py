@@ -27,7 +27,7 @@ from fedopt.launch import free_ports, one_thread_env, spawn, stop_processes
 from fedopt.metrics import Reporter, RunOutput, read_metrics
 from fedopt.params import ParamSpec
 
-from .gossip_state import consensus_distance
+from clients.gossip.state import consensus_distance
 
 __all__ = ["simulate_gossip", "peer_command", "swarm_summary"]
 

@@ -21,7 +21,7 @@ from fedopt.errors import ConfigError
 from fedopt.params import ParamSpec
 from fedopt.task import BaseTask, ClientData, Task, TrainConfig, sgd_loop
 
-from .state import ClientStateStore
+from clients.simulation.state import ClientStateStore
 
 __all__ = ["ScaffoldServer", "ScaffoldClients", "control_delta", "check_scaffold_task"]
 

@@ -32,7 +32,7 @@ from fedopt.optimizers import make_server_optimizer
 from fedopt.params import ParamSpec
 from fedopt.rounds import Job, RoundServer
 
-from .scaffold import ScaffoldServer
+from clients.simulation.scaffold import ScaffoldServer
 
 __all__ = ["PoolExecutor", "SLAB"]
 
@@ -175,10 +175,10 @@ def _worker_main(rank, cfg: RunConfig, spec_dict, threads, budget, global_vec, c
         from fedopt.data import PartitionSpec
         from fedopt.task import TrainConfig, resolve_task
 
-        from .host import ClientHost
+        from clients.simulation.host import ClientHost
         from fedopt.trainer import pick_device
-        from .scaffold import ScaffoldClients
-        from .shards import ShardSource
+        from clients.simulation.scaffold import ScaffoldClients
+        from clients.simulation.shards import ShardSource
 
         spec = ParamSpec.from_dict(spec_dict)
         task = resolve_task(cfg.task, cfg.task_options)

@@ -38,8 +38,8 @@ from fedopt.params import ParamSpec
 from fedopt.task import TrainConfig, resolve_task, to_device
 from fedopt.trainer import SMALL_MODEL
 
-from .allreduce_config import AllreduceConfig
-from .allreduce_sync import CommCounter, LocalSGDAverager, ShardSampler, counting_allreduce_hook, steps_per_rank
+from clients.allreduce.config import AllreduceConfig
+from clients.allreduce.sync import CommCounter, LocalSGDAverager, ShardSampler, counting_allreduce_hook, steps_per_rank
 
 __all__ = ["dist_env", "pick_backend", "train_worker", "AllreduceWorker"]
 
@@ -233,7 +233,7 @@ class AllreduceWorker:
             "clients": self.world,
             "seconds": time.perf_counter() - t0,
             "train_seconds": train_seconds,  # this rank's training part of the epoch (no evaluation)
-            # estimated ring all-reduce traffic of this rank (see clients.allreduce_sync)
+            # estimated ring all-reduce traffic of this rank (see clients.allreduce.sync)
             "bytes_up": self.counter.bytes_sent,
             "bytes_down": self.counter.bytes_received,
             "allreduce_calls": self.counter.calls,

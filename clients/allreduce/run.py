@@ -8,10 +8,10 @@ Two ways in, one worker:
 * ``torchrun --nproc-per-node N [--nnodes ...] -m fedopt allreduce ...`` starts the same workers directly (multi-node
   runs go this way). A process that finds ``RANK`` and ``WORLD_SIZE`` in its environment is a worker.
 
-Each worker (see :mod:`clients.allreduce_worker`) joins the group (NCCL with one GPU per process when CUDA is present,
+Each worker (see :mod:`clients.allreduce.worker`) joins the group (NCCL with one GPU per process when CUDA is present,
 gloo on CPU; ``--backend`` forces one), wraps the Task's model in ``DistributedDataParallel`` and calls the Task's own
 ``train()`` once per epoch; rank 0 evaluates, writes ``metrics.jsonl`` / ``model.safetensors`` like every other mode, and
-checkpoints atomically. Synchronisation is torch's, never fedopt's own (:mod:`clients.allreduce_sync`):
+checkpoints atomically. Synchronisation is torch's, never fedopt's own (:mod:`clients.allreduce.sync`):
 ``--sync step`` is DDP's gradient all-reduce every step (Li et al., VLDB 2020, arXiv 2006.15704); ``--sync local:H``
 is local SGD with a model all-reduce every H steps, optionally with DiLoCo's outer Nesterov step (``--outer-lr``);
 ``--zero`` shards optimizer state with ``ZeroRedundancyOptimizer`` (Rajbhandari et al., SC 2020).
@@ -33,7 +33,7 @@ import uuid
 from fedopt.errors import ConfigError
 from fedopt.launch import free_port, loopback_interface, shared_cores_env
 
-from .allreduce_config import AllreduceConfig, load_allreduce_toml
+from clients.allreduce.config import AllreduceConfig, load_allreduce_toml
 
 __all__ = ["configure", "run", "launch", "config_from_args", "worker_argv", "under_torchrun"]
 
@@ -135,7 +135,7 @@ def under_torchrun() -> bool:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if under_torchrun():
-        from .allreduce_worker import train_worker
+        from clients.allreduce.worker import train_worker
 
         if "TORCHELASTIC_RUN_ID" in os.environ:
             # the agent owns the group: on Ctrl-C it stops every worker (with SIGINT) and reports once; a worker
@@ -156,7 +156,7 @@ def preflight(cfg: AllreduceConfig, nproc: int) -> None:
     from fedopt.checkpoint import CHECKPOINT
     from fedopt.task import resolve_task
 
-    from .allreduce_worker import pick_backend
+    from clients.allreduce.worker import pick_backend
 
     resolve_task(cfg.task, cfg.task_options)
     pick_backend(cfg.backend, cfg.device, nproc - 1)

@@ -46,7 +46,7 @@ from fedopt.secagg import codec
 from fedopt.testing import SECAGG_STAGES, Fault, SecAggExit, faults
 from fedopt.trainer import SMALL_MODEL, LocalTrainer, pick_device
 
-from .secagg import SecAggClient
+from clients.secagg import SecAggClient
 
 __all__ = ["FederatedClient", "configure", "run"]
 

@@ -3,10 +3,10 @@ algorithms?", NeurIPS 2017), the socket-thread half: a mixin of :class:`clients.
 
 In round ``t`` each peer sends its model to its graph neighbours, waits for theirs (or the deadline: a missing
 neighbour's weight goes to itself and it is not waited for again until it is heard from), and mixes with
-Metropolis-Hastings weights (:mod:`clients.topology`).
+Metropolis-Hastings weights (:mod:`clients.gossip.topology`).
 
 Bounds: a push counts only from a graph neighbour (its address bound to its key over CurveZMQ, see
-:mod:`clients.gossip_peer`), only for the round being run or the next one, and only its last copy: the inbox holds at
+:mod:`clients.gossip.peer`), only for the round being run or the next one, and only its last copy: the inbox holds at
 most ``2 * degree`` models whatever neighbours send. Each model is screened (finite, norm and distance bounds of
 :meth:`~clients.gossip_state.ModelState.screen`) before it is stored. A push for any other round is dropped and does
 not count as hearing from that neighbour.
@@ -22,7 +22,7 @@ import torch
 from fedopt import wire
 from fedopt.errors import WireError
 
-from .topology import mh_weights, mix_row, neighbours
+from clients.gossip.topology import mh_weights, mix_row, neighbours
 
 __all__ = ["SyncRounds"]
 

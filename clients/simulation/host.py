@@ -1,7 +1,7 @@
 """ClientHost: trains the virtual clients one process hosts, one after another, with one reused model.
 
 It is the body of the in-process :class:`~clients.simulation.SequentialExecutor` and of every pool worker
-(:mod:`clients.pool`), so both train, validate and (for SCAFFOLD) keep client state the same way. Updates go to a
+(:mod:`clients.simulation.pool`), so both train, validate and (for SCAFFOLD) keep client state the same way. Updates go to a
 ``sink(update) -> reason | None``: the engine's :meth:`RoundServer.offer` in-process, a worker's own RoundServer when
 it pre-aggregates, or a shared-memory slab when the aggregator needs every update.
 """
@@ -18,7 +18,7 @@ from fedopt.rounds import Job, RoundServer
 from fedopt.task import ClientData, Task
 from fedopt.trainer import LocalTrainer
 
-from .scaffold import ScaffoldClients
+from clients.simulation.scaffold import ScaffoldClients
 
 __all__ = ["ClientHost"]
 

@@ -4,7 +4,7 @@ A peer binds one socket, finds others from ``--peers`` (a seed list) and/or ``--
 ``--interface``), pulls a newer model from the swarm if there is one (a newcomer, or a peer restarted from an old
 checkpoint), then repeats for ``--rounds`` rounds: ``--local-epochs`` epochs of the task's training on its own shard,
 then ``--exchanges`` push-pull exchanges, each with a random live neighbour, averaged by sample counts
-(:mod:`clients.gossip_state`); the last round adds ``--final-mixes`` more.
+(:mod:`clients.gossip.state`); the last round adds ``--final-mixes`` more.
 With ``--topology ring|exponential|complete`` it runs synchronous D-PSGD instead (``--peers`` then lists every member in
 rank order, this peer included). Nothing is central: any peer may leave, crash or join at any time.
 
@@ -44,9 +44,9 @@ from fedopt.schedules import OPTIMIZERS, SCHEDULES, scheduled_lr
 from fedopt.task import TrainConfig, resolve_task
 from fedopt.trainer import LocalTrainer, pick_device
 
-from .gossip_peer import PeerSockets, Request
-from .gossip_state import ModelState
-from .topology import TOPOLOGIES
+from clients.gossip.peer import PeerSockets, Request
+from clients.gossip.state import ModelState
+from clients.gossip.topology import TOPOLOGIES
 
 __all__ = ["GossipPeer", "configure", "run", "simulate_gossip"]
 
@@ -83,7 +83,7 @@ class GossipPeer:
         self.auth = bus.start_authenticator(self.ctx, server)
         beacon = None
         if args.discover:
-            from .discovery import Beacon, beacon_key
+            from clients.gossip.discovery import Beacon, beacon_key
 
             beacon = Beacon(self.address, beacon_key(_swarm_secret(args)), args.interface, args.discovery_port)
         members = args.peers if args.topology else None
@@ -327,7 +327,7 @@ def run(args: argparse.Namespace) -> int:
     _check(args)
     address = args.advertise or args.bind
     if args.discover and not args.advertise and args.bind.startswith("tcp://0.0.0.0:"):
-        from .discovery import interface_address
+        from clients.gossip.discovery import interface_address
 
         address = args.advertise = f"tcp://{interface_address(args.interface)[0]}:{args.bind.rsplit(':', 1)[1]}"
     key_name = args.key_name or (f"client-{args.shard:03d}" if args.keys else None)
@@ -337,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def simulate_gossip(cfg) -> int:
-    """``fedopt simulate --mode gossip --peers N``: N peers as local processes (see :mod:`clients.gossip_sim`)."""
-    from .gossip_sim import simulate_gossip as _simulate
+    """``fedopt simulate --mode gossip --peers N``: N peers as local processes (see :mod:`clients.gossip.sim`)."""
+    from clients.gossip.sim import simulate_gossip as _simulate
 
     return _simulate(cfg)

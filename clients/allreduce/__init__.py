@@ -1,0 +1,1 @@
+"""Datacenter mode: the same clients as tightly synced workers on torch.distributed."""

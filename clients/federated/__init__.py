@@ -1,0 +1,1 @@
+"""Federated mode: one client process on its private shard, served by a coordinator over the bus."""

@@ -1,0 +1,1 @@
+"""Gossip mode: peers that train and average with their neighbours, with no coordinator."""
