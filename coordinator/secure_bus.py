@@ -21,7 +21,6 @@ The coordinator only ever holds masked vectors and the survivors' sum; clients' 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -33,9 +32,9 @@ import numpy as np
 import torch
 
 from fedopt import wire
+from fedopt.aggregators import Aggregate
 from fedopt.aggregators.secure import round_encoding, round_parameters
 from fedopt.errors import SecAggError
-from fedopt.rounds import RoundOutcome
 from fedopt.secagg import RoundConfig
 
 from .registry import RoundTracker
@@ -157,34 +156,30 @@ class BusTransport:
         return client, parts
 
 
-def secure_round(coord: Coordinator, r: int, sizes: dict[str, int]) -> tuple[RoundOutcome, dict]:
-    """Plan round ``r``, send TRAIN, run SecAgg+ over the bus and apply the result: ``(outcome, metrics fields)``.
+def secure_round(coord: Coordinator, r: int, jobs) -> dict:
+    """Send TRAIN to round ``r``'s selected clients, run SecAgg+ among them over the bus and hand the survivors' sum
+    to the coordinator's RoundServer (``absorb``); returns the round's extra metrics fields.
 
-    Never raises for a protocol failure: an aborted round comes back with ``applied=False`` and ``aborted`` set.
+    Never raises for a protocol failure: an aborted round absorbs nothing (the global model stays) and its fields say
+    ``aborted`` with the reason.
     """
     server, cfg = coord.server, coord.cfg
-    coord.jobs = server.plan(r, sizes)
-    snapshot = server.global_vec.detach().to("cpu", copy=True)
-    rejected: dict[str, str] = {}
     participants: dict[str, int] = {}
-    for job in coord.jobs:
-        if job.straggler and not server.keep_stragglers:
-            rejected[job.client] = "straggler dropped"
+    for client, msg in coord._train(jobs, r).items():
+        peer = coord.registry.peer_of(client)
+        if peer is None or not coord.ep.send(msg, to=peer):
+            server.reject(client, "unreachable")
             continue
-        config = {f.name: getattr(job.config, f.name) for f in dataclasses.fields(job.config) if f.name != "sampler"}
-        peer = coord.registry.peer_of(job.client)
-        if peer is None or not coord.ep.send(wire.Train(round=r, config=config, model=snapshot), to=peer):
-            rejected[job.client] = "unreachable"
-            continue
-        participants[job.client] = sizes[job.client]
+        participants[client] = coord._sizes[client]
     log.info("round %d (attempt %d): %d clients selected of %d ready, secure aggregation among %d", r,
-             coord._attempt, len(coord.jobs), len(sizes), len(participants))
+             coord._attempt, len(jobs), len(coord._sizes), len(participants))
     info: dict = {"aborted": None}
 
-    def aborted(reason: str) -> tuple[RoundOutcome, dict]:
+    def aborted(reason: str) -> dict:
         info["aborted"] = reason
-        rejected.update({c: "secure aggregation aborted" for c in participants})
-        return RoundOutcome(r, False, 0, 0.0, rejected, None), info
+        for c in participants:
+            server.reject(c, "secure aggregation aborted")
+        return info
 
     agg = server.aggregator
     try:
@@ -209,8 +204,9 @@ def secure_round(coord: Coordinator, r: int, sizes: dict[str, int]) -> tuple[Rou
         coord.secure = None
     for c in participants:
         if c not in out.survivors:
-            rejected[c] = "dropped out of secure aggregation"
-    server.optimizer.step(server.global_vec, torch.from_numpy(out.mean).to(server.global_vec.device, server.global_vec.dtype))
+            server.reject(c, "dropped out of secure aggregation")
+    server.absorb(Aggregate(torch.from_numpy(out.mean), out.weight, len(out.survivors)),
+                  transport.train_loss(out.survivors), 1)
     info.update(survivors=len(out.survivors), secagg_dropped=len(out.dropped))
     log.info("round %d: secure sum of %d survivors (%d dropped after sharing keys)", r, len(out.survivors),
              len(out.dropped))
@@ -220,4 +216,4 @@ def secure_round(coord: Coordinator, r: int, sizes: dict[str, int]) -> tuple[Rou
         np.save(d / f"sum-{r}.npy", out.total)
         (d / f"sum-{r}.json").write_text(json.dumps({"survivors": list(out.survivors), "dropped": list(out.dropped),
                                                      "modulus_bits": quant.modulus_bits}))
-    return RoundOutcome(r, True, len(out.survivors), out.weight, rejected, transport.train_loss(out.survivors)), info
+    return info

@@ -1,17 +1,20 @@
 """The coordinator: the ROUTER side of federated mode, driving :class:`~fedopt.rounds.RoundServer`.
 
-One thread owns the socket and runs an event loop: receive (with a short poll timeout), send heartbeats, expire
-silent clients, and advance the round. A round::
+The coordinator is the round engine's bus executor (:class:`fedopt.engine.Engine` runs the rounds): one thread owns
+the socket, and while the engine waits on it (for clients, for a round's updates, for federated evaluation) it
+receives with a short poll timeout, sends heartbeats and expires silent clients. Its part of a round::
 
-    wait   the first round (of this process) until every client is ready, or --join-timeout passed with at least
-           --min-clients ready; every later round starts at once with the clients ready (at least --min-clients).
-           While it waits, the coordinator says so, and each round records the seconds it waited ("waited")
-    train  plan (seeded selection) -> TRAIN to each selected client -> OFFER/PULL/UPDATE, each update folded into the
-           aggregator as it arrives and its frame released (streaming; see fedopt.wire on upload credit)
-    close  when every selected client answered or dropped, or at --deadline with >= --min-clients updates;
-           otherwise the round is retried (a fresh attempt with the clients alive now)
-    eval   the global model on the task's test set; federated EVALUATE every --fed-eval-every rounds
-    save   metrics.jsonl line, then the checkpoint (atomic), so --resume never repeats or loses a round
+    available  the first round (of this process) waits until every client is ready, or --join-timeout passed with at
+               least --min-clients ready; every later round starts at once with the clients ready (at least
+               --min-clients). While it waits, the coordinator says so, and each round records the seconds it waited
+    run_round  TRAIN to each selected client -> OFFER/PULL/UPDATE, each update folded into the aggregator as it
+               arrives and its frame released (streaming; see fedopt.wire on upload credit), until every selected
+               client answered or dropped, or --deadline passed. Below the quorum (--min-clients) the engine retries
+               the round with the clients alive now, without those that failed it
+    federated_eval  EVALUATE every --fed-eval-every rounds, on the clients' local test splits
+
+The engine then evaluates, writes the metrics line and the checkpoint (atomic), so --resume never repeats or loses
+a round.
 
 With ``--aggregator secagg`` the train step is SecAgg+ over the bus instead of OFFER/PULL/UPDATE (see
 :mod:`coordinator.secure_bus`): clients send only masked vectors, and a round the protocol aborts is recorded with
@@ -44,6 +47,7 @@ import zmq
 from fedopt import bus, wire
 from fedopt.aggregators import Update, make_aggregator
 from fedopt.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedopt.engine import Engine
 from fedopt.config import RunConfig
 from fedopt.errors import ConfigError, RoundError
 from fedopt.liveness import Liveness, LogBudget, Ticker
@@ -79,6 +83,7 @@ class Coordinator:
         self.secagg_dump = secagg_dump  # Fault.SECAGG_DUMP: where secure rounds write the sum they learn
         self.secure = None  # the secure-aggregation round in progress (coordinator.secure_bus.BusTransport)
         self._round_info: dict = {}  # extra metrics fields of the round being closed
+        self._sizes: dict[str, int] = {}  # the clients ready for the round in progress (announced sample counts)
         self.task = resolve_task(cfg.task, cfg.task_options)
         device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)  # the same initial model as the in-process engine
@@ -91,6 +96,7 @@ class Coordinator:
             cfg.train_config(),
             per_round=cfg.per_round, seed=cfg.seed, stragglers=cfg.stragglers, keep_stragglers=cfg.keep_stragglers,
             bounds=Bounds.from_config(cfg), lr_at=cfg.lr_at)
+        self.server.external = cfg.aggregator == "secagg"  # SecAgg+ over the bus: coordinator.secure_bus
         test = self.task.load_test(cfg.seed) if hasattr(self.task, "load_test") else None
         self.test = to_device(test, device)
         self.evaluator = LocalTrainer(self.task, self.spec, device, cfg.buffers) if self.test is not None else None
@@ -131,30 +137,37 @@ class Coordinator:
         self._waiting_said: tuple | None = None  # (ready, when) of the last "waiting for clients" line
         self._attempt = 0
         self._failed: set[str] = set()  # clients that failed an attempt at this round: not selected again for it
-        self._round_t0 = 0.0
         self._bytes0 = (0, 0)
         self.dropped_messages = 0  # malformed or unexpected messages, for tests and the summary
         self._drop_log = LogBudget(20, 1.0, clock)  # a flood of bad messages is counted, not logged line by line
         self._refusal_log = LogBudget(20, 1.0, clock)
 
-    # ---- the loop -----------------------------------------------------------------------------------------------
+    # ---- the run ------------------------------------------------------------------------------------------------
     def serve(self) -> int:
-        started = time.perf_counter()
+        cfg, started = self.cfg, time.perf_counter()
         try:
-            while self.round <= self.cfg.rounds:
-                self._pump(min(0.05, self.ticker.remaining()))
-                self._keepalive()
-                self._advance()
+            Engine(self.server, self, cfg.rounds, self.output, start=self.round, min_clients=cfg.min_clients,
+                   eval_every=cfg.eval_every, evaluate=self._evaluate, fed_eval_every=cfg.fed_eval_every,
+                   checkpoint=self._checkpoint).run()
             for peer in self.registry.peers():
                 self.ep.send(wire.Bye(reason="done"), to=peer)
             self.output.finish(self.spec, self.server.global_vec,
-                               {"clients": f"{self.cfg.clients} ({self.cfg.per_round} per round)",
+                               {"clients": f"{cfg.clients} ({cfg.per_round} per round)",
                                 "wall time": f"{time.perf_counter() - started:.1f} s (waits for clients included)",
                                 "out": str(self.output.dir), "dropped messages": self.dropped_messages})
             time.sleep(0.2)  # let the BYEs leave before the socket closes (linger is 0)
             return 0
         finally:
             self.close()
+
+    def _evaluate(self, global_vec: torch.Tensor) -> dict:
+        return self.evaluator.evaluate(global_vec, self.test) if self.evaluator is not None else {}
+
+    def _checkpoint(self, round: int, state: dict) -> None:
+        save_checkpoint(self.cfg.out, Checkpoint(round, self.server.global_vec, self.server.optimizer.state_dict(),
+                                                 self.spec, {"config": self.cfg.to_dict(), **state}))
+        self.round = round + 1
+        self._idle_since = self.clock()
 
     def close(self) -> None:
         self.output.close()
@@ -365,127 +378,114 @@ class Coordinator:
             for peer in self.registry.peers():
                 self.ep.send(wire.Heartbeat(), to=peer)
 
-    # ---- rounds -------------------------------------------------------------------------------------------------
-    def _advance(self) -> None:
-        now = self.clock()
-        if self.evals is not None:
-            if not self.evals["pending"] or now >= self.evals["deadline"]:
-                self._finish_round()
-        elif self.tracker is not None:
-            for client in self.tracker.overdue(now):
-                self._lost(client, f"held upload credit for {self.tracker.pull_timeout:.1f}s without uploading")
-            if self.tracker.complete or now >= self.tracker.deadline_at:
-                self._close()
-        else:
-            sizes = {c: n for c, n in self.registry.sizes(self.round).items() if c not in self._failed}
+    # ---- the engine's executor -----------------------------------------------------------------------------------
+    def _serve_until(self, done, deadline: float = math.inf) -> None:
+        """Run the socket loop until ``done()`` holds or the clock passes ``deadline``."""
+        while not done() and self.clock() < deadline:
+            self._pump(min(0.05, self.ticker.remaining(), max(0.0, deadline - self.clock())))
+            self._keepalive()
+
+    def available(self, round: int, attempt: int) -> dict[str, int]:
+        """Wait for the clients round ``round`` may select (see the module docstring); raises RoundError when a round
+        keeps missing its quorum and no other client is ready within --join-timeout."""
+        cfg = self.cfg
+        if attempt == 1:
+            self._failed = set()  # clients that failed an attempt at this round: not selected again for it
+        self._wait_since = self.clock()
+        while True:
+            now = self.clock()
+            sizes = {c: n for c, n in self.registry.sizes(round).items() if c not in self._failed}
             # the first round waits for every client (or the join timeout); a retry, and every later round, goes on
             # at once with whoever is ready
-            waited = self._joined or self._attempt > 0 or now - self._wait_since >= self.cfg.join_timeout
-            if len(sizes) >= self.cfg.clients or (waited and len(sizes) >= self.cfg.min_clients):
-                self._start(sizes)
-            elif self._attempt >= MAX_ATTEMPTS and now - self._wait_since >= self.cfg.join_timeout:
-                raise RoundError(f"round {self.round} missed its quorum of {self.cfg.min_clients} in "
-                                 f"{self._attempt} attempts, and no other client is ready")
-            else:
-                self._say_waiting(now, len(sizes), waited)
+            waited = self._joined or attempt > 1 or now - self._wait_since >= cfg.join_timeout
+            if len(sizes) >= cfg.clients or (waited and len(sizes) >= cfg.min_clients):
+                break
+            if attempt > MAX_ATTEMPTS and now - self._wait_since >= cfg.join_timeout:
+                raise RoundError(f"round {round} missed its quorum of {cfg.min_clients} in {attempt - 1} attempts, "
+                                 f"and no other client is ready")
+            self._say_waiting(round, now, len(sizes), waited)
+            self._pump(min(0.05, self.ticker.remaining()))
+            self._keepalive()
+        self._joined = True
+        self._waiting_said = None
+        if attempt == 1:
+            self._waited = self.clock() - self._idle_since
+            self._bytes0 = (self.ep.bytes_in, self.ep.bytes_out)
+        self._attempt, self._sizes = attempt, sizes
+        return sizes
 
-    def _say_waiting(self, now: float, ready: int, waited: bool) -> None:
+    def _say_waiting(self, round: int, now: float, ready: int, waited: bool) -> None:
         """One line when the number of ready clients changes, and every 10 s, so a wait is never silent."""
         said = self._waiting_said
         if said is not None and said[0] == ready and now - said[1] < 10.0:
             return
         self._waiting_said = (ready, now)
         if waited:
-            log.info("round %d: waiting for clients (%d ready, %d needed: --min-clients)", self.round, ready,
+            log.info("round %d: waiting for clients (%d ready, %d needed: --min-clients)", round, ready,
                      self.cfg.min_clients)
         else:
             left = self.cfg.join_timeout - (now - self._wait_since)
             log.info("round %d: waiting for %d clients (%d ready); starts with at least %d in %.0fs (--join-timeout)",
-                     self.round, self.cfg.clients, ready, self.cfg.min_clients, max(0.0, left))
+                     round, self.cfg.clients, ready, self.cfg.min_clients, max(0.0, left))
 
-    def _start(self, sizes: dict[str, int]) -> None:
-        r = self.round
-        self._attempt += 1
-        self._joined = True
-        self._waiting_said = None
-        if self._attempt == 1:
-            self._round_t0 = time.perf_counter()
-            self._waited = self.clock() - self._idle_since
-            self._bytes0 = (self.ep.bytes_in, self.ep.bytes_out)
-        if self.cfg.aggregator == "secagg":
-            from .secure_bus import secure_round
-
-            self.outcome, self._round_info = secure_round(self, r, sizes)
-            return self._evaluate()
-        self.jobs = self.server.plan(r, sizes)
-        self.server.begin(r)
-        self.tracker = RoundTracker(r, [j.client for j in self.jobs], self.clock() + self.cfg.deadline,
-                                    self.cfg.upload_slots, pull_timeout=self.live.timeout)
+    def _train(self, jobs, round: int) -> dict[str, wire.Train]:
+        """TRAIN for each selected client (FedAvg drops stragglers up front: their partial work would be discarded)."""
         # one snapshot for every TRAIN: sends are zero-copy, and the global vector changes in place at close
         snapshot = self.server.global_vec.detach().to("cpu", copy=True)
-        for job in self.jobs:
+        out = {}
+        for job in jobs:
             if job.straggler and not self.server.keep_stragglers:
-                self.tracker.drop(job.client)  # FedAvg drops stragglers: their partial work would be discarded
                 self.server.reject(job.client, "straggler dropped")
                 continue
             config = {f.name: getattr(job.config, f.name) for f in dataclasses.fields(job.config)
                       if f.name != "sampler"}
-            if not self._send_model(job.client, wire.Train(round=r, config=config, model=snapshot)):
-                self._lost(job.client, "unreachable, or has not read its last model")
-        log.info("round %d (attempt %d): %d clients selected of %d ready", r, self._attempt, len(self.jobs),
-                 len(sizes))
+            out[job.client] = wire.Train(round=round, config=config, model=snapshot)
+        return out
 
-    def _close(self) -> None:
-        t, self.tracker = self.tracker, None
-        for client in sorted(t.pending):
-            self.server.reject(client, "missed the deadline")
-            self._missed(client, t.round)
-            log.warning("round %d: client %s missed the deadline; its update will be dropped", t.round, client)
-        if t.accepted < self.cfg.min_clients:
-            self.server.begin(t.round)  # discard the partial aggregate
-            self._wait_since = self.clock()
-            log.warning("round %d: %d updates, below the quorum of %d: retrying without the %d clients that failed "
-                        "it", t.round, t.accepted, self.cfg.min_clients, len(self._failed))
+    def run_round(self, server: RoundServer, jobs) -> None:
+        r = server.round
+        if server.external:
+            from .secure_bus import secure_round
+
+            self._round_info = secure_round(self, r, jobs)
             return
-        self.outcome = self.server.close()
-        self._evaluate()
+        trains = self._train(jobs, r)
+        self.tracker = RoundTracker(r, list(trains), self.clock() + self.cfg.deadline, self.cfg.upload_slots,
+                                    pull_timeout=self.live.timeout)
+        for client, msg in trains.items():
+            if not self._send_model(client, msg):
+                self._lost(client, "unreachable, or has not read its last model")
+        log.info("round %d (attempt %d): %d clients selected of %d ready", r, self._attempt, len(jobs), len(self._sizes))
+        t = self.tracker
 
-    def _evaluate(self) -> None:
-        """After the global step: federated evaluation when due, then _finish_round."""
-        r = self.round
-        self.evals = {"pending": set(), "deadline": self.clock() + self.cfg.deadline, "results": []}
-        if self.cfg.fed_eval_every and r % self.cfg.fed_eval_every == 0:
-            model = self.server.global_vec.detach().to("cpu", copy=True)
-            for client in self.registry.sizes(r):
-                if self._send_model(client, wire.Evaluate(round=r, model=model)):
-                    self.evals["pending"].add(client)
+        def settled() -> bool:
+            for client in t.overdue(self.clock()):
+                self._lost(client, f"held upload credit for {t.pull_timeout:.1f}s without uploading")
+            return t.complete
 
-    def _finish_round(self) -> None:
-        cfg, r, ev, outcome = self.cfg, self.round, self.evals, self.outcome
-        self.evals = None
-        test = {}
-        if self.evaluator is not None and (r % cfg.eval_every == 0 or r == cfg.rounds):
-            test = self.evaluator.evaluate(self.server.global_vec, self.test)
-        record = {
-            "round": r, "accuracy": test.get("accuracy"), "loss": test.get("loss"), "clients": outcome.count,
-            "selected": len(self.jobs), "stragglers": sum(j.straggler for j in self.jobs),
-            "rejected": len(outcome.rejected), "train_loss": outcome.train_loss,
-            "seconds": time.perf_counter() - self._round_t0, "attempts": self._attempt,
-            "waited": round(self._waited, 3),  # seconds this round waited for clients before its first attempt
-            "bytes_up": self.ep.bytes_in - self._bytes0[0], "bytes_down": self.ep.bytes_out - self._bytes0[1],
-            **self._round_info,
-        }
-        self._round_info = {}
-        if ev["results"]:
-            n = sum(k for _, _, k in ev["results"])
-            record["fed_accuracy"] = sum(a * k for a, _, k in ev["results"]) / n
-            record["fed_loss"] = sum(lo * k for _, lo, k in ev["results"]) / n
-            record["fed_clients"] = len(ev["results"])
-        # the metrics line first, then the checkpoint: resume cuts back to it
-        self.output.round_done(record, (self.spec, self.server.global_vec))
-        save_checkpoint(cfg.out, Checkpoint(r, self.server.global_vec, self.server.optimizer.state_dict(),
-                                            self.spec, {"config": cfg.to_dict(), "attempts": self._attempt}))
-        self.round += 1
-        self._attempt = 0
-        self._failed = set()
-        self._wait_since = self._idle_since = self.clock()
+        self._serve_until(settled, t.deadline_at)
+        self.tracker = None
+        for client in sorted(t.pending):
+            server.reject(client, "missed the deadline")
+            self._missed(client, r)
+            log.warning("round %d: client %s missed the deadline; its update will be dropped", r, client)
+        if t.accepted < self.cfg.min_clients:
+            log.warning("round %d: %d updates, below the quorum of %d: retrying without the %d clients that failed "
+                        "it", r, t.accepted, self.cfg.min_clients, len(self._failed))
+
+    def federated_eval(self, round: int, global_vec: torch.Tensor) -> list[tuple[float, float, int]]:
+        """EVALUATE to every ready client; their (accuracy, loss, weight) results within --deadline."""
+        self.evals = {"pending": set(), "results": []}
+        model = global_vec.detach().to("cpu", copy=True)
+        for client in self.registry.sizes(round):
+            if self._send_model(client, wire.Evaluate(round=round, model=model)):
+                self.evals["pending"].add(client)
+        self._serve_until(lambda: not self.evals["pending"], self.clock() + self.cfg.deadline)
+        results, self.evals = self.evals["results"], None
+        return results
+
+    def fields(self, jobs, outcome) -> dict:
+        info, self._round_info = self._round_info, {}
+        return {"waited": round(self._waited, 3),  # seconds this round waited for clients before its first attempt
+                "bytes_up": self.ep.bytes_in - self._bytes0[0], "bytes_down": self.ep.bytes_out - self._bytes0[1],
+                **info}

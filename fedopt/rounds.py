@@ -141,6 +141,22 @@ class RoundServer:
         self.norm_ref: float | None = None  # median L2 norm of the last round's accepted updates
         self._norm_bound = math.inf  # the current round's bound on an update's norm
         self._norms: list[float] = []
+        self.accepted = 0  # client updates folded into the round so far (merged partials count their clients)
+        self._absorbed = None  # an aggregate a protocol computed outside the aggregator (absorb)
+        #: the round's aggregate comes only through :meth:`absorb` (SecAgg+ over the bus): the aggregator is not
+        #: driven, and a plaintext update is refused
+        self.external = False
+
+    @property
+    def round(self) -> int | None:
+        """The round in progress (between :meth:`begin` and :meth:`close`), else None."""
+        return self._round
+
+    @property
+    def retryable(self) -> bool:
+        """Whether a round short of its quorum may be retried: not under secure aggregation, whose own threshold
+        is its quorum (a retry would meet the same dead clients; the next round selects among the live ones)."""
+        return not getattr(self.aggregator, "needs_participants", False)
 
     # ---- planning ---------------------------------------------------------------------------------------------------
     def select(self, round: int, candidates: list[str]) -> list[str]:
@@ -187,7 +203,11 @@ class RoundServer:
         self._loss_sum = self._loss_weight = 0.0
         self._norms = []
         self._norm_bound = self._bound()
-        if getattr(self.aggregator, "needs_participants", False):
+        self.accepted = 0
+        self._absorbed = None
+        if self.external:
+            pass
+        elif getattr(self.aggregator, "needs_participants", False):
             if participants is None and self._planned is not None and self._planned[0] == round:
                 participants = self._planned[1]
             self.aggregator.begin(round, self.spec.size, participants=participants)
@@ -258,6 +278,9 @@ class RoundServer:
         partial work, never more); a client outside the plan keeps its claim only when the server has no bounds."""
         if self._round is None:
             raise ConfigError("offer() before begin()")
+        if self.external:
+            self._rejected[update.client] = reason = "a plaintext update in a round aggregated securely"
+            return reason
         if isinstance(update.num_samples, int) and update.num_samples > (w := self.granted(update.client,
                                                                                            update.num_samples)):
             update = dataclasses.replace(update, num_samples=w)
@@ -272,6 +295,7 @@ class RoundServer:
             return reason
         self._norms.append(norm)
         self._note_loss(update.metrics.get("loss"), update.num_samples)
+        self.accepted += 1
         return None
 
     def merge(self, mean: torch.Tensor, weight: float, count: int, loss: float | None = None,
@@ -280,6 +304,14 @@ class RoundServer:
         if not getattr(self.aggregator, "linear", False):
             raise ConfigError(f"aggregator {self.aggregator.name!r} needs every update; it cannot merge partials")
         self.aggregator.merge(mean, weight, count)
+        self.accepted += count
+        self._note_loss(loss, samples)
+
+    def absorb(self, aggregate, loss: float | None = None, samples: int = 0) -> None:
+        """Take the round's aggregate from a protocol that computed it outside the aggregator (SecAgg+ over the bus:
+        the coordinator only ever learns the survivors' sum); :meth:`close` steps with it."""
+        self._absorbed = aggregate
+        self.accepted = aggregate.count
         self._note_loss(loss, samples)
 
     def partial(self) -> tuple:
@@ -298,7 +330,8 @@ class RoundServer:
             self._loss_weight += weight
 
     def close(self) -> RoundOutcome:
-        agg = self.aggregator.result()
+        agg = self._absorbed if self._absorbed is not None or self.external else self.aggregator.result()
+        self._absorbed = None
         r, self._round = self._round, None
         if self._norms:
             self.norm_ref = float(np.median(self._norms))

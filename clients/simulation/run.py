@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,6 +30,7 @@ import torch
 from fedopt.aggregators import make_aggregator
 from fedopt.config import RunConfig
 from fedopt.data import PartitionSpec
+from fedopt.engine import Engine
 from fedopt.metrics import RunOutput
 from fedopt.optimizers import make_server_optimizer
 from fedopt.params import ParamSpec
@@ -172,50 +172,42 @@ class Simulation:
 
     def run(self, output: RunOutput | None = None) -> SimResult:
         cfg = self.cfg
-        P = self.spec.size
-        itemsize = torch.empty((), dtype=self.spec.torch_dtype).element_size()
         threads = torch.get_num_threads()
         if self.spec.size < SMALL_MODEL and self.device.type == "cpu":
             # A small model's ops are microseconds long: a second intra-op thread only adds hand-off and spinning
             # (30x slower per step on a loaded 2-core machine). Restored when the run ends.
             torch.set_num_threads(1)
+        engine = Engine(self.server, InProcessClients(self.executor, self.sizes, self.spec), cfg.rounds, output,
+                        eval_every=cfg.eval_every, evaluate=lambda _: self.evaluate(),
+                        extra_eval=(lambda _: self.evaluate_clients()) if cfg.eval_clients else None,
+                        hooks=[self.scaffold] if self.scaffold is not None else ())
         try:
-            for r in range(1, cfg.rounds + 1):
-                t0 = time.perf_counter()
-                jobs = self.server.plan(r, self.sizes)
-                self.server.begin(r)
-                if self.scaffold is not None:
-                    self.scaffold.begin()
-                self.executor.run_round(self.server, jobs)
-                outcome = self.server.close()
-                if self.scaffold is not None and outcome.applied:
-                    self.scaffold.step()
-                due = r % cfg.eval_every == 0 or r == cfg.rounds
-                ev = self.evaluate() if due else {}
-                seconds = time.perf_counter() - t0
-                record = {
-                    "round": r,
-                    "accuracy": ev.get("accuracy"),
-                    "loss": ev.get("loss"),
-                    "clients": outcome.count,
-                    "selected": len(jobs),
-                    "stragglers": sum(j.straggler for j in jobs),
-                    "rejected": len(outcome.rejected),
-                    "train_loss": outcome.train_loss,
-                    "seconds": seconds,
-                    # what the round's messages carry on the bus: the model down to each selected client, a delta back
-                    "bytes_down": len(jobs) * P * itemsize,
-                    "bytes_up": outcome.count * P * itemsize,
-                }
-                if due and cfg.eval_clients:
-                    record.update(self.evaluate_clients())
-                if output is not None:
-                    output.round_done(record, (self.spec, self.server.global_vec))
+            records = engine.run()
         finally:
             self.executor.close()
             torch.set_num_threads(threads)
-        records = output.records if output is not None else []
         return SimResult(records, self.server.global_vec, self.spec)
+
+
+class InProcessClients:
+    """The engine's view of a simulation executor: every client is always available (no quorum), and a round's
+    bytes are what its messages would carry on the bus (the model down to each selected client, a delta back)."""
+
+    def __init__(self, executor: Executor, sizes: dict[str, int], spec: ParamSpec) -> None:
+        self.executor, self.sizes = executor, sizes
+        self.itemsize = spec.size * torch.empty((), dtype=spec.torch_dtype).element_size()
+
+    def available(self, round: int, attempt: int) -> dict[str, int]:
+        return self.sizes
+
+    def run_round(self, server: RoundServer, jobs: list[Job]) -> None:
+        self.executor.run_round(server, jobs)
+
+    def fields(self, jobs: list[Job], outcome) -> dict:
+        return {"bytes_down": len(jobs) * self.itemsize, "bytes_up": outcome.count * self.itemsize}
+
+    def close(self) -> None:
+        self.executor.close()
 
 
 def simulate(cfg: RunConfig) -> SimResult:
