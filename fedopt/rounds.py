@@ -147,6 +147,21 @@ class RoundServer:
         #: driven, and a plaintext update is refused
         self.external = False
 
+    @classmethod
+    def for_run(cls, cfg, task, device: torch.device) -> "RoundServer":
+        """The server of a run (a RunConfig): the task's initial model seeded by ``cfg.seed`` (every mode starts
+        from the same one), its aggregator, server optimizer, client training config and bounds."""
+        from .aggregators import make_aggregator
+        from .optimizers import make_server_optimizer
+
+        torch.manual_seed(cfg.seed)
+        model = task.build_model()
+        spec = ParamSpec.from_module(model, cfg.buffers)
+        return cls(spec, spec.flatten(model).to(device), make_aggregator(cfg.aggregator, **cfg.aggregator_options),
+                   make_server_optimizer(cfg.server_opt, cfg.server_lr, **cfg.server_options), cfg.train_config(),
+                   per_round=cfg.per_round, seed=cfg.seed, stragglers=cfg.stragglers,
+                   keep_stragglers=cfg.keep_stragglers, bounds=Bounds.from_config(cfg), lr_at=cfg.lr_at)
+
     @property
     def round(self) -> int | None:
         """The round in progress (between :meth:`begin` and :meth:`close`), else None."""

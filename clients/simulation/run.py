@@ -27,15 +27,13 @@ from typing import Protocol
 
 import torch
 
-from fedopt.aggregators import make_aggregator
 from fedopt.config import RunConfig
 from fedopt.data import PartitionSpec
 from fedopt.engine import Engine
 from fedopt.metrics import RunOutput
-from fedopt.optimizers import make_server_optimizer
 from fedopt.params import ParamSpec
 from fedopt.local_sgd import num_samples
-from fedopt.rounds import Bounds, Job, RoundServer
+from fedopt.rounds import Job, RoundServer
 from fedopt.task import BaseTask, Task, evaluate_classifier, resolve_task, to_device
 from fedopt.trainer import SMALL_MODEL, LocalTrainer, pick_device
 
@@ -103,10 +101,8 @@ class Simulation:
         self.device = pick_device(cfg.device)
         if cfg.algorithm == "scaffold":
             check_scaffold_task(self.task)
-        torch.manual_seed(cfg.seed)
-        model = self.task.build_model()
-        self.spec = ParamSpec.from_module(model, cfg.buffers)
-        global_vec = self.spec.flatten(model).to(self.device)
+        self.server = RoundServer.for_run(cfg, self.task, self.device)
+        self.spec = self.server.spec
         self.partition = PartitionSpec(cfg.partition, cfg.alpha)
         self.shards = ShardSource(self.task, cfg.clients, cfg.seed, self.partition, self.device)
         test = self.task.load_test(cfg.seed) if hasattr(self.task, "load_test") else None
@@ -114,14 +110,6 @@ class Simulation:
         self.sizes = self.shards.sizes
         self.scaffold = ScaffoldServer(self.spec.size, cfg.clients, self.device) \
             if cfg.algorithm == "scaffold" else None
-        self.server = RoundServer(
-            self.spec, global_vec,
-            make_aggregator(cfg.aggregator, **cfg.aggregator_options),
-            make_server_optimizer(cfg.server_opt, cfg.server_lr, **cfg.server_options),
-            cfg.train_config(),
-            per_round=cfg.per_round, seed=cfg.seed, stragglers=cfg.stragglers, keep_stragglers=cfg.keep_stragglers,
-            bounds=Bounds.from_config(cfg), lr_at=cfg.lr_at,
-        )
         self.executor: Executor = self._make_executor()
         self._eval_trainer = getattr(self.executor, "trainer", None) or \
             LocalTrainer(self.task, self.spec, self.device, cfg.buffers)
