@@ -208,7 +208,7 @@ def test_element_count_is_bounded_as_well_as_each_dimension():
 def test_a_residual_view_failure_is_a_wire_error(monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("unexpected")
-    monkeypatch.setattr(wire.torch, "from_numpy", boom)
+    monkeypatch.setattr(wire.codec.torch, "from_numpy", boom)
     with pytest.raises(WireError, match="cannot be viewed"):
         wire.decode([header(), bytes(16)])
 
@@ -365,7 +365,7 @@ def test_limits_are_checked():
 
 def test_declared_size_is_checked_before_any_allocation(monkeypatch):
     calls = []
-    monkeypatch.setattr(wire.np, "frombuffer", lambda *a, **k: calls.append(a) or np.zeros(0))
+    monkeypatch.setattr(wire.codec.np, "frombuffer", lambda *a, **k: calls.append(a) or np.zeros(0))
     with pytest.raises(WireError):
         wire.decode([header(tensors=[{"dtype": "float64", "shape": [10**6, 10**6]}]), b"\0" * 8])
     assert calls == []  # rejected before the frame was even wrapped
@@ -379,7 +379,7 @@ def test_nan_travels_unchanged_for_the_receiver_to_judge():
 
 def test_message_table_is_documented():
     for name in wire.MESSAGE_TYPES:
-        assert name in wire.__doc__
+        assert name in wire.messages.__doc__
     for f in ("max_int", "max_samples", "max_name", "max_reason", "max_metrics", "max_peers", "max_depth",
               "max_tree_items", "max_str", "max_elements", "max_header_bytes", "max_chunks"):
-        assert f in wire.__doc__, f
+        assert f in wire.messages.__doc__, f

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedopt import testing, wire
+from fedopt.wire import messages as wire_messages
 from fedopt.errors import WireError
 
 TOTAL = int(os.environ.get("FEDOPT_FUZZ_EXAMPLES", "3000"))
@@ -82,7 +83,7 @@ def structured(draw):
     kind = draw(st.one_of(st.sampled_from(sorted(wire.MESSAGE_TYPES)), st.text(max_size=12)))
     head = {"v": draw(st.one_of(st.just(1), msgpack_data)), "type": kind}
     cls = wire.MESSAGE_TYPES.get(kind)
-    names = [f for f in wire._SCHEMA.get(kind, ())] + ["parts", "extra"]
+    names = [f for f in wire_messages._SCHEMA.get(kind, ())] + ["parts", "extra"]
     for name in draw(st.lists(st.sampled_from(names), max_size=len(names), unique=True)):
         head[name] = draw(field_values)
     declared = draw(st.lists(specs, max_size=2)) if draw(st.booleans()) else \
@@ -92,7 +93,7 @@ def structured(draw):
     frames = []
     for spec in declared:
         shape, dtype = spec.get("shape"), spec.get("dtype")
-        size = wire._ALLOWED.get(dtype, 4) * math.prod(shape) \
+        size = wire_messages._ALLOWED.get(dtype, 4) * math.prod(shape) \
             if isinstance(dtype, str) and isinstance(shape, list) and all(type(s) is int for s in shape) else -1
         k = spec.get("frames", 1) if type(spec.get("frames", 1)) is int and 0 < spec.get("frames", 1) < 6 else 1
         if 0 <= size <= 4096 and draw(st.booleans()):

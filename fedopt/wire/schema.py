@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Callable
 
-from .errors import WireError
+from ..errors import WireError
 
 if TYPE_CHECKING:
-    from .wire import Limits, Message
+    from .messages import Limits, Message
 
 __all__ = ["CHECKS", "FETCH_KINDS", "int_in", "is_int", "show", "text"]
 
