@@ -11,7 +11,7 @@ Zero trust (the README's threat model): over CurveZMQ a client's id is the one i
 User-Id, :func:`fedopt.keys.enrolled_id`), so a HELLO naming another id is refused; under ``--insecure`` and ipc the id
 is whatever HELLO says, unauthenticated. Either way one id has one live connection: a HELLO for an id held by a
 connection that still answers is refused, never a silent takeover. Registrations are capped (``--max-clients``); a
-client's weight is its READY count, capped (:class:`~fedopt.rounds.Bounds`); a client that keeps missing its
+client's weight is its READY count, capped (:class:`~fedopt.engine.Bounds`); a client that keeps missing its
 rounds is benched; a client holds at most one unread model message; upload credit a client does not use within
 three heartbeats is taken back. Because planning is RoundServer's seeded ``plan`` over the same client ids, a bus run
 selects the same clients with the same seeds as ``fedopt simulate`` in-process.
@@ -29,7 +29,7 @@ from fedopt.aggregators import Update
 from fedopt.config import RunConfig
 from fedopt.errors import RoundError
 from fedopt.liveness import Liveness, LogBudget, Ticker
-from fedopt.rounds import RoundServer
+from fedopt.engine import RoundServer
 
 from .registry import Registry, RoundTracker
 

@@ -1,4 +1,4 @@
-"""The coordinator: the ROUTER side of federated mode, driving :class:`~fedopt.rounds.RoundServer`.
+"""The coordinator: the ROUTER side of federated mode, driving :class:`~fedopt.engine.RoundServer`.
 
 The coordinator is the round engine's bus executor (:class:`fedopt.engine.Engine` runs the rounds): one thread owns
 the socket, and while the engine waits on it (for clients, for a round's updates, for federated evaluation) it
@@ -36,11 +36,10 @@ import zmq
 
 from fedopt import bus, wire
 from fedopt.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedopt.engine import Engine
+from fedopt.engine import Engine, RoundServer
 from fedopt.config import RunConfig
 from fedopt.errors import ConfigError, RoundError
 from fedopt.metrics import RunOutput
-from fedopt.rounds import RoundServer
 from fedopt.task import resolve_task, to_device
 from fedopt.trainer import LocalTrainer, pick_device  # evaluation reuses the trainer's model object
 

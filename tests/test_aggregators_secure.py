@@ -13,7 +13,7 @@ from fedopt.config import RunConfig, build_config
 from fedopt.errors import ConfigError
 from fedopt.optimizers import make_server_optimizer
 from fedopt.params import ParamSpec
-from fedopt.rounds import RoundServer
+from fedopt.engine import RoundServer
 from fedopt.task import TrainConfig
 
 P = 500

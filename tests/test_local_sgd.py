@@ -15,7 +15,7 @@ from fedopt.errors import ConfigError
 from fedopt.local_sgd import sgd_loop
 from fedopt.optimizers import make_server_optimizer
 from fedopt.params import ParamSpec
-from fedopt.rounds import RoundServer
+from fedopt.engine import RoundServer
 from fedopt.schedules import scheduled_lr
 from fedopt.task import TrainConfig, evaluate_classifier
 

@@ -3,7 +3,7 @@ import torch
 from fedopt.aggregators import Update, fedavg
 from fedopt.optimizers import make_server_optimizer
 from fedopt.params import ParamSpec
-from fedopt.rounds import RoundServer, client_seed
+from fedopt.engine import RoundServer, client_seed
 from fedopt.task import TrainConfig
 
 

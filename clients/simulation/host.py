@@ -14,7 +14,7 @@ import torch
 
 from fedopt.aggregators import Update
 from fedopt.params import ParamSpec
-from fedopt.rounds import Job, RoundServer
+from fedopt.engine import Job, RoundServer
 from fedopt.task import ClientData, Task
 from fedopt.trainer import LocalTrainer
 

@@ -30,7 +30,7 @@ from fedopt.config import RunConfig
 from fedopt.errors import FedoptError, RoundError
 from fedopt.optimizers import make_server_optimizer
 from fedopt.params import ParamSpec
-from fedopt.rounds import Job, RoundServer
+from fedopt.engine import Job, RoundServer
 
 from clients.simulation.scaffold import ScaffoldServer
 

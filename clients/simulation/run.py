@@ -2,7 +2,7 @@
 
 A virtual client is its data shard plus whatever state its algorithm needs: no process, socket or model object per
 client. Shards are loaded lazily (:class:`~clients.shards.ShardSource`), so memory grows with the data and the number
-of workers, not with the number of clients. The engine plans each round with :class:`~fedopt.rounds.RoundServer`,
+of workers, not with the number of clients. The engine plans each round with :class:`~fedopt.engine.RoundServer`,
 hands the jobs to an executor that trains them, and records metrics exactly as the other modes do.
 
 Executors (``run_round(server, jobs)`` feeds the round's results into ``server``, by ``offer`` or ``merge``):
@@ -29,11 +29,10 @@ import torch
 
 from fedopt.config import RunConfig
 from fedopt.data import PartitionSpec
-from fedopt.engine import Engine
+from fedopt.engine import Engine, Job, RoundServer
 from fedopt.metrics import RunOutput
 from fedopt.params import ParamSpec
 from fedopt.local_sgd import num_samples
-from fedopt.rounds import Job, RoundServer
 from fedopt.task import BaseTask, Task, evaluate_classifier, resolve_task, to_device
 from fedopt.trainer import SMALL_MODEL, LocalTrainer, pick_device
 

@@ -30,7 +30,7 @@ from torch.func import functional_call, grad, vmap
 
 from fedopt.aggregators import Update
 from fedopt.params import ParamSpec
-from fedopt.rounds import Job, RoundServer
+from fedopt.engine import Job, RoundServer
 from fedopt.task import BaseTask, Task, TrainConfig
 
 from clients.simulation.scaffold import ScaffoldClients, ScaffoldServer

@@ -28,11 +28,11 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from .aggregators import Aggregator, Update
-from .errors import ConfigError, SecAggError
-from .optimizers import ServerOptimizer
-from .params import ParamSpec
-from .task import TrainConfig
+from ..aggregators import Aggregator, Update, make_aggregator
+from ..errors import ConfigError, SecAggError
+from ..optimizers import ServerOptimizer, make_server_optimizer
+from ..params import ParamSpec
+from ..task import TrainConfig
 
 __all__ = ["Bounds", "Job", "RoundOutcome", "RoundServer", "capped_weights", "client_seed"]
 
@@ -151,9 +151,6 @@ class RoundServer:
     def for_run(cls, cfg, task, device: torch.device) -> "RoundServer":
         """The server of a run (a RunConfig): the task's initial model seeded by ``cfg.seed`` (every mode starts
         from the same one), its aggregator, server optimizer, client training config and bounds."""
-        from .aggregators import make_aggregator
-        from .optimizers import make_server_optimizer
-
         torch.manual_seed(cfg.seed)
         model = task.build_model()
         spec = ParamSpec.from_module(model, cfg.buffers)

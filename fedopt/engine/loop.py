@@ -1,7 +1,7 @@
 """The round loop every federated mode runs, written once: select -> dispatch -> collect -> aggregate -> step ->
 evaluate -> record -> checkpoint.
 
-:class:`Engine` owns the loop and :class:`~fedopt.rounds.RoundServer` owns the round (the global model, the
+:class:`Engine` owns the loop and :class:`~fedopt.engine.RoundServer` owns the round (the global model, the
 aggregator, the server optimizer, bounded influence). What differs between modes is the :class:`Executor`, the part
 that reaches the clients::
 
@@ -32,8 +32,8 @@ from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 
-from .metrics import RunOutput
-from .rounds import Job, RoundOutcome, RoundServer
+from ..metrics import RunOutput
+from .round import Job, RoundOutcome, RoundServer
 
 __all__ = ["Engine", "Executor", "RoundHook"]
 
