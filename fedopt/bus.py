@@ -164,12 +164,7 @@ def router(ctx: zmq.Context, url: str, security: Security, limits: wire.Limits =
     if security.curve:
         sock.curve_server = True
         sock.curve_publickey, sock.curve_secretkey = security.public, security.secret
-    try:
-        sock.bind(url)
-    except zmq.ZMQError as e:
-        sock.close(0)
-        raise ConfigError(f"cannot bind {url}: {e}") from None
-    return sock
+    return _attach(sock, "bind", url)
 
 
 def dealer(ctx: zmq.Context, url: str, security: Security, limits: wire.Limits = wire.Limits(),
@@ -184,11 +179,16 @@ def dealer(ctx: zmq.Context, url: str, security: Security, limits: wire.Limits =
     if security.curve:
         sock.curve_publickey, sock.curve_secretkey = security.public, security.secret
         sock.curve_serverkey = security.server_key
+    return _attach(sock, "connect", url)
+
+
+def _attach(sock: zmq.Socket, how: str, url: str) -> zmq.Socket:
+    """``sock.bind(url)`` or ``sock.connect(url)``; on failure the socket is closed and ConfigError names the URL."""
     try:
-        sock.connect(url)
+        getattr(sock, how)(url)
     except zmq.ZMQError as e:
         sock.close(0)
-        raise ConfigError(f"cannot connect to {url}: {e}") from None
+        raise ConfigError(f"cannot {how} {url}: {e}") from None
     return sock
 
 
