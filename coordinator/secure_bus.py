@@ -1,4 +1,4 @@
-"""Secure aggregation over the bus: one :func:`coordinator.secagg.run_round` carried by the coordinator's ROUTER.
+"""Secure aggregation over the bus: one :func:`fedopt.secagg.run_round` carried by the coordinator's ROUTER.
 
 When the run's aggregator is ``secagg``, a round of :class:`~coordinator.server.Coordinator` goes::
 
@@ -35,10 +35,9 @@ from fedopt import wire
 from fedopt.aggregators import Aggregate
 from fedopt.aggregators.secure import round_encoding, round_parameters
 from fedopt.errors import SecAggError
-from fedopt.secagg import RoundConfig
+from fedopt.secagg import RoundConfig, run_round
 
 from .registry import RoundTracker
-from .secagg import run_round
 
 if TYPE_CHECKING:
     from .server import Coordinator

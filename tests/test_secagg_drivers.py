@@ -1,4 +1,4 @@
-"""coordinator.secagg + clients.secagg over an in-memory transport (queues, one thread per client), with clients
+"""run_round + SecAggClient over an in-memory transport (queues, one thread per client), with clients
 killed at every stage, malformed traffic, and the codec's validation."""
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from clients.secagg import SecAggClient
-from coordinator.secagg import run_round
 from fedopt.errors import SecAggError, WireError
-from fedopt.secagg import QuantConfig, RoundConfig, codec, generate_identity, identity_public_bytes
+from fedopt.secagg import (QuantConfig, RoundConfig, SecAggClient, codec, generate_identity, identity_public_bytes,
+                           run_round)
 
 P = 300
 TIMEOUT = 1.0  # per stage; only stages where someone died wait for it

@@ -10,7 +10,7 @@ for any reason but "done", the client closes its socket, waits a capped exponent
 says HELLO again; so a coordinator restarted with ``--resume`` gets its clients back without anyone touching them.
 
 Secure aggregation: when WELCOME says the run uses ``secagg``, the client answers SECAGG messages through a
-:class:`~clients.secagg.SecAggClient` on the socket thread and, once trained and masked, OFFERs its masked update and
+:class:`~fedopt.secagg.SecAggClient` on the socket thread and, once trained and masked, OFFERs its masked update and
 sends it (SECAGG instead of UPDATE) when the coordinator PULLs it, so masked uploads take upload credit too. Its
 long-term identity key and every peer's pinned public identity come from ``--identities DIR`` (default:
 ``--keys DIR``), never from the coordinator (trust model: :mod:`fedopt.identity`).
@@ -42,11 +42,10 @@ from fedopt.params import ParamSpec
 from fedopt.local_sgd import num_samples
 from fedopt.task import TrainConfig, resolve_task
 from fedopt.identity import find_identity_dir, load_identity, load_pinned
-from fedopt.secagg import codec
+from fedopt.secagg import SecAggClient, codec
 from fedopt.testing import SECAGG_STAGES, Fault, SecAggExit, faults
 from fedopt.trainer import SMALL_MODEL, LocalTrainer, pick_device
 
-from clients.secagg import SecAggClient
 
 __all__ = ["FederatedClient", "configure", "run"]
 

@@ -93,7 +93,7 @@ _PINNED = {"a": identity_public_bytes(_IDENT), "b": identity_public_bytes(genera
 @given(st.lists(st.one_of(_body.map(lambda b: [msgpack.packb(b, use_bin_type=True)]),
                           st.lists(st.binary(max_size=120), min_size=1, max_size=2)), max_size=5))
 def test_the_client_handler_never_raises(messages):
-    from clients.secagg import SecAggClient
+    from fedopt.secagg import SecAggClient
 
     sa = SecAggClient("a", _IDENT, _PINNED)
     for parts in messages:

@@ -101,11 +101,10 @@ def test_ready_of_2_pow_40_then_dropout_does_not_stall_training():
     assert abs(acc - control) <= 0.02, (acc, control)
 
 
-# ---- the same attack through the bus drivers (coordinator.secagg + clients.secagg over in-memory queues) -------------
+# ---- the same attack through the bus drivers (run_round + SecAggClient over in-memory queues) ------------------------
 def test_a_forged_share_over_the_drivers_gives_the_exact_sum(monkeypatch, caplog):
-    from clients.secagg import SecAggClient
-    from coordinator.secagg import run_round
-    from fedopt.secagg import QuantConfig, RoundConfig, generate_identity, identity_public_bytes
+    from fedopt.secagg import (QuantConfig, RoundConfig, SecAggClient, generate_identity, identity_public_bytes,
+                               run_round)
 
     monkeypatch.setattr(ClientSession, "unmask", _forging_unmask("c03"))
     ids = [f"c{i:02d}" for i in range(8)]

@@ -14,32 +14,55 @@ are logged and dropped. A message the protocol refuses (bad signature, inconsist
 order) is logged, the round's session is dropped (the client then sends nothing more for that round) and ``handle``
 returns ``[]``: it never raises into the client's loop. The weight folded into the masked vector is the sample
 count clamped to the run's public cap. A new ``setup`` starts a fresh session (fresh keys) for the new round.
+
+The same class serves a client process on the bus (``clients.federated``) and every simulated client of the
+in-process aggregator (over :class:`fedopt.secagg.memory.MemoryTransport`). The only difference is the source of
+the rounding noise (``noise``): fresh random bytes by default, or bytes derived from a run seed so that a
+simulation is reproducible. That noise only makes the quantisation unbiased; it is no mask, so public values may
+key it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from fedopt.errors import SecAggError, WireError
-from fedopt.secagg import ClientSession, encode_update
 from fedopt.secagg import codec
+from fedopt.secagg.client import ClientSession
 from fedopt.secagg.messages import NeighbourKeys, ShareDelivery, UnmaskRequest
+from fedopt.secagg.quantize import encode_update
 
-__all__ = ["SecAggClient"]
+__all__ = ["Noise", "SecAggClient", "random_noise"]
 
 log = logging.getLogger("fedopt.secagg")
 
+#: the source of a round's rounding noise: ``noise(round) -> 32 bytes`` that seed it
+Noise = Callable[[int], bytes]
+
+
+def random_noise(round: int) -> bytes:
+    """Fresh random bytes for every update: the default noise source."""
+    return os.urandom(32)
+
 
 class SecAggClient:
-    def __init__(self, client_id: str, identity, pinned: Mapping[str, bytes], max_weight: int | None = None) -> None:
+    """One client's side of secure aggregation (see the module docstring).
+
+    ``noise(round)`` gives the 32 bytes that seed the rounding noise of the update for ``round`` (default:
+    :func:`random_noise`). ``max_weight`` is the run's cap on one client's weight.
+    """
+
+    def __init__(self, client_id: str, identity, pinned: Mapping[str, bytes], max_weight: int | None = None,
+                 noise: Noise = random_noise) -> None:
         self.id = client_id
         #: the run's cap on one client's weight (``max_samples`` from WELCOME); the weight folded into the masked
         #: vector is min(num_samples, this, the round's public max_weight)
         self.max_weight = max_weight
+        self._noise = noise
         self._identity = identity
         self._pinned = dict(pinned)
         self._session: ClientSession | None = None
@@ -78,11 +101,17 @@ class SecAggClient:
 
     def provide_update(self, delta, num_samples: int, round: int | None = None) -> list[list]:
         """Hand over the update for ``round`` (default: the current one) as a flat float vector; returns the masked
-        input if it can go now. An update for a later round than the current setup waits for that round's setup."""
+        input if it can go now. An update for a later round than the current setup waits for that round's setup.
+
+        A float32 or float64 vector is read as it is (kept by reference until it is masked: the caller must not
+        change it meanwhile); any other dtype is converted to float64."""
         if round is not None and self.round is not None and round < self.round:
             log.warning("client %s: dropped an update for round %s, secagg is at round %s", self.id, round, self.round)
             return []
-        self._update = (np.asarray(delta, dtype=np.float64).ravel(), int(num_samples), round)
+        x = np.asarray(delta)
+        if x.dtype not in (np.float32, np.float64):
+            x = x.astype(np.float64)
+        self._update = (x.reshape(-1), int(num_samples), round)
         try:
             return self._maybe_mask()
         except (SecAggError, ValueError, TypeError) as e:
@@ -101,7 +130,9 @@ class SecAggClient:
             return [codec.pack(self._session.advertise())]
         if isinstance(msg, codec.Abort):
             if self._setup is not None and msg.round == self._setup.round:
-                log.warning("client %s: coordinator aborted secagg round %s: %s", self.id, msg.round, msg.reason)
+                # info, not warning: nothing went wrong here, and the coordinator logs the abort as an error (in a
+                # simulation that one line stands for the round, not one more per client)
+                log.info("client %s: coordinator aborted secagg round %s: %s", self.id, msg.round, msg.reason)
                 self._session = None
             return []
         if self._session is None or self._setup is None or msg.round != self._setup.round:
@@ -128,7 +159,7 @@ class SecAggClient:
         weight = None
         if quant.weighted:  # clamp to the public caps: never fold in more weight than the run allows
             weight = max(0, min(n, quant.max_weight, self.max_weight or quant.max_weight))
-        enc = encode_update(x, quant, os.urandom(32), weight)
+        enc = encode_update(x, quant, self._noise(self.round), weight)
         self.clip_rate = float(enc.clipped)
         if self.on_encoded is not None:
             self.on_encoded(self.round, enc.vector)
