@@ -31,9 +31,14 @@ def register_aggregator(name: str, factory: Callable[..., Any]) -> None:
 
 def make_aggregator(name: str, **options: Any) -> Aggregator:
     """Build a registered aggregator; ConfigError for an unknown name, a bad option, or ``secure=True`` on an
-    aggregator that needs plaintext updates (median, trimmed_mean cannot run under secure aggregation)."""
+    aggregator that needs plaintext updates (median, trimmed_mean cannot run under secure aggregation).
+
+    An ``inner`` aggregator given by name (``secure=True``, or ``make_aggregator("secagg", inner=...)``) is built
+    here, so that secure aggregation sees what it needs of it (``needs_plaintext``) without a look-up of its own."""
     if options.pop("secure", False) and name != "secagg":
-        return secagg(inner=name, **options)
+        return secagg(inner=_inner(name), **options)
+    if "inner" in options:
+        options["inner"] = _inner(options["inner"])
     try:
         factory = AGGREGATORS[name]
     except KeyError:
@@ -42,3 +47,14 @@ def make_aggregator(name: str, **options: Any) -> Aggregator:
         return factory(**options)
     except TypeError as e:
         raise ConfigError(f"aggregator {name!r}: {e}") from None
+
+
+def _inner(inner: Any) -> Any:
+    """A registered aggregator's name as an instance of it; other values (an unknown name, one whose factory needs
+    arguments) pass through, and secure aggregation refuses them by name."""
+    if isinstance(inner, str) and inner in AGGREGATORS and inner != "secagg":
+        try:
+            return AGGREGATORS[inner]()
+        except TypeError:
+            return inner
+    return inner

@@ -3,9 +3,10 @@
 Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving Machine Learning" (CCS 2017), over
 the O(log n)-degree neighbour graphs of Bell et al., "Secure Single-Server Aggregation with
 (Poly)Logarithmic Overhead" (CCS 2020). The protocol itself lives in :mod:`fedopt.secagg`; this module
-runs it inside one process for the in-process simulation: one real :class:`~fedopt.secagg.ClientSession`
-per participating client and one :class:`~fedopt.secagg.ServerSession` that only ever receives masked
-vectors (over the bus the same sessions are driven by :mod:`coordinator.secagg` and :mod:`clients.secagg`).
+runs it inside one process for the in-process simulation: the protocol's one driver
+(:class:`~fedopt.secagg.SecAggDriver`, which only ever receives masked vectors) over a
+:class:`~fedopt.secagg.MemoryTransport` holding one real :class:`~fedopt.secagg.SecAggClient` per
+participating client. Over the bus the same driver and clients run in separate processes.
 
 Life of a round::
 
@@ -15,11 +16,16 @@ Life of a round::
     agg.result()         # MaskedInput closes: clients that never called add() dropped (U2 minus U3);
                          # Unmask with the survivors; decode the exact modular sum -> weighted mean
 
+The rounding noise of each client's encoding is derived from (run seed, round, client), so a simulation is
+reproducible; it only makes the quantisation unbiased and is no mask, so public values may key it.
+
 Weighting: with ``weighting="samples"`` (FedAvg) each client folds w = min(num_samples, W) into its masked
 vector (w times its quantised update, plus one word holding w), so the server learns only sum(w x) and
 sum(w). W = ``max_weight`` is the run's public cap (``--max-samples``); announced counts play no part in the
 encoding: its width (32 or 64-bit words) is chosen so that n * W * (2^(bits-1) - 1) cannot wrap, whatever
-anyone claims. ``weighting="uniform"`` is the plain mean. Aggregators that need plaintext
+anyone claims. ``weighting="uniform"`` is the plain mean. ``inner`` names the weighting by the
+aggregator it stands for: an aggregator object (:func:`fedopt.aggregators.make_aggregator` turns a
+registered name into one), or the name ``"fedavg"`` or ``"mean"``. Aggregators that need plaintext
 updates (median, trimmed mean: ``needs_plaintext``) cannot be combined with masking; asking for that
 raises :class:`ConfigError`.
 
@@ -33,7 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -41,21 +47,20 @@ import torch
 
 from ..errors import ConfigError, SecAggError
 from ..secagg import (
-    ClientSession,
+    MemoryTransport,
     QuantConfig,
     RoundConfig,
-    ServerSession,
+    SecAggClient,
+    SecAggDriver,
     check_capacity,
-    decode_sum,
     default_neighbours,
     default_threshold,
-    encode_update,
     generate_identity,
     identity_public_bytes,
 )
 from .base import Aggregate, Update
 
-__all__ = ["SecureAggregator", "secagg", "round_parameters"]
+__all__ = ["SecureAggregator", "secagg", "round_encoding", "round_parameters", "seeded_noise"]
 
 log = logging.getLogger("fedopt.secagg")
 
@@ -76,7 +81,6 @@ def round_parameters(n: int, neighbours: int | None, threshold: int | None) -> t
     return k, t
 
 
-
 def round_encoding(agg: "SecureAggregator", n: int, announced: Mapping[str, int] | None = None) -> QuantConfig:
     """The encoding of a round of ``n`` participants: 32-bit words when n * W * (2^(bits-1) - 1) cannot wrap them,
     else 64-bit (SecAggError when neither can). W is the public cap, lowered to the largest capped count the round's
@@ -93,6 +97,16 @@ def round_encoding(agg: "SecureAggregator", n: int, announced: Mapping[str, int]
         quant = QuantConfig(agg.clip, agg.bits, 64, max_weight)
         check_capacity(quant, n)
     return quant
+
+
+def seeded_noise(seed: int, client: str) -> Callable[[int], bytes]:
+    """The rounding-noise source of ``client`` in a run seeded ``seed``: ``noise(round) -> 32 bytes``, reproducible
+    per (seed, round, client). It is no mask, so public values may key it."""
+
+    def noise(round: int) -> bytes:
+        return hashlib.blake2b(f"{seed}/{round}/{client}".encode(), digest_size=32, person=b"fedopt-sa-noise").digest()
+
+    return noise
 
 
 class SecureAggregator:
@@ -143,10 +157,8 @@ class SecureAggregator:
         self._reset()
 
     def _reset(self) -> None:
-        self._server: ServerSession | None = None
-        self._clients: dict[str, ClientSession] = {}
-        self._deliveries: dict = {}
-        self._quant: QuantConfig | None = None
+        self._driver: SecAggDriver | None = None
+        self._transport: MemoryTransport | None = None
         self._size = 0
         self._round = 0
         self._clipped = self._added = 0
@@ -173,21 +185,25 @@ class SecureAggregator:
         self.last_round = {"round": round, "participants": len(ids)}
         try:
             k, t = round_parameters(len(ids), self.neighbours, self.threshold)
-            quant = self._quant = round_encoding(self, len(ids), participants)
+            quant = round_encoding(self, len(ids), participants)
             cfg = RoundConfig.create(round, ids, quant.vector_length(size), modulus_bits=quant.modulus_bits, k=k, t=t)
-            for c in ids:
-                self._enrol(c)
-            self._server = ServerSession(cfg, self._pinned)
-            self._clients = {c: ClientSession(c, self._identities[c], self._pinned, cfg) for c in ids}
-            for c in ids:
-                self._server.receive_advertisement(self._clients[c].advertise())
-            keys = self._server.close_advertise()
-            for c, msg in keys.items():
-                self._server.receive_shares(self._clients[c].share_keys(msg))
-            self._deliveries = self._server.close_share_keys()
-            self.last_round.update(k=k, t=t, modulus_bits=quant.modulus_bits)
-        except SecAggError as e:
+        except SecAggError as e:  # no protocol message went out
             self._fail(str(e))
+            log.error("secure aggregation round %s aborted, global model unchanged: %s", round, e)
+            return
+        for c in ids:
+            self._enrol(c)
+        self._transport = MemoryTransport({
+            c: SecAggClient(c, self._identities[c], self._pinned, self.max_weight, noise=seeded_noise(self.seed, c))
+            for c in ids})
+        self._driver = SecAggDriver(cfg, quant, self._transport.send, identities=self._pinned)
+        try:
+            self._driver.start()
+            self._pump()  # through AdvertiseKeys and ShareKeys: the driver now waits for masked inputs
+        except SecAggError as e:  # the driver sent Abort to every participant and logged one error line
+            self._fail(str(e))
+            return
+        self.last_round.update(k=k, t=t, modulus_bits=quant.modulus_bits)
 
     def add(self, update: Update) -> None:
         """The client of ``update`` encodes and masks its delta; only the masked vector reaches the server.
@@ -201,71 +217,73 @@ class SecureAggregator:
             raise ConfigError(f"update has {d.numel()} elements, the model has {self._size}")
         if self._error is not None:
             return  # the round already aborted; result() reports it
-        client = self._clients.get(update.client)
-        if client is None or update.client not in self._deliveries:
+        driver, transport = self._driver, self._transport
+        if driver is None or driver.stage != "mask" or update.client not in driver.waiting:
             raise ConfigError(f"client {update.client!r} is not a key-sharing participant of secagg round {self._round}")
-        quant = self._quant
-        weight = None
-        if quant.weighted:
-            weight = min(int(update.num_samples), quant.max_weight)
-        # rounding noise, reproducible per (run seed, round, client); not a mask, so public values may key it
-        noise = hashlib.blake2b(f"{self.seed}/{self._round}/{update.client}".encode(), digest_size=32,
-                                person=b"fedopt-sa-noise").digest()
         d = d.detach()
         if d.dtype not in (torch.float32, torch.float64):
             d = d.float()
         # read in place (float32 CPU tensors share memory with numpy); encode and mask reuse one buffer
-        enc = encode_update(d.cpu().numpy(), quant, noise, weight)
-        masked = client.masked_input(self._deliveries.pop(update.client), enc.vector, consume=True)
-        self._clipped += enc.clipped  # the clip rate is public metadata, the encoding itself is not kept
-        del enc
-        self._server.receive_masked_input(masked)
+        transport.provide_update(update.client, d.cpu().numpy(), int(update.num_samples), self._round)
+        self._feed()
+        if update.client not in driver.answered:  # the client or the driver logged why
+            raise SecAggError(f"client {update.client!r} could not mask its update for secagg round {self._round}")
+        self._clipped += transport.participants[update.client].clip_rate  # public metadata; the encoding is gone
         self._added += 1
 
     def result(self) -> Aggregate | None:
         """Unmask with the survivors and return the weighted mean; None (logged) when the round aborted."""
-        if self._error is not None or self._server is None:
+        if self._error is not None or self._driver is None:
             return None
+        driver, transport = self._driver, self._transport
         try:
-            requests = self._server.close_masked_input()
-            for c, req in requests.items():
-                self._server.receive_unmask(self._clients[c].unmask(req))
-            out = self._server.finish()
-            if out.liars:
-                log.warning("secagg round %s: forged Shamir shares from %s set aside; the sum is exact",
-                            self._round, ", ".join(out.liars))
-            vec, total_w = decode_sum(out.total, self._quant, count=len(out.survivors))
-        except SecAggError as e:
+            if driver.stage == "mask":
+                driver.close_stage()  # every client that never called add() has dropped
+            self._pump()
+        except SecAggError as e:  # the driver sent Abort to every participant and logged one error line
             self._fail(str(e))
             return None
+        out = driver.outcome
         n = len(out.survivors)
-        if self._quant.weighted:
-            weight = float(total_w)
-        else:
-            vec, weight = vec / n, float(n)
         self.last_round.update(survivors=n, dropped=len(out.dropped), aborted=None,
-                               clip_rate=self._clipped / max(self._added, 1))
+                               clip_rate=self._clipped / max(self._added, 1),
+                               bytes_up=transport.bytes_up, bytes_down=transport.bytes_down)
         log.info("secagg round %s: %d survivors, %d dropped, clip rate %.2f", self._round, n, len(out.dropped),
                  self.last_round["clip_rate"])
-        self._clients.clear()
-        if self._quant.weighted and total_w == 0:
+        self._driver = self._transport = None
+        if out.quant.weighted and out.weight == 0:
             return None
-        return Aggregate(torch.from_numpy(vec.astype(np.float32)), weight, n)
+        return Aggregate(torch.from_numpy(out.mean.astype(np.float32)), out.weight, n)
+
+    # ---- running the protocol in process ----------------------------------------------------------------------------
+    def _feed(self) -> None:
+        """Hand the driver every message the clients have sent."""
+        while (got := self._transport.recv()) is not None:
+            self._driver.feed(*got)
+
+    def _pump(self) -> None:
+        """Run the round until the driver waits for masked inputs or is done. In process every client answers as it
+        is sent a message, so a stage still waiting once the inbox is empty waits for clients that left the round:
+        it closes at once (the MaskedInput stage excepted: it waits for :meth:`add`). Raises SecAggError on abort."""
+        driver = self._driver
+        while not driver.done:
+            self._feed()
+            if driver.poll():
+                continue
+            if driver.stage == "mask":
+                return
+            driver.close_stage()
 
     def _fail(self, reason: str) -> None:
         self._error = reason
         self.last_round["aborted"] = reason
-        self._clients.clear()
-        log.error("secure aggregation round %s aborted, global model unchanged: %s", self._round, reason)
+        self._driver = self._transport = None
 
 
 def _inner_weighting(inner: Any) -> str:
     """The weighting an inner aggregator asks for; ConfigError for one that needs plaintext updates."""
-    from . import AGGREGATORS
-
     name = inner if isinstance(inner, str) else getattr(inner, "name", repr(inner))
-    obj = AGGREGATORS[inner]() if isinstance(inner, str) and inner in AGGREGATORS and inner != "secagg" else inner
-    if getattr(obj, "needs_plaintext", False):
+    if getattr(inner, "needs_plaintext", False):
         raise ConfigError(f"aggregator {name!r} needs every client's update in the clear and cannot run under secure "
                           f"aggregation (secagg reveals only the sum); use fedavg or mean with secagg")
     if name not in ("fedavg", "mean"):
