@@ -10,24 +10,32 @@ here): 32-bit words while n * W * (2^15 - 1) < 2^31, i.e. W <= 655 for n = 100.
 
 Measured, each as a median over ``--repeats`` (spreads are printed too; the machine may be shared and noisy):
 
+The protocol is run the way the in-process aggregator runs it: the one server-side driver
+(:class:`fedopt.secagg.SecAggDriver`) over :class:`fedopt.secagg.MemoryTransport`, which holds a real
+:class:`fedopt.secagg.SecAggClient` per client, carries the packed messages of the bus, counts their bytes and
+times the client code per message kind; the server's time is the time in the driver, less the clients' time.
+
 * bytes each client sends: every secagg message it sends (advertise, shares, masked vector, unmask response) packed
   with :mod:`fedopt.secagg.codec` (msgpack body + raw frame, as on the bus), against plain FedAvg's UPDATE at the
   same wire precision (4 bytes per parameter: float32 vs uint32), encoded by :mod:`fedopt.wire` when present;
-* client masking time (``ClientSession.masked_input``: decrypt shares, key agreement, PRG masks) against the PRG
-  floor: the AES-256-CTR keystream that client must generate (one stream for b_u, one per neighbour that shared
-  keys, each ``4 * vector_length`` bytes), timed with bare cipher calls right before and right after *each*
-  client's masking (averaged), so job and floor see the same load; the ratio is the median over all clients and
-  repeats. Masking, encoding and unmasking split long vectors across threads (``--threads``, default: the usable
-  CPUs up to 8); the floor is generated over the same threads and ranges, so the ratio compares like with like;
-* server unmasking time (take the unmask responses, reconstruct seeds and keys, remove masks) against its PRG floor
-  (one stream per survivor's b_u, one per (surviving neighbour, dropped client) pair), timed the same way;
-* client encoding (clip + quantise from the float32 delta) is reported apart, not in the masking ratio;
+* client masking time (the client's handling of its update, its encoding excepted: decrypt shares, key agreement,
+  PRG masks) against the PRG floor: the AES-256-CTR keystream that client must generate (one stream for b_u, one
+  per neighbour that shared keys, each ``4 * vector_length`` bytes), timed with bare cipher calls right before and
+  right after *each* client's update (averaged), so job and floor see the same load; the ratio is the median over
+  all clients and repeats. Masking, encoding and unmasking split long vectors across threads (``--threads``,
+  default: the usable CPUs up to 8); the floor is generated over the same threads and ranges, so the ratio
+  compares like with like;
+* server unmasking time (close MaskedInput, take the unmask responses, reconstruct seeds and keys, remove masks,
+  decode the sum; the clients' answers are not counted) against its PRG floor (one stream per survivor's b_u, one
+  per (surviving neighbour, dropped client) pair), timed the same way;
+* client encoding (clip + quantise from the float32 delta, up to the client's ``on_encoded`` hook) is reported
+  apart, not in the masking ratio;
 * a full simulated round. Definition, identical for both sides apart from secure aggregation itself: the timer
   starts at ``begin`` and stops after ``result``; in between each of the n clients produces its P-float32 update
   (a float64 normal draw cast to float32, standing in for local training, which this benchmark leaves out so the
   ratio is the *worst* case: a real round adds the same training time to both sides) and the survivors' updates
   go to the aggregator; the 10% dropped clients also produce an update, which never arrives. ``secagg``: begin runs
-  AdvertiseKeys + ShareKeys for all n; each add clips, quantises, weights and masks (one real ClientSession per
+  AdvertiseKeys + ShareKeys for all n; each add clips, quantises, weights and masks (one real SecAggClient per
   client); result runs Unmask and decodes. Plain: streaming FedAvg (``fedavg()``), whose add is one weighted
   in-place update. Both aggregators are created once and reused across rounds, as in a run (secagg's identity
   keys are enrolled once, before timing). The two rounds of a repeat run back to back, alternating which goes
@@ -56,15 +64,14 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from fedopt.aggregators import SecureAggregator, Update, fedavg
 from fedopt.aggregators.secure import round_encoding
 from fedopt.secagg import (
-    ClientSession,
-    QuantConfig,
+    MemoryTransport,
     RoundConfig,
-    ServerSession,
-    encode_update,
+    SecAggClient,
+    SecAggDriver,
     generate_identity,
     identity_public_bytes,
 )
-from fedopt.secagg import codec, parallel, prg
+from fedopt.secagg import parallel, prg
 
 
 def aes_ctr_speed(repeats: int = 5, total: int = 64 << 20) -> float:
@@ -100,20 +107,6 @@ def prg_floor(seeds: int, nbytes: int) -> float:
     return time.perf_counter() - t
 
 
-def beside_floor(job, floor_args: tuple[int, int]) -> tuple[float, float]:
-    """``(job seconds, PRG floor seconds)``: the floor is timed right before and right after the job and averaged,
-    so both see the same machine load."""
-    f0 = prg_floor(*floor_args)
-    t = time.perf_counter()
-    job()
-    elapsed = time.perf_counter() - t
-    return elapsed, (f0 + prg_floor(*floor_args)) / 2
-
-
-def msg_bytes(msg) -> int:
-    return sum(memoryview(p).nbytes for p in codec.pack(msg))
-
-
 def plain_update_bytes(P: int) -> tuple[int, str]:
     delta = torch.zeros(P, dtype=torch.float32)
     try:
@@ -131,28 +124,25 @@ def plain_update_bytes(P: int) -> tuple[int, str]:
 
 
 def protocol_round(n: int, P: int, dropout: float, seed: int = 0, max_weight: int = 1_000_000) -> dict:
-    """One round driven stage by stage, timing the client and server parts and counting bytes. The encoding is the
-    aggregator's for a cap of ``max_weight`` (32-bit words when they cannot wrap, else 64-bit)."""
+    """One round over the protocol's driver and the in-memory transport (the in-process aggregator's path), timing
+    the client and the server parts and counting bytes. The encoding is the aggregator's for a cap of
+    ``max_weight`` (32-bit words when they cannot wrap, else 64-bit)."""
     ids = [f"client-{i:03d}" for i in range(n)]
     idents = {u: generate_identity() for u in ids}
     pinned = {u: identity_public_bytes(k) for u, k in idents.items()}
     quant = round_encoding(SecureAggregator(clip=10.0, bits=16, max_weight=max_weight), n, {u: 50 for u in ids})
     cfg = RoundConfig.create(1, ids, quant.vector_length(P), modulus_bits=quant.modulus_bits)
     dropped = set(ids[:: max(1, round(1 / dropout))][: round(dropout * n)]) if dropout else set()
-    server = ServerSession(cfg, pinned)
-    clients = {u: ClientSession(u, idents[u], pinned, cfg) for u in ids}
-    sent = {u: 0 for u in ids}
+    clients = {u: SecAggClient(u, idents[u], pinned, max_weight) for u in ids}
+    encoded_at: dict[str, float] = {}  # when each client's encoding was done and its masking began
+    for u, sa in clients.items():
+        sa.on_encoded = lambda r, v, u=u: encoded_at.__setitem__(u, time.perf_counter())
+    transport = MemoryTransport(clients)
+    driver = SecAggDriver(cfg, quant, transport.send, identities=pinned)
+    word = cfg.dtype.itemsize * cfg.vector_length
     t_setup = time.perf_counter()
-    for u in ids:
-        adv = clients[u].advertise()
-        sent[u] += msg_bytes(adv)
-        server.receive_advertisement(adv)
-    keys = server.close_advertise()
-    for u in ids:
-        sh = clients[u].share_keys(keys[u])
-        sent[u] += msg_bytes(sh)
-        server.receive_shares(sh)
-    deliveries = server.close_share_keys()
+    driver.start()
+    transport.pump(driver)  # AdvertiseKeys + ShareKeys, every client: the driver waits for masked inputs
     t_setup = time.perf_counter() - t_setup
     rng = np.random.default_rng(seed)
     mask_times, mask_floors, encode_times = [], [], []
@@ -160,46 +150,39 @@ def protocol_round(n: int, P: int, dropout: float, seed: int = 0, max_weight: in
         if u in dropped:
             continue
         x = rng.normal(0, 0.01, P).astype(np.float32)  # a model delta is float32
+        # PRG(b_u) + one stream per neighbour that shared keys, each of vector_length words; the floor is timed
+        # right before and right after this client's encoding and masking
+        streams = 1 + len(cfg.neighbours(u) & driver.expected)
+        f0 = prg_floor(streams, word)
+        before = transport.client_seconds.get("update", 0.0)
         t = time.perf_counter()
-        enc = encode_update(x, quant, rng, weight=50)
-        encode_times.append(time.perf_counter() - t)
-        out = []
-        # PRG(b_u) + one stream per neighbour that shared keys, each of vector_length uint32 words
-        elapsed, floor = beside_floor(
-            lambda: out.append(clients[u].masked_input(deliveries[u], enc.vector, consume=True)),
-            (1 + len(deliveries[u].shares), cfg.dtype.itemsize * cfg.vector_length))
-        mask_times.append(elapsed)
-        mask_floors.append(floor)
-        y = out[0]
-        sent[u] += msg_bytes(y)
-        server.receive_masked_input(y)
-        del enc, y, out
-    t = time.perf_counter()
-    requests = server.close_masked_input()
-    responses = {}
-    for u, req in requests.items():
-        responses[u] = clients[u].unmask(req)
-    t_clients_unmask = time.perf_counter() - t
-    for u, resp in responses.items():
-        sent[u] += msg_bytes(resp)
-    survivors = set(requests)
-    dropped_now = [v for v in ids if v not in survivors]
+        transport.provide_update(u, x, 50)
+        client_s = transport.client_seconds["update"] - before
+        mask_floors.append((f0 + prg_floor(streams, word)) / 2)
+        encode_times.append(encoded_at[u] - t)
+        mask_times.append(client_s - encode_times[-1])
+        transport.deliver(driver)  # the server adds y_u to its running sum
+        del x
+    # Unmask: close MaskedInput, every survivor answers, the driver rebuilds seeds and keys, removes masks, decodes
+    survivors = driver.answered
+    dropped_now = driver.expected - survivors
     server_streams = len(survivors) + sum(len(cfg.neighbours(v) & survivors) for v in dropped_now)
-    res = []
-
-    def server_unmask() -> None:
-        for resp in responses.values():
-            server.receive_unmask(resp)
-        res.append(server.finish())
-
-    t_server, server_floor = beside_floor(server_unmask, (server_streams, cfg.dtype.itemsize * cfg.vector_length))
-    result = res[0]
-    assert set(result.survivors) == survivors
-    survivor_bytes = [sent[u] for u in ids if u in survivors]
+    f0 = prg_floor(server_streams, word)
+    before = transport.client_seconds.get("unmask", 0.0)
+    t = time.perf_counter()
+    driver.close_stage()
+    transport.pump(driver)
+    elapsed = time.perf_counter() - t
+    server_floor = (f0 + prg_floor(server_streams, word)) / 2
+    t_clients_unmask = transport.client_seconds["unmask"] - before
+    t_server = elapsed - t_clients_unmask  # time in the driver: the clients' answers are timed by the transport
+    out = driver.outcome
+    assert out is not None and set(out.survivors) == survivors
+    survivor_bytes = [transport.sent[u] for u in ids if u in survivors]
     return {"k": cfg.k, "t": cfg.t, "setup": t_setup, "encode": statistics.median(encode_times),
             "mask": mask_times, "mask_floor": mask_floors, "server": t_server, "server_floor": server_floor,
-            "client_unmask": t_clients_unmask / max(len(requests), 1),
-            "client_sent": statistics.median(survivor_bytes), "dropped": len(result.dropped)}
+            "client_unmask": t_clients_unmask / max(transport.client_calls.get("unmask", 0), 1),
+            "client_sent": statistics.median(survivor_bytes), "dropped": len(out.dropped)}
 
 
 def sim_round(n: int, P: int, dropout: float, agg, rnd: int, seed: int = 0) -> float:

@@ -199,7 +199,7 @@ class SecureAggregator:
         self._driver = SecAggDriver(cfg, quant, self._transport.send, identities=self._pinned)
         try:
             self._driver.start()
-            self._pump()  # through AdvertiseKeys and ShareKeys: the driver now waits for masked inputs
+            self._transport.pump(self._driver)  # AdvertiseKeys and ShareKeys: the driver now waits for masked inputs
         except SecAggError as e:  # the driver sent Abort to every participant and logged one error line
             self._fail(str(e))
             return
@@ -225,7 +225,7 @@ class SecureAggregator:
             d = d.float()
         # read in place (float32 CPU tensors share memory with numpy); encode and mask reuse one buffer
         transport.provide_update(update.client, d.cpu().numpy(), int(update.num_samples), self._round)
-        self._feed()
+        transport.deliver(driver)
         if update.client not in driver.answered:  # the client or the driver logged why
             raise SecAggError(f"client {update.client!r} could not mask its update for secagg round {self._round}")
         self._clipped += transport.participants[update.client].clip_rate  # public metadata; the encoding is gone
@@ -239,7 +239,7 @@ class SecureAggregator:
         try:
             if driver.stage == "mask":
                 driver.close_stage()  # every client that never called add() has dropped
-            self._pump()
+            transport.pump(driver)
         except SecAggError as e:  # the driver sent Abort to every participant and logged one error line
             self._fail(str(e))
             return None
@@ -254,25 +254,6 @@ class SecureAggregator:
         if out.quant.weighted and out.weight == 0:
             return None
         return Aggregate(torch.from_numpy(out.mean.astype(np.float32)), out.weight, n)
-
-    # ---- running the protocol in process ----------------------------------------------------------------------------
-    def _feed(self) -> None:
-        """Hand the driver every message the clients have sent."""
-        while (got := self._transport.recv()) is not None:
-            self._driver.feed(*got)
-
-    def _pump(self) -> None:
-        """Run the round until the driver waits for masked inputs or is done. In process every client answers as it
-        is sent a message, so a stage still waiting once the inbox is empty waits for clients that left the round:
-        it closes at once (the MaskedInput stage excepted: it waits for :meth:`add`). Raises SecAggError on abort."""
-        driver = self._driver
-        while not driver.done:
-            self._feed()
-            if driver.poll():
-                continue
-            if driver.stage == "mask":
-                return
-            driver.close_stage()
 
     def _fail(self, reason: str) -> None:
         self._error = reason

@@ -6,14 +6,17 @@ and carries the same packed messages (``codec.pack``: msgpack body + raw vector 
     transport = MemoryTransport({u: SecAggClient(u, identity[u], pinned) for u in ids})
     driver = SecAggDriver(config, quant, transport.send, identities=pinned)
     driver.start()                                  # each Setup is handled at once; the replies wait in the inbox
-    while (got := transport.recv()) is not None:
-        driver.feed(*got)
+    transport.pump(driver)                          # AdvertiseKeys, ShareKeys: now the driver waits for masked inputs
     transport.provide_update(u, delta, num_samples) # client u's training is done: its masked input joins the inbox
+    transport.deliver(driver)                       # ... and reaches the driver
+    driver.close_stage()                            # no more updates: whoever sent none has dropped
+    transport.pump(driver)                          # Unmask; driver.outcome is the round's result
 
 Delivery is synchronous: :meth:`~MemoryTransport.send` runs the client's ``handle`` before it returns, so once
 :meth:`~MemoryTransport.recv` returns None every client has answered all it was sent; a client that did not answer
-has left the round (it refused a message), and the driver's stage can be closed at once instead of at a deadline.
-Parts are handed over, not copied (a sender must not reuse a buffer it sent: the clients and the driver never do).
+has left the round (it refused a message), and :meth:`~MemoryTransport.pump` closes the driver's stage at once
+instead of at a deadline. Parts are handed over, not copied (a sender must not reuse a buffer it sent: the clients
+and the driver never do).
 
 It counts what the bus would carry (the bytes each client received and sent, as packed) and the seconds spent
 inside client code, by the kind of message handled (``setup``, ``keys``, ``deliver``, ``unmask``, ``abort``, and
@@ -26,10 +29,14 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import msgpack
 
 from fedopt.secagg.participant import SecAggClient
+
+if TYPE_CHECKING:
+    from fedopt.secagg.driver import SecAggDriver
 
 __all__ = ["MemoryTransport"]
 
@@ -98,6 +105,23 @@ class MemoryTransport:
         """The next ``(client id, parts)`` a client sent, or None when there is none. Never waits: every reply is
         queued by the time :meth:`send` returns, so ``timeout`` is not needed."""
         return self._inbox.popleft() if self._inbox else None
+
+    def deliver(self, driver: SecAggDriver) -> None:
+        """Feed ``driver`` every message waiting in the inbox."""
+        while self._inbox:
+            driver.feed(*self._inbox.popleft())
+
+    def pump(self, driver: SecAggDriver) -> None:
+        """Run ``driver``'s round until it waits for masked inputs (they come through :meth:`provide_update`) or is
+        done: deliver the replies, close each stage as it completes. A stage still waiting once the inbox is empty
+        waits for clients that left the round: it closes at once. Raises SecAggError when the round aborts."""
+        while not driver.done:
+            self.deliver(driver)
+            if driver.poll():
+                continue
+            if driver.stage == "mask":
+                return
+            driver.close_stage()
 
     def _run(self, client: str, kind: str, fn: Callable, *args) -> int:
         t = self._timer()
