@@ -125,6 +125,51 @@ def test_weights_are_capped_and_the_encoding_ignores_claims():
         SecureAggregator(bits=40, max_weight=1 << 30)  # cannot fit even in 64-bit words
 
 
+@pytest.mark.parametrize("weighting", ["samples", "uniform"])
+def test_the_aggregate_is_the_decoded_sum_of_the_seeded_encodings_bit_for_bit(weighting):
+    """The in-process round equals its reference: each survivor's update encoded with its seeded rounding noise,
+    summed mod 2^k, decoded. The masks cancel exactly; nothing else enters."""
+    from fedopt.aggregators.secure import round_encoding, seeded_noise
+    from fedopt.secagg import decode_sum, encode_update
+
+    sizes = {f"c{i}": 10 + i for i in range(7)}
+    agg = SecureAggregator(clip=0.5, bits=14, weighting=weighting, seed=11, max_weight=100)
+    ups = _updates(sizes, seed=4)
+    survivors = [c for c in sorted(sizes) if c != "c2"]
+    agg.begin(3, P, participants=sizes)
+    for c in survivors:
+        agg.add(ups[c])
+    out = agg.result()
+    quant = round_encoding(agg, len(sizes), sizes)
+    total = np.zeros(quant.vector_length(P), dtype=quant.dtype)
+    for c in survivors:
+        weight = sizes[c] if quant.weighted else None
+        total += encode_update(ups[c].delta.numpy(), quant, seeded_noise(11, c)(3), weight).vector
+    mean, weight = decode_sum(total, quant, count=len(survivors))
+    if weight is None:
+        mean, weight = mean / len(survivors), len(survivors)
+    assert torch.equal(out.delta, torch.from_numpy(mean.astype(np.float32)))
+    assert out.weight == weight and out.count == len(survivors)
+    assert agg.last_round["dropped"] == 1 and agg.last_round["clip_rate"] > 0  # clip 0.5 clips some updates
+    assert agg.last_round["bytes_up"] > len(survivors) * 4 * P and agg.last_round["bytes_down"] > 0
+
+
+def test_an_aborted_round_tells_every_client_logs_one_error_and_the_next_round_starts(caplog):
+    agg = SecureAggregator(clip=1.0, bits=12)
+    sizes = {f"c{i}": 10 for i in range(5)}  # k = 4, t = 3
+    agg.begin(1, P, participants=sizes)
+    with caplog.at_level(logging.INFO, logger="fedopt.secagg"):
+        agg.add(Update("c0", torch.zeros(P), 10))
+        assert agg.result() is None  # 1 of 5 masked its input: below t
+    assert agg.last_round["aborted"] and "threshold" in agg.last_round["aborted"]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    told = {r.getMessage().split(":")[0] for r in caplog.records if "coordinator aborted" in r.getMessage()}
+    assert told == {f"client c{i}" for i in range(5)}
+    agg.begin(2, P, participants=sizes)
+    assert agg.last_round["k"] == 4 and "aborted" not in agg.last_round
+
+
 def test_begin_without_participants_is_a_clear_error():
     with pytest.raises(ConfigError, match="participants"):
         SecureAggregator().begin(1, P)
@@ -138,6 +183,15 @@ def test_plaintext_aggregators_refuse_to_combine_with_secagg(name):
         make_aggregator("secagg", inner=name)
     with pytest.raises(ConfigError, match="in the clear"):
         SecureAggregator(inner=make_aggregator(name))
+
+
+def test_an_inner_aggregator_by_name_or_object_sets_the_weighting():
+    assert make_aggregator("secagg", inner="mean").weighting == "uniform"
+    assert make_aggregator("fedavg", secure=True).weighting == "samples"
+    assert SecureAggregator(inner=make_aggregator("mean")).weighting == "uniform"
+    assert SecureAggregator(inner="fedavg").weighting == "samples"
+    with pytest.raises(ConfigError, match="fedavg or mean, not 'weighted'"):
+        make_aggregator("weighted", secure=True)  # its factory needs arguments: refused by name
 
 
 def test_secagg_aggregator_flags_fold_into_options_and_are_validated():
