@@ -46,18 +46,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, SecAggError
-from ..secagg import (
-    MemoryTransport,
-    QuantConfig,
-    RoundConfig,
-    SecAggClient,
-    SecAggDriver,
-    check_capacity,
-    default_neighbours,
-    default_threshold,
-    generate_identity,
-    identity_public_bytes,
-)
+from ..secagg import (MemoryTransport, QuantConfig, RoundConfig, SecAggClient, SecAggDriver, check_capacity,
+                      default_neighbours, default_threshold, generate_identity, identity_public_bytes)
 from .base import Aggregate, Update
 
 __all__ = ["SecureAggregator", "secagg", "round_encoding", "round_parameters", "seeded_noise"]

@@ -24,58 +24,16 @@ from fedopt.secagg.graph import default_neighbours, default_threshold, neighbour
 from fedopt.secagg.keys import generate_identity, identity_public_bytes
 from fedopt.secagg.masking import mask_input, unmask_sum
 from fedopt.secagg.memory import MemoryTransport
-from fedopt.secagg.messages import (
-    AggregateResult,
-    EncryptedShare,
-    KeyAdvertisement,
-    MaskedInput,
-    NeighbourKeys,
-    RoundConfig,
-    ShareDelivery,
-    ShareKeys,
-    UnmaskRequest,
-    UnmaskResponse,
-)
+from fedopt.secagg.messages import (AggregateResult, EncryptedShare, KeyAdvertisement, MaskedInput, NeighbourKeys,
+                                    RoundConfig, ShareDelivery, ShareKeys, UnmaskRequest, UnmaskResponse)
 from fedopt.secagg.participant import SecAggClient
-from fedopt.secagg.quantize import (
-    Encoded,
-    QuantConfig,
-    check_capacity,
-    clip_fraction,
-    decode_sum,
-    encode_update,
-)
+from fedopt.secagg.quantize import Encoded, QuantConfig, check_capacity, clip_fraction, decode_sum, encode_update
 from fedopt.secagg.server import ServerSession
 
 __all__ = [
-    "AggregateResult",
-    "ClientSession",
-    "Encoded",
-    "EncryptedShare",
-    "KeyAdvertisement",
-    "MaskedInput",
-    "MemoryTransport",
-    "NeighbourKeys",
-    "QuantConfig",
-    "RoundConfig",
-    "SecAggClient",
-    "SecAggDriver",
-    "SecAggOutcome",
-    "ServerSession",
-    "ShareDelivery",
-    "ShareKeys",
-    "UnmaskRequest",
-    "UnmaskResponse",
-    "check_capacity",
-    "clip_fraction",
-    "decode_sum",
-    "default_neighbours",
-    "default_threshold",
-    "encode_update",
-    "generate_identity",
-    "identity_public_bytes",
-    "mask_input",
-    "neighbour_graph",
-    "run_round",
-    "unmask_sum",
+    "AggregateResult", "ClientSession", "Encoded", "EncryptedShare", "KeyAdvertisement", "MaskedInput",
+    "MemoryTransport", "NeighbourKeys", "QuantConfig", "RoundConfig", "SecAggClient", "SecAggDriver",
+    "SecAggOutcome", "ServerSession", "ShareDelivery", "ShareKeys", "UnmaskRequest", "UnmaskResponse",
+    "check_capacity", "clip_fraction", "decode_sum", "default_neighbours", "default_threshold", "encode_update",
+    "generate_identity", "identity_public_bytes", "mask_input", "neighbour_graph", "run_round", "unmask_sum",
 ]

@@ -30,17 +30,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedopt.errors import SecAggError
 from fedopt.secagg import keys, shamir
 from fedopt.secagg.masking import mask_input
-from fedopt.secagg.messages import (
-    EncryptedShare,
-    KeyAdvertisement,
-    MaskedInput,
-    NeighbourKeys,
-    RoundConfig,
-    ShareDelivery,
-    ShareKeys,
-    UnmaskRequest,
-    UnmaskResponse,
-)
+from fedopt.secagg.messages import (EncryptedShare, KeyAdvertisement, MaskedInput, NeighbourKeys, RoundConfig,
+                                    ShareDelivery, ShareKeys, UnmaskRequest, UnmaskResponse)
 
 __all__ = ["ClientSession"]
 

@@ -37,17 +37,8 @@ import msgpack
 import numpy as np
 
 from fedopt.errors import WireError
-from fedopt.secagg.messages import (
-    EncryptedShare,
-    KeyAdvertisement,
-    MaskedInput,
-    NeighbourKeys,
-    RoundConfig,
-    ShareDelivery,
-    ShareKeys,
-    UnmaskRequest,
-    UnmaskResponse,
-)
+from fedopt.secagg.messages import (EncryptedShare, KeyAdvertisement, MaskedInput, NeighbourKeys, RoundConfig,
+                                    ShareDelivery, ShareKeys, UnmaskRequest, UnmaskResponse)
 from fedopt.secagg.quantize import QuantConfig
 
 __all__ = ["Abort", "MAX_PEERS", "MAX_WORDS", "Setup", "decode", "encode", "pack", "unpack"]

@@ -25,17 +25,8 @@ import numpy as np
 from fedopt.errors import SecAggError
 from fedopt.secagg import keys, shamir
 from fedopt.secagg.masking import unmask_sum
-from fedopt.secagg.messages import (
-    AggregateResult,
-    KeyAdvertisement,
-    MaskedInput,
-    NeighbourKeys,
-    RoundConfig,
-    ShareDelivery,
-    ShareKeys,
-    UnmaskRequest,
-    UnmaskResponse,
-)
+from fedopt.secagg.messages import (AggregateResult, KeyAdvertisement, MaskedInput, NeighbourKeys, RoundConfig,
+                                    ShareDelivery, ShareKeys, UnmaskRequest, UnmaskResponse)
 
 __all__ = ["ServerSession"]
 
