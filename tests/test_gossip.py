@@ -345,8 +345,6 @@ def test_dpsgd_keeps_only_the_current_and_next_round_from_graph_neighbours(zmq_c
 @pytest.mark.timeout(60)
 def test_a_message_whose_decoding_or_handling_fails_is_dropped_and_the_loop_goes_on(zmq_context, tmp_path,
                                                                                      monkeypatch):
-    import clients.gossip.peer as gp
-
     peers, states, threads = _pair(zmq_context, tmp_path, exchange_timeout=2.0)
     real = wire.decode
 
@@ -356,7 +354,7 @@ def test_a_message_whose_decoding_or_handling_fails_is_dropped_and_the_loop_goes
             raise TypeError("not a WireError")
         return msg
 
-    monkeypatch.setattr(gp.wire, "decode", decode)
+    monkeypatch.setattr(wire, "decode", decode)  # the module every endpoint decodes with
     raw = zmq_context.socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)
     raw.connect(f"ipc://{tmp_path}/p0.sock")
