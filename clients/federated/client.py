@@ -1,9 +1,9 @@
 """``fedopt client``: one federated client, a DEALER that registers, trains when asked and survives restarts.
 
 Two threads. The socket thread owns the DEALER and never blocks on anything but a poll with a timeout: it answers
-the coordinator, sends heartbeats and notices silence. The training thread runs :class:`~fedopt.trainer.LocalTrainer`
-on the jobs it is handed through a queue and wakes the socket thread through an inproc PAIR pipe when a result is
-ready, so heartbeats keep flowing however long training takes (sockets stay with one thread, as ZeroMQ requires).
+the coordinator, sends heartbeats and notices silence. The training thread (:mod:`clients.federated.training`) runs
+the jobs it is handed and wakes the socket thread through an inproc PAIR pipe when a result is ready, so heartbeats
+keep flowing however long training takes.
 
 Paranoid Pirate (the ZeroMQ guide, chapter 4): when the coordinator is silent for 3 heartbeat intervals, or says BYE
 for any reason but "done", the client closes its socket, waits a capped exponential backoff, opens a fresh one and
@@ -19,13 +19,11 @@ long-term identity key and every peer's pinned public identity come from ``--ide
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import math
 import os
 import queue
 import signal
-import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,72 +37,20 @@ from fedopt.data import PartitionSpec
 from fedopt.errors import AuthError, ConfigError, FedoptError
 from fedopt.liveness import Backoff, Liveness, Ticker
 from fedopt.params import ParamSpec
-from fedopt.local_sgd import num_samples
-from fedopt.task import TrainConfig, resolve_task
+from fedopt.task import resolve_task
 from fedopt.identity import find_identity_dir, load_identity, load_pinned
 from fedopt.secagg import codec
 from fedopt.testing import SECAGG_STAGES, Fault, SecAggExit, faults
 from fedopt.trainer import SMALL_MODEL, LocalTrainer, pick_device
 
+from clients.federated.training import TrainingThread
 from clients.secagg import SecAggClient
 
 __all__ = ["FederatedClient", "configure", "run"]
 
 log = logging.getLogger("fedopt.client")
-_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"sampler"}
 #: Fault.EXIT_AT_SECAGG_STAGE: the incoming secagg message that begins each stage (the client dies on it)
 STAGE_MESSAGES = dict(zip(SECAGG_STAGES, (codec.Setup, codec.NeighbourKeys, codec.ShareDelivery, codec.UnmaskRequest)))
-
-
-class _Trainer(threading.Thread):
-    """The training thread: takes (kind, round, payload) jobs, puts results on ``results``, pokes the pipe."""
-
-    def __init__(self, ctx: zmq.Context, pipe_url: str, slow: float = 0.0) -> None:
-        super().__init__(name="fedopt-trainer", daemon=True)
-        self.ctx, self.pipe_url, self.slow = ctx, pipe_url, slow
-        self.jobs: queue.Queue = queue.Queue()
-        self.results: queue.Queue = queue.Queue()
-        self.stopping = threading.Event()
-        self.trainer: LocalTrainer | None = None
-        self.data = None
-
-    def run(self) -> None:
-        pipe = self.ctx.socket(zmq.PAIR)  # made in this thread: this thread's end of the pipe
-        pipe.setsockopt(zmq.LINGER, 0)
-        pipe.connect(self.pipe_url)
-        try:
-            while not self.stopping.is_set():
-                try:
-                    kind, rnd, payload = self.jobs.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                try:
-                    if kind == "setup":
-                        payload()  # loading the task and the shard can take a while: heartbeats go on meanwhile
-                        self.results.put(("ready", rnd, None))
-                    else:
-                        self.results.put(self._do(kind, rnd, payload))
-                except FedoptError as e:  # a set-up that cannot work (wrong task, bad shard): the client stops
-                    self.results.put(("fatal", rnd, e))
-                except Exception as e:  # a task that fails must not take the client down
-                    log.exception("round %d: %s failed", rnd, kind)
-                    self.results.put(("error", rnd, f"{type(e).__name__}: {e}"))
-                pipe.send(b"", zmq.NOBLOCK)
-        finally:
-            pipe.close(0)
-
-    def _do(self, kind: str, rnd: int, payload):
-        vec = payload["model"].to(self.trainer.spec.torch_dtype)
-        if kind == "train":
-            if self.slow:
-                time.sleep(self.slow)  # Fault.SLOW_TRAIN: a straggler slower than the deadline
-            cfg = TrainConfig(**{k: v for k, v in payload["config"].items() if k in _TRAIN_FIELDS})
-            update = self.trainer.train(payload["client"], vec, self.data, cfg)
-            # the trainer reuses its delta buffer; the copy keeps a queued zero-copy send intact
-            return ("update", rnd, (update.delta.detach().cpu().clone(), update.num_samples, update.metrics))
-        split = self.data.test if self.data.test is not None else self.data.train
-        metrics = self.trainer.evaluate(vec, split)
-        return ("result", rnd, (metrics, num_samples(split)))
 
 
 def _plain_metrics(metrics: dict) -> dict:
@@ -134,7 +80,7 @@ class FederatedClient:
         url = f"inproc://fedopt-client-{id(self)}"
         self.pipe.bind(url)
         faults = faults or {}
-        self.worker = _Trainer(self.ctx, url, faults.get(Fault.SLOW_TRAIN, 0.0))
+        self.worker = TrainingThread(self.ctx, url, faults.get(Fault.SLOW_TRAIN, 0.0))
         self._settings: dict | None = None
         self._pending: dict | None = None  # the finished update waiting for PULL: {"round", "delta", ...}
         self._offered: list | None = None  # the held masked input already offered
