@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data.distributed import DistributedSampler
 
+from fedopt.cli.options import parse_kv
 from fedopt.data import PartitionSpec
-from fedopt.options import parse_kv
 from fedopt.task import resolve_task
 
 

@@ -19,16 +19,14 @@ sockets, contexts and the authenticator stay in :mod:`fedopt.bus`.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from pathlib import Path
 
 import zmq.auth
 
 from .errors import AuthError, ConfigError
 
-__all__ = ["existing_keys", "generate_keys", "describe_keys", "enrolled_id", "enrolled_keys", "configure", "run"]
+__all__ = ["existing_keys", "generate_keys", "describe_keys", "enrolled_id", "enrolled_keys"]
 
 
 def existing_keys(directory: str | os.PathLike) -> list[Path]:
@@ -105,29 +103,3 @@ def enrolled_keys(allowed_dir: str | os.PathLike) -> dict[bytes, str]:
         ids[cid] = path
         out[public] = cid
     return out
-
-
-# ---- `fedopt keys generate DIR` -----------------------------------------------------------------------------------------
-def configure(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="action", required=True)
-    g = sub.add_parser("generate", help="write a coordinator key pair and N client key pairs into DIR")
-    g.add_argument("dir", help="directory to write the keys into (created if missing)")
-    g.add_argument("--clients", type=int, default=8, help="number of client key pairs (default 8)")
-    g.add_argument("--force", action="store_true",
-                   help="replace the keys DIR already holds (every client then needs its new files)")
-
-
-def run(args: argparse.Namespace) -> int:
-    old = existing_keys(args.dir) if args.force else []
-    d = generate_keys(args.dir, args.clients, force=args.force)
-    if old:
-        print(f"replaced the keys in {d} ({describe_keys(old)}): clients holding the old files can no longer "
-              f"connect; give each its new ones", file=sys.stderr)
-    print(f"wrote CurveZMQ keys to {d}:\n"
-          f"  coordinator: {d / 'coordinator.key_secret'} (keep here), {d / 'coordinator.key'} (give to clients)\n"
-          f"  allow-list:  {d / 'allowed'}/ ({args.clients} client public keys the coordinator admits)\n"
-          f"  clients:     {d / 'clients'}/client-NNN.key_secret (give each client only its own)\n"
-          f"  secagg:      {d / 'identities'}/ (identity public keys: give to every client), "
-          f"{d / 'clients'}/client-NNN.identity_secret (give each client only its own)\n"
-          f"keep {d} out of version control (it holds secret keys)")
-    return 0

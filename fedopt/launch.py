@@ -8,12 +8,15 @@ A process is started in its own process group (its own session), so stopping it 
 (torch's elastic agent, a worker pool), and a Ctrl-C on the terminal reaches the parent alone, which then stops its
 children in order. :func:`stop_processes` asks first (SIGTERM), waits a grace period, then kills (SIGKILL) and reaps.
 
+:func:`config_argv` writes a config dataclass back as the command-line flags that rebuild it in the process started.
+
 Ports are free when they are looked up, not reserved: another program can take one before the process that was
 given it binds it. :func:`free_ports` draws below the kernel's ephemeral range to make that unlikely.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
@@ -21,10 +24,10 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 __all__ = ["free_port", "free_ports", "loopback_interface", "shared_cores_env", "one_thread_env", "fedopt_command",
-           "spawn", "stop_processes"]
+           "config_argv", "spawn", "stop_processes"]
 
 
 def free_port() -> int:
@@ -85,6 +88,30 @@ def one_thread_env(**extra: str) -> dict[str, str]:
 def fedopt_command(*args: str) -> list[str]:
     """The command line of ``fedopt ARGS`` run by this interpreter (so a virtualenv's fedopt runs its own code)."""
     return [sys.executable, "-m", "fedopt", *args]
+
+
+def config_argv(cfg: Any) -> list[str]:
+    """The flags that rebuild the config dataclass ``cfg`` when its command (``fedopt gossip``, ``fedopt allreduce``)
+    parses them in a child process. The commands name their flags after the fields: ``batch_size`` is ``--batch-size
+    VALUE``; a switch is given bare, or as ``--no-NAME`` when its default is on; a list is joined with commas;
+    ``task_options`` is one ``--task-option KEY=VALUE`` each. A field at its default is left out; one without a
+    default is always given. The tests parse every config's flags back and compare."""
+    out: list[str] = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if value == default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "task_options":
+            out += [a for k, v in value.items() for a in ("--task-option", f"{k}={v}")]
+        elif isinstance(value, bool):
+            out.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (list, tuple)):
+            out += [flag, ",".join(map(str, value))]
+        else:
+            out += [flag, str(value)]
+    return out
 
 
 def spawn(cmd: Sequence[str], log_path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,

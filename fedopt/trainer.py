@@ -11,6 +11,8 @@ state: they are saved after a client trains and restored before it trains again.
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from .aggregators import Update
@@ -22,13 +24,24 @@ from .task import ClientData, Task, TrainConfig
 #: spinning: 30x slower per step on a loaded 2-core machine). Measured on 2 cores; see benchmarks/.
 SMALL_MODEL = 1_000_000
 
-__all__ = ["LocalTrainer", "pick_device"]
+__all__ = ["LocalTrainer", "check_device", "pick_device"]
+
+_DEVICE = re.compile(r"auto|(cpu|cuda|mps)(:[0-9]+)?")
+
+
+def check_device(name: str, field: str = "device") -> None:
+    """ConfigError naming ``field`` unless ``name`` is a device :func:`pick_device` takes."""
+    from .errors import ConfigError
+
+    if not (isinstance(name, str) and _DEVICE.fullmatch(name)):
+        raise ConfigError(f"{field} must be auto, cpu, cuda, cuda:N or mps, not {name!r}")
 
 
 def pick_device(name: str = "auto") -> torch.device:
     """``auto`` is CUDA when present, else CPU; ``cuda`` without a GPU is an error naming the problem."""
     from .errors import ConfigError
 
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():

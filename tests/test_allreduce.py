@@ -19,16 +19,16 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
-from clients.allreduce.run import config_from_args, configure, worker_argv
 from clients.allreduce.config import AllreduceConfig
 from clients.allreduce.sync import (CommCounter, LocalSGDAverager, ShardSampler, parse_sync, ring_bytes,
                                     steps_per_rank)
 from clients.allreduce.worker import train_worker
 from fedopt.cli import Parser, main
+from fedopt.cli.allreduce import allreduce_config, configure
 from fedopt.data import PartitionSpec
 from fedopt.data.digits import DigitsTask
 from fedopt.errors import ConfigError
-from fedopt.launch import fedopt_command, free_port, one_thread_env, spawn, stop_processes
+from fedopt.launch import config_argv, fedopt_command, free_port, one_thread_env, spawn, stop_processes
 from fedopt.metrics import read_metrics
 from fedopt.params import ParamSpec
 from fedopt.task import BaseTask, TrainConfig, sgd_loop
@@ -97,8 +97,8 @@ def test_worker_argv_round_trips_through_the_parser():
     configure(p)
     args = p.parse_args(["--task", "synthetic", "--task-option", "alpha=1.5", "--epochs", "3", "--lr", "0.25",
                          "--sync", "local:4", "--outer-lr", "0.7", "--resume", "--out", "/tmp/x", "--nproc", "2"])
-    cfg = config_from_args(args)
-    again = config_from_args(p.parse_args(worker_argv(cfg)))
+    cfg = allreduce_config(args)
+    again = allreduce_config(p.parse_args(config_argv(cfg)))
     assert again == cfg and cfg.task_options == {"alpha": 1.5} and cfg.period == 4
 
 

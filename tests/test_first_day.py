@@ -157,6 +157,7 @@ def _serve_in_thread(client) -> dict:
 
 def test_a_client_holding_another_coordinators_key_says_so(zmq_context, tmp_path, caplog):
     from clients.federated.client import FederatedClient
+    from clients.federated.config import ClientConfig
 
     ours, theirs = generate_keys(tmp_path / "a", 1), generate_keys(tmp_path / "b", 1)
     url = f"tcp://127.0.0.1:{free_port()}"
@@ -166,8 +167,8 @@ def test_a_client_holding_another_coordinators_key_says_so(zmq_context, tmp_path
     try:
         monitor = bus.handshake_monitor(router)
         # the client's coordinator.key is from folder b, while the coordinator at url holds folder a's pair
-        client = FederatedClient(url, bus.security_for(url, str(theirs), False, "client", "client-000"), "0", 0, 1,
-                                 heartbeat=0.2, give_up=8.0)
+        client = FederatedClient(ClientConfig(url, shard=0, num_shards=1, heartbeat=0.2, give_up=8.0),
+                                 bus.security_for(url, str(theirs), False, "client", "client-000"))
         got = _serve_in_thread(client)
         assert isinstance(got.get("error"), AuthError), got
         assert "coordinator.key" in str(got["error"]) and url in str(got["error"])
@@ -208,16 +209,17 @@ def test_coordinator_logs_a_client_holding_another_coordinators_key(zmq_context,
 
 def test_a_client_pointed_at_nothing_names_the_address_and_how_long_it_tries(tmp_path, caplog):
     from clients.federated.client import FederatedClient
+    from clients.federated.config import ClientConfig
 
     url = f"ipc://{tmp_path}/nobody.sock"
-    client = FederatedClient(url, bus.Security(), "0", 0, 1, heartbeat=0.1, give_up=1.0)
+    client = FederatedClient(ClientConfig(url, shard=0, num_shards=1, heartbeat=0.1, give_up=1.0), bus.Security())
     with caplog.at_level(logging.INFO, logger="fedopt.client"):
         got = _serve_in_thread(client)
     assert isinstance(got.get("error"), FedoptError) and url in str(got["error"])
     assert f"connecting to the coordinator at {url}" in caplog.text and "--give-up" in caplog.text
     assert f"no answer from the coordinator at {url}" in caplog.text
     p = Parser(prog="fedopt client")
-    from clients.federated.client import configure
+    from fedopt.cli.client import configure
 
     configure(p)
     assert "default 300" in " ".join(p.format_help().split())
@@ -350,15 +352,16 @@ def test_allreduce_one_cpu_worker_trains_a_small_model_on_one_thread(tmp_path, m
 
 
 def test_allreduce_takes_config_and_no_plot_like_simulate(tmp_path, capsys):
-    from clients.allreduce.run import config_from_args, configure, worker_argv
+    from fedopt.cli.allreduce import allreduce_config, configure
+    from fedopt.launch import config_argv
 
     cfg_file = tmp_path / "dc.toml"
     cfg_file.write_text("epochs = 3\nlr = 0.05\n[task-options]\nhidden = 16\n")
     p = Parser(prog="fedopt allreduce")
     configure(p)
-    cfg = config_from_args(p.parse_args(["--config", str(cfg_file), "--lr", "0.2", "--no-plot"]))
+    cfg = allreduce_config(p.parse_args(["--config", str(cfg_file), "--lr", "0.2", "--no-plot"]))
     assert (cfg.epochs, cfg.lr, cfg.task_options, cfg.plot) == (3, 0.2, {"hidden": 16}, False)
-    assert "--no-plot" in worker_argv(cfg)  # the workers, which write the plot, are told too
+    assert "--no-plot" in config_argv(cfg)  # the workers, which write the plot, are told too
     assert "default 10" in " ".join(p.format_help().split())  # --epochs shows its default
     cfg_file.write_text("epocs = 3\n")
     assert main(["allreduce", "--config", str(cfg_file), "--out", str(tmp_path / "o")]) == 2
@@ -428,16 +431,15 @@ def test_gossip_help_shows_defaults():
 
 def test_gossip_peers_get_the_runs_training_choices(tmp_path):
     """simulate --mode gossip hands the optimizer and schedule to every peer, and the peer's parser takes them."""
-    import argparse
-
-    from clients.gossip import run as gossip
-    from clients.gossip.sim import peer_command
+    from clients.gossip.sim import peer_command, peer_config
+    from fedopt.cli.gossip import configure, gossip_config
     from fedopt.config import RunConfig
 
     cfg = RunConfig(mode="gossip", clients=2, optimizer="adamw", weight_decay=0.01, clip_norm=1.5,
                     lr_schedule="cosine", lr_min=0.001)
     cmd = peer_command("ipc:///tmp/x.sock", 0, 2, [], cfg, tmp_path)
-    p = argparse.ArgumentParser()
-    gossip.configure(p)
-    a = p.parse_args(cmd[cmd.index("gossip") + 1:])
+    p = Parser(prog="fedopt gossip")
+    configure(p)
+    a = gossip_config(p.parse_args(cmd[cmd.index("gossip") + 1:]))
     assert (a.optimizer, a.weight_decay, a.clip_norm, a.lr_schedule, a.lr_min) == ("adamw", 0.01, 1.5, "cosine", 0.001)
+    assert a == peer_config("ipc:///tmp/x.sock", 0, 2, [], cfg, tmp_path)  # the command line rebuilds the config

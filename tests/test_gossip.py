@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import threading
 
 import pytest
@@ -174,20 +173,20 @@ def test_an_exchange_with_a_dead_peer_times_out_and_drops_it(zmq_context, tmp_pa
         t.join(timeout=10)
 
 
-def test_cli_rejects_bad_gossip_options():
-    from clients.gossip import run as gossip
+def test_cli_rejects_bad_gossip_options(monkeypatch):
+    from fedopt.cli import Parser
+    from fedopt.cli.gossip import configure, gossip_config
     from fedopt.errors import ConfigError
 
-    parser = argparse.ArgumentParser()
-    gossip.configure(parser)
+    monkeypatch.delenv("FEDOPT_INTERFACE", raising=False)
+    parser = Parser(prog="fedopt gossip")
+    configure(parser)
     for argv, msg in ((["--shard", "3", "--num-shards", "2"], "out of range"),
                       (["--shard", "0", "--num-shards", "2", "--peers", "http://x"], "must start with"),
                       (["--shard", "0", "--num-shards", "2", "--topology", "ring"], "every member"),
                       (["--shard", "0", "--num-shards", "2", "--discover"], "--interface")):
-        args = parser.parse_args(["--bind", "ipc:///tmp/x.sock", *argv])
-        args.interface = None
         with pytest.raises(ConfigError, match=msg):
-            gossip._check(args)
+            gossip_config(parser.parse_args(["--bind", "ipc:///tmp/x.sock", *argv]))
 
 
 @pytest.mark.timeout(60)
@@ -345,8 +344,6 @@ def test_dpsgd_keeps_only_the_current_and_next_round_from_graph_neighbours(zmq_c
 @pytest.mark.timeout(60)
 def test_a_message_whose_decoding_or_handling_fails_is_dropped_and_the_loop_goes_on(zmq_context, tmp_path,
                                                                                      monkeypatch):
-    import clients.gossip.peer as gp
-
     peers, states, threads = _pair(zmq_context, tmp_path, exchange_timeout=2.0)
     real = wire.decode
 
@@ -356,7 +353,7 @@ def test_a_message_whose_decoding_or_handling_fails_is_dropped_and_the_loop_goes
             raise TypeError("not a WireError")
         return msg
 
-    monkeypatch.setattr(gp.wire, "decode", decode)
+    monkeypatch.setattr(wire, "decode", decode)  # the module every endpoint decodes with
     raw = zmq_context.socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)
     raw.connect(f"ipc://{tmp_path}/p0.sock")

@@ -6,10 +6,12 @@ import os
 import socket
 import sys
 import time
+from dataclasses import dataclass, field
 
 import psutil
 
-from fedopt.launch import fedopt_command, free_port, free_ports, one_thread_env, shared_cores_env, spawn, stop_processes
+from fedopt.launch import (config_argv, fedopt_command, free_port, free_ports, one_thread_env, shared_cores_env,
+                           spawn, stop_processes)
 
 
 def test_free_ports_are_distinct_and_bindable():
@@ -75,3 +77,22 @@ def test_stop_processes_ends_the_whole_group_even_when_sigterm_is_ignored(tmp_pa
 
 def test_fedopt_command_runs_this_interpreters_fedopt():
     assert fedopt_command("keys", "generate", "k") == [sys.executable, "-m", "fedopt", "keys", "generate", "k"]
+
+
+@dataclass(frozen=True)
+class _Config:
+    bind: str
+    batch_size: int = 16
+    peers: tuple = ()
+    resume: bool = False
+    plot: bool = True
+    clip_norm: float | None = None
+    task_options: dict = field(default_factory=dict)
+
+
+def test_config_argv_writes_only_what_differs_from_the_defaults():
+    assert config_argv(_Config("ipc://a")) == ["--bind", "ipc://a"]  # no default: always given
+    got = config_argv(_Config("ipc://a", batch_size=8, peers=("ipc://b", "ipc://c"), resume=True, plot=False,
+                              clip_norm=0.5, task_options={"alpha": 1.5, "name": "x"}))
+    assert got == ["--bind", "ipc://a", "--batch-size", "8", "--peers", "ipc://b,ipc://c", "--resume", "--no-plot",
+                   "--clip-norm", "0.5", "--task-option", "alpha=1.5", "--task-option", "name=x"]

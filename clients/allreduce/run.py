@@ -22,8 +22,6 @@ and the new workers resume from the last epoch checkpoint by themselves; every e
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import logging
 import os
 import signal
@@ -31,124 +29,28 @@ import sys
 import uuid
 
 from fedopt.errors import ConfigError
-from fedopt.launch import free_port, loopback_interface, shared_cores_env
+from fedopt.launch import config_argv, free_port, loopback_interface, shared_cores_env
 
-from clients.allreduce.config import AllreduceConfig, load_allreduce_toml
+from clients.allreduce.config import AllreduceConfig
 
-__all__ = ["configure", "run", "launch", "config_from_args", "worker_argv", "under_torchrun"]
-
-_DEFAULTS = AllreduceConfig()
-
-
-def configure(p: argparse.ArgumentParser) -> None:
-    from fedopt.options import parse_kv
-
-    # every default is left out of the namespace, so --config can supply it (flags override the file)
-    d, S = _DEFAULTS, argparse.SUPPRESS
-    g = p.add_argument_group("task and training")
-    g.add_argument("--config", default=None, help="TOML file with any of these options (flags override it)")
-    g.add_argument("--task", default=S, help=f"built-in task (digits, synthetic, ...) or package.module:attr "
-                                             f"(default {d.task})")
-    g.add_argument("--task-option", dest="task_options", action="append", type=parse_kv, default=S,
-                   metavar="KEY=VALUE", help="option for the task's factory (repeatable)")
-    g.add_argument("--epochs", type=int, default=S, help=f"passes over the train set (default {d.epochs})")
-    g.add_argument("--batch-size", type=int, default=S,
-                   help=f"per-worker batch; the global batch is nproc times it (default {d.batch_size})")
-    g.add_argument("--lr", type=float, default=S, help=f"learning rate (default {d.lr})")
-    g.add_argument("--momentum", type=float, default=S, help=f"default {d.momentum}")
-    g.add_argument("--weight-decay", type=float, default=S, help=f"default {d.weight_decay}")
-    g.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default=S, help=f"default {d.optimizer}")
-    g.add_argument("--clip-norm", type=float, default=S, help="clip the gradient to this L2 norm every step")
-    g.add_argument("--lr-schedule", choices=("constant", "cosine", "step"), default=S,
-                   help=f"learning rate over epochs (default {d.lr_schedule})")
-    g.add_argument("--lr-min", type=float, default=S, help=f"cosine: the rate it decays towards (default {d.lr_min})")
-    g.add_argument("--lr-step", type=int, default=S, help="step: epochs between decays")
-    g.add_argument("--lr-gamma", type=float, default=S, help=f"step: factor of each decay (default {d.lr_gamma})")
-    g.add_argument("--max-steps", type=int, default=S, help="cap on optimizer steps per epoch and worker")
-    g.add_argument("--seed", type=int, default=S, help=f"default {d.seed}")
-    g = p.add_argument_group("synchronisation")
-    g.add_argument("--sync", default=S, help="step (DDP every step, default) | local:H (average every H steps)")
-    g.add_argument("--outer-lr", type=float, default=S, help="local:H: DiLoCo outer Nesterov learning rate")
-    g.add_argument("--outer-momentum", type=float, default=S,
-                   help=f"local:H with --outer-lr: outer momentum (default {d.outer_momentum})")
-    g.add_argument("--zero", action="store_true", default=S,
-                   help="shard optimizer state (torch ZeroRedundancyOptimizer)")
-    g.add_argument("--bucket-cap-mb", type=float, default=S, help=f"DDP bucket size (default {d.bucket_cap_mb:g})")
-    g = p.add_argument_group("processes and devices")
-    g.add_argument("--nproc", type=int, default=None,
-                   help="launch N local workers through torch.distributed.run (default 1; ignored under torchrun)")
-    g.add_argument("--max-restarts", type=int, default=0,
-                   help="with --nproc: restart the worker group up to R times after a failure (default 0)")
-    g.add_argument("--backend", choices=("auto", "gloo", "nccl"), default=S,
-                   help="auto (default): nccl when CUDA is present, gloo otherwise")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=S, help=f"default {d.device}")
-    g.add_argument("--timeout", type=float, default=S,
-                   help=f"seconds a collective may wait (default {d.timeout:g})")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default=S, help=f"output directory (default {d.out})")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
-    g.add_argument("--progress", choices=("auto", "bar", "lines", "off"), default=S, help=f"default {d.progress}")
-    g.add_argument("--no-plot", dest="plot", action="store_false", default=S,
-                   help="skip OUT/accuracy.png (saves about a second of matplotlib start-up)")
-
-
-def config_from_args(args: argparse.Namespace) -> AllreduceConfig:
-    """Defaults < the --config file < flags."""
-    values = load_allreduce_toml(args.config) if getattr(args, "config", None) else {}
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(AllreduceConfig) if hasattr(args, f.name)}
-    options = {**values.get("task_options", {}), **dict(given.pop("task_options", None) or [])}
-    values.update(given)
-    values["task_options"] = options
-    return AllreduceConfig(**values)
-
-
-def run_folder(args: argparse.Namespace) -> tuple[str, bool] | None:
-    """The launcher claims the output folder; under torchrun only rank 0 of the first attempt does (a restarted
-    group continues the run it started, and the other ranks write nothing)."""
-    if under_torchrun() and (os.environ.get("RANK") != "0" or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"):
-        return None
-    return config_from_args(args).out, args.resume
-
-
-def worker_argv(cfg: AllreduceConfig) -> list[str]:
-    """The command-line flags that rebuild ``cfg`` in a worker (only the ones that differ from the defaults)."""
-    out: list[str] = []
-    for f in dataclasses.fields(cfg):
-        value, default = getattr(cfg, f.name), getattr(_DEFAULTS, f.name)
-        if value == default:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "task_options":
-            for k, v in value.items():
-                out += ["--task-option", f"{k}={v}"]
-        elif isinstance(value, bool):
-            out += [flag] if value else ["--no-" + f.name.replace("_", "-")]  # a switch whose default is on
-        else:
-            out += [flag, str(value)]
-    return out
+__all__ = ["under_torchrun", "run_worker", "preflight", "launch"]
 
 
 def under_torchrun() -> bool:
+    """Whether this process is a worker torchrun started (``RANK`` and ``WORLD_SIZE`` are set)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    if under_torchrun():
-        from clients.allreduce.worker import train_worker
+def run_worker(cfg: AllreduceConfig) -> int:
+    """Train as the worker torchrun started this process as; 0 when the run is done."""
+    from clients.allreduce.worker import train_worker
 
-        if "TORCHELASTIC_RUN_ID" in os.environ:
-            # the agent owns the group: on Ctrl-C it stops every worker (with SIGINT) and reports once; a worker
-            # just ends, with no traceback of its own
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-        train_worker(cfg)
-        return 0
-    nproc = 1 if args.nproc is None else args.nproc
-    if nproc < 1:
-        raise ConfigError(f"nproc must be >= 1, not {nproc}")
-    if args.max_restarts < 0:
-        raise ConfigError(f"max-restarts must be >= 0, not {args.max_restarts}")
-    return launch(cfg, nproc, args.max_restarts)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # the agent owns the group: on Ctrl-C it stops every worker (with SIGINT) and reports once; a worker
+        # just ends, with no traceback of its own
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    train_worker(cfg)
+    return 0
 
 
 def preflight(cfg: AllreduceConfig, nproc: int) -> None:
@@ -165,7 +67,12 @@ def preflight(cfg: AllreduceConfig, nproc: int) -> None:
 
 
 def launch(cfg: AllreduceConfig, nproc: int, max_restarts: int = 0, monitor_interval: float = 0.2) -> int:
-    """Start ``nproc`` local workers with torch's elastic agent on loopback; returns 0, or 1 when the group failed."""
+    """Start ``nproc`` local workers with torch's elastic agent on loopback, restarting the group up to
+    ``max_restarts`` times; returns 0, or 1 when the group failed. Raises ConfigError for bad input."""
+    if not (isinstance(nproc, int) and nproc >= 1):
+        raise ConfigError(f"nproc must be >= 1, not {nproc}")
+    if not (isinstance(max_restarts, int) and max_restarts >= 0):
+        raise ConfigError(f"max-restarts must be >= 0, not {max_restarts}")
     preflight(cfg, nproc)
     import torch.distributed.run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -185,7 +92,7 @@ def launch(cfg: AllreduceConfig, nproc: int, max_restarts: int = 0, monitor_inte
         os.environ["GLOO_SOCKET_IFNAME"] = lo
     argv = ["--nnodes", "1", "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", uuid.uuid4().hex,
-            "--monitor-interval", str(monitor_interval), "--module", "fedopt", "allreduce", *worker_argv(cfg)]
+            "--monitor-interval", str(monitor_interval), "--module", "fedopt", "allreduce", *config_argv(cfg)]
     try:
         torchrun.run(torchrun.get_args_parser().parse_args(argv))
     except ChildFailedError as e:

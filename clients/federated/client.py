@@ -1,9 +1,9 @@
 """``fedopt client``: one federated client, a DEALER that registers, trains when asked and survives restarts.
 
 Two threads. The socket thread owns the DEALER and never blocks on anything but a poll with a timeout: it answers
-the coordinator, sends heartbeats and notices silence. The training thread runs :class:`~fedopt.trainer.LocalTrainer`
-on the jobs it is handed through a queue and wakes the socket thread through an inproc PAIR pipe when a result is
-ready, so heartbeats keep flowing however long training takes (sockets stay with one thread, as ZeroMQ requires).
+the coordinator, sends heartbeats and notices silence. The training thread (:mod:`clients.federated.training`) runs
+the jobs it is handed and wakes the socket thread through an inproc PAIR pipe when a result is ready, so heartbeats
+keep flowing however long training takes. Its config is a :class:`~clients.federated.config.ClientConfig`.
 
 Paranoid Pirate (the ZeroMQ guide, chapter 4): when the coordinator is silent for 3 heartbeat intervals, or says BYE
 for any reason but "done", the client closes its socket, waits a capped exponential backoff, opens a fresh one and
@@ -18,17 +18,13 @@ long-term identity key and every peer's pinned public identity come from ``--ide
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import logging
 import math
 import os
 import queue
 import signal
-import threading
 import time
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,73 +33,22 @@ import zmq
 from fedopt import bus, wire
 from fedopt.data import PartitionSpec
 from fedopt.errors import AuthError, ConfigError, FedoptError
+from fedopt.identity import find_identity_dir, load_identity, load_pinned
 from fedopt.liveness import Backoff, Liveness, Ticker
 from fedopt.params import ParamSpec
-from fedopt.local_sgd import num_samples
-from fedopt.task import TrainConfig, resolve_task
-from fedopt.identity import find_identity_dir, load_identity, load_pinned
 from fedopt.secagg import SecAggClient, codec
-from fedopt.testing import SECAGG_STAGES, Fault, SecAggExit, faults
+from fedopt.task import resolve_task
+from fedopt.testing import SECAGG_STAGES, Fault, SecAggExit
 from fedopt.trainer import SMALL_MODEL, LocalTrainer, pick_device
 
+from clients.federated.config import ClientConfig
+from clients.federated.training import TrainingThread
 
-__all__ = ["FederatedClient", "configure", "run"]
+__all__ = ["FederatedClient", "run_client"]
 
 log = logging.getLogger("fedopt.client")
-_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"sampler"}
 #: Fault.EXIT_AT_SECAGG_STAGE: the incoming secagg message that begins each stage (the client dies on it)
 STAGE_MESSAGES = dict(zip(SECAGG_STAGES, (codec.Setup, codec.NeighbourKeys, codec.ShareDelivery, codec.UnmaskRequest)))
-
-
-class _Trainer(threading.Thread):
-    """The training thread: takes (kind, round, payload) jobs, puts results on ``results``, pokes the pipe."""
-
-    def __init__(self, ctx: zmq.Context, pipe_url: str, slow: float = 0.0) -> None:
-        super().__init__(name="fedopt-trainer", daemon=True)
-        self.ctx, self.pipe_url, self.slow = ctx, pipe_url, slow
-        self.jobs: queue.Queue = queue.Queue()
-        self.results: queue.Queue = queue.Queue()
-        self.stopping = threading.Event()
-        self.trainer: LocalTrainer | None = None
-        self.data = None
-
-    def run(self) -> None:
-        pipe = self.ctx.socket(zmq.PAIR)  # made in this thread: this thread's end of the pipe
-        pipe.setsockopt(zmq.LINGER, 0)
-        pipe.connect(self.pipe_url)
-        try:
-            while not self.stopping.is_set():
-                try:
-                    kind, rnd, payload = self.jobs.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                try:
-                    if kind == "setup":
-                        payload()  # loading the task and the shard can take a while: heartbeats go on meanwhile
-                        self.results.put(("ready", rnd, None))
-                    else:
-                        self.results.put(self._do(kind, rnd, payload))
-                except FedoptError as e:  # a set-up that cannot work (wrong task, bad shard): the client stops
-                    self.results.put(("fatal", rnd, e))
-                except Exception as e:  # a task that fails must not take the client down
-                    log.exception("round %d: %s failed", rnd, kind)
-                    self.results.put(("error", rnd, f"{type(e).__name__}: {e}"))
-                pipe.send(b"", zmq.NOBLOCK)
-        finally:
-            pipe.close(0)
-
-    def _do(self, kind: str, rnd: int, payload):
-        vec = payload["model"].to(self.trainer.spec.torch_dtype)
-        if kind == "train":
-            if self.slow:
-                time.sleep(self.slow)  # Fault.SLOW_TRAIN: a straggler slower than the deadline
-            cfg = TrainConfig(**{k: v for k, v in payload["config"].items() if k in _TRAIN_FIELDS})
-            update = self.trainer.train(payload["client"], vec, self.data, cfg)
-            # the trainer reuses its delta buffer; the copy keeps a queued zero-copy send intact
-            return ("update", rnd, (update.delta.detach().cpu().clone(), update.num_samples, update.metrics))
-        split = self.data.test if self.data.test is not None else self.data.train
-        metrics = self.trainer.evaluate(vec, split)
-        return ("result", rnd, (metrics, num_samples(split)))
 
 
 def _plain_metrics(metrics: dict) -> dict:
@@ -113,27 +58,24 @@ def _plain_metrics(metrics: dict) -> dict:
 
 
 class FederatedClient:
-    """One client: ``serve()`` returns 0 when the coordinator says the run is done."""
+    """One client: ``serve()`` returns 0 when the coordinator says the run is done. ``security`` secures its
+    connection, ``secure`` is its secure-aggregation side (None: no identity key), ``faults`` come from
+    :func:`fedopt.testing.faults`."""
 
-    def __init__(self, connect: str, security: bus.Security, client: str, shard: int, num_shards: int | None,
-                 task: str | None = None, task_options: dict | None = None, device: str = "auto",
-                 heartbeat: float = 1.0, give_up: float = 300.0, exit_with_parent: bool = False,
-                 secure: SecAggClient | None = None, data_path: str | None = None,
+    def __init__(self, cfg: ClientConfig, security: bus.Security, secure: SecAggClient | None = None,
                  faults: Mapping[Fault, object] | None = None) -> None:
-        self.connect, self.security, self.client = connect, security, client
-        self.shard, self.num_shards = shard, num_shards
-        self.data_path = data_path  # this site's own data (--data): the task gets data_path=...; shard 0 of 1
-        self.task_name, self.task_options = task, task_options
-        self.device = pick_device(device)
-        self.heartbeat, self.give_up = heartbeat, give_up
-        self.exit_with_parent = os.getppid() if exit_with_parent else None
+        self.cfg = cfg
+        self.connect, self.security, self.client = cfg.connect, security, cfg.client_id
+        self.device = pick_device(cfg.device)
+        self.heartbeat, self.give_up = cfg.heartbeat, cfg.give_up  # heartbeat: the coordinator's, once welcomed
+        self.exit_with_parent = os.getppid() if cfg.exit_with_parent else None
         self.ctx = zmq.Context()
         self.pipe = self.ctx.socket(zmq.PAIR)
         self.pipe.setsockopt(zmq.LINGER, 0)
         url = f"inproc://fedopt-client-{id(self)}"
         self.pipe.bind(url)
         faults = faults or {}
-        self.worker = _Trainer(self.ctx, url, faults.get(Fault.SLOW_TRAIN, 0.0))
+        self.worker = TrainingThread(self.ctx, url, faults.get(Fault.SLOW_TRAIN, 0.0))
         self._settings: dict | None = None
         self._pending: dict | None = None  # the finished update waiting for PULL: {"round", "delta", ...}
         self._offered: list | None = None  # the held masked input already offered
@@ -153,23 +95,23 @@ class FederatedClient:
         if s.get("secagg") and self.secure is None:
             raise ConfigError("the coordinator runs secure aggregation and this client has no identity key: give "
                               "--identities DIR (or --keys DIR) made by `fedopt keys generate`")
-        if self.task_name and s.get("task") != self.task_name:
-            raise ConfigError(f"this client runs task {self.task_name!r}, the coordinator runs {s.get('task')!r}")
-        options = dict(s.get("task_options") or self.task_options or {})
-        if self.data_path is not None:
-            options["data_path"] = self.data_path
+        if self.cfg.task and s.get("task") != self.cfg.task:
+            raise ConfigError(f"this client runs task {self.cfg.task!r}, the coordinator runs {s.get('task')!r}")
+        options = dict(s.get("task_options") or self.cfg.task_options)
+        if self.cfg.data is not None:
+            options["data_path"] = self.cfg.data
         task = resolve_task(s["task"], options)
         spec = ParamSpec.from_dict(welcome.spec)
         trainer = LocalTrainer(task, spec, self.device, s.get("buffers", "average"))
         if ParamSpec.from_module(trainer.model, s.get("buffers", "average")).to_dict() != spec.to_dict():
             raise ConfigError(f"task {s['task']!r} builds a different model than the coordinator's")
-        n = self.num_shards or int(s["clients"])
-        data = task.load_data(self.shard, n, int(s["seed"]), PartitionSpec(s["partition"], s["alpha"]))
+        n = self.cfg.num_shards or int(s["clients"])
+        data = task.load_data(self.cfg.shard, n, int(s["seed"]), PartitionSpec(s["partition"], s["alpha"]))
         self.worker.trainer, self.worker.data = trainer, data.to(self.device)
         if spec.size < SMALL_MODEL and self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(1)  # see SMALL_MODEL
         self._settings = s
-        log.info("client %s: shard %d of %d, %d samples, on %s", self.client, self.shard, n, data.num_samples,
+        log.info("client %s: shard %d of %d, %d samples, on %s", self.client, self.cfg.shard, n, data.num_samples,
                  self.device)
 
     # ---- the socket thread --------------------------------------------------------------------------------------
@@ -367,66 +309,17 @@ class FederatedClient:
                 ep.send(wire.Result(round=rnd, num_samples=n, metrics=metrics, sender=self.client))
 
 
-# ---- `fedopt client` --------------------------------------------------------------------------------------------------
-def configure(p: argparse.ArgumentParser) -> None:
-    from fedopt.options import parse_kv
-
-    p.add_argument("--connect", required=True, help="the coordinator: tcp://HOST:PORT or ipc://PATH")
-    p.add_argument("--keys", default=None, help="key directory holding coordinator.key and this client's secret")
-    p.add_argument("--key-name", default=None, help="this client's key name (default client-NNN for --shard NNN)")
-    p.add_argument("--insecure", action="store_true", help="allow plain TCP without authentication (warns)")
-    p.add_argument("--task", default=None, help="must match the coordinator's task (default: the coordinator's)")
-    p.add_argument("--task-option", dest="task_options", action="append", type=parse_kv, default=[])
-    p.add_argument("--data", default=None, metavar="PATH",
-                   help="this site's own data: passed to the task as data_path=PATH (the task reads it; with no "
-                        "--shard the whole of it is this client's data)")
-    p.add_argument("--shard", type=int, default=None,
-                   help="this client's data shard index (required without --data)")
-    p.add_argument("--num-shards", type=int, default=None, help="number of shards (default: the run's clients)")
-    p.add_argument("--id", default=None, help="stable client id (default: the shard index)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval before the coordinator's is known")
-    p.add_argument("--give-up", type=float, default=300.0,
-                   help="seconds without a coordinator before exiting (default 300)")
-    p.add_argument("--identities", default=None,
-                   help="secagg: folder with identities/*.pub (every client's pinned identity) and this client's "
-                        "identity secret (default: --keys)")
-    p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-
-
-def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.data is not None:
-        if not Path(args.data).exists():
-            raise ConfigError(f"--data {args.data}: no such file or directory")
-        if args.shard is None and not args.id:
-            raise ConfigError("--data without --shard needs --id NAME (this client's id, unique in the run)")
-        if args.shard is None and args.keys and not args.key_name:
-            raise ConfigError("--data without --shard needs --key-name NAME with --keys (e.g. client-003)")
-    elif args.shard is None:
-        raise ConfigError("--shard is required unless --data gives this site's own data")
-    if args.shard is None:  # --data alone: the site's whole data set is this client's, shard 0 of 1
-        args.shard, args.num_shards = 0, 1
-    if args.shard < 0 or (args.num_shards is not None and not 0 <= args.shard < args.num_shards):
-        raise ConfigError(f"--shard {args.shard} is out of range for --num-shards {args.num_shards}")
-    if not args.heartbeat > 0 or not args.give_up > 0:
-        raise ConfigError("--heartbeat and --give-up must be > 0 seconds")
-    injected = faults()  # FEDOPT_FAULTS, set only by tests
-    key_name = args.key_name or (f"client-{args.shard:03d}" if args.keys else None)
-    security = bus.security_for(args.connect, args.keys, args.insecure, "client", key_name)
-    client_id = args.id or str(args.shard)
+def run_client(cfg: ClientConfig, faults: Mapping[Fault, object] | None = None) -> int:
+    """``fedopt client``: load the keys and identity ``cfg`` names, then serve until the run is done; 0 then."""
+    faults = faults or {}
+    security = bus.security_for(cfg.connect, cfg.keys, cfg.insecure, "client", cfg.own_key_name if cfg.keys else None)
     secure = None
-    ident = find_identity_dir(args.identities, args.keys)
+    ident = find_identity_dir(cfg.identities, cfg.keys)
     if ident is not None:
         pinned = load_pinned(ident)
-        identity = load_identity(ident, args.key_name or f"client-{args.shard:03d}", client_id, pinned)
-        secure = SecAggClient(client_id, identity, pinned)
-        if Fault.SECAGG_DUMP in injected:
-            dump = injected[Fault.SECAGG_DUMP]
+        secure = SecAggClient(cfg.client_id, load_identity(ident, cfg.own_key_name, cfg.client_id, pinned), pinned)
+        if Fault.SECAGG_DUMP in faults:
+            dump = faults[Fault.SECAGG_DUMP]
             dump.mkdir(parents=True, exist_ok=True)
-            secure.on_encoded = lambda r, vec: np.save(dump / f"encoded-{r}-{client_id}.npy", vec)
-    client = FederatedClient(args.connect, security, client_id, args.shard, args.num_shards,
-                             args.task, dict(args.task_options), args.device, args.heartbeat, args.give_up,
-                             args.exit_with_parent, secure, data_path=args.data, faults=injected)
-    return client.serve()
+            secure.on_encoded = lambda r, vec: np.save(dump / f"encoded-{r}-{cfg.client_id}.npy", vec)
+    return FederatedClient(cfg, security, secure, faults).serve()

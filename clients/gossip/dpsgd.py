@@ -1,5 +1,5 @@
 """Synchronous D-PSGD rounds on a fixed topology (Lian et al., "Can decentralized algorithms outperform centralized
-algorithms?", NeurIPS 2017), the socket-thread half: a mixin of :class:`clients.gossip_peer.PeerSockets`.
+algorithms?", NeurIPS 2017), the socket-thread half: a mixin of :class:`clients.gossip.peer.PeerSockets`.
 
 In round ``t`` each peer sends its model to its graph neighbours, waits for theirs (or the deadline: a missing
 neighbour's weight goes to itself and it is not waited for again until it is heard from), and mixes with
@@ -8,7 +8,7 @@ Metropolis-Hastings weights (:mod:`clients.gossip.topology`).
 Bounds: a push counts only from a graph neighbour (its address bound to its key over CurveZMQ, see
 :mod:`clients.gossip.peer`), only for the round being run or the next one, and only its last copy: the inbox holds at
 most ``2 * degree`` models whatever neighbours send. Each model is screened (finite, norm and distance bounds of
-:meth:`~clients.gossip_state.ModelState.screen`) before it is stored. A push for any other round is dropped and does
+:meth:`~clients.gossip.state.ModelState.screen`) before it is stored. A push for any other round is dropped and does
 not count as hearing from that neighbour.
 """
 

@@ -12,7 +12,6 @@ and torn down with :func:`fedopt.launch.stop_processes`, whatever happens.
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,31 +22,33 @@ from safetensors.torch import load_file
 from fedopt.config import RunConfig
 from fedopt.errors import FedoptError
 from fedopt.keys import generate_keys
-from fedopt.launch import free_ports, one_thread_env, spawn, stop_processes
+from fedopt.launch import config_argv, fedopt_command, free_ports, one_thread_env, spawn, stop_processes
 from fedopt.metrics import Reporter, RunOutput, read_metrics
 from fedopt.params import ParamSpec
 
+from clients.gossip.config import GossipConfig
 from clients.gossip.state import consensus_distance
 
-__all__ = ["simulate_gossip", "peer_command", "swarm_summary"]
+__all__ = ["simulate_gossip", "peer_config", "peer_command", "swarm_summary"]
+
+
+def peer_config(url: str, shard: int, n: int, seeds: list[str], cfg: RunConfig, out: Path,
+                keys: str | None = None) -> GossipConfig:
+    """The config of peer ``shard`` of a simulated swarm of ``n``: the run's task and training, its own folder."""
+    return GossipConfig(
+        bind=url, shard=shard, num_shards=n, peers=tuple(seeds), keys=keys, task=cfg.task,
+        task_options=dict(cfg.task_options), partition=cfg.partition, alpha=cfg.alpha, seed=cfg.seed, rounds=cfg.rounds,
+        local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+        optimizer=cfg.optimizer, weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm or None,
+        lr_schedule=cfg.lr_schedule, lr_min=cfg.lr_min, lr_step=cfg.lr_step, lr_gamma=cfg.lr_gamma,
+        topology=cfg.topology, out=str(out), progress="off", plot=False, exit_with_parent=True)
 
 
 def peer_command(url: str, shard: int, n: int, seeds: list[str], cfg: RunConfig, out: Path,
                  keys: str | None = None, extra: list[str] | None = None) -> list[str]:
-    """The ``fedopt gossip`` command line of peer ``shard`` of a simulated swarm."""
-    cmd = [sys.executable, "-m", "fedopt", "gossip", "--bind", url, "--peers", ",".join(seeds),
-           "--shard", str(shard), "--num-shards", str(n), "--task", cfg.task, "--partition", cfg.partition,
-           "--alpha", str(cfg.alpha), "--seed", str(cfg.seed), "--rounds", str(cfg.rounds),
-           "--local-epochs", str(cfg.local_epochs), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr),
-           "--momentum", str(cfg.momentum), "--optimizer", cfg.optimizer, "--weight-decay", str(cfg.weight_decay),
-           "--lr-schedule", cfg.lr_schedule, "--lr-min", str(cfg.lr_min), "--lr-step", str(cfg.lr_step),
-           "--lr-gamma", str(cfg.lr_gamma), *(["--clip-norm", str(cfg.clip_norm)] if cfg.clip_norm else []),
-           "--out", str(out), "--progress", "off", "--log-level", "WARNING",
-           "--exit-with-parent", "--no-plot", *(["--keys", keys] if keys else []),
-           *(["--topology", cfg.topology] if cfg.topology else []), *(extra or [])]
-    for k, v in cfg.task_options.items():
-        cmd += ["--task-option", f"{k}={v}"]
-    return cmd
+    """The ``fedopt gossip`` command line of peer ``shard`` of a simulated swarm (``extra``: flags added last)."""
+    flags = config_argv(peer_config(url, shard, n, seeds, cfg, out, keys))
+    return fedopt_command("gossip", *flags, "--log-level", "WARNING", *(extra or []))
 
 
 def swarm_summary(peer_dirs: list[Path], weights: list[int] | None = None) -> dict:

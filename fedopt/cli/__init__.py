@@ -1,13 +1,12 @@
 """The ``fedopt`` command. Thin: parse, build objects, call; argv is seen only here.
 
 This package is the one composition root: the only part of :mod:`fedopt` that imports :mod:`coordinator` or
-:mod:`clients` (an import-linter contract in ``pyproject.toml`` holds it to that). Each subcommand is a module,
-imported only when chosen, so ``fedopt --help`` and bad-usage errors answer without importing torch; the modes it
-starts are imported inside the functions that start them. A subcommand module provides ``configure(parser)`` and
-``run(args) -> int``: ``simulate``, ``coordinator`` and ``plot`` are modules of this package; ``client``, ``gossip``
-and ``allreduce`` are still provided by their runtimes, and ``keys`` by :mod:`fedopt.keys`. Option groups that several
-commands share are in :mod:`fedopt.options`. Every deliberate error is one line on stderr; exit codes are 0 success, 2 bad usage or invalid
-input, 1 a run that failed.
+:mod:`clients` (an import-linter contract in ``pyproject.toml`` holds it to that). Each subcommand is a module of this
+package providing ``configure(parser)`` and ``run(args) -> int``, imported only when chosen, so ``fedopt --help``
+answers without importing torch; option groups that several commands share are in :mod:`fedopt.cli.options`. A
+command reads its flags (and ``--config`` file) into its runtime's frozen config dataclass, which validates itself,
+then calls the runtime with it: no runtime sees an ``argparse.Namespace``. Every deliberate error is one line on
+stderr; exit codes are 0 success, 2 bad usage or invalid input, 1 a run that failed.
 """
 
 from __future__ import annotations
@@ -25,10 +24,10 @@ __all__ = ["main", "Parser", "SUBCOMMANDS", "RUN_FOLDER_COMMANDS"]
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("fedopt.cli.simulate", "run many clients on this machine (in-process, worker pool, or real processes)"),
     "coordinator": ("fedopt.cli.coordinator", "run a coordinator that federated clients connect to"),
-    "client": ("clients.federated.client", "run one federated client on its private shard"),
-    "gossip": ("clients.gossip.run", "run one gossip peer (no coordinator)"),
-    "allreduce": ("clients.allreduce.run", "run datacenter workers on torch.distributed (DDP / local SGD)"),
-    "keys": ("fedopt.keys", "make CurveZMQ key pairs: fedopt keys generate DIR"),
+    "client": ("fedopt.cli.client", "run one federated client on its private shard"),
+    "gossip": ("fedopt.cli.gossip", "run one gossip peer (no coordinator)"),
+    "allreduce": ("fedopt.cli.allreduce", "run datacenter workers on torch.distributed (DDP / local SGD)"),
+    "keys": ("fedopt.cli.keys", "make CurveZMQ key pairs: fedopt keys generate DIR"),
     "plot": ("fedopt.cli.plot", "compare runs on one figure: fedopt plot RUN [RUN ...] --out FILE.png"),
 }
 #: commands that write a run folder (OUT/metrics.jsonl, model, checkpoint): each takes --overwrite, and its folder is

@@ -12,7 +12,7 @@ import logging
 from .. import bus
 from ..config import build_config
 from ..identity import find_identity_dir, load_pinned
-from ..options import add_bus_options, add_round_options, config_out, round_overrides
+from .options import add_bus_options, add_round_options, config_out, round_overrides
 from ..testing import Fault, faults
 
 __all__ = ["configure", "run_folder", "run"]

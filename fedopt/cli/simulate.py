@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..options import add_bus_options, add_round_options, config_out, round_overrides
+from .options import add_bus_options, add_round_options, config_out, round_overrides
 
 __all__ = ["configure", "run_folder", "simulate_config", "run"]
 
@@ -54,7 +54,7 @@ def simulate_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     cfg = simulate_config(args)
     if cfg.mode == "gossip":
-        from clients.gossip.run import simulate_gossip  # N peers as local processes
+        from clients.gossip.sim import simulate_gossip  # N peers as local processes
 
         return simulate_gossip(cfg)
     if cfg.transport != "inproc":

@@ -1,8 +1,8 @@
-"""Command-line option groups that several commands share, and reading them back into RunConfig fields.
+"""Option groups that several commands share, and reading them back into config fields.
 
-Every command that runs rounds (``simulate``, ``coordinator``) takes the same round and bus options, and every runtime
-that takes ``KEY=VALUE`` options parses them the same way. These helpers only declare options on a parser a command
-hands them and read back the namespace argparse made: parsing argv itself happens in :mod:`fedopt.cli` alone.
+Every command that runs rounds (``simulate``, ``coordinator``) takes the same round and bus options, and every command
+that takes ``KEY=VALUE`` options (``--task-option``) parses them with :func:`parse_kv`. These helpers only declare
+options on a parser a command hands them and read back the namespace argparse made.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def round_overrides(args: argparse.Namespace, skip: Sequence[str] = ("config",))
 
 def config_out(args: argparse.Namespace) -> str:
     """The run folder of a command built from add_round_options: --out, else the config file's, else the default."""
-    from .config import RunConfig, load_toml
+    from ..config import RunConfig, load_toml
 
     if "out" in vars(args):
         return args.out
