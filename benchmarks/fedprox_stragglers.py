@@ -28,7 +28,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "fedprox_synthet
 def run(mu: float, rounds: int, seed: int, out: Path) -> list[float]:
     cfg = build_config(str(EXAMPLE), {"mu": mu, "rounds": rounds, "seed": seed, "out": str(out), "progress": "off",
                                       "workers": 1})
-    output = RunOutput(cfg.out, cfg.rounds, "off")
+    output = RunOutput(cfg.out, cfg.federation.rounds, "off")
     try:
         res = Simulation(cfg).run(output)
     finally:

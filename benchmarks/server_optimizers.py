@@ -28,9 +28,9 @@ SETTINGS = {  # server learning rates: 1.0 for the averaging family; the adaptiv
 
 
 def rounds_to(target: float, name: str, rounds: int, seed: int, out: Path) -> tuple[int | None, float]:
-    cfg = RunConfig(server_opt=name, rounds=rounds, seed=seed, progress="off", out=str(out / f"{name}-{seed}"),
+    cfg = RunConfig.of(server_opt=name, rounds=rounds, seed=seed, progress="off", out=str(out / f"{name}-{seed}"),
                     workers=1, **SETTINGS[name])
-    output = RunOutput(cfg.out, cfg.rounds, "off")
+    output = RunOutput(cfg.out, cfg.federation.rounds, "off")
     try:
         recs = Simulation(cfg).run(output).records
     finally:

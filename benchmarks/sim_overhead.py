@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(1)
-    cfg = RunConfig(clients=a.clients, rounds=a.rounds, local_epochs=a.epochs, batch_size=16, lr=0.05,
+    cfg = RunConfig.of(clients=a.clients, rounds=a.rounds, local_epochs=a.epochs, batch_size=16, lr=0.05,
                     eval_every=10**6, progress="off", workers=1)
     fed_t, plain_t = [], []
     for rep in range(a.repeats):

@@ -52,8 +52,8 @@ class ClientLink:
         self.handshakes = bus.handshake_monitor(self.ep.sock) if security.curve else None
         self._handshake_log = LogBudget(3, 10.0, clock)
         self.registry = Registry(cfg.client_cap)
-        self.live: Liveness[bytes] = Liveness(cfg.heartbeat, clock=clock)
-        self.ticker = Ticker(cfg.heartbeat, clock=clock)
+        self.live: Liveness[bytes] = Liveness(cfg.bus.heartbeat, clock=clock)
+        self.ticker = Ticker(cfg.bus.heartbeat, clock=clock)
         self.tracker: RoundTracker | None = None
         self.evals: dict | None = None  # federated evaluation in progress: {"pending", "results"}
         self.secure = None  # the secure-aggregation round in progress (coordinator.secure_bus.BusTransport)
@@ -117,7 +117,7 @@ class ClientLink:
             # send to a routing id whose connection closed), e.g. a client that restarted
             if self.ep.send(wire.Heartbeat(), to=holder):
                 return self._refuse(peer, f"client {client!r} is already connected from another live connection")
-        room = self.registry.room_for(peer, client, self.round, self.clock(), self.cfg.join_timeout)
+        room = self.registry.room_for(peer, client, self.round, self.clock(), self.cfg.bus.join_timeout)
         if room is False:
             return self._refuse(peer, f"the coordinator holds its maximum of {self.registry.capacity} clients")
         if room is not True:
@@ -185,7 +185,8 @@ class ClientLink:
             if not (isinstance(acc, (int, float)) and 0 <= acc <= 1 and isinstance(loss, (int, float))
                     and 0 <= loss < math.inf and msg.num_samples > 0):
                 return self._drop(peer, f"RESULT with accuracy {acc!r}, loss {loss!r}, {msg.num_samples} samples")
-            weight = min(msg.num_samples, rec.num_samples or 1, self.cfg.max_samples)  # not more than it announced
+            # not more than it announced
+            weight = min(msg.num_samples, rec.num_samples or 1, self.cfg.bounds.max_samples)
             ev["results"].append((float(acc), float(loss), weight))
         elif isinstance(msg, wire.SecAgg):
             reason = "SECAGG outside a secure round" if self.secure is None else self.secure.deliver(rec.client, msg)

@@ -38,25 +38,25 @@ def spawn_client(url: str, shard: int, num_shards: int, keys: str | None = None,
 
 
 def simulate_processes(cfg: RunConfig) -> int:
-    """Run ``cfg`` as one coordinator (here) and ``cfg.clients`` client processes over ipc or tcp."""
+    """Run ``cfg`` as one coordinator (here) and ``cfg.federation.clients`` client processes over ipc or tcp."""
     from .server import Coordinator
 
-    k = cfg.processes or cfg.clients
-    if k != cfg.clients:
-        raise ConfigError(f"--transport {cfg.transport} runs one process per client: --processes ({k}) must equal "
-                          f"--clients ({cfg.clients})")
+    k = cfg.sim.processes or cfg.federation.clients
+    if k != cfg.federation.clients:
+        raise ConfigError(f"--transport {cfg.sim.transport} runs one process per client: --processes ({k}) must equal "
+                          f"--clients ({cfg.federation.clients})")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     with tempfile.TemporaryDirectory(prefix="fedopt-bus-") as tmp:
         keys = None
-        if cfg.transport == "tcp":
+        if cfg.sim.transport == "tcp":
             keys = str(generate_keys(Path(tmp) / "keys", k))
             url = f"tcp://127.0.0.1:{free_port()}"
         else:
             url = f"ipc://{tmp}/coordinator.sock"
         security = bus.security_for(url, keys, False, "coordinator")
-        extra = ["--heartbeat", str(cfg.heartbeat), "--log-level", "WARNING", "--device", cfg.device]
+        extra = ["--heartbeat", str(cfg.bus.heartbeat), "--log-level", "WARNING", "--device", cfg.device]
         pinned = None
-        if cfg.aggregator == "secagg":
+        if cfg.federation.aggregator == "secagg":
             ident = keys or str(write_identities(Path(tmp) / "identities", [str(i) for i in range(k)],
                                                  [f"client-{i:03d}" for i in range(k)]))
             pinned = load_pinned(ident)
@@ -65,7 +65,8 @@ def simulate_processes(cfg: RunConfig) -> int:
         logs = Path(cfg.out) / "clients"
         logs.mkdir(parents=True, exist_ok=True)
         env = shared_cores_env(k)
-        procs = [spawn_client(url, i, cfg.clients, keys, extra, logs / f"client-{i:03d}.log", env) for i in range(k)]
+        procs = [spawn_client(url, i, cfg.federation.clients, keys, extra, logs / f"client-{i:03d}.log", env)
+                 for i in range(k)]
         try:
             return coordinator.serve()
         finally:

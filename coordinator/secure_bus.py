@@ -191,11 +191,12 @@ def secure_round(coord: Coordinator, r: int, jobs) -> dict:
         return aborted(str(e))
     info.update(k=k, t=t, modulus_bits=quant.modulus_bits)
     # an honest client uploads as soon as it is PULLed; a quarter of the stage deadline is ample
-    transport = BusTransport(coord, r, participants, cfg.upload_slots, credit_s=max(cfg.deadline / 4, 3 * cfg.heartbeat),
+    transport = BusTransport(coord, r, participants, cfg.bus.upload_slots,
+                             credit_s=max(cfg.bus.deadline / 4, 3 * cfg.bus.heartbeat),
                              max_weight=agg.max_weight)
     coord.secure = transport
     try:
-        out = run_round(rcfg, quant, transport.send, transport.recv, stage_timeout=cfg.deadline,
+        out = run_round(rcfg, quant, transport.send, transport.recv, stage_timeout=cfg.bus.deadline,
                         identities=coord.pinned, clock=coord.clock, gone=lambda: transport.gone)
     except SecAggError as e:  # run_round has sent Abort to every participant and logged one error line
         return aborted(str(e))

@@ -61,9 +61,9 @@ class Coordinator(ClientLink):
     def __init__(self, cfg: RunConfig, bind: str, security: bus.Security, resume: bool = False,
                  ctx: zmq.Context | None = None, clock=time.monotonic, identities: dict[str, bytes] | None = None,
                  secagg_dump: str | None = None, all_shards_here: bool = False) -> None:
-        if cfg.min_clients > cfg.per_round:
-            raise ConfigError(f"min-clients ({cfg.min_clients}) exceeds the clients selected per round "
-                              f"({cfg.per_round}): no round could ever close")
+        if cfg.bus.min_clients > cfg.federation.per_round:
+            raise ConfigError(f"min-clients ({cfg.bus.min_clients}) exceeds the clients selected per round "
+                              f"({cfg.federation.per_round}): no round could ever close")
         self.cfg, self.clock = cfg, clock
         self.pinned = identities  # client id -> pinned Ed25519 identity (secure aggregation), or None
         self.secagg_dump = secagg_dump  # Fault.SECAGG_DUMP: where secure rounds write the sum they learn
@@ -73,10 +73,10 @@ class Coordinator(ClientLink):
         device = pick_device(cfg.device)
         self.server = RoundServer.for_run(cfg, self.task, device)  # the same initial model as fedopt simulate
         self.spec = self.server.spec
-        self.server.external = cfg.aggregator == "secagg"  # SecAgg+ over the bus: coordinator.secure_bus
+        self.server.external = cfg.federation.aggregator == "secagg"  # SecAgg+ over the bus: coordinator.secure_bus
         test = self.task.load_test(cfg.seed) if hasattr(self.task, "load_test") else None
         self.test = to_device(test, device)
-        self.evaluator = LocalTrainer(self.task, self.spec, device, cfg.buffers) if self.test is not None else None
+        self.evaluator = LocalTrainer(self.task, self.spec, device, cfg.train.buffers) if self.test is not None else None
         self.round = 1
         ckpt = load_checkpoint(cfg.out) if resume else None
         if ckpt is not None:
@@ -86,19 +86,20 @@ class Coordinator(ClientLink):
             self.server.optimizer.load_state_dict(ckpt.optimizer_state)
             self.round = ckpt.round + 1
             log.info("resuming after round %d from %s", ckpt.round, cfg.out)
-        self.output = RunOutput(cfg.out, cfg.rounds, cfg.progress, title=f"fedopt coordinator: {cfg.task}",
+        self.output = RunOutput(cfg.out, cfg.federation.rounds, cfg.progress, title=f"fedopt coordinator: {cfg.task}",
                                 resume_after=ckpt.round if ckpt else None, plot=cfg.plot)
         self.output.setup(cfg, task=self.task if all_shards_here else None)
         self.ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
         self.auth = bus.start_authenticator(self.ctx, security)
-        ClientLink.__init__(self, cfg, bus.Endpoint(bus.router(self.ctx, bind, security), wire_dtype=cfg.wire_dtype),
+        ClientLink.__init__(self, cfg, bus.Endpoint(bus.router(self.ctx, bind, security), wire_dtype=cfg.bus.wire_dtype),
                             security, clock)
         log.info("listening on %s (%s); waiting for %d clients", bind,
-                 "CurveZMQ" if security.curve else "no encryption", cfg.clients)
+                 "CurveZMQ" if security.curve else "no encryption", cfg.federation.clients)
+        flat = cfg.flat()
         self.welcome = wire.Welcome(spec=self.spec.to_dict(),
-                                    config={**{k: getattr(cfg, k) for k in CLIENT_SETTINGS},
-                                            "secagg": cfg.aggregator == "secagg"})
+                                    config={**{k: flat[k] for k in CLIENT_SETTINGS},
+                                            "secagg": cfg.federation.aggregator == "secagg"})
         self._wait_since = clock()
         self._idle_since = clock()  # when the coordinator became free to start the next round
         self._waited = 0.0  # how long the round in progress waited for clients
@@ -111,13 +112,14 @@ class Coordinator(ClientLink):
     def serve(self) -> int:
         cfg, started = self.cfg, time.perf_counter()
         try:
-            Engine(self.server, self, cfg.rounds, self.output, start=self.round, min_clients=cfg.min_clients,
-                   eval_every=cfg.eval_every, evaluate=self._evaluate, fed_eval_every=cfg.fed_eval_every,
+            Engine(self.server, self, cfg.federation.rounds, self.output, start=self.round,
+                   min_clients=cfg.bus.min_clients,
+                   eval_every=cfg.federation.eval_every, evaluate=self._evaluate, fed_eval_every=cfg.bus.fed_eval_every,
                    checkpoint=self._checkpoint).run()
             for peer in self.registry.peers():
                 self.ep.send(wire.Bye(reason="done"), to=peer)
             self.output.finish(self.spec, self.server.global_vec,
-                               {"clients": f"{cfg.clients} ({cfg.per_round} per round)",
+                               {"clients": f"{cfg.federation.clients} ({cfg.federation.per_round} per round)",
                                 "wall time": f"{time.perf_counter() - started:.1f} s (waits for clients included)",
                                 "out": str(self.output.dir), "dropped messages": self.dropped_messages})
             time.sleep(0.2)  # let the BYEs leave before the socket closes (linger is 0)
@@ -166,11 +168,11 @@ class Coordinator(ClientLink):
             sizes = {c: n for c, n in self.registry.sizes(round).items() if c not in self._failed}
             # the first round waits for every client (or the join timeout); a retry, and every later round, goes on
             # at once with whoever is ready
-            waited = self._joined or attempt > 1 or now - self._wait_since >= cfg.join_timeout
-            if len(sizes) >= cfg.clients or (waited and len(sizes) >= cfg.min_clients):
+            waited = self._joined or attempt > 1 or now - self._wait_since >= cfg.bus.join_timeout
+            if len(sizes) >= cfg.federation.clients or (waited and len(sizes) >= cfg.bus.min_clients):
                 break
-            if attempt > MAX_ATTEMPTS and now - self._wait_since >= cfg.join_timeout:
-                raise RoundError(f"round {round} missed its quorum of {cfg.min_clients} in {attempt - 1} attempts, "
+            if attempt > MAX_ATTEMPTS and now - self._wait_since >= cfg.bus.join_timeout:
+                raise RoundError(f"round {round} missed its quorum of {cfg.bus.min_clients} in {attempt - 1} attempts, "
                                  f"and no other client is ready")
             self._say_waiting(round, now, len(sizes), waited)
             self._pump(min(0.05, self.ticker.remaining()))
@@ -191,11 +193,11 @@ class Coordinator(ClientLink):
         self._waiting_said = (ready, now)
         if waited:
             log.info("round %d: waiting for clients (%d ready, %d needed: --min-clients)", round, ready,
-                     self.cfg.min_clients)
+                     self.cfg.bus.min_clients)
         else:
-            left = self.cfg.join_timeout - (now - self._wait_since)
+            left = self.cfg.bus.join_timeout - (now - self._wait_since)
             log.info("round %d: waiting for %d clients (%d ready); starts with at least %d in %.0fs (--join-timeout)",
-                     round, self.cfg.clients, ready, self.cfg.min_clients, max(0.0, left))
+                     round, self.cfg.federation.clients, ready, self.cfg.bus.min_clients, max(0.0, left))
 
     def _train(self, jobs, round: int) -> dict[str, wire.Train]:
         """TRAIN for each selected client (FedAvg drops stragglers up front: their partial work would be discarded)."""
@@ -219,7 +221,7 @@ class Coordinator(ClientLink):
             self._round_info = secure_round(self, r, jobs)
             return
         trains = self._train(jobs, r)
-        self.tracker = RoundTracker(r, list(trains), self.clock() + self.cfg.deadline, self.cfg.upload_slots,
+        self.tracker = RoundTracker(r, list(trains), self.clock() + self.cfg.bus.deadline, self.cfg.bus.upload_slots,
                                     pull_timeout=self.live.timeout)
         for client, msg in trains.items():
             if not self._send_model(client, msg):
@@ -238,9 +240,9 @@ class Coordinator(ClientLink):
             server.reject(client, "missed the deadline")
             self._missed(client, r)
             log.warning("round %d: client %s missed the deadline; its update will be dropped", r, client)
-        if t.accepted < self.cfg.min_clients:
+        if t.accepted < self.cfg.bus.min_clients:
             log.warning("round %d: %d updates, below the quorum of %d: retrying without the %d clients that failed "
-                        "it", r, t.accepted, self.cfg.min_clients, len(self._failed))
+                        "it", r, t.accepted, self.cfg.bus.min_clients, len(self._failed))
 
     def federated_eval(self, round: int, global_vec: torch.Tensor) -> list[tuple[float, float, int]]:
         """EVALUATE to every ready client; their (accuracy, loss, weight) results within --deadline."""
@@ -249,7 +251,7 @@ class Coordinator(ClientLink):
         for client in self.registry.sizes(round):
             if self._send_model(client, wire.Evaluate(round=round, model=model)):
                 self.evals["pending"].add(client)
-        self._serve_until(lambda: not self.evals["pending"], self.clock() + self.cfg.deadline)
+        self._serve_until(lambda: not self.evals["pending"], self.clock() + self.cfg.bus.deadline)
         results, self.evals = self.evals["results"], None
         return results
 

@@ -267,7 +267,8 @@ class RunOutput:
         if task is not None:
             from .data.partition import PartitionSpec, partition_stats
 
-            stats = partition_stats(task, cfg.clients, cfg.seed, PartitionSpec(cfg.partition, cfg.alpha))
+            fed = cfg.federation
+            stats = partition_stats(task, fed.clients, cfg.seed, PartitionSpec(fed.partition, fed.alpha))
             if stats is not None:
                 self.write_json("partition.json", stats)
         if cfg.tracker is not None:

@@ -197,13 +197,13 @@ def test_an_inner_aggregator_by_name_or_object_sets_the_weighting():
 def test_secagg_aggregator_flags_fold_into_options_and_are_validated():
     cfg = build_config(None, {"aggregator": "secagg", "secagg_neighbours": 4, "secagg_threshold": 3,
                               "clip": 2.5, "bits": 12})
-    agg = make_aggregator(cfg.aggregator, **cfg.aggregator_options)
+    agg = make_aggregator(cfg.federation.aggregator, **cfg.aggregator_options)
     assert (agg.neighbours, agg.threshold, agg.clip, agg.bits) == (4, 3, 2.5, 12)
     assert not agg.linear and not agg.needs_all_updates and not agg.needs_plaintext
     with pytest.raises(ConfigError, match="only apply to --aggregator secagg"):
-        RunConfig(aggregator="fedavg", clip=1.0)
+        RunConfig.of(aggregator="fedavg", clip=1.0)
     with pytest.raises(ConfigError, match="clip"):
-        RunConfig(aggregator="secagg", clip=-1.0)
+        RunConfig.of(aggregator="secagg", clip=-1.0)
     with pytest.raises(ConfigError, match="exceed half"):
         make_aggregator("secagg", neighbours=6, threshold=3)
 
@@ -221,8 +221,8 @@ def test_digits_with_secagg_matches_plain_fedavg_within_half_a_point():
 
     # trained far enough (10 rounds of 2 epochs) for the comparison to be about a converging model
     base = dict(task="digits", clients=6, rounds=10, local_epochs=2, seed=0, progress="off", eval_every=1)
-    plain = Simulation(RunConfig(**base))
-    secure = Simulation(RunConfig(**base, aggregator="secagg", clip=10.0, bits=16))
+    plain = Simulation(RunConfig.of(**base))
+    secure = Simulation(RunConfig.of(**base, aggregator="secagg", clip=10.0, bits=16))
     plain.run()
     secure.run()
     acc_plain, acc_secure = plain.evaluate()["accuracy"], secure.evaluate()["accuracy"]

@@ -8,14 +8,14 @@ def test_precedence_defaults_then_file_then_flags(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text('rounds = 7\nlocal-epochs = 2\n[task-options]\nhidden = 32\n')
     cfg = build_config(str(f), {"rounds": 9, "task_options": {"replicate": 2}})
-    assert cfg.rounds == 9 and cfg.local_epochs == 2 and cfg.batch_size == RunConfig().batch_size
+    assert cfg.federation.rounds == 9 and cfg.train.local_epochs == 2 and cfg.train.batch_size == RunConfig().train.batch_size
     assert cfg.task_options == {"hidden": 32, "replicate": 2}
 
 
 def test_simulate_table_is_accepted(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text('[simulate]\nclients = 4\n')
-    assert build_config(str(f)).clients == 4
+    assert build_config(str(f)).federation.clients == 4
 
 
 @pytest.mark.parametrize("text, match", [
@@ -49,11 +49,11 @@ def test_missing_file():
 ])
 def test_invalid_values_name_the_field(field, value, match):
     with pytest.raises(ConfigError, match=match):
-        RunConfig(**{field: value})
+        RunConfig.of(**{field: value})
 
 
 def test_per_round_and_straggler_policy():
-    assert RunConfig(clients=10, fraction=0.25).per_round == 2
-    assert RunConfig(clients=10).per_round == 10
-    assert RunConfig(mu=1.0).keep_stragglers and not RunConfig().keep_stragglers
-    assert RunConfig(straggler_policy="keep").keep_stragglers
+    assert RunConfig.of(clients=10, fraction=0.25).federation.per_round == 2
+    assert RunConfig.of(clients=10).federation.per_round == 10
+    assert RunConfig.of(mu=1.0).keep_stragglers and not RunConfig().keep_stragglers
+    assert RunConfig.of(straggler_policy="keep").keep_stragglers

@@ -59,6 +59,6 @@ def test_coordinator_and_clients_over_curve_match_in_process(tmp_path):
     assert [r["round"] for r in rows] == [1, 2, 3] and all(r["clients"] == 3 for r in rows)
     assert rows[-1]["fed_clients"] == 3 and math.isfinite(rows[-1]["fed_accuracy"])
     assert (c.out / "model.safetensors").exists() and (c.out / "checkpoint.safetensors").exists()
-    ref = simulate(RunConfig(task="digits", clients=3, rounds=3, local_epochs=1, seed=7, partition="iid",
+    ref = simulate(RunConfig.of(task="digits", clients=3, rounds=3, local_epochs=1, seed=7, partition="iid",
                              out=str(tmp_path / "ref"), progress="off"))
     assert abs(rows[-1]["accuracy"] - ref.records[-1]["accuracy"]) <= 0.005

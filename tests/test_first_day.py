@@ -192,7 +192,7 @@ def test_coordinator_logs_a_client_holding_another_coordinators_key(zmq_context,
 
     ours, theirs = generate_keys(tmp_path / "a", 1), generate_keys(tmp_path / "b", 1)
     url = f"tcp://127.0.0.1:{free_port()}"
-    cfg = RunConfig(clients=1, rounds=1, out=str(tmp_path / "run"), progress="off", plot=False)
+    cfg = RunConfig.of(clients=1, rounds=1, out=str(tmp_path / "run"), progress="off", plot=False)
     coord = Coordinator(cfg, url, bus.security_for(url, str(ours), False, "coordinator"))
     sock = bus.dealer(zmq_context, url, bus.security_for(url, str(theirs), False, "client", "client-000"))
     try:
@@ -373,8 +373,8 @@ def test_simulate_processes_alone_sets_the_clients():
 
     p = Parser(prog="fedopt simulate")
     configure(p)
-    assert simulate_config(p.parse_args(["--transport", "ipc", "--processes", "4"])).clients == 4
-    assert simulate_config(p.parse_args(["--transport", "ipc", "--processes", "4", "--clients", "4"])).clients == 4
+    assert simulate_config(p.parse_args(["--transport", "ipc", "--processes", "4"])).federation.clients == 4
+    assert simulate_config(p.parse_args(["--transport", "ipc", "--processes", "4", "--clients", "4"])).federation.clients == 4
 
 
 # ---- on a terminal, log lines print above the progress bar -----------------------------------------------------------
@@ -435,7 +435,7 @@ def test_gossip_peers_get_the_runs_training_choices(tmp_path):
     from fedopt.cli.gossip import configure, gossip_config
     from fedopt.config import RunConfig
 
-    cfg = RunConfig(mode="gossip", clients=2, optimizer="adamw", weight_decay=0.01, clip_norm=1.5,
+    cfg = RunConfig.of(mode="gossip", clients=2, optimizer="adamw", weight_decay=0.01, clip_norm=1.5,
                     lr_schedule="cosine", lr_min=0.001)
     cmd = peer_command("ipc:///tmp/x.sock", 0, 2, [], cfg, tmp_path)
     p = Parser(prog="fedopt gossip")

@@ -102,4 +102,4 @@ def test_a_bad_value_is_one_line_and_exit_2(tmp_path, capsys):
     rc = main(["gossip", "--bind", f"ipc://{tmp_path}/g.sock", "--shard", "0", "--num-shards", "2", "--linger", "-1",
                "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err == ["fedopt gossip: error: --linger must be >= 0"]
+    assert rc == 2 and err == ["fedopt gossip: error: --linger must be a number >= 0, not -1.0"]

@@ -50,7 +50,7 @@ def test_eight_peers_match_fedavg_and_refuse_a_rogue_key(zmq_context, tmp_path):
     from clients.simulation.run import simulate
 
     n, rounds = 8, 20
-    cfg = RunConfig(clients=n, rounds=rounds, local_epochs=2, partition="dirichlet", alpha=0.5, seed=0, progress="off",
+    cfg = RunConfig.of(clients=n, rounds=rounds, local_epochs=2, partition="dirichlet", alpha=0.5, seed=0, progress="off",
                     out=str(tmp_path / "fedavg"), mode="gossip")
     keys = generate_keys(tmp_path / "keys", n)
     rogue = generate_keys(tmp_path / "rogue", 1)
@@ -143,7 +143,7 @@ def test_churn_kill_join_restart_and_bad_input(zmq_context, tmp_path, monkeypatc
     exchanges the load let complete (a peer that trained its shard alone still clears the bar), and the newcomer's
     join is checked by what a fetch guarantees (a newer model than its own, from the live swarm)."""
     n, rounds = 5, 12
-    cfg = RunConfig(clients=n + 1, rounds=rounds, local_epochs=2, partition="iid", seed=1, mode="gossip")
+    cfg = RunConfig.of(clients=n + 1, rounds=rounds, local_epochs=2, partition="iid", seed=1, mode="gossip")
     urls = [f"ipc://{tmp_path}/p{i}.sock" for i in range(n + 1)]
     dirs = [tmp_path / f"peer-{i}" for i in range(n + 1)]
     fast = ["--exchange-timeout", "1", "--peer-timeout", "4", "--join-wait", "4", "--linger", "1",

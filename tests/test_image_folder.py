@@ -108,7 +108,7 @@ def test_three_sites_over_the_bus_and_the_same_task_simulated(folders, tmp_path,
 
     from clients.simulation.run import simulate
 
-    cfg = RunConfig(task=TASK, task_options={"classes": ",".join(CLASSES), "test_path": str(test),
+    cfg = RunConfig.of(task=TASK, task_options={"classes": ",".join(CLASSES), "test_path": str(test),
                                              "data_path": str(everything)},
                     clients=3, partition="iid", rounds=4, local_epochs=2, batch_size=10, lr=0.01, optimizer="adam",
                     seed=1, out=str(tmp_path / "sim"), progress="off", plot=False)

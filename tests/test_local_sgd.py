@@ -71,11 +71,11 @@ def test_schedules_over_rounds_and_the_server_sends_each_rounds_rate():
     assert [scheduled_lr(1.0, "cosine", r, 4) for r in (1, 3)] == [1.0, pytest.approx(0.5)]
     assert scheduled_lr(1.0, "cosine", 4, 4, lr_min=0.2) == pytest.approx(0.2 + 0.8 * (1 + math.cos(0.75 * math.pi)) / 2)
     assert [scheduled_lr(0.8, "step", r, 9, step=3, gamma=0.5) for r in (1, 3, 4, 7)] == [0.8, 0.8, 0.4, 0.2]
-    cfg = RunConfig(lr=0.01, optimizer="adam", lr_schedule="cosine", rounds=10, clip_norm=5.0)
+    cfg = RunConfig.of(lr=0.01, optimizer="adam", lr_schedule="cosine", rounds=10, clip_norm=5.0)
     model = _model()
     spec = ParamSpec.from_module(model)
     server = RoundServer(spec, spec.flatten(model), make_aggregator("fedavg"), make_server_optimizer("fedavg"),
-                         cfg.train_config(), per_round=2, lr_at=cfg.lr_at)
+                         cfg.train.train_config(), per_round=2, lr_at=cfg.lr_at)
     for r in (1, 6, 10):
         jobs = server.plan(r, {"0": 10, "1": 10})
         assert [j.config.lr for j in jobs] == [pytest.approx(cfg.lr_at(r))] * 2
@@ -90,4 +90,4 @@ def test_schedules_over_rounds_and_the_server_sends_each_rounds_rate():
 ])
 def test_bad_training_choices_name_the_field(bad, word):
     with pytest.raises(ConfigError, match=word):
-        RunConfig(**bad)
+        RunConfig.of(**bad)

@@ -27,7 +27,7 @@ def test_a_run_writes_its_config_partition_best_model_and_per_client_accuracy(tm
     rows = _run(out, "--eval-clients", "--optimizer", "adam", "--lr", "0.01", "--lr-schedule", "cosine")
     # config.toml is the whole resolved configuration and re-creates it
     cfg = build_config(str(out / "config.toml"))
-    assert cfg.optimizer == "adam" and cfg.lr_schedule == "cosine" and cfg.clients == 4 and cfg.out == str(out)
+    assert cfg.train.optimizer == "adam" and cfg.train.lr_schedule == "cosine" and cfg.federation.clients == 4 and cfg.out == str(out)
     assert build_config(None, load_toml(out / "config.toml")) == cfg
     # partition.json: per-client sizes and label counts, consistent with each other
     part = json.loads((out / "partition.json").read_text())

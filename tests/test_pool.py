@@ -33,8 +33,8 @@ def children() -> set[int]:
 def test_pool_matches_in_process_and_leaves_no_process(extra):
     before = children()
     torch.set_num_threads(1)
-    ref = Simulation(RunConfig(**{**BASE, **extra, "workers": 1})).run(None).global_vec
-    sim = Simulation(RunConfig(**{**BASE, **extra, "workers": 2}))
+    ref = Simulation(RunConfig.of(**{**BASE, **extra, "workers": 1})).run(None).global_vec
+    sim = Simulation(RunConfig.of(**{**BASE, **extra, "workers": 2}))
     assert isinstance(sim.executor, PoolExecutor)
     got = sim.run(None).global_vec
     assert torch.allclose(ref, got, atol=1e-5), (ref - got).abs().max()
@@ -42,7 +42,7 @@ def test_pool_matches_in_process_and_leaves_no_process(extra):
 
 
 def test_a_worker_that_dies_ends_the_run_with_a_clear_error():
-    sim = Simulation(RunConfig(**{**BASE, "workers": 2}))
+    sim = Simulation(RunConfig.of(**{**BASE, "workers": 2}))
     ex = sim.executor
     ex._wait_ready()
     ex._procs[1].kill()

@@ -75,10 +75,10 @@ def test_ipc_processes_match_the_in_process_secagg_run(tmp_path):
 
     common = dict(task="digits", clients=4, rounds=3, local_epochs=1, seed=3, partition="iid", aggregator="secagg",
                   progress="off")
-    assert simulate_processes(RunConfig(**common, transport="ipc", processes=4, heartbeat=0.5,
+    assert simulate_processes(RunConfig.of(**common, transport="ipc", processes=4, heartbeat=0.5,
                                         out=str(tmp_path / "bus"))) == 0
     rows = [json.loads(line) for line in (tmp_path / "bus" / "metrics.jsonl").read_text().splitlines()]
-    ref = simulate(RunConfig(**common, out=str(tmp_path / "ref")))
+    ref = simulate(RunConfig.of(**common, out=str(tmp_path / "ref")))
     assert [r["clients"] for r in rows] == [4, 4, 4] and all(r["aborted"] is None for r in rows)
     assert rows[-1]["accuracy"] > 0.5  # it learned
     assert abs(rows[-1]["accuracy"] - ref.records[-1]["accuracy"]) <= 0.005

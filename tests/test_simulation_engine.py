@@ -18,7 +18,7 @@ BASE = dict(task="digits", clients=12, rounds=2, local_epochs=1, lr=0.05, batch_
 
 
 def run(**kw):
-    sim = Simulation(RunConfig(**{**BASE, **kw}))
+    sim = Simulation(RunConfig.of(**{**BASE, **kw}))
     res = sim.run(None)
     return sim, res
 
@@ -50,7 +50,7 @@ def test_shards_are_lazy_and_bounded_by_the_cache():
 
 
 def test_default_is_in_process_for_small_models():
-    sim = Simulation(RunConfig(**BASE))
+    sim = Simulation(RunConfig.of(**BASE))
     assert isinstance(sim.executor, SequentialExecutor)
     assert default_workers(sim.cfg.replace(workers=3), sim.spec) == 3
 
@@ -70,7 +70,7 @@ def test_scaffold_control_delta_is_option_two():
 
 
 def test_scaffold_keeps_client_state_between_rounds_and_moves_the_server_variate():
-    sim = Simulation(RunConfig(**{**BASE, "algorithm": "scaffold", "clients": 6, "clients_per_round": 3}))
+    sim = Simulation(RunConfig.of(**{**BASE, "algorithm": "scaffold", "clients": 6, "clients_per_round": 3}))
     drive(sim, 3)
     store = sim.executor.host.scaffold.store
     trained = len(store)
@@ -83,7 +83,7 @@ def test_scaffold_keeps_client_state_between_rounds_and_moves_the_server_variate
 
 
 def test_scaffold_spills_client_state_past_the_budget():
-    sim = Simulation(RunConfig(**{**BASE, "algorithm": "scaffold", "clients": 8, "state_budget_mb": 0.02}))
+    sim = Simulation(RunConfig.of(**{**BASE, "algorithm": "scaffold", "clients": 8, "state_budget_mb": 0.02}))
     ex = sim.executor
     drive(sim, 2)
     store = ex.host.scaffold.store
@@ -101,7 +101,7 @@ def test_scaffold_refuses_a_task_with_its_own_train(monkeypatch):
 
     monkeypatch.setitem(task_mod._REGISTERED, "own-train", OwnTrain)
     with pytest.raises(ConfigError, match="scaffold needs a task"):
-        Simulation(RunConfig(**{**BASE, "task": "own-train", "algorithm": "scaffold"}))
+        Simulation(RunConfig.of(**{**BASE, "task": "own-train", "algorithm": "scaffold"}))
 
 
 def test_scaffold_server_step_scales_by_one_over_n():
@@ -116,11 +116,11 @@ def test_cuda_without_a_gpu_is_one_clear_error():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(ConfigError, match="no CUDA GPU is available"):
-        Simulation(RunConfig(**{**BASE, "device": "cuda"}))
+        Simulation(RunConfig.of(**{**BASE, "device": "cuda"}))
 
 
 def test_bad_algorithm_and_budget_are_config_errors():
     with pytest.raises(ConfigError, match="algorithm must be one of"):
-        RunConfig(algorithm="fedsplit")
+        RunConfig.of(algorithm="fedsplit")
     with pytest.raises(ConfigError, match="state-budget-mb"):
-        RunConfig(state_budget_mb=-1)
+        RunConfig.of(state_budget_mb=-1)

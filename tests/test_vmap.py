@@ -25,7 +25,7 @@ def one_thread():
 
 
 def final(**kw):
-    sim = Simulation(RunConfig(**{**BASE, **kw}))
+    sim = Simulation(RunConfig.of(**{**BASE, **kw}))
     return sim, sim.run(None).global_vec
 
 
@@ -66,7 +66,7 @@ class SumLossTask(DigitsTask):
 ])
 def test_unvmappable_tasks_fall_back_with_one_line(monkeypatch, capsys, factory, why):
     monkeypatch.setitem(task_mod._REGISTERED, "odd", factory)
-    sim = Simulation(RunConfig(**{**BASE, "task": "odd", "backend": "vmap", "rounds": 1}))
+    sim = Simulation(RunConfig.of(**{**BASE, "task": "odd", "backend": "vmap", "rounds": 1}))
     err = capsys.readouterr().err.strip().splitlines()
     assert isinstance(sim.executor, SequentialExecutor)
     assert len(err) == 1 and "vmap backend unavailable" in err[0] and why in err[0], err

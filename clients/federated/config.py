@@ -6,10 +6,10 @@ rounds and training settings are not here: the coordinator sends them in WELCOME
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedopt.config import number
 from fedopt.errors import ConfigError
 from fedopt.trainer import check_device
 
@@ -52,10 +52,8 @@ class ClientConfig:
         n = self.num_shards
         if not (_count(self.shard) and self.shard >= 0 and (n is None or _count(n) and self.shard < n)):
             raise ConfigError(f"--shard {self.shard} is out of range for --num-shards {n}")
-        for name, value in (("--heartbeat", self.heartbeat), ("--give-up", self.give_up)):
-            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                    and value > 0):
-                raise ConfigError(f"{name} must be > 0 seconds")
+        number("heartbeat", self.heartbeat, low_open=True, what="a number of seconds")
+        number("give_up", self.give_up, low_open=True, what="a number of seconds")
         check_device(self.device, "--device")
         if not isinstance(self.task_options, dict):
             raise ConfigError("--task-option must be KEY=VALUE pairs")

@@ -6,12 +6,11 @@ Field names are the ``fedopt gossip`` flags with dashes as underscores, and erro
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from fedopt.data.partition import KINDS
 from fedopt.errors import ConfigError
-from fedopt.schedules import OPTIMIZERS, SCHEDULES, scheduled_lr
+from fedopt.config import OptimizerConfig, at_least, choice, number
 from fedopt.task import TrainConfig
 from fedopt.trainer import check_device
 
@@ -19,24 +18,14 @@ from clients.gossip.topology import TOPOLOGIES
 
 __all__ = ["GossipConfig"]
 
-_CHOICES = {"partition": KINDS, "optimizer": OPTIMIZERS, "lr_schedule": SCHEDULES,
-            "progress": ("auto", "bar", "lines", "off")}
-
-
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+@dataclass(frozen=True, kw_only=True)
+class GossipConfig(OptimizerConfig):
+    """Beside the optimizer and its schedule (:class:`~fedopt.config.OptimizerConfig`, validated there):"""
 
-
-def _real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-@dataclass(frozen=True)
-class GossipConfig:
     # network
     bind: str  # this peer's socket: tcp://IP:PORT or ipc://PATH
     shard: int  # this peer's data shard, in [0, num_shards)
@@ -59,15 +48,6 @@ class GossipConfig:
     rounds: int = 30  # local rounds, each: local epochs, then `exchanges` exchanges
     local_epochs: int = 1
     batch_size: int = 16
-    lr: float = 0.1
-    momentum: float = 0.0  # sgd only
-    optimizer: str = "sgd"
-    weight_decay: float = 0.0
-    clip_norm: float | None = None  # clip each step's gradient to this L2 norm
-    lr_schedule: str = "constant"  # learning rate over rounds
-    lr_min: float = 0.0  # cosine: the rate it decays towards
-    lr_step: int = 10  # step: rounds between decays
-    lr_gamma: float = 0.1  # step: factor of each decay
     device: str = "cpu"
     # gossip
     topology: str | None = None  # synchronous D-PSGD on this graph (None: random pairwise gossip)
@@ -87,36 +67,32 @@ class GossipConfig:
     exit_with_parent: bool = False  # stop when the process that started this one exits (simulated swarms)
 
     def __post_init__(self):
+        super().__post_init__()
         object.__setattr__(self, "peers", tuple(self.peers))  # a list is taken as one; frozen from here on
         for name in ("bind", "advertise"):
             value = getattr(self, name)
             if not (value is None and name == "advertise" or isinstance(value, str) and "://" in value):
                 raise ConfigError(f"{_flag(name)} {value!r} must be an address: tcp://IP:PORT or ipc://PATH")
-        if not (_count(self.shard) and _count(self.num_shards) and 0 <= self.shard < self.num_shards):
+        at_least("num_shards", self.num_shards, 1)
+        if not (isinstance(self.shard, int) and not isinstance(self.shard, bool) and 0 <= self.shard < self.num_shards):
             raise ConfigError(f"--shard {self.shard} is out of range for --num-shards {self.num_shards}")
-        for name in ("rounds", "local_epochs", "batch_size", "max_accept", "exchanges", "lr_step"):
-            if not (_count(getattr(self, name)) and getattr(self, name) >= 1):
-                raise ConfigError(f"{_flag(name)} must be >= 1")
-        for name in ("lr", "exchange_timeout", "peer_timeout", "join_wait", "alpha", "lr_gamma"):
-            if not (_real(getattr(self, name)) and getattr(self, name) > 0):
-                raise ConfigError(f"{_flag(name)} must be > 0")
-        for name in ("final_mixes", "max_lag", "linger", "momentum", "weight_decay", "lr_min"):
-            value = getattr(self, name)
-            if not ((_count(value) if name in ("final_mixes", "max_lag") else _real(value)) and value >= 0):
-                raise ConfigError(f"{_flag(name)} must be >= 0")
-        if self.clip_norm is not None and not (_real(self.clip_norm) and self.clip_norm > 0):
-            raise ConfigError("--clip-norm must be > 0")
-        for name, allowed in (*_CHOICES.items(), ("topology", (None, *TOPOLOGIES))):
-            if getattr(self, name) not in allowed:
-                shown = ", ".join(a for a in allowed if a is not None)
-                raise ConfigError(f"{_flag(name)} must be one of {shown}, not {getattr(self, name)!r}")
+        for name in ("rounds", "local_epochs", "batch_size", "max_accept", "exchanges"):
+            at_least(name, getattr(self, name), 1)
+        for name in ("exchange_timeout", "peer_timeout", "join_wait", "alpha"):
+            number(name, getattr(self, name), low_open=True)
+        at_least("final_mixes", self.final_mixes, 0)
+        at_least("max_lag", self.max_lag, 0)
+        number("linger", self.linger)
+        choice("partition", self.partition, KINDS)
+        choice("progress", self.progress, ("auto", "bar", "lines", "off"))
+        choice("topology", self.topology, (None, *TOPOLOGIES))
         if not (isinstance(self.task, str) and self.task):
             raise ConfigError("--task must be a non-empty name")
         if not isinstance(self.task_options, dict):
             raise ConfigError("--task-option must be KEY=VALUE pairs")
-        if not _count(self.seed):
-            raise ConfigError(f"--seed must be an integer, not {self.seed!r}")
-        if not (_count(self.discovery_port) and 0 < self.discovery_port < 65536):
+        at_least("seed", self.seed, -(1 << 63))
+        at_least("discovery_port", self.discovery_port, 1)
+        if self.discovery_port > 65535:
             raise ConfigError(f"--discovery-port must be a UDP port in 1-65535, not {self.discovery_port!r}")
         check_device(self.device, "--device")
         for u in self.peers:
@@ -150,8 +126,6 @@ class GossipConfig:
 
     def train_config(self, r: int) -> TrainConfig:
         """Local training of round ``r``: its scheduled learning rate, and a seed of its own for every peer."""
-        lr = scheduled_lr(self.lr, self.lr_schedule, r, self.rounds, lr_min=self.lr_min, step=self.lr_step,
-                          gamma=self.lr_gamma)
-        return TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=lr, momentum=self.momentum,
+        return TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.scheduled_lr(r, self.rounds), momentum=self.momentum,
                            weight_decay=self.weight_decay, optimizer=self.optimizer, clip_norm=self.clip_norm,
                            seed=self.seed * 100_003 + self.shard * 1009 + r)

@@ -35,13 +35,13 @@ __all__ = ["simulate_gossip", "peer_config", "peer_command", "swarm_summary"]
 def peer_config(url: str, shard: int, n: int, seeds: list[str], cfg: RunConfig, out: Path,
                 keys: str | None = None) -> GossipConfig:
     """The config of peer ``shard`` of a simulated swarm of ``n``: the run's task and training, its own folder."""
+    t, f = cfg.train, cfg.federation
     return GossipConfig(
         bind=url, shard=shard, num_shards=n, peers=tuple(seeds), keys=keys, task=cfg.task,
-        task_options=dict(cfg.task_options), partition=cfg.partition, alpha=cfg.alpha, seed=cfg.seed, rounds=cfg.rounds,
-        local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-        optimizer=cfg.optimizer, weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm or None,
-        lr_schedule=cfg.lr_schedule, lr_min=cfg.lr_min, lr_step=cfg.lr_step, lr_gamma=cfg.lr_gamma,
-        topology=cfg.topology, out=str(out), progress="off", plot=False, exit_with_parent=True)
+        task_options=dict(cfg.task_options), partition=f.partition, alpha=f.alpha, seed=cfg.seed, rounds=f.rounds,
+        local_epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum, optimizer=t.optimizer,
+        weight_decay=t.weight_decay, clip_norm=t.clip_norm or None, lr_schedule=t.lr_schedule, lr_min=t.lr_min,
+        lr_step=t.lr_step, lr_gamma=t.lr_gamma, topology=cfg.sim.topology, out=str(out), progress="off", plot=False, exit_with_parent=True)
 
 
 def peer_command(url: str, shard: int, n: int, seeds: list[str], cfg: RunConfig, out: Path,
@@ -72,15 +72,15 @@ def swarm_summary(peer_dirs: list[Path], weights: list[int] | None = None) -> di
 
 
 def simulate_gossip(cfg: RunConfig, timeout: float | None = None) -> int:
-    n = cfg.peers or cfg.processes or cfg.clients
+    n = cfg.sim.peers or cfg.sim.processes or cfg.federation.clients
     if n < 2:
         raise FedoptError("--mode gossip needs at least 2 peers")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    timeout = timeout or max(120.0, cfg.rounds * cfg.local_epochs * 10.0)
+    timeout = timeout or max(120.0, cfg.federation.rounds * cfg.train.local_epochs * 10.0)
     with tempfile.TemporaryDirectory(prefix="fedopt-gossip-") as tmp:
         keys = None
-        if cfg.transport == "ipc":
+        if cfg.sim.transport == "ipc":
             urls = [f"ipc://{tmp}/peer-{i:03d}.sock" for i in range(n)]
         else:
             keys = str(generate_keys(Path(tmp) / "keys", n))
@@ -90,7 +90,7 @@ def simulate_gossip(cfg: RunConfig, timeout: float | None = None) -> int:
         try:
             for i in range(n):
                 dirs[i].mkdir(parents=True, exist_ok=True)
-                seeds = urls if cfg.topology else sorted({urls[(i - 1) % n], urls[(i + 1) % n]} - {urls[i]})
+                seeds = urls if cfg.sim.topology else sorted({urls[(i - 1) % n], urls[(i + 1) % n]} - {urls[i]})
                 cmd = peer_command(urls[i], i, n, seeds, cfg, dirs[i], keys)
                 procs.append(spawn(cmd, dirs[i] / "peer.log", env))
             end = time.monotonic() + timeout
@@ -116,7 +116,7 @@ class _SwarmProgress:
 
     def __init__(self, dirs: list[Path], cfg: RunConfig) -> None:
         self.dirs, self.done, self.t0, self.last = dirs, 0, time.monotonic(), 0.0
-        self.reporter = Reporter(cfg.rounds, cfg.progress, title=f"fedopt gossip: {len(dirs)} peers")
+        self.reporter = Reporter(cfg.federation.rounds, cfg.progress, title=f"fedopt gossip: {len(dirs)} peers")
 
     def poll(self) -> None:
         now = time.monotonic()
@@ -139,10 +139,10 @@ class _SwarmProgress:
 def _write_outputs(cfg: RunConfig, dirs: list[Path], summary: dict) -> None:
     out = Path(cfg.out)
     per_peer = [read_metrics(d / "metrics.jsonl") for d in dirs]
-    output = RunOutput(out, cfg.rounds, "off", title=f"fedopt simulate --mode gossip: {cfg.task}, {len(dirs)} peers",
-                       plot=cfg.plot)
+    output = RunOutput(out, cfg.federation.rounds, "off",
+                       title=f"fedopt simulate --mode gossip: {cfg.task}, {len(dirs)} peers", plot=cfg.plot)
     try:
-        for r in range(1, cfg.rounds + 1):
+        for r in range(1, cfg.federation.rounds + 1):
             recs = [next((x for x in p if x["round"] == r), None) for p in per_peer]
             recs = [x for x in recs if x is not None]
             if not recs:

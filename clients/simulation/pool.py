@@ -66,7 +66,7 @@ class PoolExecutor:
         self._slab = torch.zeros(workers, SLAB, P, dtype=dt).share_memory_()
         cores = len(os.sched_getaffinity(0))
         threads = 1 if workers >= cores else max(1, cores // workers)
-        budget = int(cfg.state_budget_mb * (1 << 20)) // workers
+        budget = int(cfg.sim.state_budget_mb * (1 << 20)) // workers
         ctx = tmp.get_context("spawn")
         self._out = ctx.Queue()
         self._inboxes = [ctx.Queue() for _ in range(workers)]
@@ -183,12 +183,13 @@ def _worker_main(rank, cfg: RunConfig, spec_dict, threads, budget, global_vec, c
         spec = ParamSpec.from_dict(spec_dict)
         task = resolve_task(cfg.task, cfg.task_options)
         device = pick_device(cfg.device)
-        shards = ShardSource(task, cfg.clients, cfg.seed, PartitionSpec(cfg.partition, cfg.alpha), device)
-        clients = ScaffoldClients(task, spec, budget) if cfg.algorithm == "scaffold" else None
-        host = ClientHost(task, spec, shards, device, cfg.buffers, clients)
+        fed = cfg.federation
+        shards = ShardSource(task, fed.clients, cfg.seed, PartitionSpec(fed.partition, fed.alpha), device)
+        clients = ScaffoldClients(task, spec, budget) if cfg.train.algorithm == "scaffold" else None
+        host = ClientHost(task, spec, shards, device, cfg.train.buffers, clients)
         # the worker's own RoundServer validates and pre-aggregates with the run's aggregator; it never steps
         local = RoundServer(spec, torch.zeros(spec.size, dtype=spec.torch_dtype),
-                            make_aggregator(cfg.aggregator, **cfg.aggregator_options),
+                            make_aggregator(cfg.federation.aggregator, **cfg.aggregator_options),
                             make_server_optimizer("fedavg"), TrainConfig(), per_round=1,
                             keep_stragglers=cfg.keep_stragglers)
     except BaseException as e:  # noqa: BLE001 - reported to the engine, which ends the run with one line

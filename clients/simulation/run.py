@@ -52,8 +52,8 @@ class Executor(Protocol):
 
 def default_workers(cfg: RunConfig, spec: ParamSpec) -> int:
     """``--workers`` when given; otherwise 1 (in-process) for small models and the number of cores for large ones."""
-    if cfg.workers is not None:
-        return cfg.workers
+    if cfg.sim.workers is not None:
+        return cfg.sim.workers
     return 1 if spec.size < SMALL_MODEL else max(1, len(os.sched_getaffinity(0)))
 
 
@@ -98,25 +98,25 @@ class Simulation:
         self.cfg = cfg
         self.task = resolve_task(cfg.task, cfg.task_options)
         self.device = pick_device(cfg.device)
-        if cfg.algorithm == "scaffold":
+        if cfg.train.algorithm == "scaffold":
             check_scaffold_task(self.task)
         self.server = RoundServer.for_run(cfg, self.task, self.device)
         self.spec = self.server.spec
-        self.partition = PartitionSpec(cfg.partition, cfg.alpha)
-        self.shards = ShardSource(self.task, cfg.clients, cfg.seed, self.partition, self.device)
+        self.partition = PartitionSpec(cfg.federation.partition, cfg.federation.alpha)
+        self.shards = ShardSource(self.task, cfg.federation.clients, cfg.seed, self.partition, self.device)
         test = self.task.load_test(cfg.seed) if hasattr(self.task, "load_test") else None
         self.test = to_device(test, self.device)
         self.sizes = self.shards.sizes
-        self.scaffold = ScaffoldServer(self.spec.size, cfg.clients, self.device) \
-            if cfg.algorithm == "scaffold" else None
+        self.scaffold = ScaffoldServer(self.spec.size, cfg.federation.clients, self.device) \
+            if cfg.train.algorithm == "scaffold" else None
         self.executor: Executor = self._make_executor()
         self._eval_trainer = getattr(self.executor, "trainer", None) or \
-            LocalTrainer(self.task, self.spec, self.device, cfg.buffers)
+            LocalTrainer(self.task, self.spec, self.device, cfg.train.buffers)
 
     def _make_executor(self) -> Executor:
         cfg = self.cfg
-        budget = int(cfg.state_budget_mb * (1 << 20))
-        if cfg.backend == "vmap":
+        budget = int(cfg.sim.state_budget_mb * (1 << 20))
+        if cfg.sim.backend == "vmap":
             from clients.simulation.vmap import VmapExecutor, vmap_unsupported
 
             reason = vmap_unsupported(self.task, self.spec, self.shards, self.server.train, self.device)
@@ -128,7 +128,8 @@ class Simulation:
             from clients.simulation.pool import PoolExecutor
 
             return PoolExecutor(cfg, self.spec, workers, self.sizes, self.scaffold)
-        return SequentialExecutor(self.task, self.spec, self.shards, self.device, cfg.buffers, self.scaffold, budget)
+        return SequentialExecutor(self.task, self.spec, self.shards, self.device, cfg.train.buffers, self.scaffold,
+                                  budget)
 
     def evaluate(self) -> dict:
         """The global model on the shared test set; without one, the sample-weighted mean over clients' local tests."""
@@ -150,7 +151,7 @@ class Simulation:
             trainer.binding.load(self.server.global_vec)
             out["per_class"] = evaluate_classifier(trainer.model, self.test, per_class=True)["per_class"]
         per_client = {}
-        for i in range(self.cfg.clients):
+        for i in range(self.cfg.federation.clients):
             shard = self.shards[i]
             split = shard.test if shard.test is not None else shard.train
             per_client[str(i)] = trainer.evaluate(self.server.global_vec, split)["accuracy"]
@@ -164,9 +165,10 @@ class Simulation:
             # A small model's ops are microseconds long: a second intra-op thread only adds hand-off and spinning
             # (30x slower per step on a loaded 2-core machine). Restored when the run ends.
             torch.set_num_threads(1)
-        engine = Engine(self.server, InProcessClients(self.executor, self.sizes, self.spec), cfg.rounds, output,
-                        eval_every=cfg.eval_every, evaluate=lambda _: self.evaluate(),
-                        extra_eval=(lambda _: self.evaluate_clients()) if cfg.eval_clients else None,
+        engine = Engine(self.server, InProcessClients(self.executor, self.sizes, self.spec), cfg.federation.rounds,
+                        output,
+                        eval_every=cfg.federation.eval_every, evaluate=lambda _: self.evaluate(),
+                        extra_eval=(lambda _: self.evaluate_clients()) if cfg.federation.eval_clients else None,
                         hooks=[self.scaffold] if self.scaffold is not None else ())
         try:
             records = engine.run()
@@ -200,12 +202,12 @@ class InProcessClients:
 def simulate(cfg: RunConfig) -> SimResult:
     """Run a simulation with outputs in ``cfg.out`` (metrics.jsonl, model.safetensors, accuracy.png, summary)."""
     sim = Simulation(cfg)
-    output = RunOutput(cfg.out, cfg.rounds, cfg.progress, title=f"fedopt simulate: {cfg.task}", plot=cfg.plot)
+    output = RunOutput(cfg.out, cfg.federation.rounds, cfg.progress, title=f"fedopt simulate: {cfg.task}", plot=cfg.plot)
     try:
         output.setup(cfg, sim.task)
         result = sim.run(output)
         output.finish(sim.spec, sim.server.global_vec,
-                      {"clients": f"{cfg.clients} ({cfg.per_round} per round)",
+                      {"clients": f"{cfg.federation.clients} ({cfg.federation.per_round} per round)",
                        "executor": type(sim.executor).__name__, "out": str(output.dir)})
     finally:
         output.close()

@@ -44,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_config(args.config, round_overrides(args, skip=("config", "bind", "keys", "insecure", "resume",
                                                                  "log_level", "identities")))
     ident = find_identity_dir(args.identities, args.keys)
-    pinned = load_pinned(ident) if ident is not None and cfg.aggregator == "secagg" else None
-    if cfg.aggregator == "secagg" and pinned is None:
+    pinned = load_pinned(ident) if ident is not None and cfg.federation.aggregator == "secagg" else None
+    if cfg.federation.aggregator == "secagg" and pinned is None:
         log.warning("secure aggregation without --identities: only the clients check key advertisements")
     dump = faults().get(Fault.SECAGG_DUMP)  # FEDOPT_FAULTS: set only by tests
     return Coordinator(cfg, args.bind, security, resume=args.resume, identities=pinned,

@@ -53,11 +53,11 @@ def simulate_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     cfg = simulate_config(args)
-    if cfg.mode == "gossip":
+    if cfg.sim.mode == "gossip":
         from clients.gossip.sim import simulate_gossip  # N peers as local processes
 
         return simulate_gossip(cfg)
-    if cfg.transport != "inproc":
+    if cfg.sim.transport != "inproc":
         from coordinator.local import simulate_processes  # a coordinator + K client processes over the bus
 
         return simulate_processes(cfg)

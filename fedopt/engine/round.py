@@ -10,7 +10,7 @@ way, which is what makes their results comparable seed for seed::
     server.merge(mean, weight, count)      # or a worker's pre-aggregated partial (linear aggregators)
     outcome = server.close()               # apply the aggregate with the server optimizer
 
-Bounded influence (:class:`Bounds`): no client's claim sets its influence unchecked. A client's aggregation weight is
+Bounded influence (:class:`~fedopt.config.Bounds`): no client's claim sets its influence unchecked. A client's weight is
 the sample count it announced when it became ready (never what an update says), capped at ``max_samples`` and at a
 ``max_share`` of the round's total weight; an update whose L2 norm exceeds ``norm_factor`` times the median norm of
 the last round's accepted updates (before any round: the global model's norm, at least 1), or ``max_update_norm``,
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..aggregators import Aggregator, Update, make_aggregator
+from ..config import Bounds
 from ..errors import ConfigError, SecAggError
 from ..optimizers import ServerOptimizer, make_server_optimizer
 from ..params import ParamSpec
@@ -43,20 +44,6 @@ def client_seed(seed: int, round: int, client: str) -> int:
     BLAKE2b of the three, cut to 63 bits: about a microsecond, so planning 10,000 clients costs milliseconds."""
     h = hashlib.blake2b(f"{seed}/{round}/{client}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") >> 1
-
-
-@dataclass(frozen=True)
-class Bounds:
-    """How far one client's claims may move a round (see the module docstring); from ``RunConfig``'s fields."""
-
-    max_samples: int = 1_000_000  # cap on one client's weight
-    max_share: float = 0.25  # cap on one client's share of the round's total weight (at least 1.5/selected)
-    norm_factor: float = 4.0  # reject an update over this x the reference norm (0 = off)
-    max_update_norm: float | None = None  # absolute cap on an update's L2 norm
-
-    @classmethod
-    def from_config(cls, cfg) -> "Bounds":
-        return cls(cfg.max_samples, cfg.max_share, cfg.norm_factor, cfg.max_update_norm)
 
 
 def capped_weights(sizes: Mapping[str, int], max_samples: int, max_share: float) -> dict[str, int]:
@@ -153,11 +140,12 @@ class RoundServer:
         from the same one), its aggregator, server optimizer, client training config and bounds."""
         torch.manual_seed(cfg.seed)
         model = task.build_model()
-        spec = ParamSpec.from_module(model, cfg.buffers)
-        return cls(spec, spec.flatten(model).to(device), make_aggregator(cfg.aggregator, **cfg.aggregator_options),
-                   make_server_optimizer(cfg.server_opt, cfg.server_lr, **cfg.server_options), cfg.train_config(),
-                   per_round=cfg.per_round, seed=cfg.seed, stragglers=cfg.stragglers,
-                   keep_stragglers=cfg.keep_stragglers, bounds=Bounds.from_config(cfg), lr_at=cfg.lr_at)
+        spec = ParamSpec.from_module(model, cfg.train.buffers)
+        fed = cfg.federation
+        return cls(spec, spec.flatten(model).to(device), make_aggregator(fed.aggregator, **cfg.aggregator_options),
+                   make_server_optimizer(fed.server_opt, fed.server_lr, **fed.server_options), cfg.train.train_config(),
+                   per_round=fed.per_round, seed=cfg.seed, stragglers=fed.stragglers,
+                   keep_stragglers=cfg.keep_stragglers, bounds=cfg.bounds, lr_at=cfg.lr_at)
 
     @property
     def round(self) -> int | None:

@@ -135,7 +135,7 @@ def test_coordinator_survives_hostile_traffic_while_training(zmq_context, tmp_pa
     assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1)), rows
     assert stats["finished_at_round"] is not None and stats["finished_at_round"] < ROUNDS, \
         f"the run ended before the attack did: raise ROUNDS ({stats})"
-    ref = simulate(RunConfig(task="digits", clients=CLIENTS, rounds=ROUNDS, local_epochs=1, seed=SEED,
+    ref = simulate(RunConfig.of(task="digits", clients=CLIENTS, rounds=ROUNDS, local_epochs=1, seed=SEED,
                              partition="iid", out=str(tmp_path / "ref"), progress="off"))
     clean = [r["accuracy"] for r in ref.records]
     got = [r["accuracy"] for r in rows]

@@ -74,7 +74,7 @@ def swarm(tmp: Path, attack=None, *, topology: str | None = None, members: int =
           start_after: int = 1, extra: list[str] | None = None, rounds: int = ROUNDS) -> Run:
     """Run ``N`` honest peers (of ``members``; the others never start) and, once peer 0 has trained
     ``start_after`` rounds, ``attack(ctx, urls, run)`` in this thread; returns when every peer has exited."""
-    cfg = RunConfig(clients=members, rounds=rounds, local_epochs=1, partition="iid", seed=3, mode="gossip", topology=topology)
+    cfg = RunConfig.of(clients=members, rounds=rounds, local_epochs=1, partition="iid", seed=3, mode="gossip", topology=topology)
     tmp.mkdir(parents=True, exist_ok=True)
     key_dir = generate_keys(tmp / "keys", members + 1) if keys else None
     if keys:

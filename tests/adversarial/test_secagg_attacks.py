@@ -71,7 +71,7 @@ def _run(cfg: RunConfig, sizes: dict | None = None, drop: str | None = None):
 
 @pytest.fixture(scope="module")
 def control():
-    acc, outcomes = _run(RunConfig(**BASE))
+    acc, outcomes = _run(RunConfig.of(**BASE))
     assert all(o.applied for o, _ in outcomes) and acc > 0.6
     return acc
 
@@ -79,7 +79,7 @@ def control():
 def test_a_forged_share_is_set_aside_and_the_run_matches_the_clean_control(control, monkeypatch, caplog):
     monkeypatch.setattr(ClientSession, "unmask", _forging_unmask(LIAR))
     with caplog.at_level(logging.WARNING, logger="fedopt.secagg"):
-        acc, outcomes = _run(RunConfig(**BASE))
+        acc, outcomes = _run(RunConfig.of(**BASE))
     # each round either completed or aborted cleanly (model unchanged, reason recorded); none may be garbage
     for out, info in outcomes:
         assert out.applied or info.get("aborted"), info
@@ -91,8 +91,8 @@ def test_a_forged_share_is_set_aside_and_the_run_matches_the_clean_control(contr
 
 def test_ready_of_2_pow_40_then_dropout_does_not_stall_training():
     """The control drops the same client with an honest READY: the claim of 2**40 must change nothing."""
-    control, _ = _run(RunConfig(**BASE), drop=LIAR)
-    acc, outcomes = _run(RunConfig(**BASE), sizes={LIAR: 2**40}, drop=LIAR)
+    control, _ = _run(RunConfig.of(**BASE), drop=LIAR)
+    acc, outcomes = _run(RunConfig.of(**BASE), sizes={LIAR: 2**40}, drop=LIAR)
     for out, info in outcomes:
         assert out.applied, info  # the dropout costs one client, never the round
         assert out.count == BASE["clients"] - 1
