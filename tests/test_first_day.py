@@ -23,7 +23,7 @@ import zmq
 
 from fedopt import bus
 from fedopt.cli import Parser, main
-from fedopt.config import tomllib
+import tomllib
 from fedopt.errors import AuthError, FedoptError, TaskError
 from fedopt.keys import generate_keys
 from fedopt.launch import free_port

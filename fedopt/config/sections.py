@@ -1,45 +1,21 @@
-"""Run configuration: cohesive frozen sections, each validated once in ``__post_init__``, loadable from TOML.
-
-A :class:`RunConfig` is the run's identity (task, seed, device, outputs) plus six sections::
-
-    train       TrainingConfig    how each selected client trains (local SGD, its optimizer, schedule, FedProx)
-    federation  FederationConfig  clients, rounds, sampling, stragglers, aggregation and the server step
-    secagg      SecAggConfig      secure aggregation's graph, threshold and quantisation (--aggregator secagg)
-    bus         BusConfig         deadlines, quorum, heartbeats, upload credit: runs over the ZeroMQ bus
-    bounds      Bounds            how far one client's claims may move a round (fedopt.engine)
-    sim         SimConfig         how ``fedopt simulate`` runs: in-process backend, workers, processes, gossip
-
-Users see one flat namespace: each flag and TOML key (``local-epochs`` or ``local_epochs``) names exactly one field of
-one section, so :meth:`RunConfig.of`, :func:`build_config` and :meth:`RunConfig.replace` take flat names and route
-them. Precedence: built-in defaults < the TOML file (``--config``) < command-line flags. A TOML file holds the flat
-names at top level or under a ``[simulate]`` table, plus optional tables ``[task-options]``,
-``[aggregator-options]`` and ``[server-options]``. An unknown key is an error naming the key; an invalid value is an
-error naming the flag.
-"""
+"""The sections of a run's configuration, each a frozen dataclass validated once in ``__post_init__``, and the
+validators every command's config uses (errors name the flag: ``--lr must be a number > 0, not 0``)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .task import TrainConfig
+    from ..task import TrainConfig
 
-from .errors import ConfigError
-from .schedules import OPTIMIZERS, SCHEDULES, scheduled_lr
+from ..errors import ConfigError
+from ..schedules import OPTIMIZERS, SCHEDULES, scheduled_lr
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
-
-__all__ = ["RunConfig", "OptimizerConfig", "TrainingConfig", "FederationConfig", "SecAggConfig", "BusConfig", "Bounds",
-           "SimConfig", "load_toml", "load_command_toml", "build_config", "read_toml", "normalise_keys", "choice",
-           "at_least", "number", "optional"]
+__all__ = ["OptimizerConfig", "TrainingConfig", "FederationConfig", "SecAggConfig", "BusConfig", "Bounds", "SimConfig",
+           "choice", "at_least", "number", "optional"]
 
 
 def _flag(name: str) -> str:
@@ -130,7 +106,7 @@ class TrainingConfig(OptimizerConfig):
 
     def train_config(self) -> "TrainConfig":
         """The local training every selected client is asked to do (the round's lr: :meth:`RunConfig.lr_at`)."""
-        from .task import TrainConfig
+        from ..task import TrainConfig
 
         return TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
                            weight_decay=self.weight_decay, optimizer=self.optimizer, clip_norm=self.clip_norm,
@@ -274,203 +250,3 @@ class SimConfig:
             choice("topology", self.topology, ("ring", "exponential", "complete"))
         if (self.peers is not None or self.topology is not None) and self.mode != "gossip":
             raise ConfigError("peers and topology apply only to --mode gossip")
-
-
-#: section attribute -> its class; flat names are the sections' field names, plus these aliases
-SECTIONS: dict[str, type] = {"train": TrainingConfig, "federation": FederationConfig, "secagg": SecAggConfig,
-                             "bus": BusConfig, "bounds": Bounds, "sim": SimConfig}
-_ALIASES = {"secagg_neighbours": "neighbours", "secagg_threshold": "threshold"}
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything a training run needs to know (see the module docstring)."""
-
-    task: str = "digits"  # built-in name or package.module:attr
-    task_options: dict = field(default_factory=dict)  # keyword arguments for the task's factory
-    seed: int = 0
-    device: str = "auto"  # auto = cuda when present
-    out: str = "runs/latest"
-    plot: bool = True  # write OUT/accuracy.png (when matplotlib is installed)
-    progress: str = "auto"  # auto (bar on a terminal, lines otherwise) | bar | lines | off
-    tracker: str | None = None  # also log every round to tensorboard | mlflow (an optional extra each)
-    train: TrainingConfig = field(default_factory=TrainingConfig)
-    federation: FederationConfig = field(default_factory=FederationConfig)
-    secagg: SecAggConfig = field(default_factory=SecAggConfig)
-    bus: BusConfig = field(default_factory=BusConfig)
-    bounds: Bounds = field(default_factory=Bounds)
-    sim: SimConfig = field(default_factory=SimConfig)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.task, str) or not self.task:
-            raise ConfigError("task must be a non-empty name")
-        if not isinstance(self.task_options, dict):
-            raise ConfigError("task-options must be a table of key = value")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ConfigError(f"seed must be an integer, not {self.seed!r}")
-        choice("device", self.device.split(":")[0] if isinstance(self.device, str) else self.device,
-                ("auto", "cpu", "cuda"))
-        choice("progress", self.progress, ("auto", "bar", "lines", "off"))
-        if self.tracker is not None:
-            choice("tracker", self.tracker, ("tensorboard", "mlflow"))
-        # what spans sections
-        if self.bus.max_clients is not None and self.bus.max_clients < self.federation.clients:
-            raise ConfigError(f"max-clients must be an integer >= {self.federation.clients} (clients), "
-                              f"not {self.bus.max_clients!r}")
-        given = self.secagg.options()
-        if given and self.federation.aggregator != "secagg":
-            flags = ", ".join("--" + {"neighbours": "secagg-neighbours", "threshold": "secagg-threshold"}.get(k, k)
-                              for k in given)
-            raise ConfigError(f"{flags} only apply to --aggregator secagg (aggregator is "
-                              f"{self.federation.aggregator!r})")
-
-    # ---- flat names (flags and TOML keys) --------------------------------------------------------------------------
-    @classmethod
-    def of(cls, **flat: Any) -> "RunConfig":
-        """A RunConfig from flat names (``lr=0.05, clients=20, deadline=5``); ConfigError for an unknown name."""
-        top: dict[str, Any] = {}
-        parts: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
-        for name, value in flat.items():
-            where = FIELDS.get(name)
-            if where is None:
-                raise ConfigError(f"unknown config key {name.replace('_', '-')!r}")
-            if where == "":
-                top[name] = value
-            else:
-                parts[where][_ALIASES.get(name, name)] = value
-        return cls(**top, **{s: SECTIONS[s](**kw) for s, kw in parts.items()})
-
-    def flat(self) -> dict[str, Any]:
-        """Every field by its flat name (the inverse of :meth:`of`)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in SECTIONS}
-        back = {v: k for k, v in _ALIASES.items()}
-        for s in SECTIONS:
-            for name, value in dataclasses.asdict(getattr(self, s)).items():
-                out[back.get(name, name) if s == "secagg" else name] = value
-        return out
-
-    def replace(self, **flat: Any) -> "RunConfig":
-        return RunConfig.of(**{**self.flat(), **flat})
-
-    def to_dict(self) -> dict:
-        return self.flat()
-
-    # ---- what spans sections -----------------------------------------------------------------------------------------
-    @property
-    def aggregator_options(self) -> dict:
-        """The aggregator's options: ``--aggregator-option`` pairs, with secagg's section and the weight cap folded
-        in for ``secagg`` (which encodes ``--max-samples`` as its public bound)."""
-        opts = dict(self.federation.aggregator_options)
-        if self.federation.aggregator == "secagg":
-            opts = {**opts, **self.secagg.options()}
-            opts.setdefault("max_weight", self.bounds.max_samples)
-        return opts
-
-    @property
-    def client_cap(self) -> int:
-        """Registrations a coordinator holds at once: --max-clients, else room for every client twice over."""
-        return self.bus.max_clients if self.bus.max_clients is not None else 2 * self.federation.clients + 16
-
-    @property
-    def keep_stragglers(self) -> bool:
-        """FedProx keeps a straggler's partial work; FedAvg drops the straggler (Li et al., MLSys 2020)."""
-        policy = self.federation.straggler_policy
-        return policy == "keep" or (policy == "auto" and self.train.mu > 0)
-
-    def lr_at(self, round: int) -> float:
-        """The client learning rate of ``round`` of this run."""
-        return self.train.scheduled_lr(round, self.federation.rounds)
-
-    def to_toml(self) -> str:
-        """Every field as flat TOML that :func:`load_toml` reads back into an equal RunConfig (None fields are left
-        out: None is each one's default)."""
-        lines, tables = ["# the full resolved configuration of this run: fedopt simulate --config config.toml"], []
-        for name, value in self.flat().items():
-            if value is None:
-                continue
-            if name in _TABLES:
-                tables.append((name, value))
-            else:
-                lines.append(f"{name.replace('_', '-')} = {_toml_value(value)}")
-        for name, table in tables:
-            lines += ["", f"[{name.replace('_', '-')}]"]
-            lines += [f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in table.items()]
-        return "\n".join(lines) + "\n"
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a TOML basic string
-    raise ConfigError(f"cannot write {value!r} to TOML")
-
-
-#: flat name -> the section that holds it ("" = RunConfig itself)
-FIELDS: dict[str, str] = {
-    **{f.name: "" for f in dataclasses.fields(RunConfig) if f.name not in SECTIONS},
-    **{({v: k for k, v in _ALIASES.items()}.get(f.name, f.name) if s == "secagg" else f.name): s
-       for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)},
-}
-_TABLES = {"task_options", "aggregator_options", "server_options"}
-
-
-def normalise_keys(raw: Mapping[str, Any], names, tables, source: str) -> dict:
-    """A config file's (or the command line's) keys as field names: ``local-epochs`` -> ``local_epochs``; a table only
-    where one is expected (``tables``). ConfigError naming the key and ``source`` for anything else."""
-    out = {}
-    for key, value in raw.items():
-        name = key.replace("-", "_")
-        if name not in names:
-            known = ", ".join(sorted(k.replace("_", "-") for k in names))
-            raise ConfigError(f"unknown config key {key!r} in {source} (known keys: {known})")
-        if isinstance(value, dict) != (name in tables):
-            raise ConfigError(f"config key {key!r} in {source} must be "
-                              f"{'a table, not a value' if name in tables else 'a value, not a table'}")
-        out[name] = dict(value) if isinstance(value, dict) else value
-    return out
-
-
-def read_toml(path: str | os.PathLike) -> dict:
-    """A TOML file as a dict; ConfigError naming the file when it is missing, a folder, or not TOML."""
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file is a directory: {path}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-
-
-def load_command_toml(path: str | os.PathLike, command: str, names, tables) -> dict:
-    """A command's ``--config`` file as field names: its keys at top level or under a ``[COMMAND]`` table (which wins),
-    ``tables`` as TOML tables. ConfigError naming the file and the key."""
-    raw = read_toml(path)
-    if isinstance(raw.get(command), dict):
-        raw = {**{k: v for k, v in raw.items() if k != command}, **raw[command]}
-    return normalise_keys(raw, names, tables, str(path))
-
-
-def load_toml(path: str | os.PathLike) -> dict:
-    """Read a ``fedopt simulate``/``coordinator`` config file into a dict of flat RunConfig names."""
-    return load_command_toml(path, "simulate", FIELDS, _TABLES)
-
-
-def build_config(config_file: str | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """Defaults < TOML file < overrides (flags). Raises ConfigError naming the bad field."""
-    merged: dict[str, Any] = {}
-    if config_file:
-        merged.update(load_toml(config_file))
-    for key, value in normalise_keys(overrides or {}, FIELDS, _TABLES, "the command line").items():
-        if key in _TABLES and key in merged:
-            merged[key] = {**merged[key], **value}
-        else:
-            merged[key] = value
-    try:
-        return RunConfig.of(**merged)
-    except TypeError as e:
-        raise ConfigError(str(e)) from None
