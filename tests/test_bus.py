@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import zmq
 
 from _bus import Cluster, free_port, wait_for
 from _leaks import owned_context

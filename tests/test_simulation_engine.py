@@ -12,7 +12,7 @@ from fedopt.config import RunConfig
 from fedopt.data import PartitionSpec
 from fedopt.data.digits import DigitsTask
 from fedopt.errors import ConfigError
-from fedopt.task import BaseTask, sgd_loop
+from fedopt.task import sgd_loop
 
 BASE = dict(task="digits", clients=12, rounds=2, local_epochs=1, lr=0.05, batch_size=16, progress="off", seed=3)
 

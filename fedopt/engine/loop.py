@@ -96,8 +96,7 @@ class Engine:
                 hook.begin()
             self.executor.run_round(server, jobs)
             if server.accepted >= self.min_clients or not server.retryable:
-                break
-            server.begin(r)  # discard the partial aggregate
+                break  # else the next attempt's begin() discards this one's partial aggregate
         outcome = server.close()
         if outcome.applied:
             for hook in self.hooks:
