@@ -1,13 +1,15 @@
-"""The round logic every federated engine shares: select, plan, accept, aggregate, step.
+"""The round the engine drives: select, plan, accept, aggregate, step.
 
 ``RoundServer`` owns the global model, the aggregator and the server optimizer, and nothing else: no sockets, no
-clocks, no files. The in-process simulator, the simulation workers and the ZeroMQ coordinator all drive it the same
-way, which is what makes their results comparable seed for seed::
+clocks, no files. :class:`~fedopt.engine.loop.Engine` calls it the same way for every executor (and a simulation
+worker pre-aggregates its share with one of its own), which is what makes the modes' results comparable seed for
+seed::
 
     jobs = server.plan(round, sizes)       # who trains, with which TrainConfig (seed, straggler budget)
     server.begin(round)                    # participants: the last plan's clients (secure aggregation needs them)
-    server.offer(update) -> reason | None  # validate and fold in one update (None = accepted)
-    server.merge(mean, weight, count)      # or a worker's pre-aggregated partial (linear aggregators)
+    server.offer(update) -> reason | None  # an executor folds in one update (None = accepted)
+    server.merge(mean, weight, count)      # or a pre-aggregated partial (linear aggregators: vmap, pool workers)
+    server.absorb(aggregate)               # or a sum a protocol computed outside the aggregator (SecAgg+ on the bus)
     outcome = server.close()               # apply the aggregate with the server optimizer
 
 Bounded influence (:class:`~fedopt.config.Bounds`): no client's claim sets its influence unchecked. A client's weight is
