@@ -226,6 +226,8 @@ class Coordinator(ClientLink):
         for client, msg in trains.items():
             if not self._send_model(client, msg):
                 self._lost(client, "unreachable, or has not read its last model")
+        # the model snapshot goes once zmq has sent it: holding it through the round would cost one model of memory
+        trains = msg = None
         log.info("round %d (attempt %d): %d clients selected of %d ready", r, self._attempt, len(jobs), len(self._sizes))
         t = self.tracker
 
