@@ -30,12 +30,16 @@ import torch
 from fedopt.config import RunConfig
 from fedopt.data import PartitionSpec
 from fedopt.engine import Engine, Job, RoundServer
+from fedopt.engine.buffered import BufferedEngine
+from fedopt.engine.clock import ClientSpeeds, parse_speeds
+from fedopt.schedules import parse_staleness
 from fedopt.metrics import RunOutput
 from fedopt.params import ParamSpec
 from fedopt.local_sgd import num_samples
 from fedopt.task import BaseTask, Task, evaluate_classifier, resolve_task, to_device
 from fedopt.trainer import SMALL_MODEL, LocalTrainer, pick_device
 
+from clients.simulation.asynchronous import VirtualClients, round_seconds
 from clients.simulation.host import ClientHost
 from clients.simulation.scaffold import ScaffoldClients, ScaffoldServer, check_scaffold_task
 from clients.simulation.shards import ShardSource
@@ -109,6 +113,8 @@ class Simulation:
         self.sizes = self.shards.sizes
         self.scaffold = ScaffoldServer(self.spec.size, cfg.federation.clients, self.device) \
             if cfg.train.algorithm == "scaffold" else None
+        self.speeds = parse_speeds(cfg.sim.client_speed, cfg.sim.comm_seconds, cfg.seed) \
+            if cfg.sim.client_speed is not None else None
         self.executor: Executor = self._make_executor()
         self._eval_trainer = getattr(self.executor, "trainer", None) or \
             LocalTrainer(self.task, self.spec, self.device, cfg.train.buffers)
@@ -116,6 +122,11 @@ class Simulation:
     def _make_executor(self) -> Executor:
         cfg = self.cfg
         budget = int(cfg.sim.state_budget_mb * (1 << 20))
+        if cfg.buffered.buffer_size is not None:
+            if cfg.sim.backend == "vmap" or (cfg.sim.workers or 1) > 1:
+                _note("buffered asynchronous rounds train one client at a time in this process (--backend and "
+                      "--workers apply to synchronous rounds)")
+            return SequentialExecutor(self.task, self.spec, self.shards, self.device, cfg.train.buffers, None, budget)
         if cfg.sim.backend == "vmap":
             from clients.simulation.vmap import VmapExecutor, vmap_unsupported
 
@@ -165,11 +176,18 @@ class Simulation:
             # A small model's ops are microseconds long: a second intra-op thread only adds hand-off and spinning
             # (30x slower per step on a loaded 2-core machine). Restored when the run ends.
             torch.set_num_threads(1)
-        engine = Engine(self.server, InProcessClients(self.executor, self.sizes, self.spec), cfg.federation.rounds,
-                        output,
-                        eval_every=cfg.federation.eval_every, evaluate=lambda _: self.evaluate(),
-                        extra_eval=(lambda _: self.evaluate_clients()) if cfg.federation.eval_clients else None,
-                        hooks=[self.scaffold] if self.scaffold is not None else ())
+        fed, b = cfg.federation, cfg.buffered
+        if b.buffer_size is not None:
+            engine = BufferedEngine(
+                self.server, VirtualClients(self.executor.host, self.server, self.sizes, self.speeds), self.sizes,
+                fed.rounds, cfg.concurrency, b.buffer_size, b.max_staleness, b.dispatch_threshold,
+                parse_staleness(b.staleness), output, eval_every=fed.eval_every, evaluate=lambda _: self.evaluate())
+        else:
+            engine = Engine(self.server, InProcessClients(self.executor, self.sizes, self.spec, self.speeds,
+                                                          self.server.keep_stragglers), fed.rounds, output,
+                            eval_every=fed.eval_every, evaluate=lambda _: self.evaluate(),
+                            extra_eval=(lambda _: self.evaluate_clients()) if fed.eval_clients else None,
+                            hooks=[self.scaffold] if self.scaffold is not None else ())
         try:
             records = engine.run()
         finally:
@@ -179,12 +197,15 @@ class Simulation:
 
 
 class InProcessClients:
-    """The engine's view of a simulation executor: every client is always available (no quorum), and a round's
-    bytes are what its messages would carry on the bus (the model down to each selected client, a delta back)."""
+    """The engine's view of a simulation executor: every client is always available (no quorum), a round's bytes
+    are what its messages would carry on the bus (the model down to each selected client, a delta back), and with a
+    virtual clock (``--client-speed``) a round lasts as long as its slowest client."""
 
-    def __init__(self, executor: Executor, sizes: dict[str, int], spec: ParamSpec) -> None:
-        self.executor, self.sizes = executor, sizes
+    def __init__(self, executor: Executor, sizes: dict[str, int], spec: ParamSpec, speeds: ClientSpeeds | None = None,
+                 keep_stragglers: bool = False) -> None:
+        self.executor, self.sizes, self.speeds, self.keep_stragglers = executor, sizes, speeds, keep_stragglers
         self.itemsize = spec.size * torch.empty((), dtype=spec.torch_dtype).element_size()
+        self.virtual = 0.0
 
     def available(self, round: int, attempt: int) -> dict[str, int]:
         return self.sizes
@@ -193,7 +214,11 @@ class InProcessClients:
         self.executor.run_round(server, jobs)
 
     def fields(self, jobs: list[Job], outcome) -> dict:
-        return {"bytes_down": len(jobs) * self.itemsize, "bytes_up": outcome.count * self.itemsize}
+        out = {"bytes_down": len(jobs) * self.itemsize, "bytes_up": outcome.count * self.itemsize}
+        if self.speeds is not None:
+            self.virtual += round_seconds(self.speeds, jobs, self.sizes, self.keep_stragglers)
+            out["virtual_seconds"] = self.virtual
+        return out
 
     def close(self) -> None:
         self.executor.close()

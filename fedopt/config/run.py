@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import ConfigError
-from .sections import Bounds, BusConfig, FederationConfig, SecAggConfig, SimConfig, TrainingConfig, choice
+from .sections import (Bounds, BufferedConfig, BusConfig, FederationConfig, SecAggConfig, SimConfig, TrainingConfig,
+                       choice)
 
 try:
     import tomllib
@@ -22,7 +23,7 @@ __all__ = ["RunConfig", "FIELDS", "SECTIONS", "load_toml", "load_command_toml", 
 
 #: section attribute -> its class; flat names are the sections' field names, plus these aliases
 SECTIONS: dict[str, type] = {"train": TrainingConfig, "federation": FederationConfig, "secagg": SecAggConfig,
-                             "bus": BusConfig, "bounds": Bounds, "sim": SimConfig}
+                             "bus": BusConfig, "bounds": Bounds, "sim": SimConfig, "buffered": BufferedConfig}
 _ALIASES = {"secagg_neighbours": "neighbours", "secagg_threshold": "threshold"}
 
 
@@ -44,6 +45,7 @@ class RunConfig:
     bus: BusConfig = field(default_factory=BusConfig)
     bounds: Bounds = field(default_factory=Bounds)
     sim: SimConfig = field(default_factory=SimConfig)
+    buffered: BufferedConfig = field(default_factory=BufferedConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.task, str) or not self.task:
@@ -67,6 +69,28 @@ class RunConfig:
                               for k in given)
             raise ConfigError(f"{flags} only apply to --aggregator secagg (aggregator is "
                               f"{self.federation.aggregator!r})")
+        if self.buffered.buffer_size is not None:
+            self._check_buffered()
+        elif self.buffered != BufferedConfig():
+            raise ConfigError("--concurrency, --dispatch-threshold, --max-staleness and --staleness apply to buffered "
+                              "asynchronous rounds: give --buffer-size K")
+
+    def _check_buffered(self) -> None:
+        """FedBuff's knobs against the run: C within the clients, K and O within C; what it does not combine with."""
+        b, fed = self.buffered, self.federation
+        c = self.concurrency
+        if c > fed.clients:
+            raise ConfigError(f"--concurrency ({c}) exceeds --clients ({fed.clients})")
+        if b.buffer_size > c or b.dispatch_threshold > c:
+            raise ConfigError(f"--buffer-size ({b.buffer_size}) and --dispatch-threshold ({b.dispatch_threshold}) "
+                              f"must not exceed --concurrency ({c}): a buffer larger than the clients in flight "
+                              f"would never fill")
+        refused = [why for cond, why in (
+            (self.sim.mode == "gossip", "--mode gossip"), (fed.aggregator == "secagg", "--aggregator secagg"),
+            (self.train.algorithm == "scaffold", "--algorithm scaffold"), (fed.stragglers > 0, "--stragglers"),
+            (self.sim.transport != "inproc", f"--transport {self.sim.transport}")) if cond]
+        if refused:
+            raise ConfigError(f"--buffer-size (buffered asynchronous rounds) does not combine with {refused[0]} yet")
 
     # ---- flat names (flags and TOML keys) --------------------------------------------------------------------------
     @classmethod
@@ -109,6 +133,11 @@ class RunConfig:
             opts = {**opts, **self.secagg.options()}
             opts.setdefault("max_weight", self.bounds.max_samples)
         return opts
+
+    @property
+    def concurrency(self) -> int:
+        """Clients training at once in buffered asynchronous rounds: --concurrency, else the clients per round."""
+        return self.buffered.concurrency or self.federation.per_round
 
     @property
     def client_cap(self) -> int:

@@ -12,9 +12,10 @@ if TYPE_CHECKING:
     from ..task import TrainConfig
 
 from ..errors import ConfigError
-from ..schedules import OPTIMIZERS, SCHEDULES, scheduled_lr
+from ..schedules import OPTIMIZERS, SCHEDULES, parse_staleness, scheduled_lr
 
 __all__ = ["OptimizerConfig", "TrainingConfig", "FederationConfig", "SecAggConfig", "BusConfig", "Bounds", "SimConfig",
+           "BufferedConfig",
            "choice", "at_least", "number", "optional"]
 
 
@@ -237,8 +238,13 @@ class SimConfig:
     state_budget_mb: float = 256.0  # per-client state (SCAFFOLD's c_i) held in memory; the rest spills to disk
     peers: int | None = None  # number of gossip peer processes (default: --clients)
     topology: str | None = None  # None = random pairwise gossip; ring | exponential | complete = synchronous D-PSGD
+    client_speed: str | None = None  # virtual clock: lognormal:SIGMA[:MEDIAN] | classes:S1,S2,... | trace:FILE
+    comm_seconds: float = 0.0  # virtual clock: seconds a job spends on the network (model down, update up)
 
     def __post_init__(self) -> None:
+        number("comm_seconds", self.comm_seconds)
+        if self.client_speed is not None and not isinstance(self.client_speed, str):
+            raise ConfigError(f"--client-speed must be a spec such as lognormal:1.0, not {self.client_speed!r}")
         choice("mode", self.mode, ("federated", "gossip"))
         choice("transport", self.transport, ("inproc", "ipc", "tcp"))
         choice("backend", self.backend, ("sequential", "vmap"))
@@ -250,3 +256,21 @@ class SimConfig:
             choice("topology", self.topology, ("ring", "exponential", "complete"))
         if (self.peers is not None or self.topology is not None) and self.mode != "gossip":
             raise ConfigError("peers and topology apply only to --mode gossip")
+
+
+@dataclass(frozen=True)
+class BufferedConfig:
+    """Buffered asynchronous aggregation (FedBuff; FedAsync is ``buffer_size`` 1): off while it is None."""
+
+    buffer_size: int | None = None  # K: updates per server step
+    concurrency: int | None = None  # C: clients training at once (default: clients per round)
+    dispatch_threshold: int = 1  # O: start clients once this many slots are free (C = K = O: synchronous rounds)
+    max_staleness: int | None = None  # H: drop updates more than this many versions old (None: never)
+    staleness: str = "polynomial:0.5"  # polynomial[:A] | sqrt | hinge[:A,B] | constant
+
+    def __post_init__(self) -> None:
+        optional(at_least, "buffer_size", self.buffer_size, 1)
+        optional(at_least, "concurrency", self.concurrency, 1)
+        at_least("dispatch_threshold", self.dispatch_threshold, 1)
+        optional(at_least, "max_staleness", self.max_staleness, 0)
+        parse_staleness(self.staleness)

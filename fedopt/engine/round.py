@@ -182,18 +182,28 @@ class RoundServer:
         slow = set(rng.choice(len(chosen), size=n_slow, replace=False).tolist()) if n_slow else set()
         jobs = []
         for i, cid in enumerate(chosen):
-            cfg = TrainConfig(**{**self.train.__dict__, "seed": client_seed(self.seed, round, cid)})
-            if self.lr_at is not None:
-                cfg.lr = float(self.lr_at(round))
+            job = self.job(round, cid)
             if i in slow:
-                full = cfg.epochs * cfg.steps_per_epoch(max(sizes[cid], 1))
-                cfg.max_steps = int(rng.integers(1, full + 1))
-            jobs.append(Job(cid, cfg, i in slow))
-        chosen_sizes = {cid: int(sizes[cid]) for cid in chosen}
-        if self.bounds is not None:
-            chosen_sizes = capped_weights(chosen_sizes, self.bounds.max_samples, self.bounds.max_share)
-        self._planned = (round, chosen_sizes)
+                full = job.config.epochs * job.config.steps_per_epoch(max(sizes[cid], 1))
+                job.config.max_steps = int(rng.integers(1, full + 1))
+                job.straggler = True
+            jobs.append(job)
+        self.grant(round, {cid: int(sizes[cid]) for cid in chosen})
         return jobs
+
+    def job(self, round: int, client: str) -> Job:
+        """``client``'s work in ``round``: the run's TrainConfig with the client's own seed and the round's lr."""
+        cfg = TrainConfig(**{**self.train.__dict__, "seed": client_seed(self.seed, round, client)})
+        if self.lr_at is not None:
+            cfg.lr = float(self.lr_at(round))
+        return Job(client, cfg)
+
+    def grant(self, round: int, sizes: Mapping[str, int]) -> None:
+        """The weights updates of ``round`` may carry: each client's announced count, capped (:class:`Bounds`)."""
+        sizes = {c: int(n) for c, n in sizes.items()}
+        if self.bounds is not None:
+            sizes = capped_weights(sizes, self.bounds.max_samples, self.bounds.max_share)
+        self._planned = (round, sizes)
 
     # ---- a round ----------------------------------------------------------------------------------------------------
     def begin(self, round: int, participants: Mapping[str, int] | None = None) -> None:

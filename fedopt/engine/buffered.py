@@ -1,0 +1,167 @@
+"""Buffered asynchronous aggregation: FedBuff (Nguyen et al., AISTATS 2022), and FedAsync as its K = 1 case.
+
+No rounds to wait for: the engine keeps ``concurrency`` (C) clients training at once, each from whatever model
+version it was sent. An update that comes back is weighted by a staleness function s(tau) of how many server steps
+it missed, tau = version now - version trained from, and buffered; every ``buffer`` (K) arrivals the buffered mean
+goes through the server optimizer and the version advances. An update more than ``max_staleness`` (H) steps old is
+dropped and counted. Clients are started as soon as ``dispatch_threshold`` (O, NVIDIA FLARE's ``min_hole_to_fill``)
+slots are free, each drawn uniformly among the idle clients and sent the newest model.
+
+The buffer is a :class:`~fedopt.engine.round.RoundServer` round (round = version + 1), so bounded influence, the
+aggregator and the server optimizer are the synchronous ones: a delta enters as s(tau) * delta with its capped
+sample weight w, and the buffer's step is sum(w s delta) / sum(w) (the paper's division by K when weights are
+equal). Synchronous FedAvg is the special case C = K = O = every client with no delays: same clients, same seeds,
+same order of arrival, the same model bit for bit.
+
+Staleness functions (``--staleness``)::
+
+    polynomial[:A]  (1 + tau) ** -A, A = 0.5 by default (the paper's 1 / sqrt(1 + tau))
+    sqrt            1 / (1 + sqrt(tau))  (NVIDIA FLARE's edge FedBuff)
+    hinge[:A,B]     1 when tau <= B, else 1 / (A (tau - B) + 1); A = 10, B = 4 by default (FedAsync's hinge)
+    constant        1
+
+An executor here reaches clients one job at a time::
+
+    executor.dispatch(job, model, version)   # start a client on the model of ``version``
+    executor.collect() -> Arrival            # the next client to finish (earliest virtual or real time)
+    executor.now() -> float                  # seconds since the run began (virtual in simulation)
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Callable, Mapping, Protocol
+
+import numpy as np
+import torch
+
+from ..aggregators import Update
+from ..errors import ConfigError
+from ..metrics import RunOutput
+from .round import Job, RoundServer
+
+__all__ = ["Arrival", "AsyncExecutor", "BufferedEngine"]
+
+
+@dataclass
+class Arrival:
+    client: str
+    version: int  # the model version the client trained from
+    update: Update | None  # None: the client failed (died, timed out) and has nothing to give
+    reason: str = ""  # why there is no update
+
+
+class AsyncExecutor(Protocol):
+    def dispatch(self, job: Job, model: torch.Tensor, version: int) -> None: ...
+
+    def collect(self) -> Arrival: ...
+
+    def now(self) -> float: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class BufferedEngine:
+    """Runs ``steps`` server steps (versions ``start`` .. ``steps``) of FedBuff over ``executor``."""
+
+    server: RoundServer
+    executor: AsyncExecutor
+    sizes: Mapping[str, int]  # every client that may be drawn, with its announced sample count
+    steps: int
+    concurrency: int
+    buffer: int
+    max_staleness: int | None = None
+    dispatch_threshold: int = 1  # O: start clients only when at least this many slots are free (C = all: sync-like)
+    staleness: Callable[[int], float] = field(default=lambda tau: (1.0 + tau) ** -0.5)
+    output: RunOutput | None = None
+    start: int = 1
+    eval_every: int = 1
+    evaluate: Callable[[torch.Tensor], dict] | None = None
+    records: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.buffer <= self.concurrency:
+            raise ConfigError(f"--buffer ({self.buffer}) must be between 1 and --concurrency ({self.concurrency}): "
+                              f"a buffer larger than the clients in flight would never fill")
+        if not 1 <= self.dispatch_threshold <= self.concurrency:
+            raise ConfigError(f"--dispatch-threshold ({self.dispatch_threshold}) must be between 1 and --concurrency "
+                              f"({self.concurrency})")
+        if self.concurrency > len(self.sizes):
+            raise ConfigError(f"--concurrency ({self.concurrency}) exceeds the {len(self.sizes)} clients")
+        self.version = self.start - 1  # server steps applied so far
+        self.in_flight: dict[str, int] = {}  # client -> version it trains from
+        self._dispatched = 0
+        self._traffic = [0, 0]  # models sent, updates received since the last step (bytes as the bus carries them)
+        spec = self.server.spec
+        self._model_bytes = spec.size * torch.empty((), dtype=spec.torch_dtype).element_size()
+
+    def run(self) -> list[dict]:
+        server = self.server
+        server.begin(self.version + 1)
+        server.grant(self.version + 1, self.sizes)
+        stale, hist, t0, wall0 = 0, Counter(), self.executor.now(), time.perf_counter()
+        self._fill()
+        while self.version < self.steps:
+            got = self.executor.collect()
+            self._traffic[1] += got.update is not None
+            trained_from = self.in_flight.pop(got.client, got.version)
+            tau = self.version - trained_from
+            if got.update is None:
+                server.reject(got.client, got.reason or "failed")
+            elif self.max_staleness is not None and tau > self.max_staleness:
+                stale += 1
+                server.reject(got.client, f"{tau} versions stale (max {self.max_staleness})")
+            else:
+                u = got.update
+                scaled = replace(u, delta=u.delta * self.staleness(tau)) if tau else u
+                if server.offer(scaled) is None:
+                    hist[tau] += 1
+            if server.accepted >= self.buffer:
+                self._step(hist, stale, t0, wall0)
+                stale, hist, wall0 = 0, Counter(), time.perf_counter()
+            self._fill()
+        return self.records
+
+    def _step(self, hist: Counter, stale: int, t0: float, wall0: float) -> None:
+        """Apply the full buffer: the server optimizer's step, then version + 1, its metrics line and evaluation."""
+        server = self.server
+        outcome = server.close()
+        self.version += 1
+        v = self.version
+        due = v % self.eval_every == 0 or v == self.steps
+        test = self.evaluate(server.global_vec) if due and self.evaluate is not None else {}
+        record = {
+            "round": v, "accuracy": test.get("accuracy"), "loss": test.get("loss"), "clients": outcome.count,
+            "rejected": len(outcome.rejected), "train_loss": outcome.train_loss,
+            "seconds": time.perf_counter() - wall0, "virtual_seconds": self.executor.now() - t0,
+            "version": v, "staleness": {str(k): n for k, n in sorted(hist.items())}, "stale_dropped": stale,
+            "concurrency": len(self.in_flight), "bytes_down": self._traffic[0] * self._model_bytes,
+            "bytes_up": self._traffic[1] * self._model_bytes,
+        }
+        self._traffic = [0, 0]
+        self.records.append(record)
+        if self.output is not None:
+            self.output.round_done(record, (server.spec, server.global_vec))
+        if v < self.steps:
+            server.begin(v + 1)
+            server.grant(v + 1, self.sizes)
+
+    def _fill(self) -> None:
+        """Start idle clients until ``concurrency`` are in flight, once ``dispatch_threshold`` slots are free: a seeded
+        uniform draw among the idle, in id order (so C = K = O = every client dispatches as a synchronous round)."""
+        free = self.concurrency - len(self.in_flight)
+        if free < self.dispatch_threshold or self.version >= self.steps:
+            return
+        idle = sorted(c for c in self.sizes if c not in self.in_flight)
+        rng = np.random.default_rng([self.server.seed & 0xFFFFFFFF, self.version, self._dispatched, 3])
+        chosen = sorted(rng.choice(len(idle), size=min(free, len(idle)), replace=False).tolist())
+        model = self.server.global_vec.detach().clone()  # the clients of this version train from this snapshot
+        for i in chosen:
+            client = idle[i]
+            self.in_flight[client] = self.version
+            self._dispatched += 1
+            self._traffic[0] += 1
+            self.executor.dispatch(self.server.job(self.version + 1, client), model, self.version)
