@@ -58,6 +58,10 @@ class ClientLink:
         self.evals: dict | None = None  # federated evaluation in progress: {"pending", "results"}
         self.secure = None  # the secure-aggregation round in progress (coordinator.secure_bus.BusTransport)
         self._failed: set[str] = set()  # clients that failed an attempt at this round: not selected again for it
+        #: buffered asynchronous rounds (coordinator.buffered): where an accepted UPDATE and a lost job go instead of
+        #: the round's RoundServer
+        self.on_update = None
+        self.on_lost = None
         self.dropped_messages = 0  # malformed or unexpected messages, for tests and the summary
         self._drop_log = LogBudget(20, 1.0, clock)  # a flood of bad messages is counted, not logged line by line
         self._refusal_log = LogBudget(20, 1.0, clock)
@@ -170,7 +174,7 @@ class ClientLink:
                 self._drop(peer, reason)
         elif isinstance(msg, wire.Offer):
             t = self.tracker
-            if t is None or msg.round != t.round or not t.offer(rec.client):
+            if t is None or not t.answers(rec.client, msg.round) or not t.offer(rec.client):
                 return self._drop(peer, f"late or unexpected OFFER for round {msg.round} from client {rec.client} "
                                         f"(current round {self.round})")
             self._grant()
@@ -200,13 +204,15 @@ class ClientLink:
 
     def _update(self, peer: bytes, client: str, msg: wire.UpdateMsg) -> None:
         t = self.tracker
-        if t is None or msg.round != t.round or not t.expects(client):
+        if t is None or not t.answers(client, msg.round) or not t.expects(client):
             return self._drop(peer, f"late UPDATE for round {msg.round} from client {client} "
                                     f"(current round {self.round}{'' if t else ', closed'})")
         delta = msg.delta if msg.delta.dtype == self.spec.torch_dtype else msg.delta.to(self.spec.torch_dtype)
         partial = bool(msg.metrics.get("partial", False))
-        reason = self.server.offer(Update(client, delta, msg.num_samples, dict(msg.metrics), partial))
-        del delta, msg  # the frame is released here: nothing else refers to it
+        update = Update(client, delta, msg.num_samples, dict(msg.metrics), partial)
+        del delta, msg  # the frame goes with the update: nothing else refers to it
+        reason = self.server.offer(update) if self.on_update is None else self.on_update(update)
+        del update
         t.received(client, accepted=reason is None)
         if reason is not None:
             log.warning("rejected the update of client %s for round %d: %s", client, t.round, reason)
@@ -218,12 +224,14 @@ class ClientLink:
     def _grant(self) -> None:
         for client in self.tracker.grants(self.clock()) if self.tracker else ():
             peer = self.registry.peer_of(client)
-            if peer is None or not self.ep.send(wire.Pull(round=self.tracker.round), to=peer):
+            if peer is None or not self.ep.send(wire.Pull(round=self.tracker.rounds[client]), to=peer):
                 self._lost(client, "unreachable")
 
     def _lost(self, client: str, reason: str) -> None:
         """A selected client will not deliver this round."""
         if self.tracker is not None and self.tracker.drop(client):
+            if self.on_lost is not None:
+                self.on_lost(client, reason)
             self.server.reject(client, reason)
             self._missed(client, self.tracker.round)
             log.warning("round %d: client %s dropped (%s)", self.tracker.round, client, reason)

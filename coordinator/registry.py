@@ -148,11 +148,12 @@ class Registry:
 
 
 class RoundTracker:
-    """One attempt at one round: the selected clients that still owe an update, and the upload queue.
+    """The clients that owe an update, and the upload queue: one attempt at one round, or (buffered asynchronous
+    rounds) every job in flight, each answering its own wire round.
 
-    A selected client is *pending* until its UPDATE arrives or it is dropped (it died, was unreachable, missed the
-    deadline, or held upload credit past ``pull_timeout``). Finished clients OFFER; :meth:`grants` pulls at most
-    ``slots`` uploads at a time.
+    A client is *pending* until its UPDATE arrives or it is dropped (it died, was unreachable, missed the deadline,
+    or held upload credit past ``pull_timeout``). Finished clients OFFER; :meth:`grants` pulls at most ``slots``
+    uploads at a time.
     """
 
     def __init__(self, round: int, selected: list[str], deadline_at: float, slots: int,
@@ -161,14 +162,26 @@ class RoundTracker:
         self.deadline_at = deadline_at
         self.slots = slots
         self.pull_timeout = pull_timeout
-        self.pending: set[str] = set(selected)
+        self.rounds: dict[str, int] = {c: round for c in selected}  # pending client -> the wire round it answers
         self.accepted = 0
         self._queue: deque[str] = deque()
         self.uploading: dict[str, float] = {}  # client -> when it was pulled
 
+    @property
+    def pending(self) -> set[str]:
+        return set(self.rounds)
+
+    def add(self, client: str, round: int) -> None:
+        """A job in flight: ``client`` owes the update of wire round ``round``."""
+        self.rounds[client] = round
+
+    def answers(self, client: str, round: int) -> bool:
+        """Whether a message of ``client`` for wire ``round`` answers the job it owes."""
+        return self.rounds.get(client) == round
+
     def offer(self, client: str) -> bool:
         """A pending client's update is ready; False when it is not expected (not selected, or already done)."""
-        if client not in self.pending or client in self.uploading or client in self._queue:
+        if client not in self.rounds or client in self.uploading or client in self._queue:
             return False
         self._queue.append(client)
         return True
@@ -178,7 +191,7 @@ class RoundTracker:
         out = []
         while self._queue and len(self.uploading) < self.slots:
             c = self._queue.popleft()
-            if c in self.pending:
+            if c in self.rounds:
                 self.uploading[c] = now
                 out.append(c)
         return out
@@ -188,21 +201,20 @@ class RoundTracker:
         return [c for c, t in self.uploading.items() if now - t > self.pull_timeout]
 
     def expects(self, client: str) -> bool:
-        """Whether an UPDATE from ``client`` belongs to this round (it was pulled and has not arrived)."""
+        """Whether an UPDATE from ``client`` is due now (it was pulled and has not arrived)."""
         return client in self.uploading
 
     def received(self, client: str, accepted: bool) -> None:
-        self.pending.discard(client)
+        self.rounds.pop(client, None)
         self.uploading.pop(client, None)
         self.accepted += bool(accepted)
 
     def drop(self, client: str) -> bool:
         """Stop waiting for ``client``; True when it was still owed."""
-        was = client in self.pending
-        self.pending.discard(client)
+        was = self.rounds.pop(client, None) is not None
         self.uploading.pop(client, None)
         return was
 
     @property
     def complete(self) -> bool:
-        return not self.pending
+        return not self.rounds

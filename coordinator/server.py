@@ -79,6 +79,7 @@ class Coordinator(ClientLink):
         self.evaluator = LocalTrainer(self.task, self.spec, device, cfg.train.buffers) if self.test is not None else None
         self.round = 1
         ckpt = load_checkpoint(cfg.out) if resume else None
+        self._resumed = ckpt.state if ckpt is not None else {}  # what the run's last checkpoint kept
         if ckpt is not None:
             if ckpt.spec.to_dict() != self.spec.to_dict():
                 raise ConfigError(f"checkpoint in {cfg.out} is for a different model than task {cfg.task!r}")
@@ -112,10 +113,12 @@ class Coordinator(ClientLink):
     def serve(self) -> int:
         cfg, started = self.cfg, time.perf_counter()
         try:
-            Engine(self.server, self, cfg.federation.rounds, self.output, start=self.round,
-                   min_clients=cfg.bus.min_clients,
-                   eval_every=cfg.federation.eval_every, evaluate=self._evaluate, fed_eval_every=cfg.bus.fed_eval_every,
-                   checkpoint=self._checkpoint).run()
+            if cfg.buffered.buffer_size is not None:
+                self._serve_buffered()
+            else:
+                Engine(self.server, self, cfg.federation.rounds, self.output, start=self.round,
+                       min_clients=cfg.bus.min_clients, eval_every=cfg.federation.eval_every, evaluate=self._evaluate,
+                       fed_eval_every=cfg.bus.fed_eval_every, checkpoint=self._checkpoint).run()
             for peer in self.registry.peers():
                 self.ep.send(wire.Bye(reason="done"), to=peer)
             self.output.finish(self.spec, self.server.global_vec,
@@ -126,6 +129,25 @@ class Coordinator(ClientLink):
             return 0
         finally:
             self.close()
+
+    def _serve_buffered(self) -> None:
+        """Buffered asynchronous rounds (FedBuff): :mod:`coordinator.buffered` is the engine's executor."""
+        from fedopt.engine.buffered import BufferedEngine
+        from fedopt.schedules import parse_staleness
+
+        from .buffered import BusJobs
+
+        cfg, b = self.cfg, self.cfg.buffered
+        epoch = int(self._resumed.get("epoch", 0)) + 1  # job ids of this start: epoch << 32 | counter
+        jobs = BusJobs(self, (epoch << 32) + 1)
+        try:
+            BufferedEngine(self.server, jobs, cfg.federation.rounds, cfg.concurrency, b.buffer_size, b.max_staleness,
+                           b.dispatch_threshold, parse_staleness(b.staleness), self.output, start=self.round,
+                           eval_every=cfg.federation.eval_every, evaluate=self._evaluate,
+                           checkpoint=lambda v, state: self._checkpoint(v, {**state, "epoch": epoch}),
+                           dispatched=int(self._resumed.get("dispatched", 0))).run()
+        finally:
+            jobs.close()
 
     def _evaluate(self, global_vec: torch.Tensor) -> dict:
         return self.evaluator.evaluate(global_vec, self.test) if self.evaluator is not None else {}

@@ -56,6 +56,9 @@ class Script:
     def __init__(self, order: list[str]) -> None:
         self.order, self.pending, self.dispatched = list(order), {}, []
 
+    def available(self):
+        return {c: 10 for c in "abcd"}
+
     def dispatch(self, job, model, version):
         self.dispatched.append((job.client, version))
         self.pending[job.client] = Arrival(job.client, version, Update(job.client, torch.ones(3), 10))
@@ -80,7 +83,7 @@ def test_staleness_scales_each_update_and_the_buffer_steps_every_k_arrivals():
     s = server()
     ex = Script(["a", "b", "c", "a", "d", "b"])
     # C = 4 = every client, so which clients start is not drawn; K = 2, O = 1: a finished client restarts at once
-    records = BufferedEngine(s, ex, {c: 10 for c in "abcd"}, steps=3, concurrency=4, buffer=2,
+    records = BufferedEngine(s, ex, steps=3, concurrency=4, buffer=2,
                              staleness=parse_staleness("polynomial:1")).run()
     # step 1: a, b (tau 0) -> model 1; a restarted before the step (from version 0), b after it (version 1)
     # step 2: c (tau 1: weight 1/2), a (tau 1: 1/2) -> model 1.5
@@ -93,7 +96,7 @@ def test_staleness_scales_each_update_and_the_buffer_steps_every_k_arrivals():
 def test_updates_older_than_max_staleness_are_dropped_and_counted():
     s = server()
     ex = Script(["a", "b", "c", "d", "a"])
-    records = BufferedEngine(s, ex, {c: 10 for c in "abcd"}, steps=3, concurrency=4, buffer=1, max_staleness=1,
+    records = BufferedEngine(s, ex, steps=3, concurrency=4, buffer=1, max_staleness=1,
                              staleness=parse_staleness("constant")).run()
     # K = 1 (FedAsync): a -> v1, b (tau 1) -> v2; c, d (tau 2) are dropped and counted; a (restarted at v1) -> v3
     assert [(r["version"], r["stale_dropped"]) for r in records] == [(1, 0), (2, 0), (3, 2)]

@@ -51,6 +51,9 @@ class VirtualClients:
         self._t = 0.0
         self._seq = 0
 
+    def available(self) -> Mapping[str, int]:
+        return self.sizes
+
     def dispatch(self, job: Job, model: torch.Tensor, version: int) -> None:
         got: list = []
 

@@ -179,8 +179,7 @@ class Simulation:
         fed, b = cfg.federation, cfg.buffered
         if b.buffer_size is not None:
             engine = BufferedEngine(
-                self.server, VirtualClients(self.executor.host, self.server, self.sizes, self.speeds), self.sizes,
-                fed.rounds, cfg.concurrency, b.buffer_size, b.max_staleness, b.dispatch_threshold,
+                self.server, VirtualClients(self.executor.host, self.server, self.sizes, self.speeds), fed.rounds, cfg.concurrency, b.buffer_size, b.max_staleness, b.dispatch_threshold,
                 parse_staleness(b.staleness), output, eval_every=fed.eval_every, evaluate=lambda _: self.evaluate())
         else:
             engine = Engine(self.server, InProcessClients(self.executor, self.sizes, self.spec, self.speeds,

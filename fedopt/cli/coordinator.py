@@ -12,7 +12,7 @@ import logging
 from .. import bus
 from ..config import build_config
 from ..identity import find_identity_dir, load_pinned
-from .options import add_bus_options, add_round_options, config_out, round_overrides
+from .options import add_buffered_options, add_bus_options, add_round_options, config_out, round_overrides
 from ..testing import Fault, faults
 
 __all__ = ["configure", "run_folder", "run"]
@@ -30,6 +30,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     add_round_options(p)
     add_bus_options(p)
+    add_buffered_options(p)
 
 
 def run_folder(args: argparse.Namespace) -> tuple[str, bool]:

@@ -134,3 +134,18 @@ def config_out(args: argparse.Namespace) -> str:
         return args.out
     from_file = load_toml(args.config).get("out") if getattr(args, "config", None) else None
     return str(from_file) if from_file is not None else RunConfig.out
+
+
+def add_buffered_options(p: argparse.ArgumentParser) -> None:
+    """Buffered asynchronous rounds (`simulate` and `coordinator`)."""
+    S = argparse.SUPPRESS
+    g = p.add_argument_group("buffered asynchronous rounds (FedBuff; FedAsync is --buffer-size 1)")
+    g.add_argument("--buffer-size", type=int, default=S,
+                   help="K: updates per server step; turns on asynchronous rounds (--rounds counts server steps)")
+    g.add_argument("--concurrency", type=int, default=S, help="C: clients training at once (default: per round)")
+    g.add_argument("--dispatch-threshold", type=int, default=S,
+                   help="O: start clients once this many slots are free (default 1; C = K = O = clients: sync)")
+    g.add_argument("--max-staleness", type=int, default=S,
+                   help="H: drop updates more than H versions old, counted in stale_dropped (default: keep all)")
+    g.add_argument("--staleness", default=S,
+                   help="weight of a tau-stale update: polynomial[:A] (default, A=0.5) | sqrt | hinge[:A,B] | constant")

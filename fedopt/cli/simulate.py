@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_bus_options, add_round_options, config_out, round_overrides
+from .options import add_buffered_options, add_bus_options, add_round_options, config_out, round_overrides
 
 __all__ = ["configure", "run_folder", "simulate_config", "run"]
 
@@ -34,16 +34,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="fedavg: plain local SGD (FedProx with --mu); scaffold: SCAFFOLD control variates")
     g.add_argument("--state-budget-mb", type=float, default=S,
                    help="memory for per-client state (SCAFFOLD); past it, state spills to disk (default 256)")
-    g = p.add_argument_group("buffered asynchronous rounds (FedBuff; FedAsync is --buffer-size 1)")
-    g.add_argument("--buffer-size", type=int, default=S,
-                   help="K: updates per server step; turns on asynchronous rounds (--rounds counts server steps)")
-    g.add_argument("--concurrency", type=int, default=S, help="C: clients training at once (default: per round)")
-    g.add_argument("--dispatch-threshold", type=int, default=S,
-                   help="O: start clients once this many slots are free (default 1; C = K = O = clients: sync)")
-    g.add_argument("--max-staleness", type=int, default=S,
-                   help="H: drop updates more than H versions old, counted in stale_dropped (default: keep all)")
-    g.add_argument("--staleness", default=S,
-                   help="weight of a tau-stale update: polynomial[:A] (default, A=0.5) | sqrt | hinge[:A,B] | constant")
+    add_buffered_options(p)
     g = p.add_argument_group("virtual clock (metrics.jsonl gets virtual_seconds)")
     g.add_argument("--client-speed", default=S,
                    help="seconds of a client's full local job: lognormal:SIGMA[:MEDIAN] | classes:S1,S2,... | "

@@ -88,7 +88,7 @@ class RunConfig:
         refused = [why for cond, why in (
             (self.sim.mode == "gossip", "--mode gossip"), (fed.aggregator == "secagg", "--aggregator secagg"),
             (self.train.algorithm == "scaffold", "--algorithm scaffold"), (fed.stragglers > 0, "--stragglers"),
-            (self.sim.transport != "inproc", f"--transport {self.sim.transport}")) if cond]
+            (self.bus.fed_eval_every > 0, "--fed-eval-every")) if cond]
         if refused:
             raise ConfigError(f"--buffer-size (buffered asynchronous rounds) does not combine with {refused[0]} yet")
 

@@ -22,9 +22,11 @@ Staleness functions (``--staleness``)::
 
 An executor here reaches clients one job at a time::
 
-    executor.dispatch(job, model, version)   # start a client on the model of ``version``
-    executor.collect() -> Arrival            # the next client to finish (earliest virtual or real time)
-    executor.now() -> float                  # seconds since the run began (virtual in simulation)
+    executor.available() -> {client: samples}  # who may be started now (in flight or not)
+    executor.dispatch(job, model, version)     # start a client on the model of ``version``
+    executor.collect() -> Arrival | None       # the next client to finish (earliest virtual or real time); None: no
+                                               # arrival for a while (the bus: clients may have joined since)
+    executor.now() -> float                    # seconds since the run began (virtual in simulation)
 """
 
 from __future__ import annotations
@@ -54,9 +56,11 @@ class Arrival:
 
 
 class AsyncExecutor(Protocol):
+    def available(self) -> Mapping[str, int]: ...
+
     def dispatch(self, job: Job, model: torch.Tensor, version: int) -> None: ...
 
-    def collect(self) -> Arrival: ...
+    def collect(self) -> Arrival | None: ...
 
     def now(self) -> float: ...
 
@@ -69,7 +73,6 @@ class BufferedEngine:
 
     server: RoundServer
     executor: AsyncExecutor
-    sizes: Mapping[str, int]  # every client that may be drawn, with its announced sample count
     steps: int
     concurrency: int
     buffer: int
@@ -80,6 +83,8 @@ class BufferedEngine:
     start: int = 1
     eval_every: int = 1
     evaluate: Callable[[torch.Tensor], dict] | None = None
+    checkpoint: Callable[[int, dict], None] | None = None  # (version, state) after the step's metrics line
+    dispatched: int = 0  # jobs started before this process (from a checkpoint's state): seeds the draws
     records: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -89,11 +94,9 @@ class BufferedEngine:
         if not 1 <= self.dispatch_threshold <= self.concurrency:
             raise ConfigError(f"--dispatch-threshold ({self.dispatch_threshold}) must be between 1 and --concurrency "
                               f"({self.concurrency})")
-        if self.concurrency > len(self.sizes):
-            raise ConfigError(f"--concurrency ({self.concurrency}) exceeds the {len(self.sizes)} clients")
         self.version = self.start - 1  # server steps applied so far
         self.in_flight: dict[str, int] = {}  # client -> version it trains from
-        self._dispatched = 0
+        self._dispatched = self.dispatched
         self._traffic = [0, 0]  # models sent, updates received since the last step (bytes as the bus carries them)
         spec = self.server.spec
         self._model_bytes = spec.size * torch.empty((), dtype=spec.torch_dtype).element_size()
@@ -101,11 +104,14 @@ class BufferedEngine:
     def run(self) -> list[dict]:
         server = self.server
         server.begin(self.version + 1)
-        server.grant(self.version + 1, self.sizes)
+        server.grant(self.version + 1, self.executor.available())
         stale, hist, t0, wall0 = 0, Counter(), self.executor.now(), time.perf_counter()
         self._fill()
         while self.version < self.steps:
             got = self.executor.collect()
+            if got is None:
+                self._fill()
+                continue
             self._traffic[1] += got.update is not None
             trained_from = self.in_flight.pop(got.client, got.version)
             tau = self.version - trained_from
@@ -136,18 +142,24 @@ class BufferedEngine:
         record = {
             "round": v, "accuracy": test.get("accuracy"), "loss": test.get("loss"), "clients": outcome.count,
             "rejected": len(outcome.rejected), "train_loss": outcome.train_loss,
-            "seconds": time.perf_counter() - wall0, "virtual_seconds": self.executor.now() - t0,
+            "seconds": time.perf_counter() - wall0,
+            getattr(self.executor, "clock_field", "virtual_seconds"): self.executor.now() - t0,
             "version": v, "staleness": {str(k): n for k, n in sorted(hist.items())}, "stale_dropped": stale,
             "concurrency": len(self.in_flight), "bytes_down": self._traffic[0] * self._model_bytes,
             "bytes_up": self._traffic[1] * self._model_bytes,
         }
         self._traffic = [0, 0]
+        fields = getattr(self.executor, "fields", None)
+        if fields is not None:  # what the executor measured (the bus: bytes at the socket)
+            record.update(fields())
         self.records.append(record)
-        if self.output is not None:
+        if self.output is not None:  # the metrics line first, then the checkpoint: resume cuts back to it
             self.output.round_done(record, (server.spec, server.global_vec))
+        if self.checkpoint is not None:
+            self.checkpoint(v, {"dispatched": self._dispatched})
         if v < self.steps:
             server.begin(v + 1)
-            server.grant(v + 1, self.sizes)
+            server.grant(v + 1, self.executor.available())
 
     def _fill(self) -> None:
         """Start idle clients until ``concurrency`` are in flight, once ``dispatch_threshold`` slots are free: a seeded
@@ -155,7 +167,12 @@ class BufferedEngine:
         free = self.concurrency - len(self.in_flight)
         if free < self.dispatch_threshold or self.version >= self.steps:
             return
-        idle = sorted(c for c in self.sizes if c not in self.in_flight)
+        available = self.executor.available()
+        idle = sorted(c for c in available if c not in self.in_flight)
+        if not idle:
+            return
+        # the weights this version's updates may carry: each client's count, capped among the clients that may train
+        self.server.grant(self.version + 1, available)
         rng = np.random.default_rng([self.server.seed & 0xFFFFFFFF, self.version, self._dispatched, 3])
         chosen = sorted(rng.choice(len(idle), size=min(free, len(idle)), replace=False).tolist())
         model = self.server.global_vec.detach().clone()  # the clients of this version train from this snapshot
