@@ -63,6 +63,7 @@ class BusJobs:
             if len(ready) < cfg.federation.clients and not (waited and len(ready) >= cfg.bus.min_clients):
                 return {}
             self.joined = True
+            self.t0 = coord.clock()  # elapsed_seconds count from the first jobs, not from the wait for clients
         return ready
 
     def dispatch(self, job: Job, model: torch.Tensor, version: int) -> None:
