@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from fedopt.config import RunConfig
 from fedopt.engine import RoundServer
 from fedopt.engine.buffered import Arrival, BufferedEngine
 from fedopt.engine.clock import parse_speeds
-from fedopt.errors import ConfigError
+from fedopt.errors import ConfigError, RoundError
 from fedopt.optimizers import make_server_optimizer
 from fedopt.params import ParamSpec
 from fedopt.schedules import parse_staleness
@@ -149,3 +150,13 @@ def test_simulate_buffered_writes_versions_staleness_and_virtual_time(tmp_path):
     rows = [json.loads(line) for line in (sync / "metrics.jsonl").read_text().splitlines()]
     slowest = max(parse_speeds("classes:100,200,400", seed=0).full_job(str(i)) for i in range(8))
     assert [r["virtual_seconds"] for r in rows] == [slowest, 2 * slowest]  # a synchronous round waits for it
+
+
+def test_a_buffer_that_can_never_fill_is_an_error_not_a_hang():
+    class Poison(Script):
+        def dispatch(self, job, model, version):
+            self.order.append(job.client)  # every client comes back at once, with NaN
+            self.pending[job.client] = Arrival(job.client, version, Update(job.client, torch.full((3,), math.nan), 10))
+
+    with pytest.raises(RoundError, match="no update accepted in the last 101 arrivals"):
+        BufferedEngine(server(), Poison([]), steps=3, concurrency=2, buffer=1).run()

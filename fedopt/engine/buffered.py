@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..aggregators import Update
-from ..errors import ConfigError
+from ..errors import ConfigError, RoundError
 from ..metrics import RunOutput
 from .round import Job, RoundServer
 
@@ -94,6 +94,7 @@ class BufferedEngine:
         if not 1 <= self.dispatch_threshold <= self.concurrency:
             raise ConfigError(f"--dispatch-threshold ({self.dispatch_threshold}) must be between 1 and --concurrency "
                               f"({self.concurrency})")
+        self.server.norm_window = max(32, 4 * self.buffer)  # the norm bound's reference: recent accepted updates
         self.version = self.start - 1  # server steps applied so far
         self.in_flight: dict[str, int] = {}  # client -> version it trains from
         self._dispatched = self.dispatched
@@ -106,12 +107,14 @@ class BufferedEngine:
         server.begin(self.version + 1)
         server.grant(self.version + 1, self.executor.available())
         stale, hist, t0, wall0 = 0, Counter(), self.executor.now(), time.perf_counter()
+        fruitless = 0  # arrivals since the last update the buffer accepted
         self._fill()
         while self.version < self.steps:
             got = self.executor.collect()
             if got is None:
                 self._fill()
                 continue
+            accepted = server.accepted
             self._traffic[1] += got.update is not None
             trained_from = self.in_flight.pop(got.client, got.version)
             tau = self.version - trained_from
@@ -125,6 +128,11 @@ class BufferedEngine:
                 scaled = replace(u, delta=u.delta * self.staleness(tau)) if tau else u
                 if server.offer(scaled) is None:
                     hist[tau] += 1
+            fruitless = 0 if server.accepted > accepted else fruitless + 1
+            if fruitless > 50 * self.concurrency:
+                reasons = sorted(set(server.partial()[3].values()))[:3]
+                raise RoundError(f"no update accepted in the last {fruitless} arrivals (version {self.version}): "
+                                 f"{'; '.join(reasons) or 'every client failed'}")
             if server.accepted >= self.buffer:
                 self._step(hist, stale, t0, wall0)
                 stale, hist, wall0 = 0, Counter(), time.perf_counter()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -128,6 +129,10 @@ class RoundServer:
         self._planned: tuple[int, dict[str, int]] | None = None  # (round, {client: weight}) of the last plan
         self.bounds = bounds  # None: clients are trusted (a simulation worker pre-aggregating its own clients)
         self.norm_ref: float | None = None  # median L2 norm of the last round's accepted updates
+        #: > 0: the reference is the median of the last ``norm_window`` accepted norms, across rounds (a buffered
+        #: engine's step holds only K updates, too few to judge the next ones by)
+        self.norm_window = 0
+        self._recent: deque[float] = deque()
         self._norm_bound = math.inf  # the current round's bound on an update's norm
         self._norms: list[float] = []
         self.accepted = 0  # client updates folded into the round so far (merged partials count their clients)
@@ -345,7 +350,13 @@ class RoundServer:
         agg = self._absorbed if self._absorbed is not None or self.external else self.aggregator.result()
         self._absorbed = None
         r, self._round = self._round, None
-        if self._norms:
+        if self.norm_window:
+            self._recent.extend(self._norms)
+            while len(self._recent) > self.norm_window:
+                self._recent.popleft()
+            if self._recent:
+                self.norm_ref = float(np.median(self._recent))
+        elif self._norms:
             self.norm_ref = float(np.median(self._norms))
         loss = self._loss_sum / self._loss_weight if self._loss_weight else None
         if agg is None:
