@@ -103,7 +103,7 @@ def bus_speedup(rounds: int, job_seconds: float) -> tuple[float, float | None, f
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=100)
-    ap.add_argument("--rounds", type=int, default=30, help="synchronous rounds that set the target")
+    ap.add_argument("--rounds", type=int, default=100, help="synchronous rounds that set the target")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--server-lr", type=float, default=1.0)
     ap.add_argument("--bus-rounds", type=int, default=10)
