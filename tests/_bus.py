@@ -10,7 +10,10 @@ from pathlib import Path
 from fedopt.launch import fedopt_command, free_port, one_thread_env, spawn, stop_processes
 from fedopt.testing import Fault, fault_env
 
-__all__ = ["Cluster", "free_port", "wait_for", "read_rounds"]
+__all__ = ["Cluster", "free_port", "wait_for", "read_rounds", "finished", "BASE"]
+
+#: the options every real-process coordinator test starts from: small, fast, iid digits
+BASE = ["--task", "digits", "--local-epochs", "1", "--partition", "iid", "--heartbeat", "0.5"]
 
 
 def wait_for(predicate, timeout: float, what: str, step: float = 0.1):
@@ -83,3 +86,10 @@ class Cluster:
     def stop(self) -> None:
         stop_processes(self.procs, grace=2.0)
         assert all(p.poll() is not None for p in self.procs)
+
+
+def finished(c: "Cluster", timeout: float = 150) -> list[dict]:
+    """Wait for the cluster's coordinator to exit 0 (its log otherwise); its metrics rows."""
+    wait_for(lambda: c.coordinator.poll() is not None, timeout, "the coordinator to finish")
+    assert c.coordinator.returncode == 0, c.log()[-3000:]
+    return c.rounds()

@@ -15,19 +15,12 @@ import torch
 import zmq
 from safetensors.torch import load_file
 
-from _bus import Cluster, wait_for
+from _bus import BASE, Cluster, finished, wait_for
 from fedopt import wire
 from fedopt.keys import generate_keys
 from fedopt.testing import Fault
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
-BASE = ["--task", "digits", "--local-epochs", "1", "--partition", "iid", "--heartbeat", "0.5"]
-
-
-def finished(c: Cluster, timeout: float = 150) -> list[dict]:
-    wait_for(lambda: c.coordinator.poll() is not None, timeout, "the coordinator to finish")
-    assert c.coordinator.returncode == 0, c.log()[-3000:]
-    return c.rounds()
 
 
 def test_client_killed_mid_round_then_restarted(tmp_path):

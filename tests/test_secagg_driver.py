@@ -10,16 +10,8 @@ import numpy as np
 import pytest
 
 from fedopt.errors import ConfigError, SecAggError
-from fedopt.secagg import (
-    QuantConfig,
-    RoundConfig,
-    SecAggClient,
-    SecAggDriver,
-    codec,
-    generate_identity,
-    identity_public_bytes,
-    run_round,
-)
+from fedopt.secagg import (QuantConfig, RoundConfig, SecAggClient, SecAggDriver, codec, generate_identity,
+                           identity_public_bytes, run_round)
 
 P = 40
 TIMEOUT = 10.0

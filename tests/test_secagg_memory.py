@@ -8,16 +8,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from fedopt.secagg import (
-    MemoryTransport,
-    QuantConfig,
-    RoundConfig,
-    SecAggClient,
-    SecAggDriver,
-    codec,
-    generate_identity,
-    identity_public_bytes,
-)
+from fedopt.secagg import (MemoryTransport, QuantConfig, RoundConfig, SecAggClient, SecAggDriver, codec,
+                           generate_identity, identity_public_bytes)
 
 P = 50
 
@@ -59,6 +51,16 @@ def test_a_client_that_never_provides_an_update_has_dropped_and_the_sum_is_exact
     assert np.abs(out.mean - np.mean([updates[u] for u in ids[1:]], axis=0)).max() <= quant.step
 
 
+def _finish(transport, driver, ids) -> None:
+    """Key sharing, every client's (zero) update, then unmasking: the round runs to its end."""
+    transport.pump(driver)
+    for u in ids:
+        transport.provide_update(u, np.zeros(P), 1)
+    transport.deliver(driver)
+    driver.close_stage()
+    transport.pump(driver)
+
+
 def test_bytes_are_counted_each_way_as_packed():
     ids, cfg, quant, transport, driver, _ = _setup(4)
     driver.start()
@@ -70,12 +72,7 @@ def test_bytes_are_counted_each_way_as_packed():
         driver.feed(*got)
     assert {u for u, _ in queued} == set(ids)  # one advertisement each, already answered
     assert transport.sent == {u: sum(len(p) for p in parts) for u, parts in queued}
-    transport.pump(driver)
-    for u in ids:
-        transport.provide_update(u, np.zeros(P), 1)
-    transport.deliver(driver)
-    driver.close_stage()
-    transport.pump(driver)
+    _finish(transport, driver, ids)
     assert driver.done
     # both ends counted every message: the clients' sends are what the driver received, and the reverse
     assert transport.bytes_up == driver.bytes_received == driver.outcome.bytes_received
@@ -87,12 +84,7 @@ def test_bytes_are_counted_each_way_as_packed():
 def test_client_time_is_counted_per_message_kind():
     ids, cfg, quant, transport, driver, _ = _setup(4, weighted=False)
     driver.start()
-    transport.pump(driver)
-    for u in ids:
-        transport.provide_update(u, np.zeros(P), 1)
-    transport.deliver(driver)
-    driver.close_stage()
-    transport.pump(driver)
+    _finish(transport, driver, ids)
     n = len(ids)
     kinds = {"setup": n, "keys": n, "deliver": n, "update": n, "unmask": n}
     assert transport.client_calls == kinds
