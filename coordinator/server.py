@@ -74,6 +74,9 @@ class Coordinator(ClientLink):
         self.server = RoundServer.for_run(cfg, self.task, device)  # the same initial model as fedopt simulate
         self.spec = self.server.spec
         self.server.external = cfg.federation.aggregator == "secagg"  # SecAgg+ over the bus: coordinator.secure_bus
+        if cfg.buffered.buffer_size is not None and self.server.external:
+            raise ConfigError("--buffer-size (buffered asynchronous rounds) does not combine with --aggregator secagg "
+                              "over the bus yet")
         test = self.task.load_test(cfg.seed) if hasattr(self.task, "load_test") else None
         self.test = to_device(test, device)
         self.evaluator = LocalTrainer(self.task, self.spec, device, cfg.train.buffers) if self.test is not None else None

@@ -86,7 +86,8 @@ class RunConfig:
                               f"must not exceed --concurrency ({c}): a buffer larger than the clients in flight "
                               f"would never fill")
         refused = [why for cond, why in (
-            (self.sim.mode == "gossip", "--mode gossip"), (fed.aggregator == "secagg", "--aggregator secagg"),
+            (self.sim.mode == "gossip", "--mode gossip"),
+            (fed.aggregator == "secagg" and self.sim.transport != "inproc", "--aggregator secagg over the bus"),
             (self.train.algorithm == "scaffold", "--algorithm scaffold"), (fed.stragglers > 0, "--stragglers"),
             (self.bus.fed_eval_every > 0, "--fed-eval-every")) if cond]
         if refused:

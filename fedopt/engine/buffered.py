@@ -99,12 +99,16 @@ class BufferedEngine:
         self.in_flight: dict[str, int] = {}  # client -> version it trains from
         self._dispatched = self.dispatched
         self._traffic = [0, 0]  # models sent, updates received since the last step (bytes as the bus carries them)
+        # secure aggregation: each buffer is one cohort, keyed when it is full (see :meth:`_secure_close`)
+        self.secure = bool(getattr(self.server.aggregator, "needs_participants", False))
+        self._cohort: list[tuple[Update, int]] = []  # (staleness-weighted update, tau), held until K are in
+        self._refused: dict[str, str] = {}  # the cohort's rejections before its round begins
         spec = self.server.spec
         self._model_bytes = spec.size * torch.empty((), dtype=spec.torch_dtype).element_size()
 
     def run(self) -> list[dict]:
         server = self.server
-        server.begin(self.version + 1)
+        self._begin(self.version + 1)
         server.grant(self.version + 1, self.executor.available())
         stale, hist, t0, wall0 = 0, Counter(), self.executor.now(), time.perf_counter()
         fruitless = 0  # arrivals since the last update the buffer accepted
@@ -114,26 +118,34 @@ class BufferedEngine:
             if got is None:
                 self._fill()
                 continue
-            accepted = server.accepted
+            held = self._held()
             self._traffic[1] += got.update is not None
             trained_from = self.in_flight.pop(got.client, got.version)
             tau = self.version - trained_from
             if got.update is None:
-                server.reject(got.client, got.reason or "failed")
+                self._reject(got.client, got.reason or "failed")
             elif self.max_staleness is not None and tau > self.max_staleness:
                 stale += 1
-                server.reject(got.client, f"{tau} versions stale (max {self.max_staleness})")
+                self._reject(got.client, f"{tau} versions stale (max {self.max_staleness})")
             else:
                 u = got.update
                 scaled = replace(u, delta=u.delta * self.staleness(tau)) if tau else u
-                if server.offer(scaled) is None:
+                if self.secure:  # held for the cohort: the client masks it when the buffer is full
+                    reason = server.check(scaled)
+                    if reason is None:
+                        self._cohort.append((replace(scaled, delta=scaled.delta.clone()), tau))
+                    else:
+                        self._reject(u.client, reason)
+                elif server.offer(scaled) is None:
                     hist[tau] += 1
-            fruitless = 0 if server.accepted > accepted else fruitless + 1
+            fruitless = 0 if self._held() > held else fruitless + 1
             if fruitless > 50 * self.concurrency:
-                reasons = sorted(set(server.partial()[3].values()))[:3]
+                reasons = sorted(set(self._refused.values()) | set(server.rejected.values()))[:3]
                 raise RoundError(f"no update accepted in the last {fruitless} arrivals (version {self.version}): "
                                  f"{'; '.join(reasons) or 'every client failed'}")
-            if server.accepted >= self.buffer:
+            if self._held() >= self.buffer:
+                if self.secure:
+                    self._secure_close(hist)
                 self._step(hist, stale, t0, wall0)
                 stale, hist, wall0 = 0, Counter(), time.perf_counter()
             self._fill()
@@ -166,8 +178,36 @@ class BufferedEngine:
         if self.checkpoint is not None:
             self.checkpoint(v, {"dispatched": self._dispatched})
         if v < self.steps:
-            server.begin(v + 1)
+            self._begin(v + 1)
             server.grant(v + 1, self.executor.available())
+
+    def _held(self) -> int:
+        return len(self._cohort) if self.secure else self.server.accepted
+
+    def _begin(self, round: int) -> None:
+        """A plaintext buffer opens its round now; a secure one when its cohort is known (:meth:`_secure_close`)."""
+        if not self.secure:
+            self.server.begin(round)
+
+    def _reject(self, client: str, reason: str) -> None:
+        if self.secure:
+            self._refused[client] = reason
+        else:
+            self.server.reject(client, reason)
+
+    def _secure_close(self, hist: Counter) -> None:
+        """The full buffer as one SecAgg+ round among its K clients (Nguyen et al.'s design): keys are shared, each
+        client masks its staleness-weighted update, the server learns only their sum. An update the round's bounds
+        refuse now is a dropout of the protocol, handled as in synchronous secure rounds."""
+        server, cohort = self.server, self._cohort
+        self._cohort = []
+        server.begin(self.version + 1, participants={u.client: u.num_samples for u, _ in cohort})
+        for client, reason in self._refused.items():
+            server.reject(client, reason)
+        self._refused = {}
+        for u, tau in cohort:
+            if server.offer(u) is None:
+                hist[tau] += 1
 
     def _fill(self) -> None:
         """Start idle clients until ``concurrency`` are in flight, once ``dispatch_threshold`` slots are free: a seeded

@@ -160,6 +160,11 @@ class RoundServer:
         return self._round
 
     @property
+    def rejected(self) -> dict[str, str]:
+        """The round's refused or failed clients so far, with why."""
+        return dict(self._rejected)
+
+    @property
     def retryable(self) -> bool:
         """Whether a round short of its quorum may be retried: not under secure aggregation, whose own threshold
         is its quorum (a retry would meet the same dead clients; the next round selects among the live ones)."""
