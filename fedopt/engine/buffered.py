@@ -89,8 +89,8 @@ class BufferedEngine:
 
     def __post_init__(self) -> None:
         if not 1 <= self.buffer <= self.concurrency:
-            raise ConfigError(f"--buffer ({self.buffer}) must be between 1 and --concurrency ({self.concurrency}): "
-                              f"a buffer larger than the clients in flight would never fill")
+            raise ConfigError(f"--buffer-size ({self.buffer}) must be between 1 and --concurrency "
+                              f"({self.concurrency}): a buffer larger than the clients in flight would never fill")
         if not 1 <= self.dispatch_threshold <= self.concurrency:
             raise ConfigError(f"--dispatch-threshold ({self.dispatch_threshold}) must be between 1 and --concurrency "
                               f"({self.concurrency})")
