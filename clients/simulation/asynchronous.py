@@ -9,6 +9,7 @@ order. :func:`round_seconds` is a synchronous round's length on the same clock: 
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from typing import Mapping
@@ -58,8 +59,7 @@ class VirtualClients:
         got: list = []
 
         def keep(update):
-            got.append(update.__class__(update.client, update.delta.clone(), update.num_samples, update.metrics,
-                                        update.partial))  # the trainer reuses its delta buffer
+            got.append(dataclasses.replace(update, delta=update.delta.clone()))  # the trainer reuses its buffer
 
         self.host.run(self.server, [job], model, sink=keep)
         update = got[0] if got else None

@@ -51,7 +51,7 @@ __all__ = ["Arrival", "AsyncExecutor", "BufferedEngine"]
 class Arrival:
     client: str
     version: int  # the model version the client trained from
-    update: Update | None  # None: the client failed (died, timed out) and has nothing to give
+    update: Update | None  # None: the client failed (died, timed out); else it owns its delta (held until used)
     reason: str = ""  # why there is no update
 
 
@@ -133,7 +133,7 @@ class BufferedEngine:
                 if self.secure:  # held for the cohort: the client masks it when the buffer is full
                     reason = server.check(scaled)
                     if reason is None:
-                        self._cohort.append((replace(scaled, delta=scaled.delta.clone()), tau))
+                        self._cohort.append((scaled, tau))
                     else:
                         self._reject(u.client, reason)
                 elif server.offer(scaled) is None:
