@@ -2,15 +2,24 @@
 executor.
 
 A job is a TRAIN whose wire ``round`` is the job's own id (a counter, under an epoch that every start of the
-coordinator advances and the checkpoint keeps, so a client never sees an id twice); the client answers it with OFFER, then UPDATE on PULL, exactly as in synchronous
-rounds, so clients need no change. Upload credit (``--upload-slots``) bounds the updates held at once. A job fails,
+coordinator advances and the checkpoint keeps, so a client never sees an id twice); the client answers it with OFFER,
+then UPDATE on PULL, exactly as in synchronous rounds, so clients need no change. Upload credit (``--upload-slots``) bounds the updates held at once. A job fails,
 and frees its slot at once, when its client dies (silent for 3 heartbeats, or gone), is unreachable, misses
 ``--deadline`` seconds from its TRAIN, or holds upload credit without uploading. The engine never waits for a
 round: a finished client is given the newest model as soon as it is drawn again.
 
-Each server step writes its metrics line and then the checkpoint (version, optimizer state, job counter), so after a
-``kill -9`` of the coordinator, ``--resume`` continues from the last applied step: no applied update is lost, and
-the updates that were in the buffer are trained again by the clients that are started next.
+With ``--aggregator secagg`` an update never leaves its client in the clear: a client that finished its job keeps
+the update and says OFFER; it is not started again until its update has been aggregated. When K clients wait, the
+engine closes the buffer as one SecAgg+ cohort (:meth:`BusJobs.secure_cohort`): each gets COHORT (its job, the
+secure round, its staleness weight), scales its update and masks it, and the secure round runs as in synchronous
+rounds (:func:`coordinator.secure_bus.secure_sum`), its ids drawn from the job counter. A client that dies in its
+cohort is a dropout of the protocol.
+
+Each server step writes its metrics line and then the checkpoint (version, optimizer state, job counter, norm
+reference), and each update the buffer accepts is written to the run's :class:`~fedopt.checkpoint.BufferJournal`
+before the next message is handled, so after a ``kill -9`` of the coordinator, ``--resume`` continues from the
+last applied step with the buffer as it was: no applied or accepted update is lost. (Secure buffers hold no update
+here: those their clients still hold are trained again.)
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from fedopt.engine import Job
 from fedopt.engine.buffered import Arrival
 
 from .registry import RoundTracker
+from .secure_bus import secure_sum
 
 if TYPE_CHECKING:
     from .server import Coordinator
@@ -49,6 +59,9 @@ class BusJobs:
         coord.tracker = RoundTracker(coord.round, [], float("inf"), coord.cfg.bus.upload_slots,
                                      pull_timeout=coord.live.timeout)
         coord.on_update, coord.on_lost = self._update, self._lost
+        self.waiting: dict[str, int] = {}  # secure buffers: client -> the job whose update it holds for a cohort
+        if coord.server.external:
+            coord.on_held = self._held
         self.t0 = coord.clock()
         self.joined = False
         self._bytes0 = (coord.ep.bytes_in, coord.ep.bytes_out)
@@ -81,6 +94,30 @@ class BusJobs:
         if job is not None:
             self.arrivals.append(Arrival(update.client, job[1], update))
 
+    def _held(self, client: str, num_samples: int) -> None:
+        """A job's update is ready and stays with its client until a cohort names it."""
+        job = self.jobs.pop(client, None)
+        if job is not None:
+            self.waiting[client] = job[0]
+            self.arrivals.append(Arrival(client, job[1], None, held=num_samples))
+
+    def secure_cohort(self, round: int, members: dict[str, tuple[float, int]]) -> tuple[tuple[str, ...], dict]:
+        """Aggregate the waiting updates of ``members`` (client -> (staleness weight, weight)) into the server's round
+        ``round`` with one secure round; returns its survivors and metrics fields."""
+        coord = self.coord
+        cohort, self.next_id = self.next_id, self.next_id + 1
+        participants = {}
+        for client, (scale, weight) in members.items():
+            job, peer = self.waiting.pop(client, None), coord.registry.peer_of(client)
+            if job is None or peer is None or not coord.ep.send(wire.Cohort(round=job, cohort=cohort, scale=scale),
+                                                                  to=peer):
+                coord.server.reject(client, "gone before its cohort")
+                continue
+            participants[client] = weight
+        log.info("version %d: secure cohort %d of %d clients", round, cohort, len(participants))
+        info, survivors = secure_sum(coord, cohort, participants)
+        return survivors, {**info, "cohort": cohort}
+
     def _lost(self, client: str, reason: str) -> None:
         job = self.jobs.pop(client, None)
         if job is not None:
@@ -111,4 +148,4 @@ class BusJobs:
         return {"bytes_up": ep.bytes_in - b_in, "bytes_down": ep.bytes_out - b_out}
 
     def close(self) -> None:
-        self.coord.tracker, self.coord.on_update, self.coord.on_lost = None, None, None
+        self.coord.tracker, self.coord.on_update, self.coord.on_lost, self.coord.on_held = None, None, None, None

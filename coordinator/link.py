@@ -62,6 +62,7 @@ class ClientLink:
         #: the round's RoundServer
         self.on_update = None
         self.on_lost = None
+        self.on_held = None  # secure buffered rounds: a finished job whose update its client keeps (client, samples)
         self.dropped_messages = 0  # malformed or unexpected messages, for tests and the summary
         self._drop_log = LogBudget(20, 1.0, clock)  # a flood of bad messages is counted, not logged line by line
         self._refusal_log = LogBudget(20, 1.0, clock)
@@ -168,15 +169,21 @@ class ClientLink:
                 return self._drop(peer, f"READY again with {msg.num_samples} samples (announced "
                                         f"{rec.num_samples}): kept the first")
             self.registry.ready(peer, msg.num_samples)
-        elif isinstance(msg, wire.Offer) and self.secure is not None:
+        elif isinstance(msg, wire.Offer) and self.secure is not None and (self.on_held is None
+                                                                         or msg.round == self.secure.round):
             reason = self.secure.offer(rec.client, msg.round, msg.num_samples, msg.metrics)
             if reason is not None:
                 self._drop(peer, reason)
         elif isinstance(msg, wire.Offer):
             t = self.tracker
-            if t is None or not t.answers(rec.client, msg.round) or not t.offer(rec.client):
+            if t is None or not t.answers(rec.client, msg.round) or (self.on_held is None
+                                                                     and not t.offer(rec.client)):
                 return self._drop(peer, f"late or unexpected OFFER for round {msg.round} from client {rec.client} "
                                         f"(current round {self.round})")
+            if self.on_held is not None:  # secure buffers: the update stays with the client until its cohort
+                t.drop(rec.client)
+                self.registry.delivered(rec.client)
+                return self.on_held(rec.client, msg.num_samples)
             self._grant()
         elif isinstance(msg, wire.UpdateMsg):
             self._update(peer, rec.client, msg)

@@ -17,6 +17,8 @@ handled as usual. Each stage waits at most ``--deadline`` seconds. The protocol'
   on to the next round (a retry would meet the same dead clients; the next round selects among the live ones).
 
 The coordinator only ever holds masked vectors and the survivors' sum; clients' unmasked updates never reach it.
+Buffered asynchronous rounds run the same secure round on each full buffer (:func:`secure_sum`, from
+:meth:`coordinator.buffered.BusJobs.secure_cohort`), among the K clients that hold their finished updates.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from .registry import RoundTracker
 if TYPE_CHECKING:
     from .server import Coordinator
 
-__all__ = ["BusTransport", "secure_round"]
+__all__ = ["BusTransport", "secure_round", "secure_sum"]
 
 log = logging.getLogger("fedopt.coordinator")
 _SLICE = 0.05  # seconds: how often recv comes back to let the protocol see clients that died
@@ -162,7 +164,7 @@ def secure_round(coord: Coordinator, r: int, jobs) -> dict:
     Never raises for a protocol failure: an aborted round absorbs nothing (the global model stays) and its fields say
     ``aborted`` with the reason.
     """
-    server, cfg = coord.server, coord.cfg
+    server = coord.server
     participants: dict[str, int] = {}
     for client, msg in coord._train(jobs, r).items():
         peer = coord.registry.peer_of(client)
@@ -172,13 +174,21 @@ def secure_round(coord: Coordinator, r: int, jobs) -> dict:
         participants[client] = coord._sizes[client]
     log.info("round %d (attempt %d): %d clients selected of %d ready, secure aggregation among %d", r,
              coord._attempt, len(jobs), len(coord._sizes), len(participants))
+    return secure_sum(coord, r, participants)[0]
+
+
+def secure_sum(coord: Coordinator, r: int, participants: dict[str, int]) -> tuple[dict, tuple[str, ...]]:
+    """Run secure round ``r`` (SecAgg+) among ``participants`` (client -> announced samples), whose updates are on
+    their way, and hand the survivors' sum to the coordinator's RoundServer (``absorb``). Returns the round's extra
+    metrics fields and the survivors (none when the protocol aborted: the global model then stays)."""
+    server, cfg = coord.server, coord.cfg
     info: dict = {"aborted": None}
 
-    def aborted(reason: str) -> dict:
+    def aborted(reason: str) -> tuple[dict, tuple[str, ...]]:
         info["aborted"] = reason
         for c in participants:
             server.reject(c, "secure aggregation aborted")
-        return info
+        return info, ()
 
     agg = server.aggregator
     try:
@@ -208,7 +218,7 @@ def secure_round(coord: Coordinator, r: int, jobs) -> dict:
     server.absorb(Aggregate(torch.from_numpy(out.mean), out.weight, len(out.survivors)),
                   transport.train_loss(out.survivors), 1)
     info.update(survivors=len(out.survivors), secagg_dropped=len(out.dropped))
-    log.info("round %d: secure sum of %d survivors (%d dropped after sharing keys)", r, len(out.survivors),
+    log.info("secure round %d: sum of %d survivors (%d dropped after sharing keys)", r, len(out.survivors),
              len(out.dropped))
     if coord.secagg_dump is not None:  # Fault.SECAGG_DUMP: the sum the coordinator learns, checked bit for bit
         d = Path(coord.secagg_dump)
@@ -216,4 +226,4 @@ def secure_round(coord: Coordinator, r: int, jobs) -> dict:
         np.save(d / f"sum-{r}.npy", out.total)
         (d / f"sum-{r}.json").write_text(json.dumps({"survivors": list(out.survivors), "dropped": list(out.dropped),
                                                      "modulus_bits": quant.modulus_bits}))
-    return info
+    return info, tuple(out.survivors)

@@ -35,7 +35,7 @@ import torch
 import zmq
 
 from fedopt import bus, wire
-from fedopt.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedopt.checkpoint import BufferJournal, Checkpoint, load_checkpoint, save_checkpoint
 from fedopt.engine import Engine, RoundServer
 from fedopt.config import RunConfig
 from fedopt.errors import ConfigError, RoundError
@@ -74,13 +74,11 @@ class Coordinator(ClientLink):
         self.server = RoundServer.for_run(cfg, self.task, device)  # the same initial model as fedopt simulate
         self.spec = self.server.spec
         self.server.external = cfg.federation.aggregator == "secagg"  # SecAgg+ over the bus: coordinator.secure_bus
-        if cfg.buffered.buffer_size is not None and self.server.external:
-            raise ConfigError("--buffer-size (buffered asynchronous rounds) does not combine with --aggregator secagg "
-                              "over the bus yet")
         test = self.task.load_test(cfg.seed) if hasattr(self.task, "load_test") else None
         self.test = to_device(test, device)
         self.evaluator = LocalTrainer(self.task, self.spec, device, cfg.train.buffers) if self.test is not None else None
         self.round = 1
+        self.resuming = resume
         ckpt = load_checkpoint(cfg.out) if resume else None
         self._resumed = ckpt.state if ckpt is not None else {}  # what the run's last checkpoint kept
         if ckpt is not None:
@@ -103,7 +101,8 @@ class Coordinator(ClientLink):
         flat = cfg.flat()
         self.welcome = wire.Welcome(spec=self.spec.to_dict(),
                                     config={**{k: flat[k] for k in CLIENT_SETTINGS},
-                                            "secagg": cfg.federation.aggregator == "secagg"})
+                                            "secagg": cfg.federation.aggregator == "secagg",
+                                            "buffered": cfg.buffered.buffer_size is not None})
         self._wait_since = clock()
         self._idle_since = clock()  # when the coordinator became free to start the next round
         self._waited = 0.0  # how long the round in progress waited for clients
@@ -142,13 +141,16 @@ class Coordinator(ClientLink):
 
         cfg, b = self.cfg, self.cfg.buffered
         epoch = int(self._resumed.get("epoch", 0)) + 1  # job ids of this start: epoch << 32 | counter
+        journal = BufferJournal(cfg.out)  # the buffer's accepted updates, restored by --resume
+        if not self.resuming:
+            journal.clear()
         jobs = BusJobs(self, (epoch << 32) + 1)
         try:
             BufferedEngine(self.server, jobs, cfg.federation.rounds, cfg.concurrency, b.buffer_size, b.max_staleness,
                            b.dispatch_threshold, parse_staleness(b.staleness), self.output, start=self.round,
                            eval_every=cfg.federation.eval_every, evaluate=self._evaluate,
                            checkpoint=lambda v, state: self._checkpoint(v, {**state, "epoch": epoch}),
-                           dispatched=int(self._resumed.get("dispatched", 0))).run()
+                           resumed=self._resumed, journal=journal).run()
         finally:
             jobs.close()
 

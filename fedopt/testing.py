@@ -100,7 +100,7 @@ def check_message(msg: wire.Message, limits: wire.Limits = wire.Limits()) -> Non
 
     for f in dataclasses.fields(msg):
         v, name, where = getattr(msg, f.name), f.name, f"{msg.TYPE}.{f.name}"
-        if name in ("round", "xid", "version"):
+        if name in ("round", "xid", "version", "cohort"):
             assert type(v) is int and 0 <= v < limits.max_int, f"{where} = {v!r} is not a counter"
         elif name == "num_samples":
             assert type(v) is int and msg.MIN_SAMPLES <= v <= limits.max_samples, f"{where} = {v!r} out of range"
@@ -109,6 +109,8 @@ def check_message(msg: wire.Message, limits: wire.Limits = wire.Limits()) -> Non
             assert text(v, most), f"{where} is not a printable str of at most {most} characters"
         elif name == "kind":
             assert v in wire.FETCH_KINDS, f"{where} = {v!r}"
+        elif name == "scale":
+            assert type(v) in (int, float) and 0 < v <= 1, f"{where} = {v!r} is not a fraction in (0, 1]"
         elif name == "metrics":
             assert type(v) is dict and len(v) <= limits.max_metrics, f"{where} is not a small map"
             for k, x in v.items():
@@ -163,7 +165,7 @@ def _valid_hostile(rng: random.Random, n: int) -> wire.Message:
     vec = pick(torch.zeros(size), torch.full((size,), math.nan), torch.full((size,), math.inf),
                torch.full((size,), 3e38), torch.zeros(size).to(torch.float64), torch.zeros(size).bfloat16(),
                torch.zeros(1, size))
-    kw = dict(round=counter, sender=name, num_samples=pick(1, 2, 2**40), metrics=metrics, xid=counter,
+    kw = dict(round=counter, cohort=counter, scale=pick(1, 1.0, 5e-324, 0.5), sender=name, num_samples=pick(1, 2, 2**40), metrics=metrics, xid=counter,
               version=pick(0, 1, counter, 2**53 - 1), addr=name, peers=pick({}, {name: 1}, {f"tcp://h:{i}": 2**53 - 1
                                                                                for i in range(64)}),
               client=name, device=pick("cpu", "x" * 256), reason=pick("done", "", "x" * 1024), kind=pick(*wire.FETCH_KINDS),
@@ -263,7 +265,8 @@ class Fault(enum.Enum):
                               before each local training, so it is a straggler
     ``EXIT_AT_SECAGG_STAGE``  ``SecAggExit(stage, round)``: a federated client kills itself with SIGKILL when the
                               secure-aggregation message that begins ``stage`` arrives (in ``round``, if given)
-    ``SECAGG_DUMP``           a folder: each client writes its encoded (quantised, unmasked) vectors there, and the
+    ``SECAGG_DUMP``           a folder: each client writes its encoded (quantised, unmasked) vectors there (and, in
+                              secure buffered rounds, the staleness-weighted float update it encodes), and the
                               coordinator each secure sum it learns, so a test can check the sum bit for bit
     """
 

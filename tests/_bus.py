@@ -7,10 +7,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
+
 from fedopt.launch import fedopt_command, free_port, one_thread_env, spawn, stop_processes
 from fedopt.testing import Fault, fault_env
 
-__all__ = ["Cluster", "free_port", "wait_for", "read_rounds", "finished", "BASE"]
+__all__ = ["Cluster", "free_port", "wait_for", "read_rounds", "finished", "survivors_sum_matches", "BASE"]
 
 #: the options every real-process coordinator test starts from: small, fast, iid digits
 BASE = ["--task", "digits", "--local-epochs", "1", "--partition", "iid", "--heartbeat", "0.5"]
@@ -24,6 +26,17 @@ def wait_for(predicate, timeout: float, what: str, step: float = 0.1):
             return value
         time.sleep(step)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def survivors_sum_matches(dump: Path, r: int) -> dict:
+    """The coordinator's secure round ``r`` sum equals the wrapping sum of the survivors' own encoded (unmasked)
+    vectors, bit for bit (``Fault.SECAGG_DUMP``); returns the round's {"survivors", "dropped", "modulus_bits"}."""
+    meta = json.loads((dump / f"sum-{r}.json").read_text())
+    total = np.load(dump / f"sum-{r}.npy")
+    own = [np.load(dump / f"encoded-{r}-{u}.npy") for u in meta["survivors"]]
+    expected = np.sum(np.stack(own), axis=0, dtype=total.dtype)  # uint arithmetic: the sum mod 2^k
+    assert total.dtype == own[0].dtype and np.array_equal(total, expected), f"round {r}: the sum is not exact"
+    return meta
 
 
 def read_rounds(out: Path) -> list[dict]:

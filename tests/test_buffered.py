@@ -10,6 +10,7 @@ import torch
 
 from clients.simulation.run import Simulation
 from fedopt.aggregators import Update, fedavg
+from fedopt.checkpoint import BufferJournal
 from fedopt.cli import main
 from fedopt.config import RunConfig
 from fedopt.engine import RoundServer
@@ -122,8 +123,8 @@ def test_buffered_config_errors_name_the_flag():
         RunConfig.of(clients=4, buffer_size=5)
     with pytest.raises(ConfigError, match="--concurrency"):
         RunConfig.of(clients=4, buffer_size=2, concurrency=9)
-    with pytest.raises(ConfigError, match="does not combine with --aggregator secagg over the bus"):
-        RunConfig.of(clients=4, buffer_size=2, aggregator="secagg", transport="ipc")
+    with pytest.raises(ConfigError, match="does not combine with --algorithm scaffold"):
+        RunConfig.of(clients=4, buffer_size=2, algorithm="scaffold")
     with pytest.raises(ConfigError, match="give --buffer-size"):
         RunConfig.of(clients=4, max_staleness=3)
 
@@ -173,3 +174,59 @@ def test_a_buffer_that_can_never_fill_is_an_error_not_a_hang():
 
     with pytest.raises(RoundError, match="no update accepted in the last 101 arrivals"):
         BufferedEngine(server(), Poison([]), steps=3, concurrency=2, buffer=1).run()
+
+
+class Crash(Exception):
+    """The coordinator's process ends here (``kill -9``): nothing after it runs."""
+
+
+def test_the_buffer_survives_a_crash_between_steps(tmp_path):
+    """K = 2: a and b make version 1 (checkpointed); c (tau 1, weight 1/2) waits in the buffer when the process dies.
+    The resumed engine starts with c in its buffer, so the next arrival (a, tau 0) completes version 2."""
+    journal = BufferJournal(tmp_path)
+    saved = {}
+
+    def checkpoint(v, state):
+        saved.update(version=v, state=state, model=s.global_vec.clone())
+
+    class Dies(Script):
+        def collect(self):
+            if not self.order:
+                raise Crash
+            return super().collect()
+
+    s = server()
+    with pytest.raises(Crash):
+        BufferedEngine(s, Dies(["a", "b", "c"]), steps=3, concurrency=4, buffer=2, journal=journal,
+                       staleness=parse_staleness("polynomial:1"), checkpoint=checkpoint).run()
+    assert saved["version"] == 1 and len(list((tmp_path / "buffer").glob("2-*.safetensors"))) == 1
+
+    s = server()
+    s.global_vec.copy_(saved["model"])
+    records = BufferedEngine(s, Script(["a"]), steps=2, concurrency=4, buffer=2, journal=journal, start=2,
+                             resumed=json.loads(json.dumps(saved["state"])),
+                             staleness=parse_staleness("polynomial:1")).run()
+    assert [(r["version"], r["staleness"], r["clients"]) for r in records] == [(2, {"0": 1, "1": 1}, 2)]
+    assert torch.allclose(s.global_vec, torch.full((3,), 1.0 + (0.5 + 1.0) / 2))
+    assert list((tmp_path / "buffer").glob("*.safetensors")) == []  # applied: the journal is empty again
+
+
+def test_the_journal_keeps_only_the_version_being_built(tmp_path):
+    j = BufferJournal(tmp_path)
+    j.add(3, torch.ones(2), {"client": "a"})
+    j.add(4, torch.full((2,), 2.0), {"client": "b"})
+    j.add(4, torch.full((2,), 3.0), {"client": "c"})
+    (tmp_path / "buffer" / "4-9.safetensors").write_bytes(b"torn")  # unreadable: skipped
+    got = BufferJournal(tmp_path).load(4)
+    assert [(info["client"], float(d[0])) for d, info in got] == [("b", 2.0), ("c", 3.0)]
+    assert not (tmp_path / "buffer" / "3-1.safetensors").exists()  # an applied version's file is removed
+    j.clear()
+    assert list((tmp_path / "buffer").glob("*.safetensors")) == []
+
+
+def test_a_torn_checkpoint_is_one_config_error_naming_it(tmp_path):
+    from fedopt.checkpoint import load_checkpoint
+
+    (tmp_path / "checkpoint.safetensors").write_bytes(b"torn")
+    with pytest.raises(ConfigError, match="checkpoint.safetensors is unreadable"):
+        load_checkpoint(tmp_path)

@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from _bus import Cluster, wait_for
+from _bus import BASE, Cluster, survivors_sum_matches, wait_for
 from fedopt import bus, wire
 from fedopt.errors import AuthError, WireError
 from fedopt.identity import load_identity, load_pinned, write_identities
@@ -19,7 +19,7 @@ from fedopt.secagg import codec, generate_identity, identity_public_bytes
 from fedopt.secagg.messages import MaskedInput
 from fedopt.testing import Fault, SecAggExit
 
-DIGITS = ["--task", "digits", "--local-epochs", "1", "--partition", "iid", "--heartbeat", "0.5"]
+DIGITS = BASE
 
 
 # ---- fast: the wire type and the identity files -----------------------------------------------------------------------
@@ -87,16 +87,6 @@ def test_ipc_processes_match_the_in_process_secagg_run(tmp_path):
         assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-3)
 
 
-def _survivors_sum_matches(dump, r: int) -> dict:
-    """The coordinator's round-r sum equals the wrapping sum of the survivors' own encoded (unmasked) vectors."""
-    meta = json.loads((dump / f"sum-{r}.json").read_text())
-    total = np.load(dump / f"sum-{r}.npy")
-    own = [np.load(dump / f"encoded-{r}-{u}.npy") for u in meta["survivors"]]
-    expected = np.sum(np.stack(own), axis=0, dtype=total.dtype)  # uint arithmetic: the sum mod 2^k
-    assert total.dtype == own[0].dtype and np.array_equal(total, expected), f"round {r}: the sum is not exact"
-    return meta
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_clients_killed_at_every_stage_then_too_many(tmp_path):
@@ -128,7 +118,7 @@ def test_clients_killed_at_every_stage_then_too_many(tmp_path):
     assert [r["round"] for r in rows] == [1, 2, 3, 4, 5], log[-3000:]
     for i in faults:  # each faulty client really died of SIGKILL at its stage
         assert "injected fault: SIGKILL" in c.log(f"client-{i}")
-    survivors = {r: _survivors_sum_matches(dump, r) for r in (1, 2, 3, 5)}
+    survivors = {r: survivors_sum_matches(dump, r) for r in (1, 2, 3, 5)}
     assert survivors[1]["survivors"] == ["0", "1", "2", "3", "4"] and survivors[1]["dropped"] == []
     assert survivors[2]["survivors"] == ["0", "1", "2", "3"] and survivors[2]["dropped"] == ["4"]
     assert survivors[3]["survivors"] == ["0", "1", "2", "3"]  # 3 sent its masked input, then died: still counted

@@ -36,7 +36,7 @@ def realistic_messages(vec: torch.Tensor) -> list[wire.Message]:
     return [
         wire.Hello(client="3", device="cpu", sender="3"), wire.Welcome(spec=spec, config=settings),
         wire.Ready(num_samples=1437, sender="3"), wire.Offer(round=4, num_samples=1437, metrics=metrics, sender="3"),
-        wire.Pull(round=4), wire.Train(round=4, config=train, model=vec),
+        wire.Pull(round=4), wire.Cohort(round=4, cohort=9, scale=0.57735), wire.Train(round=4, config=train, model=vec),
         wire.UpdateMsg(round=4, num_samples=1437, metrics=metrics, delta=vec, sender="3"),
         wire.Evaluate(round=4, model=vec), wire.Result(round=4, num_samples=0, metrics={"accuracy": 0.0, "loss": 0.0}),
         wire.Result(round=4, num_samples=360, metrics={"accuracy": 0.93, "loss": 0.21}), wire.Heartbeat(sender="3"),
@@ -250,7 +250,8 @@ def test_num_samples_range(kind, n, ok):
             wire.decode(frames)
 
 
-@pytest.mark.parametrize("kind, name", [("PULL", "round"), ("GOSSIP_BUSY", "xid"), ("GOSSIP_PUSH", "version")])
+@pytest.mark.parametrize("kind, name", [("PULL", "round"), ("GOSSIP_BUSY", "xid"), ("GOSSIP_PUSH", "version"),
+                                        ("COHORT", "cohort")])
 @pytest.mark.parametrize("value, ok", [(0, True), (2**53 - 1, True), (2**53, False), (-1, False), (True, False),
                                        (3.0, False), ("3", False), (None, False)])
 def test_counters_are_bounded_non_negative_ints(kind, name, value, ok):
@@ -260,6 +261,18 @@ def test_counters_are_bounded_non_negative_ints(kind, name, value, ok):
         assert getattr(wire.decode(frames), name) == value
     else:
         with pytest.raises(WireError, match=name):
+            wire.decode(frames)
+
+
+@pytest.mark.parametrize("value, ok", [(1, True), (1.0, True), (0.125, True), (5e-324, True), (0, False), (0.0, False),
+                                       (-0.5, False), (1.0000001, False), (float("nan"), False), (True, False),
+                                       ("0.5", False), (None, False)])
+def test_a_cohort_scale_is_a_fraction(value, ok):
+    frames = [head(type="COHORT", round=3, cohort=9, scale=value)]
+    if ok:
+        assert wire.decode(frames).scale == value
+    else:
+        with pytest.raises(WireError, match="scale"):
             wire.decode(frames)
 
 

@@ -11,7 +11,9 @@ says HELLO again; so a coordinator restarted with ``--resume`` gets its clients 
 
 Secure aggregation: when WELCOME says the run uses ``secagg``, the client answers SECAGG messages through a
 :class:`~fedopt.secagg.SecAggClient` on the socket thread and, once trained and masked, OFFERs its masked update and
-sends it (SECAGG instead of UPDATE) when the coordinator PULLs it, so masked uploads take upload credit too. Its
+sends it (SECAGG instead of UPDATE) when the coordinator PULLs it, so masked uploads take upload credit too. In
+buffered asynchronous rounds the finished update stays here (OFFER for its job) until COHORT names the secure round
+that aggregates it and the staleness weight to scale it by; then it is masked for that round as above. Its
 long-term identity key and every peer's pinned public identity come from ``--identities DIR`` (default:
 ``--keys DIR``), never from the coordinator (trust model: :mod:`fedopt.identity`).
 """
@@ -80,10 +82,12 @@ class FederatedClient:
         self._pending: dict | None = None  # the finished update waiting for PULL: {"round", "delta", ...}
         self._offered: list | None = None  # the held masked input already offered
         self._secure_metrics: dict = {}  # training metrics of the update being masked (sent with its OFFER)
+        self._held: dict | None = None  # secure buffered rounds: the finished update waiting for COHORT
         self.secure = secure  # this client's secure-aggregation side (None: no identity key)
         if secure is not None:
             secure.hold_masked = True  # the masked input is uploaded on credit: OFFER, then PULL
         self.exit_at: SecAggExit | None = faults.get(Fault.EXIT_AT_SECAGG_STAGE)
+        self.dump = faults.get(Fault.SECAGG_DUMP)  # test seam: a secure cohort's scaled update is saved here too
 
     # ---- set-up from WELCOME ------------------------------------------------------------------------------------
     def _setup(self, welcome: wire.Welcome) -> None:
@@ -220,7 +224,7 @@ class FederatedClient:
             self._models_read += 1
         if isinstance(msg, wire.Train):
             log.info("client %s: training round %d", self.client, msg.round)
-            self._pending = None
+            self._pending = self._held = None
             self._discard_queued_training()  # a newer TRAIN supersedes one not yet started
             self.worker.jobs.put(("train", msg.round, {"model": msg.model, "config": msg.config,
                                                        "client": self.client}))
@@ -236,6 +240,18 @@ class FederatedClient:
                 rnd, _, parts = self.secure.masked
                 self.secure.masked = None
                 ep.send(wire.SecAgg(round=rnd, parts=parts, sender=self.client))
+        elif isinstance(msg, wire.Cohort):
+            h, self._held = self._held, None
+            if h is None or h["job"] != msg.round or self.secure is None:
+                self._held = h
+                log.warning("client %s: COHORT for job %d, which this client holds no update of", self.client,
+                            msg.round)
+                return None
+            self._secure_metrics = h["metrics"]
+            update = h["delta"] * msg.scale  # the staleness weight: the coordinator's public choice, in (0, 1]
+            if self.dump is not None:
+                np.save(self.dump / f"update-{msg.cohort}-{self.client}.npy", update)
+            self._send_secure(ep, msg.cohort, self.secure.provide_update(update, h["n"], msg.cohort))
         elif isinstance(msg, wire.SecAgg):
             self._secure_message(ep, msg)
         elif isinstance(msg, wire.Bye):
@@ -291,7 +307,12 @@ class FederatedClient:
                 kind, rnd, payload = self.worker.results.get_nowait()
             except queue.Empty:
                 return
-            if kind == "update" and self._settings and self._settings.get("secagg"):
+            if kind == "update" and self._settings and self._settings.get("secagg") and self._settings.get("buffered"):
+                # buffered: kept until its cohort (COHORT); the OFFER says it is ready
+                delta, n, metrics = payload
+                self._held = {"job": rnd, "delta": delta.numpy(), "n": n, "metrics": _plain_metrics(metrics)}
+                ep.send(wire.Offer(round=rnd, num_samples=n, metrics=self._held["metrics"], sender=self.client))
+            elif kind == "update" and self._settings and self._settings.get("secagg"):
                 # the masked update goes out as soon as this round's key shares are in (now, or on their arrival)
                 self._secure_metrics = _plain_metrics(payload[2])
                 self._send_secure(ep, rnd, self.secure.provide_update(payload[0].numpy(), payload[1], rnd))

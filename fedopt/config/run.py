@@ -87,7 +87,6 @@ class RunConfig:
                               f"would never fill")
         refused = [why for cond, why in (
             (self.sim.mode == "gossip", "--mode gossip"),
-            (fed.aggregator == "secagg" and self.sim.transport != "inproc", "--aggregator secagg over the bus"),
             (self.train.algorithm == "scaffold", "--algorithm scaffold"), (fed.stragglers > 0, "--stragglers"),
             (self.bus.fed_eval_every > 0, "--fed-eval-every")) if cond]
         if refused:

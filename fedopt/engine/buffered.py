@@ -27,10 +27,24 @@ An executor here reaches clients one job at a time::
     executor.collect() -> Arrival | None       # the next client to finish (earliest virtual or real time); None: no
                                                # arrival for a while (the bus: clients may have joined since)
     executor.now() -> float                    # seconds since the run began (virtual in simulation)
+
+Secure aggregation (an aggregator that ``needs_participants``): each full buffer is one SecAgg+ cohort of its K
+clients, keyed when it is full, each client masking its staleness-weighted update. In simulation the engine holds the
+K updates and the in-process aggregator runs the protocol. Over the bus (``server.external``) an update never leaves
+its client in the clear: the arrival only says it is ready (``Arrival.held``), the client is not started again until
+its cohort has run, and the executor runs the cohort::
+
+    executor.secure_cohort(round, {client: (scale, weight)}) -> (survivors, fields)
+        # each client multiplies its update by ``scale`` = s(tau) and masks it; the survivors' sum is absorbed into
+        # the server's round ``round``; ``fields`` go into the step's metrics line
+
+A client that becomes ready while a cohort runs joins the next one, with the staleness it has when that one closes.
 """
+
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -40,19 +54,23 @@ import numpy as np
 import torch
 
 from ..aggregators import Update
+from ..checkpoint import BufferJournal
 from ..errors import ConfigError, RoundError
 from ..metrics import RunOutput
 from .round import Job, RoundServer
 
 __all__ = ["Arrival", "AsyncExecutor", "BufferedEngine"]
 
+log = logging.getLogger("fedopt.engine")
+
 
 @dataclass
 class Arrival:
     client: str
     version: int  # the model version the client trained from
-    update: Update | None  # None: the client failed (died, timed out); else it owns its delta (held until used)
+    update: Update | None  # None: the client failed (died, timed out) or holds it; else it owns its delta
     reason: str = ""  # why there is no update
+    held: int | None = None  # the update stays with its client until its cohort runs: its num_samples
 
 
 class AsyncExecutor(Protocol):
@@ -84,7 +102,8 @@ class BufferedEngine:
     eval_every: int = 1
     evaluate: Callable[[torch.Tensor], dict] | None = None
     checkpoint: Callable[[int, dict], None] | None = None  # (version, state) after the step's metrics line
-    dispatched: int = 0  # jobs started before this process (from a checkpoint's state): seeds the draws
+    resumed: dict = field(default_factory=dict)  # the state the last checkpoint kept (jobs started, norm reference)
+    journal: BufferJournal | None = None  # where accepted updates wait for their step (restored on resume)
     records: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -97,11 +116,15 @@ class BufferedEngine:
         self.server.norm_window = max(32, 4 * self.buffer)  # the norm bound's reference: recent accepted updates
         self.version = self.start - 1  # server steps applied so far
         self.in_flight: dict[str, int] = {}  # client -> version it trains from
-        self._dispatched = self.dispatched
+        self._dispatched = int(self.resumed.get("dispatched", 0))  # jobs started before: seeds the draws
+        if "norm" in self.resumed:
+            self.server.load_norm_state(self.resumed["norm"])
         self._traffic = [0, 0]  # models sent, updates received since the last step (bytes as the bus carries them)
         # secure aggregation: each buffer is one cohort, keyed when it is full (see :meth:`_secure_close`)
         self.secure = bool(getattr(self.server.aggregator, "needs_participants", False))
-        self._cohort: list[tuple[Update, int]] = []  # (staleness-weighted update, tau), held until K are in
+        # (client, weight, tau, staleness-weighted update or None when its client holds it), until K are in
+        self._cohort: list[tuple[str, int, int, Update | None]] = []
+        self._info: dict = {}  # the executor's fields for the step being closed (a secure cohort's)
         self._refused: dict[str, str] = {}  # the cohort's rejections before its round begins
         spec = self.server.spec
         self._model_bytes = spec.size * torch.empty((), dtype=spec.torch_dtype).element_size()
@@ -112,6 +135,7 @@ class BufferedEngine:
         server.grant(self.version + 1, self.executor.available())
         stale, hist, t0, wall0 = 0, Counter(), self.executor.now(), time.perf_counter()
         fruitless = 0  # arrivals since the last update the buffer accepted
+        self._restore(hist)
         self._fill()
         while self.version < self.steps:
             got = self.executor.collect()
@@ -122,22 +146,31 @@ class BufferedEngine:
             self._traffic[1] += got.update is not None
             trained_from = self.in_flight.pop(got.client, got.version)
             tau = self.version - trained_from
-            if got.update is None:
+            if got.update is None and got.held is None:
                 self._reject(got.client, got.reason or "failed")
             elif self.max_staleness is not None and tau > self.max_staleness:
                 stale += 1
                 self._reject(got.client, f"{tau} versions stale (max {self.max_staleness})")
+            elif got.held is not None:  # secure buffers over the bus: the client masks it when its cohort runs
+                if self.secure and server.external:
+                    self._cohort.append((got.client, server.granted(got.client, got.held), tau, None))
+                else:
+                    self._reject(got.client, "an update held by its client, in a run without secure aggregation")
             else:
                 u = got.update
                 scaled = replace(u, delta=u.delta * self.staleness(tau)) if tau else u
                 if self.secure:  # held for the cohort: the client masks it when the buffer is full
                     reason = server.check(scaled)
                     if reason is None:
-                        self._cohort.append((scaled, tau))
+                        self._cohort.append((u.client, u.num_samples, tau, scaled))
                     else:
                         self._reject(u.client, reason)
                 elif server.offer(scaled) is None:
                     hist[tau] += 1
+                    if self.journal is not None:
+                        self.journal.add(self.version + 1, scaled.delta, {
+                            "client": u.client, "num_samples": server.granted(u.client, u.num_samples), "tau": tau,
+                            "loss": u.metrics.get("loss"), "partial": u.partial})
             fruitless = 0 if self._held() > held else fruitless + 1
             if fruitless > 50 * self.concurrency:
                 reasons = sorted(set(self._refused.values()) | set(server.rejected.values()))[:3]
@@ -166,9 +199,9 @@ class BufferedEngine:
             getattr(self.executor, "clock_field", "virtual_seconds"): self.executor.now() - t0,
             "version": v, "staleness": {str(k): n for k, n in sorted(hist.items())}, "stale_dropped": stale,
             "concurrency": len(self.in_flight), "bytes_down": self._traffic[0] * self._model_bytes,
-            "bytes_up": self._traffic[1] * self._model_bytes,
+            "bytes_up": self._traffic[1] * self._model_bytes, **self._info,
         }
-        self._traffic = [0, 0]
+        self._traffic, self._info = [0, 0], {}
         fields = getattr(self.executor, "fields", None)
         if fields is not None:  # what the executor measured (the bus: bytes at the socket)
             record.update(fields())
@@ -176,10 +209,24 @@ class BufferedEngine:
         if self.output is not None:  # the metrics line first, then the checkpoint: resume cuts back to it
             self.output.round_done(record, (server.spec, server.global_vec))
         if self.checkpoint is not None:
-            self.checkpoint(v, {"dispatched": self._dispatched})
+            self.checkpoint(v, {"dispatched": self._dispatched, "norm": server.norm_state()})
+        if self.journal is not None:
+            self.journal.clear(v)
         if v < self.steps:
             self._begin(v + 1)
             server.grant(v + 1, self.executor.available())
+
+    def _restore(self, hist: Counter) -> None:
+        """Offer again the updates the buffer held when the last process stopped (:class:`BufferJournal`)."""
+        if self.journal is None or self.secure:
+            return
+        for delta, info in self.journal.load(self.version + 1):
+            u = Update(str(info["client"]), delta, int(info["num_samples"]),
+                       {} if info.get("loss") is None else {"loss": float(info["loss"])}, bool(info.get("partial")))
+            if self.server.offer(u) is None:  # its file stays until the step: a second crash restores it again
+                hist[int(info["tau"])] += 1
+        if self.server.accepted:
+            log.info("version %d: %d updates restored to the buffer", self.version + 1, self.server.accepted)
 
     def _held(self) -> int:
         return len(self._cohort) if self.secure else self.server.accepted
@@ -198,14 +245,22 @@ class BufferedEngine:
     def _secure_close(self, hist: Counter) -> None:
         """The full buffer as one SecAgg+ round among its K clients (Nguyen et al.'s design): keys are shared, each
         client masks its staleness-weighted update, the server learns only their sum. An update the round's bounds
-        refuse now is a dropout of the protocol, handled as in synchronous secure rounds."""
+        refuse now, or a client that drops out, is a dropout of the protocol, handled as in synchronous secure
+        rounds."""
         server, cohort = self.server, self._cohort
         self._cohort = []
-        server.begin(self.version + 1, participants={u.client: u.num_samples for u, _ in cohort})
+        server.begin(self.version + 1, participants={c: n for c, n, _, _ in cohort})
         for client, reason in self._refused.items():
             server.reject(client, reason)
         self._refused = {}
-        for u, tau in cohort:
+        if server.external:  # over the bus: the clients hold their updates and mask them when named
+            survivors, self._info = self.executor.secure_cohort(
+                self.version + 1, {c: (self.staleness(tau), n) for c, n, tau, _ in cohort})
+            for c, _, tau, _ in cohort:
+                if c in survivors:
+                    hist[tau] += 1
+            return
+        for _, _, tau, u in cohort:
             if server.offer(u) is None:
                 hist[tau] += 1
 
@@ -216,7 +271,8 @@ class BufferedEngine:
         if free < self.dispatch_threshold or self.version >= self.steps:
             return
         available = self.executor.available()
-        idle = sorted(c for c in available if c not in self.in_flight)
+        waiting = {c for c, _, _, u in self._cohort if u is None}  # clients holding an update for the next cohort
+        idle = sorted(c for c in available if c not in self.in_flight and c not in waiting)
         if not idle:
             return
         # the weights this version's updates may carry: each client's count, capped among the clients that may train

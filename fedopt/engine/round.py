@@ -277,6 +277,15 @@ class RoundServer:
         """Record the norm of an update aggregated outside :meth:`offer` (the next round's reference)."""
         self._norms.append(norm)
 
+    def norm_state(self) -> dict:
+        """The norm bound's reference, for a checkpoint (a resumed run then bounds updates as it would have)."""
+        return {"ref": self.norm_ref, "recent": list(self._recent)}
+
+    def load_norm_state(self, state: dict) -> None:
+        ref, recent = state.get("ref"), state.get("recent") or []
+        self.norm_ref = float(ref) if ref is not None else None
+        self._recent = deque(float(x) for x in recent)
+
     def _check(self, update: Update) -> tuple[str | None, float]:
         """(why an update must be refused or None, its L2 norm)."""
         d = update.delta

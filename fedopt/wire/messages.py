@@ -15,6 +15,8 @@ Message table (protocol version 1; every message also has ``round`` and ``sender
     OFFER        client -> coordinator round, num_samples: weight,              -
                                        metrics: metrics
     PULL         coordinator -> client round                                    -
+    COHORT       coordinator -> client round (the job), cohort: counter,        -
+                                       scale: fraction
     TRAIN        coordinator -> client round, config: tree (TrainConfig)        model (flat global vector)
     UPDATE       client -> coordinator round, num_samples: weight,              delta (flat local - global)
                                        metrics: metrics
@@ -36,7 +38,7 @@ Message table (protocol version 1; every message also has ``round`` and ``sender
 
 Field kinds and their bounds (the defaults of :class:`Limits`; a receiver may pass tighter ones)::
 
-    counter   round, xid, version: int (not bool), 0 <= x < 2**53 (max_int). Only the range is checked here; each
+    counter   round, xid, version, cohort: int (not bool), 0 <= x < 2**53 (max_int). Only the range is checked here; each
               receiver checks the value against its own round or version window.
     weight    num_samples that weighs an average: int, 1 <= n <= 2**40 (max_samples), a hard ceiling far above any
               shard; the coordinator caps weights lower (its --max-samples).
@@ -44,6 +46,7 @@ Field kinds and their bounds (the defaults of :class:`Limits`; a receiver may pa
     name      sender, client, device, addr: printable str of at most 256 characters (max_name); printable, so a
               logged name cannot forge log lines.
     text      reason: printable str of at most 1024 characters (max_reason).
+    fraction  scale: float (or int), 0 < x <= 1.
     metrics   map of at most 64 entries (max_metrics): name -> finite float, int with |x| < 2**53, or bool. NaN,
               Inf, strings and containers are rejected, so a receiver can do arithmetic on any value.
     peers     map of at most 64 entries (max_peers): name (a peer's address) -> counter. This is the wire's ceiling
@@ -76,6 +79,12 @@ Its frames are not tensors: they are listed under ``parts`` (a count), not ``ten
 ``--aggregator secagg`` sends SECAGG after TRAIN, and its clients answer with SECAGG; the masked input takes upload
 credit like an UPDATE (OFFER with the training metrics, then SECAGG on PULL).
 
+Buffered asynchronous rounds with secure aggregation (``--buffer-size`` with ``--aggregator secagg``): a job is a TRAIN
+whose ``round`` is the job's id; the client that finished it keeps its update and says OFFER for that job. Once K such
+clients are waiting, the coordinator sends each COHORT (``round``: the job it answers, ``cohort``: the secure round
+that will aggregate it, ``scale``: the staleness weight s(tau) it multiplies its update by before masking), then runs
+that secure round's SECAGG messages among the K exactly as above.
+
 A client says HELLO, gets WELCOME (the ParamSpec and the run's data settings), loads its shard and says READY with its
 sample count; from then on it may be selected. Any message counts as a heartbeat (see :mod:`fedopt.liveness`).
 
@@ -105,7 +114,7 @@ import torch
 from .schema import CHECKS as _CHECKS, FETCH_KINDS
 
 __all__ = [
-    "VERSION", "Limits", "Message", "Hello", "Welcome", "Ready", "Offer", "Pull", "Train", "UpdateMsg", "Evaluate", "Result",
+    "VERSION", "Limits", "Message", "Hello", "Welcome", "Ready", "Offer", "Pull", "Cohort", "Train", "UpdateMsg", "Evaluate", "Result",
     "Heartbeat", "Bye", "GossipPush", "GossipReply", "GossipBusy", "GossipFetch", "SecAgg", "MESSAGE_TYPES", "WIRE_DTYPES",
     "FETCH_KINDS",
 ]
@@ -193,6 +202,13 @@ class Pull(Message):
 
 
 @dataclass(frozen=True)
+class Cohort(Message):
+    TYPE: ClassVar[str] = "COHORT"
+    cohort: int = 0  # the secure round that aggregates the update of job ``round``
+    scale: float = 1.0  # the staleness weight the client applies to that update before masking
+
+
+@dataclass(frozen=True)
 class Train(Message):
     TYPE: ClassVar[str] = "TRAIN"
     TENSORS: ClassVar[tuple[str, ...]] = ("model",)
@@ -275,7 +291,7 @@ class SecAgg(Message):
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    c.TYPE: c for c in (Hello, Welcome, Ready, Offer, Pull, Train, UpdateMsg, Evaluate, Result, Heartbeat, Bye,
+    c.TYPE: c for c in (Hello, Welcome, Ready, Offer, Pull, Cohort, Train, UpdateMsg, Evaluate, Result, Heartbeat, Bye,
                         GossipPush, GossipReply, GossipBusy, GossipFetch, SecAgg)
 }
 

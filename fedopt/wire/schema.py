@@ -55,6 +55,11 @@ def _fetch_kind(cls: type[Message], name: str, v: Any, lim: Limits) -> None:
         raise WireError(f"{cls.TYPE}: {name} must be one of {', '.join(FETCH_KINDS)}, not {show(v)}")
 
 
+def _fraction(cls: type[Message], name: str, v: Any, lim: Limits) -> None:
+    if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1):
+        raise WireError(f"{cls.TYPE}: {name} must be a number in (0, 1], not {show(v)}")
+
+
 def _map(what: str, v: Any, most: int, lim: Limits) -> None:
     if not isinstance(v, dict) or len(v) > most:
         raise WireError(f"{what} must be a map of at most {most} entries, not {show(v)}")
@@ -102,7 +107,7 @@ def _tree(cls: type[Message], name: str, v: Any, lim: Limits) -> None:
 
 #: the check of each field name; every non-tensor field of every message type must appear here (checked at import)
 CHECKS: dict[str, Callable[[type[Message], str, Any, Limits], None]] = {
-    "round": _counter, "xid": _counter, "version": _counter, "num_samples": _samples,
+    "round": _counter, "xid": _counter, "version": _counter, "cohort": _counter, "scale": _fraction, "num_samples": _samples,
     "sender": _name, "client": _name, "device": _name, "addr": _name, "reason": _name, "kind": _fetch_kind,
     "metrics": _metrics, "peers": _peers, "spec": _tree, "config": _tree,
 }
