@@ -230,9 +230,13 @@ def simulate(cfg: RunConfig) -> SimResult:
     try:
         output.setup(cfg, sim.task)
         result = sim.run(output)
-        output.finish(sim.spec, sim.server.global_vec,
-                      {"clients": f"{cfg.federation.clients} ({cfg.federation.per_round} per round)",
-                       "executor": type(sim.executor).__name__, "out": str(output.dir)})
+        extra = {"clients": f"{cfg.federation.clients} ({cfg.federation.per_round} per round)",
+                 "executor": type(sim.executor).__name__, "out": str(output.dir)}
+        if (dp := sim.server.privacy) is not None:
+            a = dp.accountant
+            extra["privacy"] = (f"epsilon {a.epsilon():.4g} at delta {a.delta:.3g} after {a.rounds} rounds ({a.kind}, "
+                                f"{a.sampling} sampling, noise multiplier {a.noise_multiplier:.4g})")
+        output.finish(sim.spec, sim.server.global_vec, extra)
     finally:
         output.close()
     return result

@@ -43,6 +43,9 @@ def add_round_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rounds", type=int, default=S, help="default 50")
     g.add_argument("--clients-per-round", type=int, default=S, help="default: all clients")
     g.add_argument("--fraction", type=float, default=S, help="clients per round as a fraction in (0, 1]")
+    g.add_argument("--client-sampling", choices=("fixed", "poisson"), default=S,
+                   help="fixed: exactly the clients per round (default); poisson: each client independently with "
+                        "probability clients-per-round / clients")
     g.add_argument("--local-epochs", type=int, default=S, help="default 5")
     g.add_argument("--batch-size", type=int, default=S, help="default 16")
     g.add_argument("--lr", type=float, default=S, help="client learning rate (default 0.1)")
@@ -77,6 +80,23 @@ def add_round_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bits", type=int, default=S, help="secagg: quantisation bits per coordinate (default 16)")
     g.add_argument("--buffers", choices=("average", "local"), default=S,
                    help="float buffers such as BatchNorm statistics: averaged or kept on each client")
+    g = p.add_argument_group("differential privacy (client-level DP-FedAvg; pip install 'fedopt[dp]')")
+    g.add_argument("--dp", choices=("central",), default=S,
+                   help="central: clip each update and add Gaussian noise to the round's sum on the coordinator")
+    g.add_argument("--noise-multiplier", type=float, default=S,
+                   help="z: noise std over the clip norm (default: calibrated to --target-epsilon)")
+    g.add_argument("--dp-clip-norm", type=float, default=S,
+                   help="C: each update's L2 bound (with --adaptive-clip, the initial clip; default 0.1)")
+    g.add_argument("--adaptive-clip", type=float, default=S, metavar="QUANTILE",
+                   help="the clip tracks this quantile of the update norms, e.g. 0.5 (Andrew et al.; default off)")
+    g.add_argument("--target-epsilon", type=float, default=S,
+                   help="the budget: calibrates z for --rounds when z is not given, else stops the run before it "
+                        "would be exceeded")
+    g.add_argument("--delta", type=float, default=S, help="delta of the (epsilon, delta) guarantee (default 1/N^1.1)")
+    g.add_argument("--accountant", choices=("rdp", "pld"), default=S,
+                   help="privacy accountant from dp_accounting (default rdp; pld needs --client-sampling poisson)")
+    g.add_argument("--noise-source", choices=("seeded", "secure"), default=S,
+                   help="seeded: reproducible by --seed (default, simulations); secure: os.urandom (production)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=S)
     g.add_argument("--device", default=S, help="auto | cpu | cuda (auto = CUDA when present)")

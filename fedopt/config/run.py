@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import ConfigError
-from .sections import (Bounds, BufferedConfig, BusConfig, FederationConfig, SecAggConfig, SimConfig, TrainingConfig,
-                       choice)
+from .sections import (Bounds, BufferedConfig, BusConfig, FederationConfig, PrivacyConfig, SecAggConfig, SimConfig,
+                       TrainingConfig, choice)
 
 try:
     import tomllib
@@ -23,7 +23,8 @@ __all__ = ["RunConfig", "FIELDS", "SECTIONS", "load_toml", "load_command_toml", 
 
 #: section attribute -> its class; flat names are the sections' field names, plus these aliases
 SECTIONS: dict[str, type] = {"train": TrainingConfig, "federation": FederationConfig, "secagg": SecAggConfig,
-                             "bus": BusConfig, "bounds": Bounds, "sim": SimConfig, "buffered": BufferedConfig}
+                             "bus": BusConfig, "bounds": Bounds, "sim": SimConfig, "buffered": BufferedConfig,
+                             "privacy": PrivacyConfig}
 _ALIASES = {"secagg_neighbours": "neighbours", "secagg_threshold": "threshold"}
 
 
@@ -46,6 +47,7 @@ class RunConfig:
     bounds: Bounds = field(default_factory=Bounds)
     sim: SimConfig = field(default_factory=SimConfig)
     buffered: BufferedConfig = field(default_factory=BufferedConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.task, str) or not self.task:
@@ -74,6 +76,25 @@ class RunConfig:
         elif self.buffered != BufferedConfig():
             raise ConfigError("--concurrency, --dispatch-threshold, --max-staleness and --staleness apply to buffered "
                               "asynchronous rounds: give --buffer-size K")
+        if self.privacy.dp is not None:
+            self._check_privacy()
+
+    def _check_privacy(self) -> None:
+        """What ``--dp central`` does not combine with (yet), and a PLD accountant only for Poisson sampling."""
+        fed = self.federation
+        refused = [why for cond, why in (
+            (self.sim.mode == "gossip", "--mode gossip (no coordinator to add the noise)"),
+            (self.buffered.buffer_size is not None, "--buffer-size (buffered asynchronous rounds)"),
+            (fed.aggregator == "secagg", "--aggregator secagg (the noise is central; distributed DP is not "
+                                         "implemented)")) if cond]
+        if refused:
+            raise ConfigError(f"--dp central does not combine with {refused[0]}")
+        if fed.aggregator not in ("fedavg", "mean"):
+            raise ConfigError(f"--dp central clips and sums the updates: use --aggregator fedavg or mean, not "
+                              f"{fed.aggregator!r} (not a linear mean)")
+        if self.privacy.accountant == "pld" and fed.client_sampling != "poisson":
+            raise ConfigError("--accountant pld supports --client-sampling poisson only (dp_accounting has no PLD of "
+                              "sampling without replacement): use --accountant rdp or --client-sampling poisson")
 
     def _check_buffered(self) -> None:
         """FedBuff's knobs against the run: C within the clients, K and O within C; what it does not combine with."""
@@ -88,6 +109,7 @@ class RunConfig:
         refused = [why for cond, why in (
             (self.sim.mode == "gossip", "--mode gossip"),
             (self.train.algorithm == "scaffold", "--algorithm scaffold"), (fed.stragglers > 0, "--stragglers"),
+            (fed.client_sampling == "poisson", "--client-sampling poisson"),
             (self.bus.fed_eval_every > 0, "--fed-eval-every")) if cond]
         if refused:
             raise ConfigError(f"--buffer-size (buffered asynchronous rounds) does not combine with {refused[0]} yet")

@@ -15,7 +15,7 @@ from ..errors import ConfigError
 from ..schedules import OPTIMIZERS, SCHEDULES, parse_staleness, scheduled_lr
 
 __all__ = ["OptimizerConfig", "TrainingConfig", "FederationConfig", "SecAggConfig", "BusConfig", "Bounds", "SimConfig",
-           "BufferedConfig",
+           "BufferedConfig", "PrivacyConfig",
            "choice", "at_least", "number", "optional"]
 
 
@@ -133,9 +133,11 @@ class FederationConfig:
     straggler_policy: str = "auto"  # auto (keep when mu > 0, else drop) | keep | drop
     eval_every: int = 1  # evaluate the global model every k rounds (and always after the last)
     eval_clients: bool = False  # also record per-class accuracy and each client's accuracy on its own data
+    client_sampling: str = "fixed"  # fixed: exactly per_round clients | poisson: each with probability per_round/clients
 
     def __post_init__(self) -> None:
         at_least("clients", self.clients, 1)
+        choice("client_sampling", self.client_sampling, ("fixed", "poisson"))
         if self.clients_per_round is not None:
             at_least("clients_per_round", self.clients_per_round, 1)
             if self.clients_per_round > self.clients:
@@ -274,3 +276,38 @@ class BufferedConfig:
         at_least("dispatch_threshold", self.dispatch_threshold, 1)
         optional(at_least, "max_staleness", self.max_staleness, 0)
         parse_staleness(self.staleness)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Client-level differential privacy (``--dp central``: DP-FedAvg, :mod:`fedopt.privacy`); off while ``dp`` is
+    None."""
+
+    dp: str | None = None  # central: clip each update, add Gaussian noise to the round's sum on the coordinator
+    noise_multiplier: float | None = None  # z: noise std over the clip (default: calibrated to target_epsilon)
+    dp_clip_norm: float | None = None  # C: each update's L2 bound (with adaptive_clip: the initial clip, default 0.1)
+    adaptive_clip: float | None = None  # γ: the clip tracks this quantile of the update norms (Andrew et al. 2021)
+    target_epsilon: float | None = None  # the budget: calibrates z when it is not given, else stops the run at it
+    delta: float | None = None  # δ of the (ε, δ) guarantee (default 1/clients^1.1)
+    accountant: str = "rdp"  # rdp | pld (dp_accounting)
+    noise_source: str = "seeded"  # seeded: torch generator keyed by (seed, round) | secure: os.urandom
+
+    def __post_init__(self) -> None:
+        optional(choice, "dp", self.dp, ("central",))
+        optional(number, "noise_multiplier", self.noise_multiplier, low_open=True)
+        optional(number, "dp_clip_norm", self.dp_clip_norm, low_open=True)
+        optional(number, "adaptive_clip", self.adaptive_clip, 0, 1, low_open=True, what="a quantile")
+        optional(number, "target_epsilon", self.target_epsilon, low_open=True)
+        optional(number, "delta", self.delta, 0, 1, low_open=True)
+        choice("accountant", self.accountant, ("rdp", "pld"))
+        choice("noise_source", self.noise_source, ("seeded", "secure"))
+        if self.dp is None:
+            given = [_flag(f.name) for f in dataclasses.fields(self)
+                     if f.name != "dp" and getattr(self, f.name) != f.default]
+            if given:
+                raise ConfigError(f"{', '.join(given)} apply to differentially private runs: give --dp central")
+            return
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise ConfigError("--dp central needs --noise-multiplier Z or --target-epsilon EPS (to calibrate Z)")
+        if self.dp_clip_norm is None and self.adaptive_clip is None:
+            raise ConfigError("--dp central needs --dp-clip-norm C (a fixed clip) or --adaptive-clip QUANTILE")

@@ -21,11 +21,14 @@ A round::
     record one metrics.jsonl line, then the checkpoint (so --resume never repeats or loses a round)
 
 Asynchronous buffers, differential-privacy noise, compression and robust rules vary the round object or the
-aggregator; the executors do not change.
+aggregator; the executors do not change. Under differential privacy (``server.privacy``) each round's line carries
+``epsilon`` and ``delta``, the checkpoint keeps the ledger (:meth:`RoundServer.state`), and with a budget the run
+stops, with one logged line, before a round that would exceed it.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Protocol, Sequence
@@ -36,6 +39,8 @@ from ..metrics import RunOutput
 from .round import Job, RoundOutcome, RoundServer
 
 __all__ = ["Engine", "Executor", "RoundHook"]
+
+log = logging.getLogger("fedopt.engine")
 
 
 class Executor(Protocol):
@@ -80,7 +85,17 @@ class Engine:
     records: list[dict] = field(default_factory=list)
 
     def run(self) -> list[dict]:
+        dp = self.server.privacy
+        if dp is not None and dp.accountant.rounds < self.start - 1:
+            # resumed without the checkpoint's ledger: every completed round released once, so count them (the
+            # budget never restarts; an adaptive clip restarts from its initial value)
+            log.warning("privacy ledger not restored from the checkpoint: counting rounds 1-%d as released",
+                        self.start - 1)
+            dp.accountant.rounds = self.start - 1
         for r in range(self.start, self.rounds + 1):
+            if dp is not None and (why := dp.stop_reason()) is not None:
+                log.warning("stopping before round %d: %s", r, why)
+                break
             self.run_round(r)
         return self.records
 
@@ -108,6 +123,7 @@ class Engine:
             "selected": len(jobs), "stragglers": sum(j.straggler for j in jobs), "rejected": len(outcome.rejected),
             "train_loss": outcome.train_loss, "seconds": time.perf_counter() - t0, "attempts": attempt,
             **self.executor.fields(jobs, outcome),
+            **(server.privacy.fields() if server.privacy is not None else {}),
         }
         if due and self.extra_eval is not None:
             record.update(self.extra_eval(server.global_vec))
@@ -118,7 +134,7 @@ class Engine:
         if self.output is not None:  # the metrics line first, then the checkpoint: resume cuts back to it
             self.output.round_done(record, (server.spec, server.global_vec))
         if self.checkpoint is not None:
-            self.checkpoint(r, {"attempts": attempt})
+            self.checkpoint(r, {"attempts": attempt, **server.state()})
         return record
 
 

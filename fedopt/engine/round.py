@@ -17,6 +17,13 @@ the sample count it announced when it became ready (never what an update says), 
 ``max_share`` of the round's total weight; an update whose L2 norm exceeds ``norm_factor`` times the median norm of
 the last round's accepted updates (before any round: the global model's norm, at least 1), or ``max_update_norm``,
 is rejected and counted in the round's ``rejected``.
+
+Sampling: ``fixed`` draws exactly ``per_round`` clients without replacement; ``poisson`` takes each client independently
+with probability ``per_round / population``. Under differential privacy (``--dp central``: the aggregator is a
+:class:`~fedopt.privacy.CentralDP`, whose accountant assumes that sampling over ``population`` clients) a fixed draw is
+made over all ``population`` clients, those not ready counting as absent; the relative norm bound is off (the median
+of one round's updates would let a client sway the next round, outside the accounting: clipping bounds every update);
+and a round below quorum closes anyway (retrying would redraw its cohort), releasing the noised sum like every round.
 """
 
 from __future__ import annotations
@@ -108,6 +115,8 @@ class RoundServer:
         keep_stragglers: bool = False,
         bounds: Bounds | None = None,
         lr_at: Callable[[int], float] | None = None,
+        sampling: str = "fixed",
+        population: int = 0,
     ) -> None:
         spec.check_vector(global_vec)
         if hasattr(aggregator, "check_round_size"):
@@ -122,6 +131,8 @@ class RoundServer:
         self.seed = seed
         self.stragglers = stragglers
         self.keep_stragglers = keep_stragglers
+        self.sampling = sampling  # fixed | poisson (see the module docstring)
+        self.population = population  # clients a round samples from (0: the candidates it is offered)
         self._round: int | None = None
         self._rejected: dict[str, str] = {}
         self._loss_sum = 0.0
@@ -149,10 +160,18 @@ class RoundServer:
         model = task.build_model()
         spec = ParamSpec.from_module(model, cfg.train.buffers)
         fed = cfg.federation
-        return cls(spec, spec.flatten(model).to(device), make_aggregator(fed.aggregator, **cfg.aggregator_options),
+        aggregator, bounds = make_aggregator(fed.aggregator, **cfg.aggregator_options), cfg.bounds
+        if cfg.privacy.dp is not None:  # --dp central: DP-FedAvg wraps the mean (fedopt.privacy, an optional extra)
+            from ..privacy import central_for_run
+
+            aggregator = central_for_run(cfg, aggregator, device)
+            bounds = dataclasses.replace(bounds, norm_factor=0)
+        return cls(spec, spec.flatten(model).to(device), aggregator,
                    make_server_optimizer(fed.server_opt, fed.server_lr, **fed.server_options), cfg.train.train_config(),
                    per_round=fed.per_round, seed=cfg.seed, stragglers=fed.stragglers,
-                   keep_stragglers=cfg.keep_stragglers, bounds=cfg.bounds, lr_at=cfg.lr_at)
+                   keep_stragglers=cfg.keep_stragglers, bounds=bounds, lr_at=cfg.lr_at,
+                   sampling=fed.client_sampling,
+                   population=fed.clients if cfg.privacy.dp is not None or fed.client_sampling == "poisson" else 0)
 
     @property
     def round(self) -> int | None:
@@ -167,16 +186,37 @@ class RoundServer:
     @property
     def retryable(self) -> bool:
         """Whether a round short of its quorum may be retried: not under secure aggregation, whose own threshold
-        is its quorum (a retry would meet the same dead clients; the next round selects among the live ones)."""
-        return not getattr(self.aggregator, "needs_participants", False)
+        is its quorum (a retry would meet the same dead clients; the next round selects among the live ones), nor
+        under differential privacy (a retry would redraw the cohort the accountant counts on)."""
+        return not getattr(self.aggregator, "needs_participants", False) and self.privacy is None
+
+    @property
+    def privacy(self):
+        """The DP-FedAvg wrapper that is this server's aggregator (:class:`fedopt.privacy.CentralDP`), or None."""
+        return self.aggregator if getattr(self.aggregator, "accountant", None) is not None else None
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of this server beside the model and the optimizer: the privacy ledger."""
+        return {"privacy": self.privacy.state()} if self.privacy is not None else {}
+
+    def restore(self, state: dict) -> None:
+        """Continue from a checkpoint's :meth:`state` (ConfigError when its privacy parameters differ)."""
+        if self.privacy is not None and "privacy" in state:
+            self.privacy.load_state(state["privacy"])
 
     # ---- planning ---------------------------------------------------------------------------------------------------
     def select(self, round: int, candidates: list[str]) -> list[str]:
-        """Uniform sampling without replacement, seeded by (seed, round): the same run selects the same clients."""
+        """The round's cohort, seeded by (seed, round): the same run selects the same clients. ``fixed``: uniform
+        sampling of ``per_round`` without replacement, over ``population`` slots when that exceeds the candidates
+        (a slot past them is a client not ready: absent); ``poisson``: each candidate with probability
+        ``per_round / population``."""
         pool = sorted(candidates)
-        k = min(self.per_round, len(pool))
+        n = max(self.population, len(pool))
         rng = np.random.default_rng([self.seed & 0xFFFFFFFF, round, 1])
-        return [pool[i] for i in sorted(rng.choice(len(pool), size=k, replace=False))]
+        if self.sampling == "poisson":
+            return [c for c, u in zip(pool, rng.random(len(pool))) if u < self.per_round / n]
+        k = min(self.per_round, n)
+        return [pool[i] for i in sorted(rng.choice(n, size=k, replace=False)) if i < len(pool)]
 
     def plan(self, round: int, sizes: Mapping[str, int]) -> list[Job]:
         """Select clients and give each a TrainConfig. ``sizes`` maps each available client to its sample count.
