@@ -83,6 +83,7 @@ def test_epsilon_grows_with_rounds_and_pld_steps_match_a_fresh_composition():
         acc.step()
         seen.append(acc.epsilon())
     assert seen == sorted(seen) and len(set(seen)) == 4
+    assert acc.would_exceed(seen[-1]) and not acc.would_exceed(acc.epsilon(101))
     assert seen[-1] == pytest.approx(reference_epsilon("pld", poisson_event(0.1, 0.8, 100), 1e-5), rel=1e-6)
     assert Accountant("rdp", "poisson", population=10, per_round=1, noise_multiplier=1.0).epsilon() == 0.0
 
@@ -345,6 +346,7 @@ DP = dict(dp="central", noise_multiplier=1.0, dp_clip_norm=1.0)
     ({**DP, "aggregator": "secagg"}, "--dp central does not combine with --aggregator secagg"),
     ({**DP, "buffer_size": 2}, "--dp central does not combine with --buffer-size"),
     ({**DP, "mode": "gossip"}, "--dp central does not combine with --mode gossip"),
+    ({**DP, "algorithm": "scaffold"}, "--dp central does not combine with --algorithm scaffold"),
     (dict(noise_multiplier=1.0, delta=1e-5), "--noise-multiplier, --delta apply to differentially private runs: "
                                              "give --dp central"),
     (dict(client_sampling="bernoulli"), "--client-sampling must be one of fixed, poisson"),

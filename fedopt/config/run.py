@@ -85,6 +85,7 @@ class RunConfig:
         refused = [why for cond, why in (
             (self.sim.mode == "gossip", "--mode gossip (no coordinator to add the noise)"),
             (self.buffered.buffer_size is not None, "--buffer-size (buffered asynchronous rounds)"),
+            (self.train.algorithm == "scaffold", "--algorithm scaffold (its control variates are not privatised)"),
             (fed.aggregator == "secagg", "--aggregator secagg (the noise is central; distributed DP is not "
                                          "implemented)")) if cond]
         if refused:

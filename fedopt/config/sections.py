@@ -133,7 +133,7 @@ class FederationConfig:
     straggler_policy: str = "auto"  # auto (keep when mu > 0, else drop) | keep | drop
     eval_every: int = 1  # evaluate the global model every k rounds (and always after the last)
     eval_clients: bool = False  # also record per-class accuracy and each client's accuracy on its own data
-    client_sampling: str = "fixed"  # fixed: exactly per_round clients | poisson: each with probability per_round/clients
+    client_sampling: str = "fixed"  # fixed: exactly per_round clients | poisson: each with chance per_round/clients
 
     def __post_init__(self) -> None:
         at_least("clients", self.clients, 1)

@@ -24,7 +24,7 @@ Adaptive clipping (``adaptive``, :class:`AdaptiveClip`): each client also contri
 centred to b_k − ½ (sensitivity ½); the coordinator releases the fraction b̄ = (Σ(b_k − ½) + N(0, σ_b²))/D + ½ and
 moves the clip geometrically, C ← C·exp(−η_C (b̄ − γ)). The paper's defaults: γ = 0.5, η_C = 0.2, C₀ = 0.1,
 σ_b = D/20. The two Gaussians together are one Gaussian mechanism of multiplier z when the update noise uses
-z_Δ = (z⁻² − (2σ_b)⁻²)^(−½) (Andrew et al., Theorem 1), so the accountant sees z, and ε is the same as with a fixed clip.
+z_Δ = (z⁻² − (2σ_b)⁻²)^(−½) (Andrew et al.), so the accountant sees z, and ε is the same as with a fixed clip.
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ class CentralDP:
 
     ``accountant`` holds z, the sampling and the ledger; ``clip`` is C (the initial clip with ``adaptive``);
     ``target_epsilon``, when given, is the budget :meth:`stop_reason` guards; ``seed`` keys the noise of each round.
-    Raises ConfigError for an ``inner``
-    aggregator that is not a plain mean, a bad clip, or adaptive clipping whose count noise is too small for z.
+    Raises ConfigError for an ``inner`` aggregator that is not a plain mean, a bad clip, or adaptive clipping whose
+    count noise is too small for z.
     """
 
     linear = False  # each update is clipped on its own: pre-aggregated partial means cannot be merged
@@ -126,7 +126,7 @@ class CentralDP:
         self.noise_source = noise_source
         self.target_epsilon = target_epsilon
         self.device = torch.device(device)  # where a round without updates makes its sum
-        self.expected = accountant.q * accountant.population  # D
+        self.expected = accountant.expected_cohort  # D
         z = accountant.noise_multiplier
         self.update_multiplier = z  # z_Δ
         if adaptive is not None:
