@@ -19,7 +19,7 @@ from fedopt.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedopt.cli import main
 from fedopt.config import RunConfig
 from fedopt.engine import Engine, RoundServer
-from fedopt.errors import ConfigError
+from fedopt.errors import ConfigError, RoundError
 from fedopt.metrics import read_metrics
 from fedopt.optimizers import make_server_optimizer
 from fedopt.params import ParamSpec
@@ -236,6 +236,8 @@ class _Updates:
         self.size = size
 
     def available(self, round, attempt):
+        if attempt > 1:
+            raise RoundError(f"round {round} was retried")
         return self.sizes
 
     def run_round(self, server, jobs):
@@ -313,6 +315,18 @@ def test_fixed_sampling_under_dp_draws_over_the_whole_population():
     assert 2.3 < float(np.mean(picks)) < 2.7  # 5 * 10/20 = 2.5 expected; the standard error is 0.02
     server.population = 0  # without DP, the draw is among the candidates: always 5
     assert {len(server.select(r, ready)) for r in range(1, 50)} == {5}
+
+
+def test_poisson_rounds_without_dp_are_not_retried_below_the_quorum():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    spec = ParamSpec.from_module(model)
+    server = RoundServer(spec, spec.flatten(model), mean(), make_server_optimizer("fedavg"), TrainConfig(),
+                         per_round=1, seed=9, sampling="poisson", population=20)
+    assert not server.retryable and server.privacy is None
+    empty = next(r for r in range(1, 500) if not server.select(r, [str(i) for i in range(20)]))
+    rec = Engine(server, _Updates(20, 8), empty, start=empty, min_clients=1).run()[-1]
+    assert rec["clients"] == 0 and rec["attempts"] == 1
 
 
 def test_empty_rounds_still_release_and_dp_rounds_are_not_retried():

@@ -187,8 +187,10 @@ class RoundServer:
     def retryable(self) -> bool:
         """Whether a round short of its quorum may be retried: not under secure aggregation, whose own threshold
         is its quorum (a retry would meet the same dead clients; the next round selects among the live ones), nor
-        under differential privacy (a retry would redraw the cohort the accountant counts on)."""
-        return not getattr(self.aggregator, "needs_participants", False) and self.privacy is None
+        under differential privacy (a retry would redraw the cohort the accountant counts on), nor under Poisson
+        sampling (a small or empty cohort is the sampling's own outcome, and its draw would repeat)."""
+        return not getattr(self.aggregator, "needs_participants", False) and self.privacy is None \
+            and self.sampling != "poisson"
 
     @property
     def privacy(self):
