@@ -3,11 +3,14 @@
 (a) Equivalence: FedBuff with C = K = O = every client and no delays against synchronous FedAvg, 10 steps: the
     largest absolute difference between the two global models.
 (b) Time to target (simulation; digits, Dirichlet 0.5, 100 clients, one local epoch): synchronous FedAvg selects 10
-    clients a round and waits for the slowest; FedBuff keeps C = 10 training and steps every K = 5 arrivals; FedAsync
-    is K = 1. The target is synchronous FedAvg's final accuracy after --rounds rounds; each method's virtual seconds
-    to first reach it. Two clocks: lognormal client speeds (sigma 1, median 100 s per local job) and NVIDIA FLARE's
-    three device classes (100/200/400 s, 5 s of communication). Speedup = sync's seconds / FedBuff's; each figure is
-    the median over --seeds seeds.
+    clients a round and waits for the slowest; FedBuff keeps C clients training and steps every K = 5
+    arrivals; FedAsync is K = 1. The target is synchronous FedAvg's final accuracy after --rounds rounds; each
+    method's virtual seconds to first reach it. Two clocks: lognormal client speeds (sigma 1, median 100 s per local
+    job) and NVIDIA FLARE's three device classes (100/200/400 s, 5 s of communication); two concurrencies: C = 50
+    (the regime buffered aggregation is for: many clients in flight) and C = 10. Each asynchronous method gets its
+    own server learning rate, the one of LRS that reaches the target first on a held-out tuning seed (never one of
+    the reported seeds); synchronous FedAvg gets the one of LRS with the best final accuracy on that seed. Speedup = sync's seconds / FedBuff's, and FedAsync's / FedBuff's; each figure is the median
+    over --seeds seeds; the JSON line reports C = 50.
 
 (c) The real bus: a coordinator and 8 client processes over ipc (digits, 8 shards), every client's local job slowed
     to --job-seconds by an injected delay, two of them 3x and 10x slower. Synchronous FedAvg (all 8 a round, waiting
@@ -38,6 +41,10 @@ from fedopt.launch import fedopt_command, one_thread_env, spawn, stop_processes 
 from fedopt.metrics import read_metrics  # noqa: E402
 from fedopt.testing import Fault, fault_env  # noqa: E402
 
+#: concurrency (clients in flight) of the asynchronous runs; server learning rates they choose from; the tuning seed
+CONCURRENCY = (50, 10)
+LRS = (1.0, 2.0, 3.0, 5.0, 8.0)
+TUNING_SEED = 1000
 CLOCKS = {"lognormal": dict(client_speed="lognormal:1.0"),
           "classes": dict(client_speed="classes:100,200,400", comm_seconds=5.0)}
 
@@ -53,6 +60,40 @@ def time_to(records: list[dict], target: float) -> float | None:
         if r["accuracy"] is not None and r["accuracy"] >= target - 1e-12:
             return r["virtual_seconds"]
     return None
+
+
+_SYNC: dict = {}
+
+
+def synchronous(args, seed: int, clock_kw: dict, lr: float | None = None) -> list[dict]:
+    """Synchronous FedAvg, 10 clients a round, at server lr ``lr`` (default: the best on the tuning seed)."""
+    if lr is None:
+        lr = sync_lr(args, clock_kw)
+    key = (seed, tuple(sorted(clock_kw.items())), lr)
+    if key not in _SYNC:
+        _SYNC[key] = run(seed, rounds=args.rounds, clients=args.clients, clients_per_round=10, server_lr=lr,
+                         **clock_kw)
+    return _SYNC[key]
+
+
+def sync_lr(args, clock_kw: dict) -> float:
+    """Synchronous FedAvg's server lr: the one of LRS with the best final accuracy on the tuning seed."""
+    return max(LRS, key=lambda x: synchronous(args, TUNING_SEED, clock_kw, x)[-1]["accuracy"])
+
+
+def asynchronous(args, seed: int, clock_kw: dict, concurrency: int, k: int, lr: float) -> list[dict]:
+    """FedBuff (K = ``k``) or FedAsync (K = 1) with ``concurrency`` clients in flight and server lr ``lr``."""
+    steps = (3 if k == 1 else 1) * 4 * args.rounds  # ample: an asynchronous step is a fraction of a round's updates
+    return run(seed, rounds=steps, clients=args.clients, clients_per_round=10, buffer_size=k, concurrency=concurrency,
+               server_lr=lr, **clock_kw)
+
+
+def best_lr(args, clock_kw: dict, concurrency: int, k: int) -> float:
+    """The server lr of LRS that reaches synchronous FedAvg's final accuracy first on the tuning seed."""
+    sync = synchronous(args, TUNING_SEED, clock_kw)
+    times = {lr: time_to(asynchronous(args, TUNING_SEED, clock_kw, concurrency, k, lr), sync[-1]["accuracy"])
+             for lr in LRS}
+    return min(LRS, key=lambda lr: (times[lr] is None, times[lr] or 0.0))
 
 
 def equivalence() -> float:
@@ -105,7 +146,6 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=100, help="synchronous rounds that set the target")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--server-lr", type=float, default=1.0)
     ap.add_argument("--bus-rounds", type=int, default=10)
     ap.add_argument("--bus-repeats", type=int, default=1)
     ap.add_argument("--job-seconds", type=float, default=0.5, help="a normal client's injected local job time")
@@ -113,25 +153,24 @@ def main() -> None:
     args = ap.parse_args()
     diff = equivalence()
     print(f"equivalence (C = K = O = 10 clients, 10 steps): max |FedBuff - FedAvg| = {diff:.3g}")
-    rows, speed_sync, speed_async = [], [], []
+    rows, speed = [], {}
     for clock, clock_kw in CLOCKS.items():
-        for seed in range(args.seeds):
-            common = dict(clients=args.clients, server_lr=args.server_lr, **clock_kw)
-            sync = run(seed, rounds=args.rounds, clients_per_round=10, **common)
-            target = sync[-1]["accuracy"]
-            t_sync = sync[-1]["virtual_seconds"]
-            steps = 8 * args.rounds  # an async step carries K updates: give it ample room to reach the target
-            buff = run(seed, rounds=steps, buffer_size=5, concurrency=10, clients_per_round=10, **common)
-            fasync = run(seed, rounds=5 * steps, buffer_size=1, concurrency=10, clients_per_round=10, **common)
-            t_buff, t_async = time_to(buff, target), time_to(fasync, target)
-            rows.append((clock, seed, target, t_sync, t_buff, t_async))
-            if t_buff:
-                speed_sync.append(t_sync / t_buff)
-                speed_async.append((t_async / t_buff) if t_async else float("inf"))
-    print(f"\n{'clock':10s} {'seed':>4s} {'target':>7s} {'sync s':>9s} {'FedBuff s':>10s} {'FedAsync s':>11s}")
-    for clock, seed, target, ts, tb, ta in rows:
+        print(f"{clock}: synchronous FedAvg's server lr {sync_lr(args, clock_kw):g}")
+        for c in CONCURRENCY:
+            lr = {k: best_lr(args, clock_kw, c, k) for k in (5, 1)}
+            for seed in range(args.seeds):
+                sync = synchronous(args, seed, clock_kw)
+                target, t_sync = sync[-1]["accuracy"], sync[-1]["virtual_seconds"]
+                t = {k: time_to(asynchronous(args, seed, clock_kw, c, k, lr[k]), target) for k in (5, 1)}
+                rows.append((clock, c, seed, target, t_sync, t[5], t[1], lr))
+                if t[5]:
+                    speed.setdefault(("sync", c), []).append(t_sync / t[5])
+                    speed.setdefault(("fedasync", c), []).append(t[1] / t[5] if t[1] else float("inf"))
+    print(f"\n{'clock':10s} {'C':>3s} {'seed':>4s} {'target':>7s} {'sync s':>9s} {'FedBuff s':>10s} {'FedAsync s':>11s}"
+          f"  server lr (FedBuff, FedAsync)")
+    for clock, c, seed, target, ts, tb, ta, lr in rows:
         show = lambda t: f"{t:.0f}" if t is not None else "not reached"  # noqa: E731
-        print(f"{clock:10s} {seed:4d} {target:7.3f} {ts:9.0f} {show(tb):>10s} {show(ta):>11s}")
+        print(f"{clock:10s} {c:3d} {seed:4d} {target:7.3f} {ts:9.0f} {show(tb):>10s} {show(ta):>11s}  {lr[5]:g}, {lr[1]:g}")
     med = lambda xs: round(statistics.median(xs), 3) if xs else None  # noqa: E731
     speed_bus = []
     for rep in range(0 if args.no_bus else args.bus_repeats):
@@ -140,8 +179,12 @@ def main() -> None:
               f"{'not reached' if t_buff is None else f'{t_buff:.1f} s'}")
         if t_buff:
             speed_bus.append(t_sync / t_buff)
-    print(json.dumps({"sync_equivalence_max_abs_diff": diff, "speedup_vs_sync_sim": med(speed_sync),
-                      "speedup_vs_fedasync_sim": med(speed_async), "speedup_vs_sync_bus": med(speed_bus)}))
+    for c in CONCURRENCY:
+        print(f"C = {c}: FedBuff vs sync {med(speed.get(('sync', c), []))}x, vs FedAsync "
+              f"{med(speed.get(('fedasync', c), []))}x (medians over clocks and seeds)")
+    print(json.dumps({"sync_equivalence_max_abs_diff": diff, "speedup_vs_sync_sim": med(speed.get(("sync", 50), [])),
+                      "speedup_vs_fedasync_sim": med(speed.get(("fedasync", 50), [])),
+                      "speedup_vs_sync_bus": med(speed_bus)}))
 
 
 if __name__ == "__main__":

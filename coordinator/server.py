@@ -86,6 +86,7 @@ class Coordinator(ClientLink):
                 raise ConfigError(f"checkpoint in {cfg.out} is for a different model than task {cfg.task!r}")
             self.server.global_vec.copy_(ckpt.global_vec)
             self.server.optimizer.load_state_dict(ckpt.optimizer_state)
+            self.server.restore(ckpt.state)  # the privacy ledger: --resume never resets the budget
             self.round = ckpt.round + 1
             log.info("resuming after round %d from %s", ckpt.round, cfg.out)
         self.output = RunOutput(cfg.out, cfg.federation.rounds, cfg.progress, title=f"fedopt coordinator: {cfg.task}",

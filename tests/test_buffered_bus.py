@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 
 def test_c_equals_k_equals_o_equals_every_client_is_synchronous_fedavg_on_the_bus(tmp_path):
-    common = ["simulate", "--transport", "ipc", "--clients", "4", "--rounds", "6", "--local-epochs", "1", "--seed",
+    common = ["simulate", "--transport", "ipc", "--clients", "4", "--rounds", "10", "--local-epochs", "1", "--seed",
               "2", "--progress", "off", "--no-plot"]
     assert main([*common, "--out", str(tmp_path / "sync")]) == 0
     assert main([*common, "--out", str(tmp_path / "buf"), "--buffer-size", "4", "--concurrency", "4",
