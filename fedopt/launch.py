@@ -151,3 +151,43 @@ def _signal_groups(procs: list[subprocess.Popen], sig: signal.Signals) -> None:
                 os.killpg(p.pid, sig)
             except ProcessLookupError:
                 pass
+
+
+def run_torchrun(nproc: int, module_argv: Sequence[str], max_restarts: int = 0, monitor_interval: float = 0.2) -> int:
+    """Run ``python -m fedopt <module_argv>`` as ``nproc`` workers under torch's elastic agent (torchrun) in this
+    process, with a c10d rendezvous on 127.0.0.1 and gloo kept on the loopback interface; returns 0, or 1 (one line on
+    stderr) when the group failed. Ctrl-C stops the workers and raises KeyboardInterrupt."""
+    import logging
+    import uuid
+
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if nproc > 1:
+        # the workers share this machine's cores (torchrun would otherwise pick 1 thread and print a warning)
+        os.environ.setdefault("OMP_NUM_THREADS", shared_cores_env(nproc)["OMP_NUM_THREADS"])
+    # the agent's own notices (shutting down on a signal, rendezvous details) are not for the user: failures are
+    # reported below in one line
+    for name in list(logging.root.manager.loggerDict):  # torch gives each of its modules a logger with its own level
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    if "GLOO_SOCKET_IFNAME" not in os.environ and (lo := loopback_interface()):
+        os.environ["GLOO_SOCKET_IFNAME"] = lo
+    argv = ["--nnodes", "1", "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", uuid.uuid4().hex,
+            "--monitor-interval", str(monitor_interval), "--module", "fedopt", *module_argv]
+    try:
+        torchrun.run(torchrun.get_args_parser().parse_args(argv))
+    except ChildFailedError as e:
+        failures = ", ".join(f"rank {r} exit code {f.exitcode}" for r, f in sorted(e.failures.items()))
+        sys.stderr.write(f"fedopt {module_argv[0]}: error: worker group failed ({failures})\n")
+        return 1
+    except SignalException:
+        raise KeyboardInterrupt from None  # the workers are stopped: the CLI says "interrupted" once, exit 130
+    return 0
+
+
+def under_torchrun() -> bool:
+    """Whether this process is a worker torchrun started (``RANK`` and ``WORLD_SIZE`` are set)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ

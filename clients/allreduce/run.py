@@ -22,23 +22,15 @@ and the new workers resume from the last epoch checkpoint by themselves; every e
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
-import sys
-import uuid
 
 from fedopt.errors import ConfigError
-from fedopt.launch import config_argv, free_port, loopback_interface, shared_cores_env
+from fedopt.launch import config_argv, run_torchrun, under_torchrun
 
 from clients.allreduce.config import AllreduceConfig
 
 __all__ = ["under_torchrun", "run_worker", "preflight", "launch"]
-
-
-def under_torchrun() -> bool:
-    """Whether this process is a worker torchrun started (``RANK`` and ``WORLD_SIZE`` are set)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def run_worker(cfg: AllreduceConfig) -> int:
@@ -74,31 +66,4 @@ def launch(cfg: AllreduceConfig, nproc: int, max_restarts: int = 0, monitor_inte
     if not (isinstance(max_restarts, int) and max_restarts >= 0):
         raise ConfigError(f"max-restarts must be >= 0, not {max_restarts}")
     preflight(cfg, nproc)
-    import torch.distributed.run as torchrun
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    if nproc > 1:
-        # the workers share this machine's cores, as simulate's client processes do (torchrun would otherwise pick 1
-        # and print a warning about it); with one worker, a small model gets one thread from the worker itself
-        os.environ.setdefault("OMP_NUM_THREADS", shared_cores_env(nproc)["OMP_NUM_THREADS"])
-    # the agent's own notices (shutting down on a signal, rendezvous details) are not for the user: failures are
-    # reported below in one line
-    for name in list(logging.root.manager.loggerDict):  # torch gives each of its modules a logger with its own level
-        if name.startswith("torch.distributed.elastic"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-    # --nproc runs on this machine only: keep gloo's traffic on the loopback interface
-    if "GLOO_SOCKET_IFNAME" not in os.environ and (lo := loopback_interface()):
-        os.environ["GLOO_SOCKET_IFNAME"] = lo
-    argv = ["--nnodes", "1", "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
-            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", uuid.uuid4().hex,
-            "--monitor-interval", str(monitor_interval), "--module", "fedopt", "allreduce", *config_argv(cfg)]
-    try:
-        torchrun.run(torchrun.get_args_parser().parse_args(argv))
-    except ChildFailedError as e:
-        failures = ", ".join(f"rank {r} exit code {f.exitcode}" for r, f in sorted(e.failures.items()))
-        sys.stderr.write(f"fedopt allreduce: error: worker group failed ({failures})\n")
-        return 1
-    except SignalException:
-        raise KeyboardInterrupt from None  # the workers are stopped: the CLI says "interrupted" once, exit 130
-    return 0
+    return run_torchrun(nproc, ["allreduce", *config_argv(cfg)], max_restarts, monitor_interval)

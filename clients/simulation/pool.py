@@ -34,16 +34,28 @@ from fedopt.engine import Job, RoundServer
 
 from clients.simulation.scaffold import ScaffoldServer
 
-__all__ = ["PoolExecutor", "SLAB"]
+__all__ = ["PoolExecutor", "SLAB", "balance", "needs_each"]
 
 SLAB = 32  # per-client update rows a worker hands over at a time when the aggregator needs every update
 START_TIMEOUT = 120.0  # seconds for a spawned worker to import torch and load its task
 POLL = 0.5  # seconds between liveness checks while waiting on workers
 
 
-def _needs_each(aggregator) -> bool:
+def needs_each(aggregator) -> bool:
+    """Whether ``aggregator`` needs every update (it cannot merge pre-aggregated partials)."""
     return not getattr(aggregator, "linear", False) or getattr(aggregator, "needs_all_updates", False) \
         or getattr(aggregator, "needs_plaintext", False)
+
+
+def balance(jobs: list[Job], sizes, workers: int) -> list[list[Job]]:
+    """``jobs`` split over ``workers`` by sample count: longest first onto the least loaded (deterministic)."""
+    shares: list[list[Job]] = [[] for _ in range(workers)]
+    load = [0] * workers
+    for job in sorted(jobs, key=lambda j: -sizes.get(j.client, 1)):
+        w = load.index(min(load))
+        shares[w].append(job)
+        load[w] += sizes.get(job.client, 1) + 8  # + a per-client fixed cost
+    return shares
 
 
 class PoolExecutor:
@@ -109,17 +121,12 @@ class PoolExecutor:
 
     def assign(self, jobs: list[Job], sizes) -> list[list[Job]]:
         """Which worker trains which job. With SCAFFOLD a client always goes to the same worker (its state lives
-        there); otherwise jobs are balanced by sample count (longest first onto the least loaded worker)."""
+        there); otherwise jobs are balanced by sample count (:func:`balance`)."""
+        if self.scaffold is None:
+            return balance(jobs, sizes, self.workers)
         shares: list[list[Job]] = [[] for _ in range(self.workers)]
-        if self.scaffold is not None:
-            for job in jobs:
-                shares[int(job.client) % self.workers].append(job)
-            return shares
-        load = [0] * self.workers
-        for job in sorted(jobs, key=lambda j: -sizes.get(j.client, 1)):
-            w = load.index(min(load))
-            shares[w].append(job)
-            load[w] += sizes.get(job.client, 1) + 8  # + a per-client fixed cost
+        for job in jobs:
+            shares[int(job.client) % self.workers].append(job)
         return shares
 
     # ---- the round --------------------------------------------------------------------------------------------------
@@ -129,7 +136,7 @@ class PoolExecutor:
         self._global.copy_(server.global_vec.detach())
         if self.scaffold is not None:
             self._control.copy_(self.scaffold.control.cpu())
-        each = _needs_each(server.aggregator)
+        each = needs_each(server.aggregator)
         shares = self.assign(jobs, self.sizes)
         busy = 0
         for rank, share in enumerate(shares):

@@ -116,6 +116,7 @@ class Simulation:
         self.speeds = parse_speeds(cfg.sim.client_speed, cfg.sim.comm_seconds, cfg.seed) \
             if cfg.sim.client_speed is not None else None
         self.executor: Executor = self._make_executor()
+        self.evaluates = True  # False: evaluation is another process's (a distributed simulation's other ranks)
         self._eval_trainer = getattr(self.executor, "trainer", None) or \
             LocalTrainer(self.task, self.spec, self.device, cfg.train.buffers)
 
@@ -144,6 +145,8 @@ class Simulation:
 
     def evaluate(self) -> dict:
         """The global model on the shared test set; without one, the sample-weighted mean over clients' local tests."""
+        if not self.evaluates:
+            return {}
         if self.test is not None:
             return self._eval_trainer.evaluate(self.server.global_vec, self.test)
         acc = loss = n = 0.0
@@ -230,13 +233,18 @@ def simulate(cfg: RunConfig) -> SimResult:
     try:
         output.setup(cfg, sim.task)
         result = sim.run(output)
-        extra = {"clients": f"{cfg.federation.clients} ({cfg.federation.per_round} per round)",
-                 "executor": type(sim.executor).__name__, "out": str(output.dir)}
-        if (dp := sim.server.privacy) is not None:
-            a = dp.accountant
-            extra["privacy"] = (f"epsilon {a.epsilon():.4g} at delta {a.delta:.3g} after {a.rounds} rounds ({a.kind}, "
-                                f"{a.sampling} sampling, noise multiplier {a.noise_multiplier:.4g})")
-        output.finish(sim.spec, sim.server.global_vec, extra)
+        output.finish(sim.spec, sim.server.global_vec, {**summary(cfg, sim), "out": str(output.dir)})
     finally:
         output.close()
     return result
+
+
+def summary(cfg: RunConfig, sim: Simulation) -> dict:
+    """The run's lines in the end-of-run summary beside the metrics."""
+    extra = {"clients": f"{cfg.federation.clients} ({cfg.federation.per_round} per round)",
+             "executor": type(getattr(sim.executor, "inner", sim.executor)).__name__}
+    if (dp := sim.server.privacy) is not None:
+        a = dp.accountant
+        extra["privacy"] = (f"epsilon {a.epsilon():.4g} at delta {a.delta:.3g} after {a.rounds} rounds ({a.kind}, "
+                            f"{a.sampling} sampling, noise multiplier {a.noise_multiplier:.4g})")
+    return extra

@@ -1,17 +1,28 @@
 """``fedopt simulate``: many clients on this machine, in one of three ways chosen by the run's config.
 
 ``--mode gossip`` starts peer processes (:mod:`clients.gossip.run`), ``--transport ipc|tcp`` a coordinator and real client
-processes over the bus (:mod:`coordinator.local`), and the default runs the in-process engine, a worker pool or vmap
-(:mod:`clients.simulation.run`). Each is imported only when chosen.
+processes over the bus (:mod:`coordinator.local`), ``--nproc N`` N processes on torch.distributed sharing each round
+(:mod:`clients.simulation.distributed`: this process launches them with torchrun, which may also start them itself,
+across machines), and the default runs the in-process engine, a worker pool or vmap (:mod:`clients.simulation.run`).
+Each is imported only when chosen.
 """
 
 from __future__ import annotations
 
 import argparse
 
+import json
+import os
+
+from ..config import RunConfig
+from ..launch import run_torchrun, under_torchrun
+from ..task import resolve_task
 from .options import add_buffered_options, add_bus_options, add_round_options, config_out, round_overrides
 
 __all__ = ["configure", "run_folder", "simulate_config", "run"]
+
+#: how the --nproc launcher hands its ranks the run's config (JSON of RunConfig.flat())
+CONFIG_ENV = "FEDOPT_SIMULATE_CONFIG"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -27,6 +38,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--topology", choices=("ring", "exponential", "complete"), default=S,
                    help="--mode gossip: synchronous D-PSGD on this graph (default: random pairwise gossip)")
     add_bus_options(p)
+    g.add_argument("--nproc", type=int, default=S,
+                   help="processes on torch.distributed (gloo on CPU, NCCL on GPUs) sharing each round's clients; "
+                        "started with torchrun (default 1: this process)")
     g.add_argument("--backend", choices=("sequential", "vmap"), default=S)
     g.add_argument("--workers", type=int, default=S,
                    help="simulation worker processes (default: 1 = in-process for small models, else cores)")
@@ -43,7 +57,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="seconds a job spends on the network, model down and update up (default 0)")
 
 
-def run_folder(args: argparse.Namespace) -> tuple[str, bool | None]:
+def run_folder(args: argparse.Namespace) -> tuple[str, bool | None] | None:
+    if under_torchrun() and (os.environ.get(CONFIG_ENV) or os.environ.get("RANK") != "0"):
+        return None  # the launcher (or, under a user's own torchrun, rank 0) claims it
     return config_out(args), None  # simulate always starts afresh
 
 
@@ -59,7 +75,22 @@ def simulate_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    if under_torchrun():  # a rank of --nproc (the launcher's config), or of a user's own torchrun (the flags)
+        from clients.simulation.distributed import simulate_rank
+
+        given = os.environ.get(CONFIG_ENV)
+        return simulate_rank(RunConfig.of(**json.loads(given)) if given else simulate_config(args))
     cfg = simulate_config(args)
+    if cfg.sim.nproc > 1:
+        from clients.simulation.distributed import check_distributed
+
+        check_distributed(cfg)
+        resolve_task(cfg.task, cfg.task_options)  # a bad task is one line here, not one per rank
+        os.environ[CONFIG_ENV] = json.dumps(cfg.flat())
+        try:
+            return run_torchrun(cfg.sim.nproc, ["simulate"])
+        finally:
+            del os.environ[CONFIG_ENV]
     if cfg.sim.mode == "gossip":
         from clients.gossip.sim import simulate_gossip  # N peers as local processes
 

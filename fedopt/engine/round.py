@@ -387,6 +387,22 @@ class RoundServer:
         self.accepted = aggregate.count
         self._note_loss(loss, samples)
 
+    def share(self, aggregator) -> "RoundServer":
+        """A server for a share of the round in progress (a simulation worker's or rank's clients): it judges updates
+        exactly as this one does (bounds, the plan's weights, this round's norm bound) and feeds ``aggregator``; it
+        never steps. Its :meth:`partial` and :attr:`norms` go back to this server (``merge``, ``accepted_norm``)."""
+        s = RoundServer(self.spec, self.global_vec, aggregator, self.optimizer, self.train, per_round=1,
+                        keep_stragglers=self.keep_stragglers, bounds=self.bounds)
+        s._planned, s.norm_ref = self._planned, self.norm_ref
+        s.begin(self._round)
+        s._norm_bound = self._norm_bound
+        return s
+
+    @property
+    def norms(self) -> list[float]:
+        """The L2 norms of the updates accepted so far this round."""
+        return list(self._norms)
+
     def partial(self) -> tuple:
         """What this round gathered so far, without stepping: ``(aggregate | None, mean loss | None, loss weight,
         rejected)``. A simulation worker pre-aggregates with its own RoundServer and forwards this with merge()."""
