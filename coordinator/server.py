@@ -92,6 +92,12 @@ class Coordinator(ClientLink):
         self.output = RunOutput(cfg.out, cfg.federation.rounds, cfg.progress, title=f"fedopt coordinator: {cfg.task}",
                                 resume_after=ckpt.round if ckpt else None, plot=cfg.plot)
         self.output.setup(cfg, task=self.task if all_shards_here else None)
+        # one descriptor per connected client (and a few of ZeroMQ's own): a default soft limit of 1024 would refuse
+        # connections long before --max-clients
+        fds = bus.raise_fd_limit(cfg.client_cap + 256)
+        if fds < cfg.client_cap + 64:
+            log.warning("this process may open %d files, which holds about %d client connections, fewer than "
+                        "--max-clients %d: raise the hard limit (ulimit -Hn)", fds, fds - 64, cfg.client_cap)
         self.ctx = ctx or zmq.Context()
         self._own_ctx = ctx is None
         self.auth = bus.start_authenticator(self.ctx, security)

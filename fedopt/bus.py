@@ -156,11 +156,33 @@ def _common(sock: zmq.Socket, limits: wire.Limits) -> None:
     sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
 
 
+#: pending TCP connections a ROUTER's listen queue holds (ZeroMQ's default is 100: thousands of clients joining at
+#: once would overflow it and wait out TCP's SYN retries); the kernel caps it at net.core.somaxconn
+LISTEN_BACKLOG = 4096
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Raise this process's soft limit on open files towards its hard limit, to hold ``wanted`` descriptors (a
+    coordinator needs one per connected client); returns the soft limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard == resource.RLIM_INFINITY else min(hard, max(soft, wanted))
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def router(ctx: zmq.Context, url: str, security: Security, limits: wire.Limits = wire.Limits()) -> zmq.Socket:
     """A bound ROUTER (the coordinator side). Raises ConfigError when the address cannot be bound."""
     sock = ctx.socket(zmq.ROUTER)
     _common(sock, limits)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
     if security.curve:
         sock.curve_server = True
         sock.curve_publickey, sock.curve_secretkey = security.public, security.secret

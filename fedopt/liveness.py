@@ -29,7 +29,7 @@ class Liveness(Generic[K]):
         self.interval = interval
         self.misses = misses
         self.clock = clock
-        self._last: dict[K, float] = {}
+        self._last: dict[K, float] = {}  # in the order last heard (oldest first), so expire() is O(dead)
 
     @property
     def timeout(self) -> float:
@@ -38,6 +38,7 @@ class Liveness(Generic[K]):
 
     def heard(self, peer: K) -> None:
         """Any message from ``peer`` (a heartbeat or real traffic) proves it alive now."""
+        self._last.pop(peer, None)  # re-inserted at the end: the dict stays in order of last heard
         self._last[peer] = self.clock()
 
     def forget(self, peer: K) -> None:
@@ -54,7 +55,11 @@ class Liveness(Generic[K]):
     def expire(self) -> list[K]:
         """Remove and return the peers that are dead now (in the order they were last heard)."""
         now = self.clock()
-        dead = [p for p, t in sorted(self._last.items(), key=lambda kv: kv[1]) if now - t >= self.timeout]
+        dead = []
+        for p, t in self._last.items():  # oldest first: stop at the first peer still alive
+            if now - t < self.timeout:
+                break
+            dead.append(p)
         for p in dead:
             del self._last[p]
         return dead
