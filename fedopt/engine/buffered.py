@@ -102,7 +102,7 @@ class BufferedEngine:
     eval_every: int = 1
     evaluate: Callable[[torch.Tensor], dict] | None = None
     checkpoint: Callable[[int, dict], None] | None = None  # (version, state) after the step's metrics line
-    resumed: dict = field(default_factory=dict)  # the state the last checkpoint kept (jobs started, norm reference)
+    resumed: dict = field(default_factory=dict)  # the state the last checkpoint kept (jobs started, the server's)
     journal: BufferJournal | None = None  # where accepted updates wait for their step (restored on resume)
     records: list[dict] = field(default_factory=list)
 
@@ -117,8 +117,7 @@ class BufferedEngine:
         self.version = self.start - 1  # server steps applied so far
         self.in_flight: dict[str, int] = {}  # client -> version it trains from
         self._dispatched = int(self.resumed.get("dispatched", 0))  # jobs started before: seeds the draws
-        if "norm" in self.resumed:
-            self.server.load_norm_state(self.resumed["norm"])
+        self.server.restore(self.resumed)  # the norm bound's reference (and a privacy ledger)
         self._traffic = [0, 0]  # models sent, updates received since the last step (bytes as the bus carries them)
         # secure aggregation: each buffer is one cohort, keyed when it is full (see :meth:`_secure_close`)
         self.secure = bool(getattr(self.server.aggregator, "needs_participants", False))
@@ -209,7 +208,7 @@ class BufferedEngine:
         if self.output is not None:  # the metrics line first, then the checkpoint: resume cuts back to it
             self.output.round_done(record, (server.spec, server.global_vec))
         if self.checkpoint is not None:
-            self.checkpoint(v, {"dispatched": self._dispatched, "norm": server.norm_state()})
+            self.checkpoint(v, {"dispatched": self._dispatched, **server.state()})
         if self.journal is not None:
             self.journal.clear(v)
         if v < self.steps:

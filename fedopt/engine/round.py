@@ -198,11 +198,19 @@ class RoundServer:
         return self.aggregator if getattr(self.aggregator, "accountant", None) is not None else None
 
     def state(self) -> dict:
-        """What a checkpoint keeps of this server beside the model and the optimizer: the privacy ledger."""
-        return {"privacy": self.privacy.state()} if self.privacy is not None else {}
+        """What a checkpoint keeps of this server beside the model and the optimizer: the norm bound's reference
+        (a resumed run bounds updates as it would have) and the privacy ledger."""
+        out = {"norm": {"ref": self.norm_ref, "recent": list(self._recent)}}
+        if self.privacy is not None:
+            out["privacy"] = self.privacy.state()
+        return out
 
     def restore(self, state: dict) -> None:
         """Continue from a checkpoint's :meth:`state` (ConfigError when its privacy parameters differ)."""
+        if "norm" in state:
+            ref, recent = state["norm"].get("ref"), state["norm"].get("recent") or []
+            self.norm_ref = float(ref) if ref is not None else None
+            self._recent = deque(float(x) for x in recent)
         if self.privacy is not None and "privacy" in state:
             self.privacy.load_state(state["privacy"])
 
@@ -318,15 +326,6 @@ class RoundServer:
     def accepted_norm(self, norm: float) -> None:
         """Record the norm of an update aggregated outside :meth:`offer` (the next round's reference)."""
         self._norms.append(norm)
-
-    def norm_state(self) -> dict:
-        """The norm bound's reference, for a checkpoint (a resumed run then bounds updates as it would have)."""
-        return {"ref": self.norm_ref, "recent": list(self._recent)}
-
-    def load_norm_state(self, state: dict) -> None:
-        ref, recent = state.get("ref"), state.get("recent") or []
-        self.norm_ref = float(ref) if ref is not None else None
-        self._recent = deque(float(x) for x in recent)
 
     def _check(self, update: Update) -> tuple[str | None, float]:
         """(why an update must be refused or None, its L2 norm)."""
