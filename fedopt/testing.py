@@ -35,7 +35,7 @@ from .errors import ConfigError
 from .params import ParamSpec
 from .task import ClientData, Task, TrainConfig
 
-__all__ = ["check_task", "check_aggregator", "check_message", "hostile_frames", "Fault", "SecAggExit",
+__all__ = ["check_task", "check_aggregator", "check_message", "hostile_frames", "Fault", "SecAggExit", "TokenBucket",
            "SECAGG_STAGES", "FAULTS_ENV", "faults", "fault_env"]
 
 
@@ -352,12 +352,15 @@ class Fault(enum.Enum):
                               before each local training, so it is a straggler
     ``EXIT_AT_SECAGG_STAGE``  ``SecAggExit(stage, round)``: a federated client kills itself with SIGKILL when the
                               secure-aggregation message that begins ``stage`` arrives (in ``round``, if given)
+    ``SLOW_UPLINK``           bytes per second (a number >= 1): a federated client's UPDATE uploads pass a token bucket of
+                              that rate (:class:`TokenBucket`, burst one second's worth), an emulated slow uplink
     ``SECAGG_DUMP``           a folder: each client writes its encoded (quantised, unmasked) vectors there (and, in
                               secure buffered rounds, the staleness-weighted float update it encodes), and the
                               coordinator each secure sum it learns, so a test can check the sum bit for bit
     """
 
     SLOW_TRAIN = "slow_train"
+    SLOW_UPLINK = "slow_uplink"
     EXIT_AT_SECAGG_STAGE = "exit_at_secagg_stage"
     SECAGG_DUMP = "secagg_dump"
 
@@ -382,7 +385,38 @@ def _folder(fault: Fault, value) -> Path:
     return Path(value)
 
 
-_PARSE = {Fault.SLOW_TRAIN: _seconds, Fault.EXIT_AT_SECAGG_STAGE: _secagg_exit, Fault.SECAGG_DUMP: _folder}
+def _rate(fault: Fault, value) -> float:
+    if type(value) not in (int, float) or not 1 <= value < math.inf:
+        raise ConfigError(f"{FAULTS_ENV}: {fault.value} takes bytes per second >= 1, not {value!r}")
+    return float(value)
+
+
+class TokenBucket:
+    """A token bucket (``rate`` bytes per second, at most ``burst`` bytes of credit) with an injected clock:
+    ``due(nbytes)`` takes the bytes and returns when a send of them may leave (now, or once the bucket has refilled);
+    sends queue behind one another. Pure: the caller waits (``Fault.SLOW_UPLINK``)."""
+
+    def __init__(self, rate: float, burst: float | None = None, clock=None) -> None:
+        import time
+
+        self.rate, self.burst = float(rate), float(rate if burst is None else burst)
+        self.clock = clock or time.monotonic
+        self._tokens, self._at = self.burst, self.clock()
+
+    def due(self, nbytes: int) -> float:
+        now = self.clock()
+        if now > self._at:  # refill up to the burst for the time that passed
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+        self._tokens -= nbytes  # a debt is paid off at ``rate``: this send leaves when the bucket is back at zero
+        if self._tokens >= 0:
+            return self._at
+        self._at += -self._tokens / self.rate
+        self._tokens = 0.0
+        return self._at
+
+
+_PARSE = {Fault.SLOW_TRAIN: _seconds, Fault.SLOW_UPLINK: _rate, Fault.EXIT_AT_SECAGG_STAGE: _secagg_exit, Fault.SECAGG_DUMP: _folder}
 
 
 def faults(environ: Mapping[str, str] | None = None) -> dict[Fault, object]:

@@ -8,6 +8,7 @@ A :class:`RunConfig` is the run's identity (task, seed, device, outputs) plus si
     bus         BusConfig         deadlines, quorum, heartbeats, upload credit: runs over the ZeroMQ bus
     bounds      Bounds            how far one client's claims may move a round (fedopt.engine)
     sim         SimConfig         how ``fedopt simulate`` runs: in-process backend, workers, processes, gossip
+    compression CompressionConfig update compression (--compress SPEC) and error feedback
 
 Users see one flat namespace: each flag and TOML key (``local-epochs`` or ``local_epochs``) names exactly one field of
 one section, so :meth:`RunConfig.of`, :func:`build_config` and :meth:`RunConfig.replace` take flat names and route

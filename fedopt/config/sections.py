@@ -16,7 +16,7 @@ from ..schedules import OPTIMIZERS, SCHEDULES, parse_staleness, scheduled_lr
 
 __all__ = ["OptimizerConfig", "TrainingConfig", "FederationConfig", "SecAggConfig", "BusConfig", "Bounds", "SimConfig",
            "BufferedConfig",
-           "choice", "at_least", "number", "optional"]
+           "CompressionConfig", "choice", "at_least", "number", "optional"]
 
 
 def _flag(name: str) -> str:
@@ -274,3 +274,19 @@ class BufferedConfig:
         at_least("dispatch_threshold", self.dispatch_threshold, 1)
         optional(at_least, "max_staleness", self.max_staleness, 0)
         parse_staleness(self.staleness)
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """Update compression (:mod:`fedopt.compress`): off while ``compress`` is None."""
+
+    compress: str | None = None  # uplink: a spec such as topk:0.01+q8 (the clients encode, the coordinator decodes)
+    error_feedback: bool = True  # keep each client's residual when the compressor is biased (a sparsifier)
+
+    def __post_init__(self) -> None:
+        if self.compress is not None:
+            from ..compress import parse_compressor
+
+            parse_compressor(self.compress, "--compress")
+        if not isinstance(self.error_feedback, bool):
+            raise ConfigError(f"--error-feedback must be true or false, not {self.error_feedback!r}")
