@@ -26,8 +26,9 @@ import zmq
 
 from fedopt import bus, wire
 from fedopt.aggregators import Update
+from fedopt.compress import Packed, decompress
 from fedopt.config import RunConfig
-from fedopt.errors import RoundError
+from fedopt.errors import RoundError, WireError
 from fedopt.liveness import Liveness, LogBudget, Ticker
 from fedopt.engine import RoundServer
 
@@ -214,12 +215,19 @@ class ClientLink:
         if t is None or not t.answers(client, msg.round) or not t.expects(client):
             return self._drop(peer, f"late UPDATE for round {msg.round} from client {client} "
                                     f"(current round {self.round}{'' if t else ', closed'})")
-        delta = msg.delta if msg.delta.dtype == self.spec.torch_dtype else msg.delta.to(self.spec.torch_dtype)
-        partial = bool(msg.metrics.get("partial", False))
-        update = Update(client, delta, msg.num_samples, dict(msg.metrics), partial)
-        del delta, msg  # the frame goes with the update: nothing else refers to it
-        reason = self.server.offer(update) if self.on_update is None else self.on_update(update)
-        del update
+        try:  # a compressed update is decoded here (its frames were validated); one of another size is refused
+            delta = msg.delta if not msg.encoding else decompress(Packed.from_encoding(
+                msg.encoding, msg.values, msg.indices, msg.scales), self.spec.size)
+        except WireError as e:
+            delta, reason = None, str(e)
+            (self.server.reject if self.on_update is None else self.on_lost)(client, reason)
+        if delta is not None:
+            delta = delta if delta.dtype == self.spec.torch_dtype else delta.to(self.spec.torch_dtype)
+            partial = bool(msg.metrics.get("partial", False))
+            update = Update(client, delta, msg.num_samples, dict(msg.metrics), partial)
+            del delta, msg  # the frame goes with the update: nothing else refers to it
+            reason = self.server.offer(update) if self.on_update is None else self.on_update(update)
+            del update
         t.received(client, accepted=reason is None)
         if reason is not None:
             log.warning("rejected the update of client %s for round %d: %s", client, t.round, reason)

@@ -52,7 +52,8 @@ log = logging.getLogger("fedopt.coordinator")
 #: a round that misses its quorum this many times in a row, with no client left that has not failed it, ends the run
 MAX_ATTEMPTS = 5
 #: what a client needs to load its shard and train: sent in WELCOME
-CLIENT_SETTINGS = ("task", "task_options", "clients", "partition", "alpha", "seed", "buffers", "heartbeat", "max_samples")
+CLIENT_SETTINGS = ("task", "task_options", "clients", "partition", "alpha", "seed", "buffers", "heartbeat", "max_samples",
+                   "compress", "error_feedback")
 
 
 class Coordinator(ClientLink):

@@ -30,11 +30,12 @@ import torch
 
 from . import wire
 from .aggregators.base import Aggregator, Update
+from .compress import parse_compressor
 from .errors import ConfigError
 from .params import ParamSpec
 from .task import ClientData, Task, TrainConfig
 
-__all__ = ["check_task", "check_aggregator", "check_message", "hostile_frames", "Fault", "SecAggExit",
+__all__ = ["check_task", "check_aggregator", "check_message", "hostile_frames", "Fault", "SecAggExit", "TokenBucket",
            "SECAGG_STAGES", "FAULTS_ENV", "faults", "fault_env"]
 
 
@@ -98,6 +99,7 @@ def check_message(msg: wire.Message, limits: wire.Limits = wire.Limits()) -> Non
     def text(v, most):
         return type(v) is str and len(v) <= most and v.isprintable()
 
+    enc = getattr(msg, "encoding", {})
     for f in dataclasses.fields(msg):
         v, name, where = getattr(msg, f.name), f.name, f"{msg.TYPE}.{f.name}"
         if name in ("round", "xid", "version", "cohort"):
@@ -123,6 +125,10 @@ def check_message(msg: wire.Message, limits: wire.Limits = wire.Limits()) -> Non
                        for k, x in v.items()), f"{where} holds a bad entry"
         elif name in ("spec", "config"):
             assert type(v) is dict, f"{where} is not a map"
+        elif name == "encoding":
+            _check_encoding(v, limits)
+        elif name in getattr(msg, "PACKED", ()) or (enc and name in msg.TENSORS):
+            _check_packed(msg, name, v, enc)
         elif name in msg.TENSORS:
             assert isinstance(v, torch.Tensor) and v.dim() <= limits.max_dims, f"{where} is not a tensor"
             assert v.numel() <= limits.max_elements and all(s <= limits.max_elements for s in v.shape), where
@@ -133,9 +139,65 @@ def check_message(msg: wire.Message, limits: wire.Limits = wire.Limits()) -> Non
             raise AssertionError(f"{where}: a field check_message does not know")
 
 
+def _check_encoding(enc, limits: wire.Limits) -> None:
+    """An UPDATE's ``encoding``: {} or the map fedopt.wire.compressed describes."""
+    assert type(enc) is dict, "UPDATE.encoding is not a map"
+    if not enc:
+        return
+    need = {"size", "k", "index", "bits"} | ({"block"} if enc.get("bits") in (8, 4, 2) else set()) \
+        | ({"seed"} if enc.get("index") == "seeded" else set())
+    assert set(enc) == need, f"UPDATE.encoding has keys {sorted(enc)}, not {sorted(need)}"
+    size, k = enc["size"], enc["k"]
+    assert type(size) is int and 1 <= size <= limits.max_elements, f"UPDATE.encoding.size = {size!r}"
+    assert type(k) is int and 0 <= k <= size, f"UPDATE.encoding.k = {k!r}"
+    assert enc["index"] in ("all", "sent", "seeded") and type(enc["bits"]) is int and enc["bits"] in (32, 16, 8, 4, 2)
+    assert enc["index"] != "all" or k == size, "UPDATE.encoding: index 'all' with k != size"
+    assert enc["index"] != "sent" or size <= 2**31, "UPDATE.encoding: int32 indices cannot address size"
+    assert "block" not in enc or type(enc["block"]) is int and 1 <= enc["block"] <= 2**20, "UPDATE.encoding.block"
+    assert "seed" not in enc or type(enc["seed"]) is int and 0 <= enc["seed"] < limits.max_int, "UPDATE.encoding.seed"
+
+
+def _check_packed(msg, name: str, v, enc: dict) -> None:
+    """A compressed UPDATE's tensors have exactly the dtype and length its encoding gives, in-range sorted indices
+    and zero padding bits; a dense UPDATE has none of them (and a compressed one no delta)."""
+    where = f"{msg.TYPE}.{name}"
+    want = None
+    if enc:
+        k, bits = enc["k"], enc["bits"]
+        want = {"values": ({32: torch.float32, 16: torch.float16}.get(bits, torch.uint8),
+                           k if bits > 8 else (k * bits + 7) // 8),
+                "indices": (torch.int32, k) if enc["index"] == "sent" else None,
+                "scales": (torch.float32, -(-k // enc["block"])) if bits <= 8 else None}.get(name)
+    if want is None:
+        assert v is None, f"{where} is set in a{' compressed' if enc else ' dense'} UPDATE that has none"
+        return
+    assert isinstance(v, torch.Tensor) and v.dtype == want[0] and tuple(v.shape) == (want[1],), \
+        f"{where} is not {want[0]}[{want[1]}]"
+    if name == "indices" and v.numel():
+        assert int(v.min()) >= 0 and int(v.max()) < enc["size"] and bool((v[1:] > v[:-1]).all()), \
+            f"{where} not strictly increasing within [0, {enc['size']})"
+    if name == "values" and enc["bits"] <= 8 and (enc["k"] * enc["bits"]) % 8:
+        assert int(v[-1]) >> ((enc["k"] * enc["bits"]) % 8) == 0, f"{where}: padding bits are set"
+
+
 #: values that sit on or just past the wire's bounds, or have the wrong type: what an attacker tries first
 _EDGE = [0, 1, -1, 2**31, 2**40, 2**40 + 1, 2**53 - 1, 2**53, 2**63 - 1, 2**64 - 1, -(2**63), True, 0.5, math.nan,
          math.inf, -math.inf, "", "x" * 256, "x" * 257, "a\nb", "é", None, [], {}, [1, 2], {"a": 1}, b"", b"\x00" * 8]
+
+
+#: compressed UPDATE encodings, each wrong in one way (or right, with frames that may not fit)
+_HOSTILE_ENCODINGS = [
+    {"size": 4, "k": 4, "index": "all", "bits": 32}, {"size": 4, "k": 5, "index": "all", "bits": 32},
+    {"size": 4, "k": 3, "index": "all", "bits": 32}, {"size": 8, "k": 4, "index": "sent", "bits": 32},
+    {"size": 2**31 + 1, "k": 1, "index": "sent", "bits": 32}, {"size": 0, "k": 0, "index": "all", "bits": 32},
+    {"size": 8, "k": 4, "index": "sent", "bits": 8}, {"size": 8, "k": 4, "index": "sent", "bits": 8, "block": 0},
+    {"size": 8, "k": 5, "index": "all", "bits": 4, "block": 2}, {"size": 8, "k": 4, "index": "seeded", "bits": 16},
+    {"size": 8, "k": 4, "index": "seeded", "bits": 16, "seed": -1}, {"size": 8, "k": 4, "index": "none", "bits": 8},
+    {"size": 8, "k": 4, "index": "sent", "bits": 3, "block": 4}, {"size": 8, "k": 4, "index": "sent", "bits": True},
+    {"size": 2**33 + 1, "k": 1, "index": "seeded", "bits": 32, "seed": 1}, {"size": 8, "k": 4, "index": "sent",
+                                                                            "bits": 32, "extra": 1},
+    {"size": 8, "k": 4, "index": "sent", "bits": 2, "block": 2**20 + 1}, [], "topk", None,
+]
 
 
 def _hostile_value(rng: random.Random, depth: int = 0):
@@ -172,10 +234,29 @@ def _valid_hostile(rng: random.Random, n: int) -> wire.Message:
               config=pick({}, {"lr": 1e308, "epochs": 2**53}), spec=pick({}, {"dtype": "float32", "entries": []}),
               model=vec, delta=vec, parts=pick([b"x"], [b"\x81\xa4kind\xa6masked", bytes(8)]))
     cls = rng.choice(list(wire.MESSAGE_TYPES.values()))
+    if cls is wire.UpdateMsg and rng.random() < 0.5:
+        return _compressed_update(rng, max(n, 1), counter, name, metrics)
     msg = cls(**{f.name: kw[f.name] for f in dataclasses.fields(cls) if f.name in kw})
     if cls is wire.Result:
         msg = dataclasses.replace(msg, num_samples=pick(0, 1, 2**40))
     return msg
+
+
+def _compressed_update(rng: random.Random, n: int, counter: int, name: str, metrics: dict) -> wire.UpdateMsg:
+    """A compressed UPDATE the wire accepts, on its edges: every index kind and width, k of 0, 1 or all, sizes that do
+    not match the model (``n``), NaN or huge values and scales."""
+    spec = rng.choice(["topk:0.01+q8", "topk:1+q2", "randk:0.5+q4:1", "q4:3", "q2", "fp16", "topk:0.3", "randk:1",
+                       "q8:1048576", "topk:1"])
+    x = rng.choice([torch.randn, torch.zeros])(rng.choice([1, max(n - 1, 1), n, n + 1]))
+    x[-1] = rng.choice([0.0, 1e30, -1e30, math.nan])
+    p = parse_compressor(spec).compress(x, rng.choice([0, 1, 2**53 - 1]))
+    enc = p.encoding()
+    if p.index == "sent" and rng.random() < 0.3:  # k = 0
+        p = dataclasses.replace(p, k=0, indices=p.indices[:0], values=p.values[:0],
+                                scales=None if p.scales is None else p.scales[:0])
+        enc = p.encoding()
+    return wire.UpdateMsg(round=counter, sender=name, num_samples=rng.choice([1, 2**40]), metrics=metrics,
+                          encoding=enc, values=p.values, indices=p.indices, scales=p.scales)
 
 
 def hostile_frames(rng: random.Random, seeds: list[list[bytes]], model_size: int = 16) -> list[bytes]:
@@ -201,6 +282,12 @@ def hostile_frames(rng: random.Random, seeds: list[list[bytes]], model_size: int
             shape = rng.choice([[4], [0, 2**63], [2**33 + 1], [2, 2], [], [-1], [10**12], [1] * 9, "4"])
             head["tensors"] = [{"dtype": rng.choice(["float32", "bfloat16", "int64", "object"]), "shape": shape}]
             frames = [bytes(rng.choice([0, 1, 16, 40]))]
+        if kind == "UPDATE" and rng.random() < 0.5:  # a compressed layout that lies about itself
+            head["encoding"] = rng.choice(_HOSTILE_ENCODINGS)
+            k = rng.choice([0, 1, 4, 5])
+            head["tensors"] = [{"dtype": d, "shape": [k]} for d in rng.sample(["uint8", "int32", "float32", "float16"],
+                                                                              rng.randrange(1, 4))]
+            frames = [bytes(k * 4) if rng.random() < 0.5 else rng.randbytes(k * 4) for _ in head["tensors"]]
         if kind == "SECAGG":
             frames = [bytes(rng.randrange(8)) for _ in range(head.get("parts", 1) if type(head.get("parts")) is int
                                                             and 0 <= head.get("parts", 1) < 20 else 1)]
@@ -265,12 +352,15 @@ class Fault(enum.Enum):
                               before each local training, so it is a straggler
     ``EXIT_AT_SECAGG_STAGE``  ``SecAggExit(stage, round)``: a federated client kills itself with SIGKILL when the
                               secure-aggregation message that begins ``stage`` arrives (in ``round``, if given)
+    ``SLOW_UPLINK``           bytes per second (a number >= 1): a federated client's UPDATE uploads pass a token bucket of
+                              that rate (:class:`TokenBucket`, burst one second's worth), an emulated slow uplink
     ``SECAGG_DUMP``           a folder: each client writes its encoded (quantised, unmasked) vectors there (and, in
                               secure buffered rounds, the staleness-weighted float update it encodes), and the
                               coordinator each secure sum it learns, so a test can check the sum bit for bit
     """
 
     SLOW_TRAIN = "slow_train"
+    SLOW_UPLINK = "slow_uplink"
     EXIT_AT_SECAGG_STAGE = "exit_at_secagg_stage"
     SECAGG_DUMP = "secagg_dump"
 
@@ -295,7 +385,38 @@ def _folder(fault: Fault, value) -> Path:
     return Path(value)
 
 
-_PARSE = {Fault.SLOW_TRAIN: _seconds, Fault.EXIT_AT_SECAGG_STAGE: _secagg_exit, Fault.SECAGG_DUMP: _folder}
+def _rate(fault: Fault, value) -> float:
+    if type(value) not in (int, float) or not 1 <= value < math.inf:
+        raise ConfigError(f"{FAULTS_ENV}: {fault.value} takes bytes per second >= 1, not {value!r}")
+    return float(value)
+
+
+class TokenBucket:
+    """A token bucket (``rate`` bytes per second, at most ``burst`` bytes of credit) with an injected clock:
+    ``due(nbytes)`` takes the bytes and returns when a send of them may leave (now, or once the bucket has refilled);
+    sends queue behind one another. Pure: the caller waits (``Fault.SLOW_UPLINK``)."""
+
+    def __init__(self, rate: float, burst: float | None = None, clock=None) -> None:
+        import time
+
+        self.rate, self.burst = float(rate), float(rate if burst is None else burst)
+        self.clock = clock or time.monotonic
+        self._tokens, self._at = self.burst, self.clock()
+
+    def due(self, nbytes: int) -> float:
+        now = self.clock()
+        if now > self._at:  # refill up to the burst for the time that passed
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+        self._tokens -= nbytes  # a debt is paid off at ``rate``: this send leaves when the bucket is back at zero
+        if self._tokens >= 0:
+            return self._at
+        self._at += -self._tokens / self.rate
+        self._tokens = 0.0
+        return self._at
+
+
+_PARSE = {Fault.SLOW_TRAIN: _seconds, Fault.SLOW_UPLINK: _rate, Fault.EXIT_AT_SECAGG_STAGE: _secagg_exit, Fault.SECAGG_DUMP: _folder}
 
 
 def faults(environ: Mapping[str, str] | None = None) -> dict[Fault, object]:

@@ -103,15 +103,16 @@ def test_records_evaluation_hooks_and_checkpoint_order():
     engine = Engine(server, ex, rounds=3, output=Output(), eval_every=2,
                     evaluate=lambda vec: {"accuracy": float(vec[0]), "loss": 0.0},
                     extra_eval=lambda vec: {"extra": True}, hooks=[Hook()],
-                    checkpoint=lambda r, state: events.append(f"checkpoint {r} {state}"))
+                    checkpoint=lambda r, state: events.append(f"checkpoint {r} {state['attempts']} {sorted(state)}"))
     records = engine.run()
     assert [r["round"] for r in records] == [1, 2, 3]
     # evaluated on round 2 (eval_every) and round 3 (the last); round 2 delivered nothing, so the model stayed
     assert [r["accuracy"] for r in records] == [None, 2.5, 5.0] and "extra" not in records[0] and records[2]["extra"]
     assert [r["bytes_up"] for r in records] == [4, 0, 4]
-    assert events == ["begin", "step", "record 1", "checkpoint 1 {'attempts': 1}",
-                      "begin", "record 2", "checkpoint 2 {'attempts': 1}",
-                      "begin", "step", "record 3", "checkpoint 3 {'attempts': 1}"]
+    # the checkpoint keeps the attempts and the server's state (the norm bound's reference)
+    kept = "1 ['attempts', 'norm']"
+    assert events == ["begin", "step", "record 1", f"checkpoint 1 {kept}", "begin", "record 2", f"checkpoint 2 {kept}",
+                      "begin", "step", "record 3", f"checkpoint 3 {kept}"]
 
 
 def test_federated_evaluation_is_the_sample_weighted_mean_of_the_clients_results():

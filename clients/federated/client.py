@@ -16,6 +16,12 @@ buffered asynchronous rounds the finished update stays here (OFFER for its job) 
 that aggregates it and the staleness weight to scale it by; then it is masked for that round as above. Its
 long-term identity key and every peer's pinned public identity come from ``--identities DIR`` (default:
 ``--keys DIR``), never from the coordinator (trust model: :mod:`fedopt.identity`).
+
+Compression: when WELCOME names a ``compress`` spec, the training thread compresses each update
+(:mod:`fedopt.compress`) and this client keeps its error-feedback residual (for a biased compressor, unless the run
+says ``error_feedback = false``); the UPDATE then carries the compressed encoding instead of the dense delta.
+``Fault.SLOW_UPLINK`` passes UPDATE uploads through a token bucket: the send waits in the socket loop (heartbeats go
+on) until the bucket allows it.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import torch
 import zmq
 
 from fedopt import bus, wire
+from fedopt.compress import Memory, Packed, uplink
 from fedopt.data import PartitionSpec
 from fedopt.errors import AuthError, ConfigError, FedoptError
 from fedopt.identity import find_identity_dir, load_identity, load_pinned
@@ -40,7 +47,7 @@ from fedopt.liveness import Backoff, Liveness, Ticker
 from fedopt.params import ParamSpec
 from fedopt.secagg import SecAggClient, codec
 from fedopt.task import resolve_task
-from fedopt.testing import SECAGG_STAGES, Fault, SecAggExit
+from fedopt.testing import SECAGG_STAGES, Fault, SecAggExit, TokenBucket
 from fedopt.trainer import SMALL_MODEL, LocalTrainer, pick_device
 
 from clients.federated.config import ClientConfig
@@ -88,6 +95,9 @@ class FederatedClient:
             secure.hold_masked = True  # the masked input is uploaded on credit: OFFER, then PULL
         self.exit_at: SecAggExit | None = faults.get(Fault.EXIT_AT_SECAGG_STAGE)
         self.dump = faults.get(Fault.SECAGG_DUMP)  # test seam: a secure cohort's scaled update is saved here too
+        rate = faults.get(Fault.SLOW_UPLINK)
+        self.uplink_bucket = TokenBucket(rate) if rate else None  # test seam: an emulated slow uplink
+        self._deferred: list = []  # (when, message): UPDATEs the uplink bucket holds back
 
     # ---- set-up from WELCOME ------------------------------------------------------------------------------------
     def _setup(self, welcome: wire.Welcome) -> None:
@@ -112,6 +122,7 @@ class FederatedClient:
         n = self.cfg.num_shards or int(s["clients"])
         data = task.load_data(self.cfg.shard, n, int(s["seed"]), PartitionSpec(s["partition"], s["alpha"]))
         self.worker.trainer, self.worker.data = trainer, data.to(self.device)
+        self.worker.uplink = uplink(s.get("compress"), s.get("error_feedback", True) is not False, Memory)
         if spec.size < SMALL_MODEL and self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(1)  # see SMALL_MODEL
         self._settings = s
@@ -162,8 +173,12 @@ class FederatedClient:
         self._models_read = 0  # TRAIN/EVALUATE read on this connection: heartbeats carry it (see Coordinator)
         ep.send(wire.Hello(client=self.client, device=self.device.type, sender=self.client))
         try:
+            self._deferred = []
             while True:
-                events = dict(poller.poll(int(max(0.01, ticker.remaining()) * 1000)))
+                wait = min([ticker.remaining(), *(when - time.monotonic() for when, _ in self._deferred)])
+                events = dict(poller.poll(int(max(0.01, wait) * 1000)))
+                while self._deferred and self._deferred[0][0] <= time.monotonic():
+                    ep.send(self._deferred.pop(0)[1])
                 if monitor is not None and monitor in events:
                     self._handshake_failed(bus.handshake_failures(monitor))
                 if self.pipe in events:
@@ -233,8 +248,11 @@ class FederatedClient:
         elif isinstance(msg, wire.Pull):
             p = self._pending
             if p is not None and p["round"] == msg.round:
-                ep.send(wire.UpdateMsg(round=p["round"], num_samples=p["num_samples"], metrics=p["metrics"],
-                                       delta=p["delta"], sender=self.client))
+                d = p["delta"]
+                fields = dict(encoding=d.encoding(), values=d.values, indices=d.indices, scales=d.scales) \
+                    if isinstance(d, Packed) else dict(delta=d)
+                self._send_update(ep, wire.UpdateMsg(round=p["round"], num_samples=p["num_samples"],
+                                                     metrics=p["metrics"], sender=self.client, **fields))
                 self._pending = None
             elif self.secure is not None and self.secure.masked is not None and self.secure.masked[0] == msg.round:
                 rnd, _, parts = self.secure.masked
@@ -261,6 +279,13 @@ class FederatedClient:
             log.info("client %s: coordinator said %r", self.client, msg.reason)
             return "reconnect"
         return None
+
+    def _send_update(self, ep: bus.Endpoint, msg: wire.UpdateMsg) -> None:
+        if self.uplink_bucket is None:
+            ep.send(msg)
+            return
+        nbytes = sum(len(memoryview(f)) for f in wire.encode(msg, ep.wire_dtype))
+        self._deferred.append((self.uplink_bucket.due(nbytes), msg))
 
     def _secure_message(self, ep: bus.Endpoint, msg: wire.SecAgg) -> None:
         if self.secure is None:

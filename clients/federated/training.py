@@ -37,6 +37,7 @@ class TrainingThread(threading.Thread):
         self.stopping = threading.Event()
         self.trainer: LocalTrainer | None = None
         self.data = None
+        self.uplink = None  # fedopt.compress.ErrorFeedback when the run compresses updates
 
     def run(self) -> None:
         pipe = self.ctx.socket(zmq.PAIR)  # made in this thread: this thread's end of the pipe
@@ -70,6 +71,9 @@ class TrainingThread(threading.Thread):
                 time.sleep(self.slow)  # Fault.SLOW_TRAIN: a straggler slower than the deadline
             cfg = TrainConfig(**{k: v for k, v in payload["config"].items() if k in _TRAIN_FIELDS})
             update = self.trainer.train(payload["client"], vec, self.data, cfg)
+            if self.uplink is not None:  # compressed here, off the socket thread; the residual stays with us
+                packed, _ = self.uplink.compress(payload["client"], update.delta, cfg.seed)
+                return ("update", rnd, (packed, update.num_samples, update.metrics))
             # the trainer reuses its delta buffer; the copy keeps a queued zero-copy send intact
             return ("update", rnd, (update.delta.detach().cpu().clone(), update.num_samples, update.metrics))
         split = self.data.test if self.data.test is not None else self.data.train

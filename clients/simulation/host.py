@@ -8,6 +8,7 @@ it pre-aggregates, or a shared-memory slab when the aggregator needs every updat
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Sequence
 
 import torch
@@ -18,9 +19,19 @@ from fedopt.engine import Job, RoundServer
 from fedopt.task import ClientData, Task
 from fedopt.trainer import LocalTrainer
 
-from clients.simulation.scaffold import ScaffoldClients
+from fedopt.compress import uplink
 
-__all__ = ["ClientHost"]
+from clients.simulation.scaffold import ScaffoldClients
+from clients.simulation.state import ClientStateStore
+
+__all__ = ["ClientHost", "make_uplink"]
+
+
+def make_uplink(cfg, spec: ParamSpec, budget_bytes: int):
+    """The clients' side of ``--compress`` in a simulation (None when off), error-feedback residuals held in a
+    ClientStateStore of float32 rows (``budget_bytes`` in memory, the rest spilled to disk)."""
+    return uplink(cfg.compression.compress, cfg.compression.error_feedback,
+                  lambda: ClientStateStore(spec.size, budget_bytes, torch.float32))
 
 
 class _SwitchableTrain:
@@ -41,11 +52,23 @@ class ClientHost:
     """One model object; ``run`` trains a list of jobs and feeds each update to ``sink``."""
 
     def __init__(self, task: Task, spec: ParamSpec, shards: Sequence[ClientData], device: torch.device,
-                 buffers: str = "average", scaffold: ScaffoldClients | None = None) -> None:
+                 buffers: str = "average", scaffold: ScaffoldClients | None = None, uplink=None) -> None:
         self._task = _SwitchableTrain(task)
         self.trainer = LocalTrainer(self._task, spec, device, buffers)
         self.shards = shards
         self.scaffold = scaffold
+        self.uplink = uplink  # fedopt.compress.ErrorFeedback, or None: updates travel dense
+        self.bytes_up = 0  # compressed bytes since take_bytes_up()
+
+    def take_bytes_up(self) -> int:
+        """Compressed update bytes produced since the last call."""
+        n, self.bytes_up = self.bytes_up, 0
+        return n
+
+    def _compressed(self, update: Update, seed: int) -> Update:
+        packed, dense = self.uplink.compress(update.client, update.delta, seed)
+        self.bytes_up += packed.nbytes
+        return dataclasses.replace(update, delta=dense.to(update.delta.device, update.delta.dtype))
 
     def run(self, server: RoundServer, jobs: list[Job], global_vec: torch.Tensor,
             control: torch.Tensor | None = None, sink: Callable[[Update], str | None] | None = None) -> None:
@@ -67,6 +90,8 @@ class ClientHost:
             dc = None
             if sc is not None and server.check(update) is None:
                 dc = sc.control_delta(update.delta, control, int(update.metrics.get("steps", 0)), job.config.lr)
+            if self.uplink is not None:
+                update = self._compressed(update, job.config.seed)
             if sink(update) is None and dc is not None:
                 sc.commit(job.client, dc)
 
@@ -76,3 +101,6 @@ class ClientHost:
     def close(self) -> None:
         if self.scaffold is not None:
             self.scaffold.close()
+        store = getattr(self.uplink, "store", None)
+        if store is not None:
+            store.close()

@@ -69,6 +69,9 @@ class PoolExecutor:
         self.sizes = sizes
         self.scaffold = scaffold
         self.round_timeout = round_timeout
+        self.compressing = cfg.compression.compress is not None
+        self.sticky = scaffold is not None or (self.compressing and cfg.compression.error_feedback)
+        self._bytes_up = 0  # compressed update bytes the workers reported since take_bytes_up()
         P = spec.size
         dt = spec.torch_dtype
         self._global = torch.zeros(P, dtype=dt).share_memory_()
@@ -120,9 +123,10 @@ class PoolExecutor:
         self._ready = True
 
     def assign(self, jobs: list[Job], sizes) -> list[list[Job]]:
-        """Which worker trains which job. With SCAFFOLD a client always goes to the same worker (its state lives
-        there); otherwise jobs are balanced by sample count (:func:`balance`)."""
-        if self.scaffold is None:
+        """Which worker trains which job. With client state (SCAFFOLD's c_i, an error-feedback residual) a client
+        always goes to the same worker, where its state lives; otherwise jobs are balanced by sample count
+        (:func:`balance`)."""
+        if not self.sticky:
             return balance(jobs, sizes, self.workers)
         shares: list[list[Job]] = [[] for _ in range(self.workers)]
         for job in jobs:
@@ -158,7 +162,13 @@ class PoolExecutor:
                                  info["loss_weight"])
                 if self.scaffold is not None:
                     self.scaffold.add(self._dc[rank], info["dc_count"])
+                self._bytes_up += info["bytes_up"]
                 busy -= 1
+
+    def take_bytes_up(self) -> int:
+        """Compressed update bytes the workers produced since the last call (``--compress``)."""
+        n, self._bytes_up = self._bytes_up, 0
+        return n
 
     def close(self) -> None:
         for box in self._inboxes:
@@ -182,7 +192,7 @@ def _worker_main(rank, cfg: RunConfig, spec_dict, threads, budget, global_vec, c
         from fedopt.data import PartitionSpec
         from fedopt.task import TrainConfig, resolve_task
 
-        from clients.simulation.host import ClientHost
+        from clients.simulation.host import ClientHost, make_uplink
         from fedopt.trainer import pick_device
         from clients.simulation.scaffold import ScaffoldClients
         from clients.simulation.shards import ShardSource
@@ -193,7 +203,7 @@ def _worker_main(rank, cfg: RunConfig, spec_dict, threads, budget, global_vec, c
         fed = cfg.federation
         shards = ShardSource(task, fed.clients, cfg.seed, PartitionSpec(fed.partition, fed.alpha), device)
         clients = ScaffoldClients(task, spec, budget) if cfg.train.algorithm == "scaffold" else None
-        host = ClientHost(task, spec, shards, device, cfg.train.buffers, clients)
+        host = ClientHost(task, spec, shards, device, cfg.train.buffers, clients, make_uplink(cfg, spec, budget))
         # the worker's own RoundServer validates and pre-aggregates with the run's aggregator; it never steps
         local = RoundServer(spec, torch.zeros(spec.size, dtype=spec.torch_dtype),
                             make_aggregator(cfg.federation.aggregator, **cfg.aggregator_options),
@@ -258,4 +268,5 @@ def _run_share(host, local, rnd, jobs, each, global_vec, control, result, dc, sl
     if sc is not None:
         dc.copy_(sc.sum)
     out.put(("done", rank, {"count": count, "weight": weight, "loss": loss, "loss_weight": loss_weight,
-                            "rejected": rejected, "dc_count": 0 if sc is None else sc.count}))
+                            "rejected": rejected, "dc_count": 0 if sc is None else sc.count,
+                            "bytes_up": host.take_bytes_up()}))

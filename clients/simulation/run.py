@@ -40,7 +40,7 @@ from fedopt.task import BaseTask, Task, evaluate_classifier, resolve_task, to_de
 from fedopt.trainer import SMALL_MODEL, LocalTrainer, pick_device
 
 from clients.simulation.asynchronous import VirtualClients, round_seconds
-from clients.simulation.host import ClientHost
+from clients.simulation.host import ClientHost, make_uplink
 from clients.simulation.scaffold import ScaffoldClients, ScaffoldServer, check_scaffold_task
 from clients.simulation.shards import ShardSource
 
@@ -65,10 +65,12 @@ class SequentialExecutor:
     """In this process: one reused model trains the jobs one after another, each update offered to the server."""
 
     def __init__(self, task: Task, spec: ParamSpec, shards, device: torch.device, buffers: str = "average",
-                 scaffold: ScaffoldServer | None = None, state_budget_bytes: int = 256 << 20) -> None:
+                 scaffold: ScaffoldServer | None = None, state_budget_bytes: int = 256 << 20, uplink=None) -> None:
         self.control = scaffold
         clients = ScaffoldClients(task, spec, state_budget_bytes) if scaffold is not None else None
-        self.host = ClientHost(task, spec, shards, device, buffers, clients)
+        self.host = ClientHost(task, spec, shards, device, buffers, clients, uplink)
+        self.compressing = uplink is not None
+        self.take_bytes_up = self.host.take_bytes_up
         self.trainer = self.host.trainer
         self.shards = shards
 
@@ -141,7 +143,7 @@ class Simulation:
 
             return PoolExecutor(cfg, self.spec, workers, self.sizes, self.scaffold)
         return SequentialExecutor(self.task, self.spec, self.shards, self.device, cfg.train.buffers, self.scaffold,
-                                  budget)
+                                  budget, make_uplink(cfg, self.spec, budget))
 
     def evaluate(self) -> dict:
         """The global model on the shared test set; without one, the sample-weighted mean over clients' local tests."""
@@ -200,7 +202,8 @@ class Simulation:
 
 class InProcessClients:
     """The engine's view of a simulation executor: every client is always available (no quorum), a round's bytes
-    are what its messages would carry on the bus (the model down to each selected client, a delta back), and with a
+    are what its messages' tensors would carry on the bus (the model down to each selected client, a delta back: with
+    ``--compress`` the compressed tensors of every update sent, accepted or not), and with a
     virtual clock (``--client-speed``) a round lasts as long as its slowest client."""
 
     def __init__(self, executor: Executor, sizes: dict[str, int], spec: ParamSpec, speeds: ClientSpeeds | None = None,
@@ -216,7 +219,9 @@ class InProcessClients:
         self.executor.run_round(server, jobs)
 
     def fields(self, jobs: list[Job], outcome) -> dict:
-        out = {"bytes_down": len(jobs) * self.itemsize, "bytes_up": outcome.count * self.itemsize}
+        up = self.executor.take_bytes_up() if getattr(self.executor, "compressing", False) \
+            else outcome.count * self.itemsize
+        out = {"bytes_down": len(jobs) * self.itemsize, "bytes_up": up}
         if self.speeds is not None:
             self.virtual += round_seconds(self.speeds, jobs, self.sizes, self.keep_stragglers)
             out["virtual_seconds"] = self.virtual

@@ -97,6 +97,13 @@ def add_round_options(p: argparse.ArgumentParser) -> None:
                    help="privacy accountant from dp_accounting (default rdp; pld needs --client-sampling poisson)")
     g.add_argument("--noise-source", choices=("seeded", "secure"), default=S,
                    help="seeded: reproducible by --seed (default, simulations); secure: os.urandom (production)")
+    g = p.add_argument_group("compression (fedopt.compress)")
+    g.add_argument("--compress", default=S, metavar="SPEC",
+                   help="compress client updates: topk:F | randk:F | q8|q4|q2[:BLOCK] | fp16, a sparsifier and a "
+                        "value codec joined by + (e.g. topk:0.01+q8)")
+    g.add_argument("--no-error-feedback", dest="error_feedback", action="store_false", default=S,
+                   help="send each compressed update on its own (default: clients keep the residual of biased "
+                        "compressors, top-k and random-k)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=S)
     g.add_argument("--device", default=S, help="auto | cpu | cuda (auto = CUDA when present)")

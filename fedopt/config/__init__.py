@@ -9,6 +9,7 @@ A :class:`RunConfig` is the run's identity (task, seed, device, outputs) plus it
     bounds      Bounds            how far one client's claims may move a round (fedopt.engine)
     sim         SimConfig         how ``fedopt simulate`` runs: in-process backend, workers, processes, gossip
     privacy     PrivacyConfig     client-level differential privacy (--dp central): noise, clip, budget, accountant
+    compression CompressionConfig update compression (--compress SPEC) and error feedback
 
 Users see one flat namespace: each flag and TOML key (``local-epochs`` or ``local_epochs``) names exactly one field of
 one section, so :meth:`RunConfig.of`, :func:`build_config` and :meth:`RunConfig.replace` take flat names and route

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import ConfigError
-from .sections import (Bounds, BufferedConfig, BusConfig, FederationConfig, PrivacyConfig, SecAggConfig, SimConfig,
-                       TrainingConfig, choice)
+from .sections import (Bounds, BufferedConfig, BusConfig, CompressionConfig, FederationConfig, PrivacyConfig,
+                       SecAggConfig, SimConfig, TrainingConfig, choice)
 
 try:
     import tomllib
@@ -24,7 +24,7 @@ __all__ = ["RunConfig", "FIELDS", "SECTIONS", "load_toml", "load_command_toml", 
 #: section attribute -> its class; flat names are the sections' field names, plus these aliases
 SECTIONS: dict[str, type] = {"train": TrainingConfig, "federation": FederationConfig, "secagg": SecAggConfig,
                              "bus": BusConfig, "bounds": Bounds, "sim": SimConfig, "buffered": BufferedConfig,
-                             "privacy": PrivacyConfig}
+                             "privacy": PrivacyConfig, "compression": CompressionConfig}
 _ALIASES = {"secagg_neighbours": "neighbours", "secagg_threshold": "threshold"}
 
 
@@ -48,6 +48,7 @@ class RunConfig:
     sim: SimConfig = field(default_factory=SimConfig)
     buffered: BufferedConfig = field(default_factory=BufferedConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.task, str) or not self.task:
@@ -71,6 +72,8 @@ class RunConfig:
                               for k in given)
             raise ConfigError(f"{flags} only apply to --aggregator secagg (aggregator is "
                               f"{self.federation.aggregator!r})")
+        if self.compression.compress is not None:
+            self._check_compression()
         if self.buffered.buffer_size is not None:
             self._check_buffered()
         elif self.buffered != BufferedConfig():
@@ -114,6 +117,15 @@ class RunConfig:
             (self.bus.fed_eval_every > 0, "--fed-eval-every")) if cond]
         if refused:
             raise ConfigError(f"--buffer-size (buffered asynchronous rounds) does not combine with {refused[0]} yet")
+
+    def _check_compression(self) -> None:
+        """What --compress does not combine with yet: one line naming the first."""
+        refused = [why for cond, why in (
+            (self.federation.aggregator == "secagg", "--aggregator secagg"),
+            (self.buffered.buffer_size is not None, "--buffer-size"), (self.sim.mode == "gossip", "--mode gossip"),
+            (self.sim.backend == "vmap", "--backend vmap")) if cond]
+        if refused:
+            raise ConfigError(f"--compress does not combine with {refused[0]} yet")
 
     # ---- flat names (flags and TOML keys) --------------------------------------------------------------------------
     @classmethod

@@ -15,8 +15,7 @@ from ..errors import ConfigError
 from ..schedules import OPTIMIZERS, SCHEDULES, parse_staleness, scheduled_lr
 
 __all__ = ["OptimizerConfig", "TrainingConfig", "FederationConfig", "SecAggConfig", "BusConfig", "Bounds", "SimConfig",
-           "BufferedConfig", "PrivacyConfig",
-           "choice", "at_least", "number", "optional"]
+           "BufferedConfig", "PrivacyConfig", "CompressionConfig", "choice", "at_least", "number", "optional"]
 
 
 def _flag(name: str) -> str:
@@ -313,3 +312,19 @@ class PrivacyConfig:
             raise ConfigError("--dp central needs --noise-multiplier Z or --target-epsilon EPS (to calibrate Z)")
         if self.dp_clip_norm is None and self.adaptive_clip is None:
             raise ConfigError("--dp central needs --dp-clip-norm C (a fixed clip) or --adaptive-clip QUANTILE")
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """Update compression (:mod:`fedopt.compress`): off while ``compress`` is None."""
+
+    compress: str | None = None  # uplink: a spec such as topk:0.01+q8 (the clients encode, the coordinator decodes)
+    error_feedback: bool = True  # keep each client's residual when the compressor is biased (a sparsifier)
+
+    def __post_init__(self) -> None:
+        if self.compress is not None:
+            from ..compress import parse_compressor
+
+            parse_compressor(self.compress, "--compress")
+        if not isinstance(self.error_feedback, bool):
+            raise ConfigError(f"--error-feedback must be true or false, not {self.error_feedback!r}")

@@ -15,11 +15,26 @@ import numpy as np
 import torch
 
 from ..errors import WireError
-from .messages import (_ALLOWED, _KEYS, _NUMPY, _SCHEMA, _SPEC_KEYS, _TORCH, MESSAGE_TYPES, VERSION, Limits, Message,
-                       _check_fields)
+from . import compressed
+from .messages import (_ALLOWED, _FLOATS, _KEYS, _NUMPY, _SCHEMA, _SPEC_KEYS, _TORCH, MESSAGE_TYPES, VERSION, Limits,
+                       Message, _check_fields)
 from .schema import is_int as _is_int, show as _show
 
 __all__ = ["encode", "decode"]
+
+
+def _layout(cls, values: dict) -> list[tuple[str, tuple[str, ...], int | None]]:
+    """``[(field, allowed dtypes, exact length or None)]`` of the tensors a message with these (checked) header fields
+    carries: its TENSORS, any float dtype and shape; or a compressed UPDATE's exact layout."""
+    enc = values.get("encoding")
+    if enc:
+        return [(name, (dtype,), n) for name, dtype, n in compressed.layout(enc)]
+    return [(name, _FLOATS, None) for name in cls.TENSORS]
+
+
+def _exact(kind: str, i: int, shape: tuple[int, ...], n: int | None) -> None:
+    if n is not None and shape != (n,):
+        raise WireError(f"{kind}: tensor {i} must have shape [{n}] by its encoding, not {list(shape)}")
 
 
 # ---- encoding ------------------------------------------------------------------------------------------------------
@@ -59,21 +74,27 @@ def encode(msg: Message, wire_dtype: str | None = None, chunk_bytes: int | None 
         raise WireError(f"not a wire message: {type(msg).__name__}")
     values = {name: getattr(msg, name) for name in _SCHEMA[msg.TYPE]}
     _check_fields(type(msg), values, limits)
+    if values.get("encoding") == {}:
+        del values["encoding"]  # a dense UPDATE stays what protocol version 1 sent
     header: dict[str, Any] = {"v": VERSION, "type": msg.TYPE, **values}
     frames: list = []
     specs = []
-    for i, name in enumerate(msg.TENSORS):
-        dtype, buf, shape = _as_wire(getattr(msg, name), wire_dtype)
+    for i, (name, allowed, n) in enumerate(_layout(type(msg), values)):
+        dtype, buf, shape = _as_wire(getattr(msg, name), wire_dtype if n is None else None)
         spec = {"dtype": dtype, "shape": list(shape)}
         if chunk_bytes is not None and buf.nbytes > chunk_bytes:
             spec["frames"] = -(-buf.nbytes // chunk_bytes)
-        _tensor_spec(i, spec, limits)  # the receiver's checks, word for word
+        _tensor_spec(i, spec, limits, allowed)  # the receiver's checks, word for word
+        _exact(msg.TYPE, i, shape, n)
         if "frames" in spec:
             frames.extend(buf[at : at + chunk_bytes] for at in range(0, buf.nbytes, chunk_bytes))
         else:
             frames.append(buf)
         specs.append(spec)
     header["tensors"] = specs
+    if values.get("encoding"):
+        compressed.check_payload(msg.TYPE, values["encoding"], {name: getattr(msg, name).cpu()
+                                                                 for name, _, _ in _layout(type(msg), values)})
     opaque = getattr(msg, "OPAQUE", None)
     if opaque is not None:
         parts = list(getattr(msg, opaque))
@@ -111,7 +132,8 @@ def _unpack(head: memoryview, limits: Limits) -> Any:
         raise WireError(f"header is not msgpack within the limits ({type(e).__name__})") from None
 
 
-def _tensor_spec(i: int, spec: Any, limits: Limits) -> tuple[str, tuple[int, ...], int, int]:
+def _tensor_spec(i: int, spec: Any, limits: Limits, allowed: tuple[str, ...] = _FLOATS
+                 ) -> tuple[str, tuple[int, ...], int, int]:
     """(dtype, shape, byte size, frame count) of tensor ``i`` as declared, validated; Python ints only."""
     if not isinstance(spec, dict) or not spec.keys() <= _SPEC_KEYS:
         raise WireError(f"tensor {i}: declaration must be a map of {', '.join(sorted(_SPEC_KEYS))}, "
@@ -120,8 +142,8 @@ def _tensor_spec(i: int, spec: Any, limits: Limits) -> tuple[str, tuple[int, ...
     if not _is_int(k) or not 1 <= k <= limits.max_chunks:
         raise WireError(f"tensor {i}: frames must be an integer in [1, {limits.max_chunks}], not {_show(k)}")
     dtype, shape = spec.get("dtype"), spec.get("shape")
-    if not isinstance(dtype, str) or dtype not in _ALLOWED:
-        raise WireError(f"tensor {i}: dtype {_show(dtype)} is not allowed (allowed: {', '.join(_ALLOWED)})")
+    if not isinstance(dtype, str) or dtype not in allowed:
+        raise WireError(f"tensor {i}: dtype {_show(dtype)} is not allowed (allowed: {', '.join(allowed)})")
     if not isinstance(shape, list) or len(shape) > limits.max_dims or not all(_is_int(s) and s >= 0 for s in shape):
         raise WireError(f"tensor {i}: shape {_show(shape)} is not a list of at most {limits.max_dims} sizes >= 0")
     n = math.prod(shape)
@@ -202,17 +224,20 @@ def decode(frames: Sequence[Any], limits: Limits = Limits()) -> Message:
     declared = header.get("tensors", [])
     if not isinstance(declared, list) or len(declared) > limits.max_frames:
         raise WireError(f"{kind}: tensor declarations must be a list of at most {limits.max_frames}")
-    if len(declared) != len(cls.TENSORS):
-        raise WireError(f"{kind}: expected {len(cls.TENSORS)} tensor(s), header declares {len(declared)} and "
+    expect = _layout(cls, values)
+    if len(declared) != len(expect):
+        raise WireError(f"{kind}: expected {len(expect)} tensor(s), header declares {len(declared)} and "
                         f"{len(frames) - 1} tensor frame(s) arrived")
-    specs = [_tensor_spec(i, spec, limits) for i, spec in enumerate(declared)]
+    specs = [_tensor_spec(i, spec, limits, allowed) for i, (spec, (_, allowed, _)) in enumerate(zip(declared, expect))]
+    for i, ((_, shape, _, _), (_, _, n)) in enumerate(zip(specs, expect)):
+        _exact(kind, i, shape, n)
     if len(frames) - 1 != sum(s[3] for s in specs):
         raise WireError(f"{kind}: header declares {sum(s[3] for s in specs)} tensor frame(s) and {len(frames) - 1} "
                         f"arrived")
     if sum(s[2] for s in specs) > limits.max_message_bytes:
         raise WireError(f"{kind}: tensors of {sum(s[2] for s in specs)} bytes in all, over {limits.max_message_bytes}")
     first = 1
-    for i, (name, (dtype, shape, nbytes, k)) in enumerate(zip(cls.TENSORS, specs)):
+    for i, ((name, _, _), (dtype, shape, nbytes, k)) in enumerate(zip(expect, specs)):
         bufs = [_buffer(f) for f in frames[first : first + k]]
         first += k
         got = sum(len(b) for b in bufs)
@@ -221,6 +246,8 @@ def decode(frames: Sequence[Any], limits: Limits = Limits()) -> Message:
                             f"{'frame has' if len(bufs) == 1 else f'{len(bufs)} frames have'} {got}")
         buf = bufs[0] if len(bufs) == 1 else _join(bufs, nbytes)
         values[name] = _tensor(kind, i, buf, dtype, shape)
+    if values.get("encoding"):
+        compressed.check_payload(kind, values["encoding"], values)
     return cls(**values)
 
 

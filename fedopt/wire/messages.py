@@ -18,8 +18,9 @@ Message table (protocol version 1; every message also has ``round`` and ``sender
     COHORT       coordinator -> client round (the job), cohort: counter,        -
                                        scale: fraction
     TRAIN        coordinator -> client round, config: tree (TrainConfig)        model (flat global vector)
-    UPDATE       client -> coordinator round, num_samples: weight,              delta (flat local - global)
-                                       metrics: metrics
+    UPDATE       client -> coordinator round, num_samples: weight,              delta (flat local - global); or,
+                                       metrics: metrics, encoding: encoding     compressed: values [, indices]
+                                                                                [, scales] (see below)
     EVALUATE     coordinator -> client round                                    model
     RESULT       client -> coordinator round, num_samples: count,               -
                                        metrics: metrics
@@ -51,6 +52,8 @@ Field kinds and their bounds (the defaults of :class:`Limits`; a receiver may pa
               Inf, strings and containers are rejected, so a receiver can do arithmetic on any value.
     peers     map of at most 64 entries (max_peers): name (a peer's address) -> counter. This is the wire's ceiling
               on rumours per message; the gossip engine may act on fewer.
+    encoding  UPDATE's compression: {} (dense) or {size, k, index, bits[, block][, seed]}, which fixes the exact
+              dtype and length of each tensor (:mod:`fedopt.wire.compressed`).
     tree      plain data: maps with str keys, lists, str, int, float, bool, None; at most 8 levels deep (max_depth)
               and 2**18 items (containers and scalars) in all (max_tree_items). The receiver validates the
               content (ParamSpec.from_dict, the client's settings).
@@ -62,8 +65,12 @@ into a large structure; then version, type, every field against its kind, frame 
 dimension and the element count under max_elements (2**33), ``prod(shape) * itemsize == len(frame)``. Any failure
 raises :class:`~fedopt.errors.WireError` with the reason (hostile values shortened); callers log it and carry on.
 :func:`decode` raises nothing else, for any input. Tensor values are not inspected (no per-element work): NaN and
-Inf travel, and the receiver judges them. Unknown header keys are rejected: a new field is a new protocol version.
-An absent field takes its default, which is always a valid value (a weight defaults to 1). :func:`encode` applies
+Inf travel, and the receiver judges them; the one exception is a compressed UPDATE's index frame, checked in range and
+strictly increasing before the receiver scatters by it (:mod:`fedopt.wire.compressed`, which also gives its layout).
+The dtype allow-list is per tensor: a model or a dense delta is float32, float16, bfloat16 or float64; int32 and
+uint8 only where a compressed UPDATE's encoding puts them. Unknown header keys are rejected: a new field is a new
+protocol version, except ``encoding``, which is left out when empty, so a dense UPDATE is what version 1 always sent
+(a receiver without compression refuses a compressed one by its unknown key). An absent field takes its default, which is always a valid value (a weight defaults to 1). :func:`encode` applies
 the same checks to what it sends, so an honest sender learns of a bad value (a NaN loss, an over-long name) at once,
 from a WireError naming the field, instead of from a peer that drops the message.
 
@@ -122,12 +129,16 @@ __all__ = [
 VERSION = 1
 
 #: dtypes a tensor frame may declare, and their sizes; anything else is rejected before allocation
-_ALLOWED = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+_ALLOWED = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int32": 4, "uint8": 1}
+#: what a dense tensor (a model, a delta) may be; int32 and uint8 travel only in a compressed UPDATE's exact layout
+_FLOATS = ("float32", "float16", "bfloat16", "float64")
 #: ``--wire-dtype`` choices: the precision a model or delta travels in
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
-_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+          "int32": torch.int32, "uint8": torch.uint8}
 # numpy has no bfloat16: bf16 frames are viewed as int16 and reinterpreted by torch
-_NUMPY = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16, "float64": np.float64}
+_NUMPY = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16, "float64": np.float64, "int32": np.int32,
+          "uint8": np.uint8}
 #: GOSSIP_FETCH kinds: pull a model to adopt, propose a push-pull exchange, or a final-mix exchange
 
 
@@ -220,9 +231,14 @@ class Train(Message):
 class UpdateMsg(Message):
     TYPE: ClassVar[str] = "UPDATE"
     TENSORS: ClassVar[tuple[str, ...]] = ("delta",)
+    PACKED: ClassVar[tuple[str, ...]] = ("values", "indices", "scales")  # a compressed update's tensors, in order
     num_samples: int = 1
     metrics: dict = field(default_factory=dict)  # loss, steps, samples, partial
+    encoding: dict = field(default_factory=dict)  # {} = dense ``delta``; else compressed (fedopt.wire.compressed)
     delta: Any = None  # flat local - global (torch.Tensor), in the wire dtype
+    values: Any = None  # compressed: the kept values (float) or their packed codes (uint8)
+    indices: Any = None  # compressed, index "sent": int32 positions, strictly increasing
+    scales: Any = None  # compressed, bits <= 8: float32 scale per block
 
 
 @dataclass(frozen=True)
@@ -298,7 +314,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 
 # ---- the schema: one check per field name (fedopt.wire.schema), shared by every type that has the field ------------
 def _header_fields(cls: type[Message]) -> tuple[str, ...]:
-    names = tuple(f.name for f in fields(cls) if f.name not in cls.TENSORS and f.name != getattr(cls, "OPAQUE", None))
+    tensors = (*cls.TENSORS, *getattr(cls, "PACKED", ()))
+    names = tuple(f.name for f in fields(cls) if f.name not in tensors and f.name != getattr(cls, "OPAQUE", None))
     missing = [n for n in names if n not in _CHECKS]
     if missing:
         raise TypeError(f"wire schema: {cls.__name__} fields {missing} have no check")  # a programming error

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedopt import testing, wire
+from fedopt.compress import parse_compressor
 from fedopt.wire import messages as wire_messages
 from fedopt.errors import WireError
 
@@ -125,6 +126,10 @@ def seed_messages() -> list[list[bytes]]:
         wire.GossipPush(round=1, xid=3, version=2, num_samples=50, addr="tcp://127.0.0.1:5", model=vec),
         wire.GossipBusy(xid=3, addr="tcp://127.0.0.1:6"), wire.SecAgg(round=2, parts=[b"\x80", bytes(16)]),
     ]
+    for spec in ("topk:0.3+q4:2", "randk:0.5", "q2", "fp16"):  # compressed UPDATEs (fedopt.wire.compressed)
+        p = parse_compressor(spec).compress(vec, 1)
+        msgs.append(wire.UpdateMsg(round=2, num_samples=100, encoding=p.encoding(), values=p.values,
+                                   indices=p.indices, scales=p.scales))
     out = [[bytes(f) for f in wire.encode(m)] for m in msgs]
     out += [[bytes(f) for f in wire.encode(m, chunk_bytes=12)] for m in msgs if m.TENSORS]
     return out

@@ -1,0 +1,201 @@
+"""Update compression (issue 16): upload bytes and final accuracy per method, counted by the simulator and at the
+bus's sockets, and round wall-clock with a 10^7-parameter model over loopback, plain and with a slow uplink.
+
+(a) simulator: digits (Dirichlet 0.5) with 10 clients (all per round) and 100 clients (20 per round), and the
+    synthetic task (30 users, natural partition); each method runs the same rounds from the same seeds. Upload ratio =
+    uncompressed bytes_up / the method's bytes_up (metrics.jsonl, summed over the run); accuracy delta = the method's
+    final accuracy minus the uncompressed run's of the same seed, in points. Medians over ``--repeats`` seeds.
+(b) bus: the same digits run with 10 real client processes over tcp loopback (``simulate --transport tcp``): the
+    ratio of bytes_up counted at the coordinator's socket (headers, OFFERs and heartbeats included), next to (a)'s.
+(c) wall clock: a real coordinator and 8 real clients over tcp, a 10^7-parameter model whose local training adds
+    seeded noise (it isolates communication and coding): the median round time (rounds 2..) uncompressed vs
+    top-k 1% + 8-bit with error feedback; plainly on loopback, then with each client's uploads through a token bucket
+    (``Fault.SLOW_UPLINK``, ``--uplink-mbps``). Ratio = uncompressed round seconds / compressed round seconds.
+
+Run: ``python benchmarks/compression.py`` (about 10 minutes on 2 cores; ``--quick`` for a smoke run). Prints the
+tables, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from contextlib import redirect_stdout
+from io import StringIO
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fedopt.task import BaseTask, ClientData  # noqa: E402
+
+METHODS = [("none", None, True), ("fp16", "fp16", True), ("q8", "q8", True), ("q4", "q4", True),
+           ("topk1%+q8 EF", "topk:0.01+q8", True), ("topk1%+q8 no EF", "topk:0.01+q8", False)]
+SETUPS = {"digits-10": dict(task="digits", clients=10, partition="dirichlet", alpha=0.5),
+          "digits-100": dict(task="digits", clients=100, clients_per_round=20, partition="dirichlet", alpha=0.5),
+          "synthetic": dict(task="synthetic", clients=30, partition="natural")}
+WIDE = 10_000_000
+
+
+class WideTask(BaseTask):
+    """A 10^7-parameter model whose training adds seeded noise to every weight: costs little, compresses like a
+    real update (no ties), and leaves the round's time to communication and coding."""
+
+    name = "compression-bench"
+
+    def __init__(self, params: int = WIDE) -> None:
+        self.params = params
+
+    def build_model(self) -> nn.Module:
+        m = nn.Module()
+        m.w = nn.Parameter(torch.zeros(self.params))
+        return m
+
+    def load_data(self, shard, num_shards, seed, partition=None) -> ClientData:
+        return ClientData((torch.zeros(10, 1), torch.zeros(10, dtype=torch.long)))
+
+    def train(self, model, data, config) -> dict:
+        g = torch.Generator().manual_seed(config.seed)
+        with torch.no_grad():
+            model.w.add_(torch.randn(self.params, generator=g), alpha=1e-3)
+        return {"loss": 0.0, "steps": 1, "samples": 10, "partial": False}
+
+    def evaluate(self, model, data) -> dict:
+        return {"accuracy": 0.0, "loss": 0.0}
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def simulated(setup: dict, spec: str | None, ef: bool, seed: int, rounds: int) -> tuple[int, float]:
+    """(bytes_up over the run, final accuracy) of one in-process simulation."""
+    from clients.simulation.run import simulate
+    from fedopt.config import RunConfig
+
+    with tempfile.TemporaryDirectory(prefix="fedopt-cmp-") as tmp:
+        cfg = RunConfig.of(rounds=rounds, local_epochs=1, seed=seed, progress="off", plot=False, out=tmp,
+                           compress=spec, error_feedback=ef, eval_every=rounds, **setup)
+        with redirect_stdout(StringIO()):  # each run's summary
+            recs = simulate(cfg).records
+    return sum(r["bytes_up"] for r in recs), recs[-1]["accuracy"]
+
+
+def over_bus(setup: dict, spec: str | None, rounds: int) -> int:
+    """bytes_up counted at the coordinator's socket: ``simulate --transport tcp`` with a process per client."""
+    from fedopt.launch import fedopt_command, one_thread_env
+
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="fedopt-cmpbus-") as tmp:
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in setup.items()]
+        cmd = fedopt_command("simulate", "--transport", "tcp", "--rounds", str(rounds),
+                             "--local-epochs", "1", "--progress", "off", "--no-plot", "--out", tmp,
+                             "--eval-every", str(rounds), *flags, *(["--compress", spec] if spec else []))
+        subprocess.run(cmd, check=True, capture_output=True, timeout=600, env=one_thread_env())
+        return sum(r["bytes_up"] for r in _records(Path(tmp)))
+
+
+def wall_round(spec: str | None, rounds: int, uplink_rate: float | None) -> float:
+    """Median round seconds (rounds 2..) of a real coordinator with 8 real clients and WideTask over tcp."""
+    from coordinator.local import spawn_client
+    from fedopt.launch import fedopt_command, free_port, one_thread_env, spawn, stop_processes
+    from fedopt.testing import Fault, fault_env
+
+    clients = 8
+    with tempfile.TemporaryDirectory(prefix="fedopt-cmpwall-") as tmp:
+        url, out = f"tcp://127.0.0.1:{free_port()}", Path(tmp) / "out"
+        path = f"{ROOT / 'benchmarks'}:{ROOT}"
+        # --upload-slots 8: every client has its own uplink, so none waits for another's credit; --heartbeat 5:
+        # credit lasts 3 heartbeats, longer than a slow 40 MB upload
+        cmd = fedopt_command("coordinator", "--bind", url, "--insecure", "--task", "compression:WideTask",
+                             "--clients", str(clients), "--rounds", str(rounds), "--out", str(out), "--progress",
+                             "off", "--heartbeat", "5", "--upload-slots", str(clients), "--deadline", "300",
+                             "--log-level", "WARNING", "--partition", "iid", "--no-plot",
+                             *(["--compress", spec] if spec else []))
+        coord = spawn(cmd, env=one_thread_env(PYTHONPATH=path))
+        env = one_thread_env(PYTHONPATH=path, **fault_env({Fault.SLOW_UPLINK: uplink_rate} if uplink_rate else {}))
+        procs = [spawn_client(url, i, clients, None, ["--insecure", "--log-level", "WARNING"], env=env)
+                 for i in range(clients)]
+        try:
+            coord.wait(timeout=900)
+        finally:
+            stop_processes([coord, *procs])
+        return statistics.median(r["seconds"] for r in _records(out)[1:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3, help="seeds per simulated method (default 3)")
+    ap.add_argument("--rounds", type=int, default=100, help="rounds of each simulated run (default 100)")
+    ap.add_argument("--bus-rounds", type=int, default=3, help="rounds of each bus byte count (default 3)")
+    ap.add_argument("--wall-rounds", type=int, default=4, help="rounds of each wall-clock run (default 4)")
+    ap.add_argument("--uplink-mbps", type=float, default=32.0, help="emulated slow uplink, Mbit/s (default 32)")
+    ap.add_argument("--quick", action="store_true", help="1 seed, 10 rounds, 2 wall-clock rounds: a smoke run")
+    ap.add_argument("--skip", action="append", default=[], choices=("sim", "bus", "wall"))
+    a = ap.parse_args()
+    if a.quick:
+        a.repeats, a.rounds, a.bus_rounds, a.wall_rounds = 1, 10, 2, 3
+    torch.set_num_threads(1)
+    result: dict = {}
+    sim_ratio: dict = {}
+    if "sim" not in a.skip:
+        rows = []
+        for name, setup in SETUPS.items():
+            runs = {m: [simulated(setup, spec, ef, seed, a.rounds) for seed in range(a.repeats)]
+                    for m, spec, ef in METHODS}
+            base = runs["none"]
+            for m, _, _ in METHODS:
+                ratio = statistics.median(b[0] / r[0] for b, r in zip(base, runs[m]))
+                acc = statistics.median(r[1] for r in runs[m])
+                delta = statistics.median(100 * (r[1] - b[1]) for b, r in zip(base, runs[m]))
+                rows.append((name, m, f"{ratio:.1f}x", f"{acc:.4f}", f"{delta:+.2f}"))
+                key = m.replace("%", "").replace("+", "_").replace(" ", "_").lower()
+                result[f"{name}/{key}/upload_ratio"] = round(ratio, 2)
+                result[f"{name}/{key}/acc_delta_points"] = round(delta, 2)
+                sim_ratio[(name, m)] = ratio
+        print(f"(a) simulator, {a.rounds} rounds, medians over {a.repeats} seeds "
+              f"(accuracy delta in points vs uncompressed, same seed)")
+        print(_table(rows, ("setup", "method", "upload ratio", "final acc", "acc delta")))
+    if "bus" not in a.skip:
+        rows = []
+        setup = SETUPS["digits-10"]
+        counted = {m: over_bus(setup, spec, a.bus_rounds) for m, spec, ef in METHODS if ef}
+        for m, b in counted.items():
+            ratio = counted["none"] / b
+            sim = sim_ratio.get(("digits-10", m))
+            rows.append(("digits-10", m, f"{b}", f"{ratio:.1f}x", "-" if sim is None else f"{sim:.1f}x"))
+            result[f"bus/digits-10/{m.replace('%', '').replace('+', '_').replace(' ', '_').lower()}/upload_ratio"] = \
+                round(ratio, 2)
+        print(f"\n(b) bytes_up at the coordinator's socket, 10 client processes, {a.bus_rounds} rounds")
+        print(_table(rows, ("setup", "method", "bytes up", "ratio at socket", "ratio simulated")))
+    if "wall" not in a.skip:
+        rate = a.uplink_mbps * 1e6 / 8
+        times = {(spec, slow): wall_round(spec, a.wall_rounds, rate if slow else None)
+                 for slow in (False, True) for spec in (None, "topk:0.01+q8")}
+        rows = []
+        for slow in (False, True):
+            dense, comp = times[(None, slow)], times[("topk:0.01+q8", slow)]
+            where = f"slow uplink {a.uplink_mbps:g} Mbit/s" if slow else "loopback"
+            rows.append((where, f"{dense:.2f} s", f"{comp:.2f} s", f"{dense / comp:.2f}x"))
+            result[f"wall/{'slow_uplink' if slow else 'loopback'}/speedup"] = round(dense / comp, 2)
+        print(f"\n(c) round wall clock, 8 clients, 10^7 parameters, median of rounds 2..{a.wall_rounds}")
+        print(_table(rows, ("link", "uncompressed", "topk1%+q8 EF", "speedup")))
+    print(json.dumps(result), flush=True)
+
+
+def _table(rows, header) -> str:
+    from _common import table  # benchmarks/_common.py
+
+    return table(rows, header)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main()
