@@ -118,7 +118,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .schema import CHECKS as _CHECKS, FETCH_KINDS
+from .compressed import check_encoding
+from .schema import CHECKS, FETCH_KINDS
+
+#: every header field's check: the schema's, and the compressed layout's own
+_CHECKS = {**CHECKS, "encoding": lambda cls, name, v, lim: check_encoding(f"{cls.TYPE}: {name}", v, lim)}
 
 __all__ = [
     "VERSION", "Limits", "Message", "Hello", "Welcome", "Ready", "Offer", "Pull", "Cohort", "Train", "UpdateMsg", "Evaluate", "Result",

@@ -105,18 +105,12 @@ def _tree(cls: type[Message], name: str, v: Any, lim: Limits) -> None:
     walk(v, 0)
 
 
-def _encoding(cls: type[Message], name: str, v: Any, lim: Limits) -> None:
-    from .compressed import check_encoding  # compressed builds on this module's helpers
-
-    check_encoding(f"{cls.TYPE}: {name}", v, lim)
-
-
 #: the check of each field name; every non-tensor field of every message type must appear here (checked at import)
 CHECKS: dict[str, Callable[[type[Message], str, Any, Limits], None]] = {
-    "round": _counter, "xid": _counter, "version": _counter, "cohort": _counter, "scale": _fraction, "num_samples": _samples,
+    "round": _counter, "xid": _counter, "version": _counter, "cohort": _counter, "scale": _fraction,
+    "num_samples": _samples,
     "sender": _name, "client": _name, "device": _name, "addr": _name, "reason": _name, "kind": _fetch_kind,
     "metrics": _metrics, "peers": _peers, "spec": _tree, "config": _tree,
-    "encoding": _encoding,
-}
+}  # and UPDATE's "encoding", checked by fedopt.wire.compressed (messages.py adds it)
 
 
