@@ -12,6 +12,12 @@ bus's sockets, and round wall-clock with a 10^7-parameter model over loopback, p
     top-k 1% + 8-bit with error feedback; plainly on loopback, then with each client's uploads through a token bucket
     (``Fault.SLOW_UPLINK``, ``--uplink-mbps``). Ratio = uncompressed round seconds / compressed round seconds.
 
+(d) datacenter: ``fedopt allreduce --nproc 2`` on its default task (digits MLP, 10 epochs) uncompressed, with
+    ``--compress powersgd:2`` (torch's PowerSGD hook; plain all-reduce for the first 10% of steps) and
+    ``powersgd:2:2`` (the 2-step minimum warm-up), seeds interleaved. Bytes are every all-reduced tensor's, counted
+    by the hook's process group (``allreduce_bytes``); ratio = uncompressed / compressed over the whole run and over
+    the last epoch (after the warm-up); accuracy delta vs the same seed uncompressed.
+
 Run: ``python benchmarks/compression.py`` (about 10 minutes on 2 cores; ``--quick`` for a smoke run). Prints the
 tables, then one JSON line.
 """
@@ -130,6 +136,20 @@ def wall_round(spec: str | None, rounds: int, uplink_rate: float | None) -> floa
         return statistics.median(r["seconds"] for r in _records(out)[1:])
 
 
+def datacenter(spec: str | None, seed: int) -> tuple[int, int, float]:
+    """(allreduce_bytes over the run, of the last epoch, final accuracy) of ``fedopt allreduce --nproc 2``."""
+    from fedopt.launch import fedopt_command, one_thread_env
+
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="fedopt-cmpdc-") as tmp:
+        cmd = fedopt_command("allreduce", "--nproc", "2", "--seed", str(seed), "--out", tmp, "--progress", "off",
+                             "--no-plot", *(["--compress", spec] if spec else []))
+        subprocess.run(cmd, check=True, capture_output=True, timeout=600, env=one_thread_env(PYTHONPATH=str(ROOT)))
+        recs = _records(Path(tmp))
+    return sum(r["allreduce_bytes"] for r in recs), recs[-1]["allreduce_bytes"], recs[-1]["accuracy"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3, help="seeds per simulated method (default 3)")
@@ -138,7 +158,7 @@ def main() -> None:
     ap.add_argument("--wall-rounds", type=int, default=4, help="rounds of each wall-clock run (default 4)")
     ap.add_argument("--uplink-mbps", type=float, default=32.0, help="emulated slow uplink, Mbit/s (default 32)")
     ap.add_argument("--quick", action="store_true", help="1 seed, 10 rounds, 2 wall-clock rounds: a smoke run")
-    ap.add_argument("--skip", action="append", default=[], choices=("sim", "bus", "wall"))
+    ap.add_argument("--skip", action="append", default=[], choices=("sim", "bus", "wall", "datacenter"))
     a = ap.parse_args()
     if a.quick:
         a.repeats, a.rounds, a.bus_rounds, a.wall_rounds = 1, 10, 2, 3
@@ -187,6 +207,28 @@ def main() -> None:
             result[f"wall/{'slow_uplink' if slow else 'loopback'}/speedup"] = round(dense / comp, 2)
         print(f"\n(c) round wall clock, 8 clients, 10^7 parameters, median of rounds 2..{a.wall_rounds}")
         print(_table(rows, ("link", "uncompressed", "topk1%+q8 EF", "speedup")))
+    if "datacenter" not in a.skip:
+        specs = (None, "powersgd:2", "powersgd:2:2")
+        runs = {spec: [] for spec in specs}
+        for seed in range(a.repeats):  # interleaved: machine noise hits every method alike
+            for spec in specs:
+                runs[spec].append(datacenter(spec, seed))
+        rows = []
+        for spec in specs:
+            base, mine = runs[None], runs[spec]
+            whole = statistics.median(b[0] / m[0] for b, m in zip(base, mine))
+            last = statistics.median(b[1] / m[1] for b, m in zip(base, mine))
+            delta = statistics.median(100 * (m[2] - b[2]) for b, m in zip(base, mine))
+            acc = statistics.median(m[2] for m in mine)
+            rows.append((spec or "none", f"{statistics.median(m[0] for m in mine)}", f"{whole:.2f}x", f"{last:.2f}x",
+                         f"{acc:.4f}", f"{delta:+.2f}"))
+            if spec == "powersgd:2":
+                result["powersgd_bytes_ratio"] = round(1 / whole, 4)  # compressed / uncompressed, whole run
+                result["powersgd_bytes_ratio_after_warmup"] = round(1 / last, 4)
+                result["powersgd_acc_drop"] = round(-delta, 2)
+        print(f"\n(d) fedopt allreduce --nproc 2, digits, 10 epochs, all-reduced bytes per rank, medians over "
+              f"{a.repeats} seeds")
+        print(_table(rows, ("compress", "bytes", "ratio run", "ratio last epoch", "final acc", "acc delta")))
     print(json.dumps(result), flush=True)
 
 

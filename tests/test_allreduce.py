@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from clients.allreduce.config import AllreduceConfig
-from clients.allreduce.sync import (CommCounter, LocalSGDAverager, ShardSampler, parse_sync, ring_bytes,
-                                    steps_per_rank)
+from clients.allreduce.sync import (CommCounter, CountingGroup, LocalSGDAverager, ShardSampler, parse_compress,
+                                    parse_sync, ring_bytes, step_hook, steps_per_rank)
 from clients.allreduce.worker import train_worker
 from fedopt.cli import Parser, main
 from fedopt.cli.allreduce import allreduce_config, configure
@@ -86,10 +86,21 @@ def test_config_validation_names_the_field():
     cases = [(dict(epochs=0), "epochs"), (dict(lr=0), "lr"), (dict(sync="local:0"), "sync"),
              (dict(outer_lr=0.7), "outer-lr"), (dict(sync="local:4", outer_lr=-1.0), "outer-lr"),
              (dict(outer_momentum=1.0), "outer-momentum"), (dict(zero=True, sync="local:4"), "zero"),
-             (dict(backend="mpi"), "backend"), (dict(max_steps=0), "max-steps")]
+             (dict(backend="mpi"), "backend"), (dict(max_steps=0), "max-steps"),
+             (dict(compress="powersgd:2", sync="local:4"), "--compress .* --sync step"),
+             (dict(compress="powersgd"), "--compress"), (dict(compress="powersgd:0"), "--compress"),
+             (dict(compress="powersgd:2:1"), "--compress"), (dict(compress="fp16:2"), "--compress"),
+             (dict(compress="q8"), "--compress")]
     for kwargs, name in cases:
         with pytest.raises(ConfigError, match=name):
             AllreduceConfig(**kwargs)
+
+
+def test_parse_compress():
+    assert parse_compress(None) is None
+    assert parse_compress("fp16") == ("fp16", 0, None) and parse_compress("bf16") == ("bf16", 0, None)
+    assert parse_compress("powersgd:2") == ("powersgd", 2, None)
+    assert parse_compress("powersgd:4:30") == ("powersgd", 4, 30)
 
 
 def test_worker_argv_round_trips_through_the_parser():
@@ -98,6 +109,8 @@ def test_worker_argv_round_trips_through_the_parser():
     args = p.parse_args(["--task", "synthetic", "--task-option", "alpha=1.5", "--epochs", "3", "--lr", "0.25",
                          "--sync", "local:4", "--outer-lr", "0.7", "--resume", "--out", "/tmp/x", "--nproc", "2"])
     cfg = allreduce_config(args)
+    hooked = allreduce_config(p.parse_args(["--compress", "powersgd:2:5"]))
+    assert allreduce_config(p.parse_args(config_argv(hooked))) == hooked and hooked.compress == "powersgd:2:5"
     again = allreduce_config(p.parse_args(config_argv(cfg)))
     assert again == cfg and cfg.task_options == {"alpha": 1.5} and cfg.period == 4
 
@@ -109,6 +122,8 @@ def test_worker_argv_round_trips_through_the_parser():
     (["--task", "no-such-task"], "unknown task"),
     (["--resume"], "no checkpoint"),
     (["--nproc", "0"], "nproc"),
+    (["--compress", "bf16", "--backend", "gloo"], "--compress bf16 needs the nccl backend"),
+    (["--compress", "powersgd:2", "--sync", "local:2"], "--compress"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, needle, tmp_path, capsys):
     rc = main(["allreduce", "--out", str(tmp_path / "o"), *argv])
@@ -209,6 +224,41 @@ def test_outer_nesterov_step_matches_the_formula(one_rank):
     g = theta0 - (theta0 + 1.0)  # pseudo-gradient anchor - average = -1
     expected = theta0 - 0.5 * (g + 0.9 * g)  # first Nesterov step: buf = g, update = g + momentum * buf
     assert counter.calls == 1 and torch.allclose(spec.flatten(module), expected, atol=1e-6)
+
+
+def test_every_collective_of_torchs_hooks_is_counted(one_rank):
+    # Prepare: a 2-layer model in one DDP per hook; the 40x30 weight is worth compressing at rank 2
+    # ((40 + 30) * 2 * 2 < 1200), the 30x1 head and the biases travel plain
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    sizes = {"w1": 40 * 30, "b1": 30, "w2": 30, "b2": 1}
+    dense = 4 * sum(sizes.values())
+    low_rank = 4 * ((40 + 30) * 2 + sizes["b1"] + sizes["w2"] + sizes["b2"])  # P and Q of w1, the rest as is
+    got = {}
+    for spec in (None, "fp16", "powersgd:2:3"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Tanh(), torch.nn.Linear(30, 1))
+        counter = CommCounter(1)
+        ddp = DistributedDataParallel(model)
+        ddp.register_comm_hook(*step_hook(parse_compress(spec), CountingGroup(dist.group.WORLD, counter), 50))
+        per_step = []
+        for step in range(5):
+            ddp(torch.randn(8, 40)).square().mean().backward()
+            per_step.append(counter.tensor_bytes - sum(per_step))
+        got[spec] = (per_step, counter.calls, counter.bytes_sent)
+    # Assert: plain and fp16 all-reduce the bucket once a step; PowerSGD plain for 3 steps, then three collectives
+    # a step (uncompressed tensors, P, Q: the last two issued from future callbacks)
+    assert got[None] == ([dense] * 5, 5, 0)  # one rank: nothing crosses a link
+    assert got["fp16"][:2] == ([dense // 2] * 5, 5)
+    assert got["powersgd:2:3"][:2] == ([dense] * 3 + [low_rank] * 2, 3 + 3 * 2)
+
+
+def test_powersgd_worker_reports_allreduce_bytes(one_rank, tmp_path):
+    train_worker(AllreduceConfig(compress="powersgd:1:2", epochs=1, max_steps=4, batch_size=32, out=str(tmp_path),
+                                 progress="off", plot=False))
+    (rec,) = read_metrics(tmp_path / "metrics.jsonl")
+    # digits MLP 64-64-10: 4,810 floats dense; rank 1: P, Q of both weights (64+64, 10+64) plus 74 bias floats
+    assert rec["compress"] == "powersgd:1:2" and rec["steps"] == 4
+    assert rec["allreduce_bytes"] == 4 * (2 * 4810 + 2 * (128 + 74 + 74))
 
 
 # ---- end to end: fedopt allreduce --nproc -----------------------------------------------------------------------------

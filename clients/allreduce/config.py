@@ -9,7 +9,7 @@ from fedopt.errors import ConfigError
 
 from fedopt.config import OptimizerConfig, at_least, choice, load_command_toml, number, optional
 
-from clients.allreduce.sync import parse_sync
+from clients.allreduce.sync import parse_compress, parse_sync
 
 __all__ = ["AllreduceConfig", "load_allreduce_toml"]
 
@@ -28,6 +28,7 @@ class AllreduceConfig(OptimizerConfig):
     sync: str = "step"  # step (DDP every step) | local:H (average the model every H steps)
     outer_lr: float | None = None  # local:H only: DiLoCo outer learning rate (None = plain averaging)
     outer_momentum: float = 0.9  # local:H with outer_lr: the outer Nesterov momentum
+    compress: str | None = None  # fp16 | bf16 | powersgd:RANK: torch's comm hook for the gradient all-reduce
     zero: bool = False  # shard optimizer state with torch's ZeroRedundancyOptimizer
     backend: str = "auto"  # auto (nccl with CUDA, gloo otherwise) | gloo | nccl
     device: str = "auto"  # auto | cpu | cuda
@@ -57,6 +58,9 @@ class AllreduceConfig(OptimizerConfig):
         if self.zero and period is not None:
             raise ConfigError("--zero shards an optimizer over synchronised gradients; it cannot be combined "
                               "with --sync local:H")
+        if parse_compress(self.compress) is not None and period is not None:
+            raise ConfigError("--compress compresses DDP's per-step gradient all-reduce, which --sync local:H switches "
+                              "off (it all-reduces the model every H steps instead); use it with --sync step")
         choice("backend", self.backend, ("auto", "gloo", "nccl"))
         choice("device", self.device, ("auto", "cpu", "cuda"))
         choice("progress", self.progress, ("auto", "bar", "lines", "off"))

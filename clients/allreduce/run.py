@@ -53,7 +53,7 @@ def preflight(cfg: AllreduceConfig, nproc: int) -> None:
     from clients.allreduce.worker import pick_backend
 
     resolve_task(cfg.task, cfg.task_options)
-    pick_backend(cfg.backend, cfg.device, nproc - 1)
+    pick_backend(cfg.backend, cfg.device, nproc - 1, cfg.compress)
     if cfg.resume and not os.path.exists(os.path.join(cfg.out, CHECKPOINT)):
         raise ConfigError(f"--resume: no checkpoint in {cfg.out}")
 

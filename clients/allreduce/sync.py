@@ -1,7 +1,11 @@
 """How datacenter workers synchronise, built only from torch.distributed pieces.
 
-* ``--sync step``: DDP all-reduces gradients every step. :func:`counting_allreduce_hook` is DDP's own
-  ``default_hooks.allreduce_hook`` with a counter in front, so every gradient all-reduce is counted.
+* ``--sync step``: DDP all-reduces gradients every step with torch's own comm hook: ``default_hooks.allreduce_hook``,
+  or with ``--compress`` (:func:`parse_compress`, :func:`step_hook`) ``fp16_compress_hook`` / ``bf16_compress_hook``
+  (half the bytes) or PowerSGD (Vogels, Karimireddy, Jaggi, "PowerSGD: Practical Low-Rank Gradient Compression for
+  Distributed Optimization", NeurIPS 2019) through ``powerSGD_hook.PowerSGDState`` + ``powerSGD_hook``. The hook is
+  handed a :class:`CountingGroup`, so every collective it issues is counted, PowerSGD's P and Q all-reduces included
+  (they run later, inside future callbacks, on the group the hook was given).
 * ``--sync local:H``: local SGD (Stich, ICLR 2019; Lin et al., "Don't use large mini-batches, use local SGD",
   ICLR 2020): DDP's gradient sync is switched off with torch's ``post_localSGD_hook`` and
   :class:`LocalSGDAverager` (a torch ``ModelAverager``, driven by torch's ``PostLocalSGDOptimizer``) all-reduces the
@@ -10,9 +14,10 @@
 * :class:`ShardSampler`: a ``DistributedSampler`` that can skip the padding (every sample exactly once per epoch, uneven
   shards handled by ``Join``) and whose epoch is offset so each outer epoch gets a fresh shuffle.
 
-Traffic is estimated, not measured: a ring all-reduce of S bytes over N ranks sends and receives
-``2 (N - 1) / N * S`` bytes per rank (reduce-scatter plus all-gather; NCCL's bus-bandwidth definition), whatever
-algorithm the backend actually picks. :class:`CommCounter` holds those estimates and the number of calls.
+Traffic: :class:`CommCounter` counts each all-reduce and the bytes of the tensor it reduces (``tensor_bytes``: exact,
+what the compression ratio is measured on) and estimates what crosses one rank's links: a ring all-reduce of S bytes
+over N ranks sends and receives ``2 (N - 1) / N * S`` bytes per rank (reduce-scatter plus all-gather; NCCL's
+bus-bandwidth definition), whatever algorithm the backend actually picks.
 """
 
 # No ``from __future__ import annotations`` here: DDP checks a comm hook's ``bucket`` annotation at runtime.
@@ -28,8 +33,8 @@ from torch.utils.data.distributed import DistributedSampler
 from fedopt.errors import ConfigError
 from fedopt.params import ParamSpec
 
-__all__ = ["parse_sync", "ring_bytes", "CommCounter", "counting_allreduce_hook", "LocalSGDAverager",
-           "ShardSampler", "steps_per_rank"]
+__all__ = ["parse_sync", "parse_compress", "ring_bytes", "CommCounter", "CountingGroup", "step_hook",
+           "LocalSGDAverager", "ShardSampler", "steps_per_rank"]
 
 
 def parse_sync(text: str) -> int | None:
@@ -47,6 +52,22 @@ def parse_sync(text: str) -> int | None:
     raise ConfigError(f"sync must be 'step' or 'local:H' with an integer H >= 1, not {text!r}")
 
 
+def parse_compress(text: str | None) -> tuple[str, int, int | None] | None:
+    """``--compress`` of datacenter mode: None (off) | ``("fp16", 0, None)`` | ``("bf16", 0, None)`` |
+    ``("powersgd", RANK, WARMUP)`` from ``powersgd:RANK[:WARMUP]`` (RANK >= 1; WARMUP >= 2 plain steps, None for
+    the default). ConfigError naming the flag otherwise."""
+    if text is None:
+        return None
+    kind, *args = str(text).split(":")
+    if kind in ("fp16", "bf16") and not args:
+        return kind, 0, None
+    if kind == "powersgd" and 1 <= len(args) <= 2 and all(a.isdigit() for a in args) and int(args[0]) >= 1 \
+            and (len(args) == 1 or int(args[1]) >= 2):
+        return kind, int(args[0]), int(args[1]) if len(args) == 2 else None
+    raise ConfigError(f"--compress must be fp16, bf16 or powersgd:RANK[:WARMUP] (RANK >= 1, WARMUP >= 2 steps), "
+                      f"not {text!r}")
+
+
 def ring_bytes(nbytes: int, world: int) -> int:
     """Bytes one rank sends (and receives) in a ring all-reduce of an ``nbytes`` buffer over ``world`` ranks."""
     return 0 if world <= 1 else int(2 * (world - 1) * nbytes // world)
@@ -54,20 +75,20 @@ def ring_bytes(nbytes: int, world: int) -> int:
 
 @dataclass
 class CommCounter:
-    """Per-rank tally of synchronisation collectives: ``calls`` all-reduces and estimated ``bytes_sent/received``.
-
-    Also the state object of :func:`counting_allreduce_hook` (``process_group`` None = the default group).
-    """
+    """Per-rank tally of synchronisation collectives: ``calls`` all-reduces, ``tensor_bytes`` the bytes of the
+    tensors they reduced, and the estimated link traffic ``bytes_sent/received``."""
 
     world: int
-    process_group: object = None
     calls: int = 0
+    tensor_bytes: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
 
     def allreduce(self, t: torch.Tensor) -> None:
-        b = ring_bytes(t.numel() * t.element_size(), self.world)
+        nbytes = t.numel() * t.element_size()
+        b = ring_bytes(nbytes, self.world)
         self.calls += 1
+        self.tensor_bytes += nbytes
         self.bytes_sent += b
         self.bytes_received += b
 
@@ -79,13 +100,46 @@ class CommCounter:
         self.bytes_received += b
 
     def reset(self) -> None:
-        self.calls = self.bytes_sent = self.bytes_received = 0
+        self.calls = self.tensor_bytes = self.bytes_sent = self.bytes_received = 0
 
 
-def counting_allreduce_hook(state: CommCounter, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP comm hook: count the bucket, then torch's own ``allreduce_hook`` (all-reduce, divide by world size)."""
-    state.allreduce(bucket.buffer())
-    return default_hooks.allreduce_hook(state.process_group, bucket)
+class CountingGroup:
+    """A process group that counts: ``allreduce`` tallies every tensor in ``counter`` and then runs on the real
+    ``group``; everything else is the real group's. ``dist.all_reduce(t, group=g)`` ends in ``g.allreduce([t],
+    opts)``, so a comm hook given this group is counted in full, including collectives it issues later from future
+    callbacks, without fedopt reimplementing any collective."""
+
+    def __init__(self, group: dist.ProcessGroup, counter: CommCounter) -> None:
+        self.group, self.counter = group, counter
+
+    def allreduce(self, tensors, *args, **kwargs):
+        for t in [tensors] if isinstance(tensors, torch.Tensor) else tensors:
+            self.counter.allreduce(t)
+        return self.group.allreduce(tensors, *args, **kwargs)
+
+    def __getattr__(self, name):  # size(), rank(), ...: the real group's
+        return getattr(self.group, name)
+
+
+def step_hook(compress: tuple[str, int, int | None] | None, group: CountingGroup, steps: int):
+    """``(state, hook)`` for ``DistributedDataParallel.register_comm_hook`` under ``--sync step``: torch's own hooks,
+    each handed the counting ``group``. PowerSGD runs plain all-reduce for its first WARMUP steps (default: 10% of the
+    ``steps`` this process will take, torch's advice, at least the 2 torch requires: the first steps are the
+    sensitive ones, and DDP rebuilds its buckets after step 1), keeps error feedback and warm start on (torch's
+    defaults), and compresses a matrix only where ``(rows + cols) * rank * 2 < rows * cols``; vectors (biases) travel
+    uncompressed."""
+    if compress is None:
+        return group, default_hooks.allreduce_hook
+    kind, rank, warmup = compress
+    if kind == "fp16":
+        return group, default_hooks.fp16_compress_hook
+    if kind == "bf16":
+        return group, default_hooks.bf16_compress_hook
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+
+    state = psgd.PowerSGDState(process_group=group, matrix_approximation_rank=rank,
+                               start_powerSGD_iter=max(2, steps // 10) if warmup is None else warmup, random_seed=0)
+    return state, psgd.powerSGD_hook
 
 
 class LocalSGDAverager(ModelAverager):

@@ -39,7 +39,8 @@ from fedopt.task import TrainConfig, resolve_task, to_device
 from fedopt.trainer import SMALL_MODEL
 
 from clients.allreduce.config import AllreduceConfig
-from clients.allreduce.sync import CommCounter, LocalSGDAverager, ShardSampler, counting_allreduce_hook, steps_per_rank
+from clients.allreduce.sync import (CommCounter, CountingGroup, LocalSGDAverager, ShardSampler, parse_compress,
+                                    step_hook, steps_per_rank)
 
 __all__ = ["dist_env", "pick_backend", "train_worker", "AllreduceWorker"]
 
@@ -53,8 +54,9 @@ def dist_env() -> tuple[int, int, int]:
                           "or `torchrun ... -m fedopt allreduce`") from None
 
 
-def pick_backend(backend: str, device: str, local_rank: int) -> tuple[str, torch.device]:
-    """NCCL and one GPU per process when CUDA is present (or asked for), gloo on CPU; ``backend`` forces one."""
+def pick_backend(backend: str, device: str, local_rank: int, compress: str | None = None) -> tuple[str, torch.device]:
+    """NCCL and one GPU per process when CUDA is present (or asked for), gloo on CPU; ``backend`` forces one.
+    ``compress`` is ``--compress``, checked against the backend."""
     cuda = torch.cuda.is_available()
     if device == "cuda" and not cuda:
         raise ConfigError("device cuda was asked for, but no CUDA GPU is available")
@@ -65,6 +67,9 @@ def pick_backend(backend: str, device: str, local_rank: int) -> tuple[str, torch
         raise ConfigError("backend nccl needs CUDA devices; use --backend gloo on CPU")
     if not dist.is_available() or not dist.is_backend_available(backend):
         raise ConfigError(f"torch.distributed backend {backend!r} is not available in this torch build")
+    if compress is not None and parse_compress(compress)[0] == "bf16" and backend != "nccl":
+        # DDP refuses torch's bf16_compress_hook on anything but NCCL 2.10+ (or XCCL)
+        raise ConfigError("--compress bf16 needs the nccl backend (CUDA); on gloo use --compress fp16")
     if not use_cuda:
         return backend, torch.device("cpu")
     if backend == "nccl" and local_rank >= torch.cuda.device_count():
@@ -76,7 +81,7 @@ def pick_backend(backend: str, device: str, local_rank: int) -> tuple[str, torch
 def train_worker(cfg: AllreduceConfig) -> dict:
     """Join the process group torchrun describes, train, leave. Returns this rank's last epoch record."""
     rank, world, local_rank = dist_env()
-    backend, device = pick_backend(cfg.backend, cfg.device, local_rank)
+    backend, device = pick_backend(cfg.backend, cfg.device, local_rank, cfg.compress)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     own_group = not dist.is_initialized()
@@ -137,8 +142,14 @@ class AllreduceWorker:
         self.counter = CommCounter(world)
         self.ddp = DDP(self.module, device_ids=[device.index] if device.type == "cuda" else None,
                        bucket_cap_mb=cfg.bucket_cap_mb, forward_sync_buffers=period is None)
+        exact = period is None  # local SGD needs equal step counts on every rank: padded shards, no Join
+        steps = steps_per_rank(self.data.num_samples, world, cfg.batch_size, exact, cfg.max_steps)
         if period is None:
-            self.ddp.register_comm_hook(self.counter, counting_allreduce_hook)
+            # PowerSGD counts its warm-up from this process's first step (a resumed run warms up again: PowerSGD's
+            # error and P/Q memories are not checkpointed)
+            self.ddp.register_comm_hook(*step_hook(parse_compress(cfg.compress),
+                                                   CountingGroup(dist.group.WORLD, self.counter),
+                                                   (cfg.epochs - self.start_epoch) * max(steps)))
         else:
             # torch's post-local-SGD hook from iteration 0 with no gradient all-reduce: steps stay local
             self.ddp.register_comm_hook(PostLocalSGDState(None, None, 0, post_local_gradient_allreduce=False),
@@ -162,10 +173,8 @@ class AllreduceWorker:
             self.optimizer = inner(self.params, **hyper)
         self._load_optimizer_state(restored)
 
-        exact = period is None  # local SGD needs equal step counts on every rank: padded shards, no Join
         self.sampler = ShardSampler(self.data.num_samples, world, rank, cfg.seed, exact=exact)
-        self.uneven = len(set(steps_per_rank(self.data.num_samples, world, cfg.batch_size, exact,
-                                             cfg.max_steps))) > 1
+        self.uneven = len(set(steps)) > 1
         self._optimizer_asked = False
         self.train_config = TrainConfig(epochs=1, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
                                         weight_decay=cfg.weight_decay, optimizer=cfg.optimizer,
@@ -237,9 +246,11 @@ class AllreduceWorker:
             "bytes_up": self.counter.bytes_sent,
             "bytes_down": self.counter.bytes_received,
             "allreduce_calls": self.counter.calls,
+            "allreduce_bytes": self.counter.tensor_bytes,  # bytes of the tensors this rank all-reduced, exactly
             "steps": int(metrics.get("steps", 0)),
             "train_loss": metrics.get("loss"),
             "sync": self.cfg.sync,
+            "compress": self.cfg.compress,
             "restarts": self.restarts,
         }
 
