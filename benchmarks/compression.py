@@ -10,7 +10,8 @@ bus's sockets, and round wall-clock with a 10^7-parameter model over loopback, p
 (c) wall clock: a real coordinator and 8 real clients over tcp, a 10^7-parameter model whose local training adds
     seeded noise (it isolates communication and coding): the median round time (rounds 2..) uncompressed vs
     top-k 1% + 8-bit with error feedback; plainly on loopback, then with each client's uploads through a token bucket
-    (``Fault.SLOW_UPLINK``, ``--uplink-mbps``). Ratio = uncompressed round seconds / compressed round seconds.
+    (``Fault.SLOW_UPLINK``, ``--uplink-mbps``). The runs alternate (uncompressed, compressed, ...) ``--wall-repeats``
+    times; ratio = the median over those pairs of uncompressed round seconds / compressed round seconds.
 
 (d) datacenter: ``fedopt allreduce --nproc 2`` on its default task (digits MLP, 10 epochs) uncompressed, with
     ``--compress powersgd:2`` (torch's PowerSGD hook; plain all-reduce for the first 10% of steps) and
@@ -156,12 +157,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=100, help="rounds of each simulated run (default 100)")
     ap.add_argument("--bus-rounds", type=int, default=3, help="rounds of each bus byte count (default 3)")
     ap.add_argument("--wall-rounds", type=int, default=4, help="rounds of each wall-clock run (default 4)")
+    ap.add_argument("--wall-repeats", type=int, default=3, help="interleaved wall-clock runs per method (default 3)")
     ap.add_argument("--uplink-mbps", type=float, default=32.0, help="emulated slow uplink, Mbit/s (default 32)")
     ap.add_argument("--quick", action="store_true", help="1 seed, 10 rounds, 2 wall-clock rounds: a smoke run")
     ap.add_argument("--skip", action="append", default=[], choices=("sim", "bus", "wall", "datacenter"))
     a = ap.parse_args()
     if a.quick:
-        a.repeats, a.rounds, a.bus_rounds, a.wall_rounds = 1, 10, 2, 3
+        a.repeats, a.rounds, a.bus_rounds, a.wall_rounds, a.wall_repeats = 1, 10, 2, 3, 1
     torch.set_num_threads(1)
     result: dict = {}
     sim_ratio: dict = {}
@@ -197,16 +199,25 @@ def main() -> None:
         print(_table(rows, ("setup", "method", "bytes up", "ratio at socket", "ratio simulated")))
     if "wall" not in a.skip:
         rate = a.uplink_mbps * 1e6 / 8
-        times = {(spec, slow): wall_round(spec, a.wall_rounds, rate if slow else None)
-                 for slow in (False, True) for spec in (None, "topk:0.01+q8")}
+        specs = (None, "topk:0.01+q8")
+        times: dict = {(spec, slow): [] for slow in (False, True) for spec in specs}
+        for _ in range(a.wall_repeats):  # interleaved: load on the machine hits both alike
+            for slow in (False, True):
+                for spec in specs:
+                    times[(spec, slow)].append(wall_round(spec, a.wall_rounds, rate if slow else None))
         rows = []
         for slow in (False, True):
             dense, comp = times[(None, slow)], times[("topk:0.01+q8", slow)]
+            ratio = statistics.median(d / c for d, c in zip(dense, comp))  # per interleaved pair
             where = f"slow uplink {a.uplink_mbps:g} Mbit/s" if slow else "loopback"
-            rows.append((where, f"{dense:.2f} s", f"{comp:.2f} s", f"{dense / comp:.2f}x"))
-            result[f"wall/{'slow_uplink' if slow else 'loopback'}/speedup"] = round(dense / comp, 2)
-        print(f"\n(c) round wall clock, 8 clients, 10^7 parameters, median of rounds 2..{a.wall_rounds}")
-        print(_table(rows, ("link", "uncompressed", "topk1%+q8 EF", "speedup")))
+            rows.append((where, f"{statistics.median(dense):.2f} s", f"{statistics.median(comp):.2f} s",
+                         f"{ratio:.2f}x", " ".join(f"{d:.2f}/{c:.2f}" for d, c in zip(dense, comp))))
+            result[f"wall/{'slow_uplink' if slow else 'loopback'}/speedup"] = round(ratio, 2)
+            if not slow:
+                result["round_time_ratio_loopback"] = round(1 / ratio, 3)  # compressed / uncompressed
+        print(f"\n(c) round wall clock, 8 clients, 10^7 parameters: per run the median of rounds 2..{a.wall_rounds}, "
+              f"then the median over {a.wall_repeats} interleaved runs")
+        print(_table(rows, ("link", "uncompressed", "topk1%+q8 EF", "speedup", "runs (s, dense/topk)")))
     if "datacenter" not in a.skip:
         specs = (None, "powersgd:2", "powersgd:2:2")
         runs = {spec: [] for spec in specs}

@@ -98,15 +98,43 @@ def test_error_feedback_loses_nothing():
     ef = ErrorFeedback(parse_compressor("topk:0.05+q8"), store)
     g = torch.Generator().manual_seed(0)
     deltas = [torch.randn(500, generator=g) for _ in range(6)]
+    before = [d.clone() for d in deltas]
     sent = torch.zeros(500)
     for r, d in enumerate(deltas):
-        packed, dense = ef.compress("3", d, seed=r)
-        assert torch.equal(dense, decompress(packed, 500))
-        sent += dense
-    assert torch.allclose(sent + store["3"], sum(deltas), atol=1e-4)
+        sent += decompress(ef.compress("3", d, seed=r), 500)
+    assert torch.allclose(sent + store["3"], sum(before), atol=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(deltas, before))  # the caller's deltas are only read
     none = ErrorFeedback(parse_compressor("topk:0.05"), None)
-    _, dense = none.compress("3", deltas[0], seed=0)
-    assert int((dense != 0).sum()) == 25
+    assert int((decompress(none.compress("3", deltas[0], seed=0), 500) != 0).sum()) == 25
+    # full-precision values: the residual is zero exactly where they were sent
+    exact = ErrorFeedback(parse_compressor("topk:0.05"), Memory())
+    p = exact.compress("3", deltas[1], seed=0)
+    assert bool((exact.store["3"][p.indices.long()] == 0).all()) and int((exact.store["3"] != 0).sum()) == 475
+
+
+@pytest.mark.parametrize("n,k", [(100, 7), (300_000, 1), (300_000, 3_000), (150_000, 60_000),
+                                 (2_500_000, 25_000)])
+def test_top_k_equals_torch_topk_over_all_magnitudes(n, k):
+    # Prepare: both paths (full sort: n < 2 * SAMPLE or k large; sampled threshold: strides 4 and 38, over one
+    # CHUNK), heavy tails and a block of exact ties at the top
+    g = torch.Generator().manual_seed(n + k)
+    x = torch.randn(n, generator=g) ** 3
+    x[n // 2 : n // 2 + 3] = 1e6
+    # Execute
+    got = top_k(x, k)
+    # Assert: k distinct increasing indices whose magnitudes are torch.topk's (the same multiset)
+    assert got.numel() == k and bool((got[1:] > got[:-1]).all())
+    ref = torch.topk(x.abs(), k).values
+    assert torch.equal(x[got].abs().sort(descending=True).values, ref)
+
+
+def test_top_k_falls_back_when_the_sample_misses():
+    # the strided sample (every 4th of 2**18) sees only large values, so its threshold lets through too few
+    # coordinates (about 1.2 k / 4): the exact pass over all of |x| must take over
+    n = 1 << 18
+    x = torch.randn(n, generator=torch.Generator().manual_seed(1)) * 0.01
+    x[::4] = 1000.0 + torch.arange(n // 4, dtype=torch.float32)
+    assert torch.equal(top_k(x, 100), torch.arange(n - 400, n, 4))
 
 
 def test_compress_is_deterministic_given_the_seed():

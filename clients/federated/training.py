@@ -72,7 +72,7 @@ class TrainingThread(threading.Thread):
             cfg = TrainConfig(**{k: v for k, v in payload["config"].items() if k in _TRAIN_FIELDS})
             update = self.trainer.train(payload["client"], vec, self.data, cfg)
             if self.uplink is not None:  # compressed here, off the socket thread; the residual stays with us
-                packed, _ = self.uplink.compress(payload["client"], update.delta, cfg.seed)
+                packed = self.uplink.compress(payload["client"], update.delta, cfg.seed)
                 return ("update", rnd, (packed, update.num_samples, update.metrics))
             # the trainer reuses its delta buffer; the copy keeps a queued zero-copy send intact
             return ("update", rnd, (update.delta.detach().cpu().clone(), update.num_samples, update.metrics))

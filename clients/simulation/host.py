@@ -19,7 +19,7 @@ from fedopt.engine import Job, RoundServer
 from fedopt.task import ClientData, Task
 from fedopt.trainer import LocalTrainer
 
-from fedopt.compress import uplink
+from fedopt.compress import decompress, uplink
 
 from clients.simulation.scaffold import ScaffoldClients
 from clients.simulation.state import ClientStateStore
@@ -66,7 +66,8 @@ class ClientHost:
         return n
 
     def _compressed(self, update: Update, seed: int) -> Update:
-        packed, dense = self.uplink.compress(update.client, update.delta, seed)
+        packed = self.uplink.compress(update.client, update.delta, seed)
+        dense = decompress(packed, update.delta.numel())  # what the coordinator decodes
         self.bytes_up += packed.nbytes
         return dataclasses.replace(update, delta=dense.to(update.delta.device, update.delta.dtype))
 

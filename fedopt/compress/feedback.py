@@ -9,39 +9,52 @@ The residual is client state, kept by the client runtime in a ``store`` with ``g
 ``put(client, vec)`` (a simulation's :class:`~clients.simulation.state.ClientStateStore`, a federated client's
 :class:`Memory`). In cross-device FL a client that rarely returns keeps a stale residual; that is the method's known
 limit (FetchSGD moves the memory to the server for that reason).
+
+Cost: one pass over the update (``e += delta`` in place, into the tensor ``get`` returned), the compressor's own work
+(top-k: a sampled threshold and one chunked pass, see :func:`~fedopt.compress.sparsify.top_k`), and O(k) to take what
+was sent out of the residual (``e[sent] -= decoded``; exactly zero where values travel at full precision). No dense
+temporary beyond the residual itself: a client's first update is copied once to become it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .pipeline import Compressor, Packed, decompress
+from .pipeline import Compressor, Packed, decoded
 
 __all__ = ["ErrorFeedback", "Memory"]
 
 
 class Memory(dict):
-    """The simplest residual store: a dict with ``put`` (a federated client holds its one residual here)."""
+    """The simplest residual store: a dict with ``put`` (a federated client holds its one residual here). It keeps
+    the tensor it is given (no copy): the caller gives it up."""
 
     def put(self, client: str, vec: torch.Tensor) -> None:
-        self[client] = vec.detach().to("cpu", torch.float32, copy=True)
+        self[client] = vec.detach()
 
 
 class ErrorFeedback:
-    """``compress(client, delta, seed) -> (Packed, dense)``: the compressed update and what the receiver will decode
-    from it. ``store`` None: no error feedback (each update compressed on its own)."""
+    """``compress(client, delta, seed) -> Packed``: the update plus the client's residual, compressed; the receiver
+    decodes it with :func:`~fedopt.compress.pipeline.decompress`. ``store`` None: no error feedback (each update
+    compressed on its own). ``delta`` is only read."""
 
     def __init__(self, compressor: Compressor, store=None) -> None:
         self.compressor, self.store = compressor, store
 
-    def compress(self, client: str, delta: torch.Tensor, seed: int) -> tuple[Packed, torch.Tensor]:
+    def compress(self, client: str, delta: torch.Tensor, seed: int) -> Packed:
         x = delta.detach().reshape(-1).to("cpu", torch.float32)
-        if self.store is not None:
-            e = self.store.get(client)
-            if e is not None:
-                x = x + e
-        packed = self.compressor.compress(x, seed)
-        dense = decompress(packed, x.numel())
-        if self.store is not None:
-            self.store.put(client, x - dense)
-        return packed, dense
+        if self.store is None:
+            return self.compressor.compress(x, seed)
+        e = self.store.get(client)
+        if e is None:
+            e = x.clone() if x.data_ptr() == delta.data_ptr() else x  # delta stays the caller's
+        else:
+            e += x
+        packed = self.compressor.compress(e, seed)
+        at, vals = decoded(packed)
+        if at is None:
+            e -= vals
+        else:
+            e[at] -= vals
+        self.store.put(client, e)
+        return packed

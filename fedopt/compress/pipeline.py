@@ -25,7 +25,7 @@ from ..errors import ConfigError, WireError
 from . import quantize as q
 from .sparsify import keep_count, random_k, top_k
 
-__all__ = ["Compressor", "Packed", "parse_compressor", "decompress", "SEED_MASK", "DEFAULT_BLOCK"]
+__all__ = ["Compressor", "Packed", "parse_compressor", "decompress", "decoded", "SEED_MASK", "DEFAULT_BLOCK"]
 
 DEFAULT_BLOCK = 256  # 4 bytes of scale per 256 codes: 1.6% on top of 8 bits
 SEED_MASK = (1 << 53) - 1  # a seed travels as a wire counter (below 2**53)
@@ -67,12 +67,20 @@ class Packed:
         return sum(t.numel() * t.element_size() for t in (self.values, self.indices, self.scales) if t is not None)
 
 
-def _positions(p: Packed) -> torch.Tensor | None:
+def decoded(p: Packed) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(positions, values)`` of ``p`` as the receiver decodes them: int64 positions (None: every coordinate, in
+    order) and their float32 values, which never share memory with ``p``. O(k) work (random-k: its draw)."""
+    if p.bits <= 8:
+        vals = q.dequantize(p.values, p.scales, p.k, p.bits, p.block)
+    else:
+        vals = p.values.float()
+        if vals.data_ptr() == p.values.data_ptr():
+            vals = vals.clone()
     if p.index == "sent":
-        return p.indices.long()
+        return p.indices.long(), vals
     if p.index == "seeded":
-        return random_k(p.size, p.k, p.seed)
-    return None
+        return random_k(p.size, p.k, p.seed), vals
+    return None, vals
 
 
 def decompress(p: Packed, size: int) -> torch.Tensor:
@@ -80,13 +88,9 @@ def decompress(p: Packed, size: int) -> torch.Tensor:
     refused (WireError) before anything of that length is allocated."""
     if p.size != size:
         raise WireError(f"compressed update of {p.size} elements, the model has {size}")
-    if p.bits <= 8:
-        vals = q.dequantize(p.values, p.scales, p.k, p.bits, p.block)
-    else:
-        vals = p.values.float()
-    at = _positions(p)
+    at, vals = decoded(p)
     if at is None:
-        return vals.clone() if vals.data_ptr() == p.values.data_ptr() else vals
+        return vals
     out = torch.zeros(size, dtype=torch.float32)
     out[at] = vals
     return out
