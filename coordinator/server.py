@@ -38,6 +38,7 @@ from fedopt import bus, wire
 from fedopt.checkpoint import BufferJournal, Checkpoint, load_checkpoint, save_checkpoint
 from fedopt.engine import Engine, RoundServer
 from fedopt.config import RunConfig
+from fedopt.compress import downlink
 from fedopt.errors import ConfigError, RoundError
 from fedopt.metrics import RunOutput
 from fedopt.task import resolve_task, to_device
@@ -238,6 +239,11 @@ class Coordinator(ClientLink):
         """TRAIN for each selected client (FedAvg drops stragglers up front: their partial work would be discarded)."""
         # one snapshot for every TRAIN: sends are zero-copy, and the global vector changes in place at close
         snapshot = self.server.global_vec.detach().to("cpu", copy=True)
+        model = {"model": snapshot}
+        codec = downlink(self.cfg.compression.compress_down)
+        if codec is not None:  # --compress-down: one set of codes for the round, decoded by each client
+            p = codec.compress(snapshot, round)
+            model = dict(encoding=p.encoding(), values=p.values, indices=p.indices, scales=p.scales)
         out = {}
         for job in jobs:
             if job.straggler and not self.server.keep_stragglers:
@@ -245,7 +251,7 @@ class Coordinator(ClientLink):
                 continue
             config = {f.name: getattr(job.config, f.name) for f in dataclasses.fields(job.config)
                       if f.name != "sampler"}
-            out[job.client] = wire.Train(round=round, config=config, model=snapshot)
+            out[job.client] = wire.Train(round=round, config=config, **model)
         return out
 
     def run_round(self, server: RoundServer, jobs) -> None:

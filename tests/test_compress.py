@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fedopt import testing, wire
-from fedopt.compress import ErrorFeedback, Memory, Packed, decompress, parse_compressor
+from fedopt.compress import ErrorFeedback, Memory, Packed, decompress, downlink, parse_compressor
 from fedopt.compress import quantize as q
 from fedopt.compress.sparsify import keep_count, random_k, top_k
 from fedopt.errors import ConfigError, WireError
@@ -291,7 +291,7 @@ def _rounds(tmp_path) -> list[dict]:
 def test_simulation_counts_compressed_bytes_and_keeps_residuals(tmp_path):
     from clients.simulation.run import Simulation
 
-    sim = Simulation(_digits(tmp_path, compress="topk:0.1+q8"))
+    sim = Simulation(_digits(tmp_path, compress="topk:0.1+q8", compress_down="q8"))
     store, seen = sim.executor.host.uplink.store, set()
     put = store.put
     store.put = lambda client, vec: (seen.add(client), put(client, vec))
@@ -299,7 +299,7 @@ def test_simulation_counts_compressed_bytes_and_keeps_residuals(tmp_path):
     k = keep_count(4810, 0.1)  # the digits MLP: 64*64 + 64 + 64*10 + 10 parameters
     per_update = 4 * k + k + 4 * math.ceil(k / 256)
     assert [r["bytes_up"] for r in records] == [4 * per_update] * 2
-    assert records[0]["bytes_down"] == 4 * 4810 * 4  # the model still goes down dense
+    assert records[0]["bytes_down"] == 4 * (4810 + 4 * math.ceil(4810 / 256))  # q8 codes and scales, 4 clients
     assert seen == {"0", "1", "2", "3"}  # every client kept its error-feedback residual
     assert all(math.isfinite(r["accuracy"]) for r in records)
 
@@ -318,6 +318,20 @@ def test_compress_refuses_what_it_does_not_combine_with_in_one_line():
                         ({"mode": "gossip"}, "--mode gossip")]:
         with pytest.raises(ConfigError, match=f"^--compress does not combine with {named} yet$"):
             RunConfig.of(compress="q8", **flat)
+    with pytest.raises(ConfigError, match="^--compress-down does not combine with --aggregator secagg yet$"):
+        RunConfig.of(compress_down="q8", aggregator="secagg")
+    with pytest.raises(ConfigError, match="^--compress-down 'topk:0.1': a model is sent whole"):
+        RunConfig.of(compress_down="topk:0.1")
+
+
+def test_compressed_train_roundtrips_through_the_wire():
+    model = torch.randn(1000)
+    p = downlink("q8").compress(model, 7)
+    train = wire.Train(round=7, config={"seed": 1}, encoding=p.encoding(), values=p.values, scales=p.scales)
+    msg = wire.decode([bytes(f) for f in wire.encode(train)])
+    got = decompress(Packed.from_encoding(msg.encoding, msg.values, msg.indices, msg.scales), 1000)
+    assert msg.model is None and torch.equal(got, decompress(p, 1000))
+    assert float((got - model).abs().max()) <= 2 * float(model.abs().max()) / 255 + 1e-6
 
 
 def test_pool_worker_share_reports_its_compressed_bytes_and_keeps_clients_on_one_worker(tmp_path):
@@ -377,6 +391,7 @@ def test_compressed_updates_over_the_bus_real_processes(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "fedopt", "simulate", "--transport", "ipc", "--processes", "2", "--rounds", "2",
            "--local-epochs", "1", "--partition", "iid", "--heartbeat", "0.5", "--compress", "topk:0.1+q8",
+           "--compress-down", "q8",
            "--progress", "off", "--no-plot", "--out", str(out)]
     from fedopt.launch import one_thread_env
 
@@ -387,4 +402,6 @@ def test_compressed_updates_over_the_bus_real_processes(tmp_path):
     payload = 4 * k + k + 4 * math.ceil(k / 256)
     # per client: the compressed tensors plus the UPDATE and OFFER headers and a few heartbeats; dense is 19,240
     assert len(records) == 2 and all(2 * payload < r["bytes_up"] < 2 * (payload + 1500) for r in records)
+    model = 4810 + 4 * math.ceil(4810 / 256)  # --compress-down q8: the TRAIN each client decodes
+    assert all(2 * model < r["bytes_down"] < 2 * (model + 1500) for r in records), [r["bytes_down"] for r in records]
     assert "dropped messages   0" in done.stdout + done.stderr

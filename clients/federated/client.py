@@ -241,8 +241,9 @@ class FederatedClient:
             log.info("client %s: training round %d", self.client, msg.round)
             self._pending = self._held = None
             self._discard_queued_training()  # a newer TRAIN supersedes one not yet started
-            self.worker.jobs.put(("train", msg.round, {"model": msg.model, "config": msg.config,
-                                                       "client": self.client}))
+            model = Packed.from_encoding(msg.encoding, msg.values, msg.indices, msg.scales) if msg.encoding \
+                else msg.model  # --compress-down: decoded in the training thread
+            self.worker.jobs.put(("train", msg.round, {"model": model, "config": msg.config, "client": self.client}))
         elif isinstance(msg, wire.Evaluate):
             self.worker.jobs.put(("evaluate", msg.round, {"model": msg.model}))
         elif isinstance(msg, wire.Pull):

@@ -15,6 +15,7 @@ import time
 
 import zmq
 
+from fedopt.compress import Packed, decompress
 from fedopt.errors import FedoptError
 from fedopt.local_sgd import num_samples
 from fedopt.task import TrainConfig
@@ -65,7 +66,10 @@ class TrainingThread(threading.Thread):
             pipe.close(0)
 
     def _do(self, kind: str, rnd: int, payload):
-        vec = payload["model"].to(self.trainer.spec.torch_dtype)
+        vec = payload["model"]
+        if isinstance(vec, Packed):  # a compressed TRAIN; one of another size is refused (WireError)
+            vec = decompress(vec, self.trainer.spec.size)
+        vec = vec.to(self.trainer.spec.torch_dtype)
         if kind == "train":
             if self.slow:
                 time.sleep(self.slow)  # Fault.SLOW_TRAIN: a straggler slower than the deadline

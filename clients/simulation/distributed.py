@@ -107,6 +107,7 @@ def check_distributed(cfg: RunConfig) -> None:
         (cfg.buffered.buffer_size is not None, "--buffer-size (buffered rounds train one client at a time)"),
         ((cfg.sim.workers or 1) > 1, "--workers (each rank is one worker)"),
         (cfg.compression.compress is not None, "--compress (a client's error-feedback residual lives on one rank)"),
+        (cfg.compression.compress_down is not None, "--compress-down"),
         (cfg.sim.transport != "inproc" or cfg.sim.mode != "federated", "--transport or --mode gossip")) if cond]
     if refused:
         raise ConfigError(f"--nproc (simulation on torch.distributed) does not combine with {refused[0]}")

@@ -27,6 +27,7 @@ from typing import Protocol
 
 import torch
 
+from fedopt.compress import Compressor, decompress, downlink
 from fedopt.config import RunConfig
 from fedopt.data import PartitionSpec
 from fedopt.engine import Engine, Job, RoundServer
@@ -188,7 +189,8 @@ class Simulation:
                 parse_staleness(b.staleness), output, eval_every=fed.eval_every, evaluate=lambda _: self.evaluate())
         else:
             engine = Engine(self.server, InProcessClients(self.executor, self.sizes, self.spec, self.speeds,
-                                                          self.server.keep_stragglers), fed.rounds, output,
+                                                          self.server.keep_stragglers,
+                                                          downlink(cfg.compression.compress_down)), fed.rounds, output,
                             eval_every=fed.eval_every, evaluate=lambda _: self.evaluate(),
                             extra_eval=(lambda _: self.evaluate_clients()) if fed.eval_clients else None,
                             hooks=[self.scaffold] if self.scaffold is not None else ())
@@ -204,24 +206,38 @@ class InProcessClients:
     """The engine's view of a simulation executor: every client is always available (no quorum), a round's bytes
     are what its messages' tensors would carry on the bus (the model down to each selected client, a delta back: with
     ``--compress`` the compressed tensors of every update sent, accepted or not), and with a
-    virtual clock (``--client-speed``) a round lasts as long as its slowest client."""
+    virtual clock (``--client-speed``) a round lasts as long as its slowest client.
+
+    ``downlink`` (``--compress-down``): the clients train from the model as the coordinator's compressed TRAIN
+    decodes (the same codes, from the round as seed), and ``bytes_down`` counts those codes; the server's own model
+    stays exact (it is swapped back before the round closes)."""
 
     def __init__(self, executor: Executor, sizes: dict[str, int], spec: ParamSpec, speeds: ClientSpeeds | None = None,
-                 keep_stragglers: bool = False) -> None:
+                 keep_stragglers: bool = False, downlink: Compressor | None = None) -> None:
         self.executor, self.sizes, self.speeds, self.keep_stragglers = executor, sizes, speeds, keep_stragglers
         self.itemsize = spec.size * torch.empty((), dtype=spec.torch_dtype).element_size()
+        self.downlink, self.model_bytes = downlink, self.itemsize
         self.virtual = 0.0
 
     def available(self, round: int, attempt: int) -> dict[str, int]:
         return self.sizes
 
     def run_round(self, server: RoundServer, jobs: list[Job]) -> None:
-        self.executor.run_round(server, jobs)
+        if self.downlink is None:
+            return self.executor.run_round(server, jobs)
+        exact = server.global_vec.clone()
+        packed = self.downlink.compress(exact, server.round)
+        self.model_bytes = packed.nbytes
+        server.global_vec.copy_(decompress(packed, exact.numel()))
+        try:
+            self.executor.run_round(server, jobs)
+        finally:
+            server.global_vec.copy_(exact)
 
     def fields(self, jobs: list[Job], outcome) -> dict:
         up = self.executor.take_bytes_up() if getattr(self.executor, "compressing", False) \
             else outcome.count * self.itemsize
-        out = {"bytes_down": len(jobs) * self.itemsize, "bytes_up": up}
+        out = {"bytes_down": len(jobs) * self.model_bytes, "bytes_up": up}
         if self.speeds is not None:
             self.virtual += round_seconds(self.speeds, jobs, self.sizes, self.keep_stragglers)
             out["virtual_seconds"] = self.virtual

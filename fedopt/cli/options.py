@@ -104,6 +104,9 @@ def add_round_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-error-feedback", dest="error_feedback", action="store_false", default=S,
                    help="send each compressed update on its own (default: clients keep the residual of biased "
                         "compressors, top-k and random-k)")
+    g.add_argument("--compress-down", default=S, metavar="q8[:BLOCK]",
+                   help="send the model to clients as 8-bit blockwise codes (q8; also q4, q2, fp16); the "
+                        "coordinator keeps it exact")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=S)
     g.add_argument("--device", default=S, help="auto | cpu | cuda (auto = CUDA when present)")

@@ -8,14 +8,16 @@ around the update on its way through the executor").
 
 On the wire a Packed is a compressed UPDATE (:mod:`fedopt.wire.compressed`), validated like every frame before
 anything is allocated. ``--compress SPEC`` turns it on; error feedback is on for biased compressors (a sparsifier)
-unless ``--no-error-feedback``.
+unless ``--no-error-feedback``. ``--compress-down q8`` sends each round's model as 8-bit blockwise codes (NVFlare's
+BLOCKWISE8 filter, Dettmers et al.'s blockwise scales) in a compressed TRAIN; the coordinator's own model stays exact.
 """
 
+from ..errors import ConfigError
 from .feedback import ErrorFeedback, Memory
 from .pipeline import DEFAULT_BLOCK, Compressor, Packed, decompress, parse_compressor
 
 __all__ = ["Compressor", "Packed", "ErrorFeedback", "Memory", "parse_compressor", "decompress", "DEFAULT_BLOCK",
-           "uplink"]
+           "uplink", "downlink"]
 
 
 def uplink(spec: str | None, error_feedback: bool, store_factory) -> ErrorFeedback | None:
@@ -25,3 +27,15 @@ def uplink(spec: str | None, error_feedback: bool, store_factory) -> ErrorFeedba
         return None
     c = parse_compressor(spec)
     return ErrorFeedback(c, store_factory() if c.biased and error_feedback else None)
+
+
+def downlink(spec: str | None) -> Compressor | None:
+    """The coordinator side of ``--compress-down SPEC``: a value codec (``q8[:B]``, ``q4``, ``q2``, ``fp16``) for the
+    model in TRAIN, or None when off. A model travels whole, so a sparsifier is refused (ConfigError naming the
+    flag). ``downlink(spec).compress(model, round)``: every client of a round gets the same codes."""
+    if spec is None:
+        return None
+    c = parse_compressor(spec, "--compress-down")
+    if c.sparsify is not None:
+        raise ConfigError(f"--compress-down {spec!r}: a model is sent whole; use a value codec (q8, q4, q2, fp16)")
+    return c

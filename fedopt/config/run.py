@@ -72,7 +72,7 @@ class RunConfig:
                               for k in given)
             raise ConfigError(f"{flags} only apply to --aggregator secagg (aggregator is "
                               f"{self.federation.aggregator!r})")
-        if self.compression.compress is not None:
+        if self.compression.compress is not None or self.compression.compress_down is not None:
             self._check_compression()
         if self.buffered.buffer_size is not None:
             self._check_buffered()
@@ -125,7 +125,8 @@ class RunConfig:
             (self.buffered.buffer_size is not None, "--buffer-size"), (self.sim.mode == "gossip", "--mode gossip"),
             (self.sim.backend == "vmap", "--backend vmap")) if cond]
         if refused:
-            raise ConfigError(f"--compress does not combine with {refused[0]} yet")
+            flag = "--compress" if self.compression.compress is not None else "--compress-down"
+            raise ConfigError(f"{flag} does not combine with {refused[0]} yet")
 
     # ---- flat names (flags and TOML keys) --------------------------------------------------------------------------
     @classmethod

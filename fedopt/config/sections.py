@@ -320,11 +320,16 @@ class CompressionConfig:
 
     compress: str | None = None  # uplink: a spec such as topk:0.01+q8 (the clients encode, the coordinator decodes)
     error_feedback: bool = True  # keep each client's residual when the compressor is biased (a sparsifier)
+    compress_down: str | None = None  # downlink: a value codec such as q8 for the model in TRAIN
 
     def __post_init__(self) -> None:
         if self.compress is not None:
             from ..compress import parse_compressor
 
             parse_compressor(self.compress, "--compress")
+        if self.compress_down is not None:
+            from ..compress import downlink
+
+            downlink(self.compress_down)
         if not isinstance(self.error_feedback, bool):
             raise ConfigError(f"--error-feedback must be true or false, not {self.error_feedback!r}")

@@ -17,7 +17,9 @@ Message table (protocol version 1; every message also has ``round`` and ``sender
     PULL         coordinator -> client round                                    -
     COHORT       coordinator -> client round (the job), cohort: counter,        -
                                        scale: fraction
-    TRAIN        coordinator -> client round, config: tree (TrainConfig)        model (flat global vector)
+    TRAIN        coordinator -> client round, config: tree (TrainConfig),       model (flat global vector); or,
+                                       encoding: encoding                       compressed: values [, indices]
+                                                                                [, scales] (--compress-down)
     UPDATE       client -> coordinator round, num_samples: weight,              delta (flat local - global); or,
                                        metrics: metrics, encoding: encoding     compressed: values [, indices]
                                                                                 [, scales] (see below)
@@ -52,7 +54,7 @@ Field kinds and their bounds (the defaults of :class:`Limits`; a receiver may pa
               Inf, strings and containers are rejected, so a receiver can do arithmetic on any value.
     peers     map of at most 64 entries (max_peers): name (a peer's address) -> counter. This is the wire's ceiling
               on rumours per message; the gossip engine may act on fewer.
-    encoding  UPDATE's compression: {} (dense) or {size, k, index, bits[, block][, seed]}, which fixes the exact
+    encoding  UPDATE's (and TRAIN's) compression: {} (dense) or {size, k, index, bits[, block][, seed]}, which fixes the exact
               dtype and length of each tensor (:mod:`fedopt.wire.compressed`).
     tree      plain data: maps with str keys, lists, str, int, float, bool, None; at most 8 levels deep (max_depth)
               and 2**18 items (containers and scalars) in all (max_tree_items). The receiver validates the
@@ -227,8 +229,13 @@ class Cohort(Message):
 class Train(Message):
     TYPE: ClassVar[str] = "TRAIN"
     TENSORS: ClassVar[tuple[str, ...]] = ("model",)
+    PACKED: ClassVar[tuple[str, ...]] = ("values", "indices", "scales")  # a compressed model's tensors, in order
     config: dict = field(default_factory=dict)  # TrainConfig fields (seed, max_steps, epochs, lr, ...)
+    encoding: dict = field(default_factory=dict)  # {} = dense ``model``; else compressed (fedopt.wire.compressed)
     model: Any = None  # flat global vector (torch.Tensor), in the wire dtype
+    values: Any = None  # compressed (--compress-down): as UpdateMsg's
+    indices: Any = None
+    scales: Any = None
 
 
 @dataclass(frozen=True)
