@@ -43,7 +43,8 @@ sys.path.insert(0, str(ROOT))
 from fedopt.task import BaseTask, ClientData  # noqa: E402
 
 METHODS = [("none", None, True), ("fp16", "fp16", True), ("q8", "q8", True), ("q4", "q4", True),
-           ("topk1%+q8 EF", "topk:0.01+q8", True), ("topk1%+q8 no EF", "topk:0.01+q8", False)]
+           ("topk1%+q8 EF", "topk:0.01+q8", True), ("topk1%+q8 no EF", "topk:0.01+q8", False),
+           ("topk1%+q8 EF, q8 down", "topk:0.01+q8 down:q8", True)]
 SETUPS = {"digits-10": dict(task="digits", clients=10, partition="dirichlet", alpha=0.5),
           "digits-100": dict(task="digits", clients=100, clients_per_round=20, partition="dirichlet", alpha=0.5),
           "synthetic": dict(task="synthetic", clients=30, partition="natural")}
@@ -82,16 +83,24 @@ def _records(out: Path) -> list[dict]:
 
 
 def simulated(setup: dict, spec: str | None, ef: bool, seed: int, rounds: int) -> tuple[int, float]:
-    """(bytes_up over the run, final accuracy) of one in-process simulation."""
+    """(bytes_up over the run, final accuracy) of one in-process simulation; ``spec`` "UP down:DOWN" also
+    compresses the downlink."""
     from clients.simulation.run import simulate
     from fedopt.config import RunConfig
 
     with tempfile.TemporaryDirectory(prefix="fedopt-cmp-") as tmp:
+        up, _, down = (spec or "").partition(" down:")  # "UP down:DOWN": --compress UP --compress-down DOWN
         cfg = RunConfig.of(rounds=rounds, local_epochs=1, seed=seed, progress="off", plot=False, out=tmp,
-                           compress=spec, error_feedback=ef, eval_every=rounds, **setup)
+                           compress=up or None, compress_down=down or None, error_feedback=ef, eval_every=rounds,
+                           **setup)
         with redirect_stdout(StringIO()):  # each run's summary
             recs = simulate(cfg).records
     return sum(r["bytes_up"] for r in recs), recs[-1]["accuracy"]
+
+
+def _compress_flags(spec: str | None) -> list[str]:
+    up, _, down = (spec or "").partition(" down:")
+    return (["--compress", up] if up else []) + (["--compress-down", down] if down else [])
 
 
 def over_bus(setup: dict, spec: str | None, rounds: int) -> int:
@@ -104,7 +113,7 @@ def over_bus(setup: dict, spec: str | None, rounds: int) -> int:
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in setup.items()]
         cmd = fedopt_command("simulate", "--transport", "tcp", "--rounds", str(rounds),
                              "--local-epochs", "1", "--progress", "off", "--no-plot", "--out", tmp,
-                             "--eval-every", str(rounds), *flags, *(["--compress", spec] if spec else []))
+                             "--eval-every", str(rounds), *flags, *_compress_flags(spec))
         subprocess.run(cmd, check=True, capture_output=True, timeout=600, env=one_thread_env())
         return sum(r["bytes_up"] for r in _records(Path(tmp)))
 
