@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import re
 
 import msgpack
 import pytest
@@ -253,7 +254,10 @@ def test_dense_tensors_may_not_be_integers_and_the_sender_learns_first():
 def test_hostile_compressed_frames_decode_or_raise_wire_error():
     rng = random.Random(0)
     seeds = [_frames(parse_compressor(s).compress(torch.randn(50), 1)) for s in SPECS]
-    decoded = 0
+    p = downlink("q8").compress(torch.randn(50), 1)
+    seeds.append([bytes(f) for f in wire.encode(wire.Train(round=1, encoding=p.encoding(), values=p.values,
+                                                           scales=p.scales))])
+    decoded = {wire.UpdateMsg: 0, wire.Train: 0}
     for _ in range(1500):
         frames = testing.hostile_frames(rng, seeds, model_size=50)
         try:
@@ -261,8 +265,10 @@ def test_hostile_compressed_frames_decode_or_raise_wire_error():
         except WireError:
             continue
         testing.check_message(msg)
-        decoded += isinstance(msg, wire.UpdateMsg) and bool(msg.encoding)
-    assert decoded > 20  # the harness reaches the compressed layouts, not only their refusal
+        if type(msg) in decoded and msg.encoding:
+            decoded[type(msg)] += 1
+    # the harness reaches the compressed layouts (of updates and of models), not only their refusal
+    assert decoded[wire.UpdateMsg] > 20 and decoded[wire.Train] > 5, decoded
 
 
 def test_check_message_catches_a_lying_compressed_update():
@@ -314,10 +320,14 @@ def test_unbiased_compressors_and_no_error_feedback_keep_no_residual(tmp_path):
 def test_compress_refuses_what_it_does_not_combine_with_in_one_line():
     from fedopt.config import RunConfig
 
-    for flat, named in [({"aggregator": "secagg"}, "--aggregator secagg"), ({"backend": "vmap"}, "--backend vmap"),
-                        ({"mode": "gossip"}, "--mode gossip")]:
+    for flat, named in [({"backend": "vmap"}, "--backend vmap"), ({"mode": "gossip"}, "--mode gossip")]:
         with pytest.raises(ConfigError, match=f"^--compress does not combine with {named} yet$"):
             RunConfig.of(compress="q8", **flat)
+    for spec, why in [("topk:0.01+q8", "a shared random mask"), ("randk:0.1", "a shared random mask"),
+                      ("q8", "already quantises")]:
+        with pytest.raises(ConfigError, match=f"^--compress {re.escape(spec)} does not combine with --aggregator "
+                                              f"secagg: .*{why}"):
+            RunConfig.of(compress=spec, aggregator="secagg")
     with pytest.raises(ConfigError, match="^--compress-down does not combine with --aggregator secagg yet$"):
         RunConfig.of(compress_down="q8", aggregator="secagg")
     with pytest.raises(ConfigError, match="^--compress-down 'topk:0.1': a model is sent whole"):

@@ -120,6 +120,15 @@ class RunConfig:
 
     def _check_compression(self) -> None:
         """What --compress does not combine with yet: one line naming the first."""
+        spec = self.compression.compress
+        if self.federation.aggregator == "secagg" and spec is not None:
+            if spec.split(":")[0] in ("topk", "randk"):
+                raise ConfigError(f"--compress {spec} does not combine with --aggregator secagg: clients keep different "
+                                  f"coordinates, and a masked sum needs the same ones from every client (a shared "
+                                  f"random mask, not implemented)")
+            raise ConfigError(f"--compress {spec} does not combine with --aggregator secagg: secure aggregation "
+                              f"already quantises every coordinate with one shared scale (--bits), into 32-bit masked "
+                              f"words, so a second codec would add error and save no bytes")
         refused = [why for cond, why in (
             (self.federation.aggregator == "secagg", "--aggregator secagg"),
             (self.buffered.buffer_size is not None, "--buffer-size"), (self.sim.mode == "gossip", "--mode gossip"),
