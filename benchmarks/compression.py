@@ -19,6 +19,11 @@ bus's sockets, and round wall-clock with a 10^7-parameter model over loopback, p
     by the hook's process group (``allreduce_bytes``); ratio = uncompressed / compressed over the whole run and over
     the last epoch (after the warm-up); accuracy delta vs the same seed uncompressed.
 
+(e) gossip: ``fedopt simulate --mode gossip --topology ring --peers 8`` (D-PSGD, digits) dense against CHOCO-Gossip
+    with ``--compress q4`` (gamma 1), seeds interleaved: bytes moved at the sockets over the run (ratio dense /
+    CHOCO), final mean accuracy, the final models' consensus distance, and the peers' per-round distance to their
+    neighbours (CHOCO: to its public copies) in the first and last round.
+
 Run: ``python benchmarks/compression.py`` (about 10 minutes on 2 cores; ``--quick`` for a smoke run). Prints the
 tables, then one JSON line.
 """
@@ -160,6 +165,24 @@ def datacenter(spec: str | None, seed: int) -> tuple[int, int, float]:
     return sum(r["allreduce_bytes"] for r in recs), recs[-1]["allreduce_bytes"], recs[-1]["accuracy"]
 
 
+def gossip(spec: str | None, seed: int, rounds: int) -> dict:
+    """Bytes up over the run, final mean accuracy and consensus of an 8-peer ring (dense D-PSGD or CHOCO)."""
+    from fedopt.launch import fedopt_command, one_thread_env
+
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="fedopt-cmpgossip-") as tmp:
+        cmd = fedopt_command("simulate", "--mode", "gossip", "--topology", "ring", "--peers", "8", "--rounds",
+                             str(rounds), "--seed", str(seed), "--out", tmp, "--progress", "off", "--no-plot",
+                             *(["--compress", spec] if spec else []))
+        subprocess.run(cmd, check=True, capture_output=True, timeout=900, env=one_thread_env(PYTHONPATH=str(ROOT)))
+        summary = json.loads((Path(tmp) / "summary.json").read_text())
+        near = [[r["consensus"] for r in _records(Path(tmp) / f"peer-{i:03d}")] for i in range(8)]
+        return {"bytes": sum(r["bytes_up"] for r in _records(Path(tmp))), "acc": summary["mean_accuracy"],
+                "consensus": summary["consensus_distance"], "first": statistics.mean(n[0] for n in near),
+                "last": statistics.mean(n[-1] for n in near)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3, help="seeds per simulated method (default 3)")
@@ -169,7 +192,8 @@ def main() -> None:
     ap.add_argument("--wall-repeats", type=int, default=3, help="interleaved wall-clock runs per method (default 3)")
     ap.add_argument("--uplink-mbps", type=float, default=32.0, help="emulated slow uplink, Mbit/s (default 32)")
     ap.add_argument("--quick", action="store_true", help="1 seed, 10 rounds, 2 wall-clock rounds: a smoke run")
-    ap.add_argument("--skip", action="append", default=[], choices=("sim", "bus", "wall", "datacenter"))
+    ap.add_argument("--gossip-rounds", type=int, default=20, help="rounds of each gossip run (default 20)")
+    ap.add_argument("--skip", action="append", default=[], choices=("sim", "bus", "wall", "datacenter", "gossip"))
     a = ap.parse_args()
     if a.quick:
         a.repeats, a.rounds, a.bus_rounds, a.wall_rounds, a.wall_repeats = 1, 10, 2, 3, 1
@@ -249,6 +273,24 @@ def main() -> None:
         print(f"\n(d) fedopt allreduce --nproc 2, digits, 10 epochs, all-reduced bytes per rank, medians over "
               f"{a.repeats} seeds")
         print(_table(rows, ("compress", "bytes", "ratio run", "ratio last epoch", "final acc", "acc delta")))
+    if "gossip" not in a.skip:
+        runs = {spec: [] for spec in (None, "q4")}
+        for seed in range(a.repeats):
+            for spec in runs:
+                runs[spec].append(gossip(spec, seed, a.gossip_rounds))
+        rows = []
+        for spec, rs in runs.items():
+            ratio = statistics.median(b["bytes"] / r["bytes"] for b, r in zip(runs[None], rs))
+            delta = statistics.median(100 * (r["acc"] - b["acc"]) for b, r in zip(runs[None], rs))
+            med = {k: statistics.median(r[k] for r in rs) for k in ("acc", "consensus", "first", "last")}
+            rows.append(("dense D-PSGD" if spec is None else f"CHOCO {spec}", f"{ratio:.2f}x", f"{med['acc']:.4f}",
+                         f"{delta:+.2f}", f"{med['consensus']:.3f}", f"{med['first']:.3f} -> {med['last']:.3f}"))
+            if spec is not None:
+                result["gossip_bytes_ratio"] = round(1 / ratio, 4)  # compressed / uncompressed
+                result["gossip_acc_drop"] = round(-delta, 2)
+        print(f"\n(e) gossip, ring of 8 peers, digits, {a.gossip_rounds} rounds, medians over {a.repeats} seeds")
+        print(_table(rows, ("method", "bytes ratio", "final acc", "acc delta", "final consensus",
+                            "neighbour distance round 1 -> last")))
     print(json.dumps(result), flush=True)
 
 

@@ -320,9 +320,12 @@ def test_unbiased_compressors_and_no_error_feedback_keep_no_residual(tmp_path):
 def test_compress_refuses_what_it_does_not_combine_with_in_one_line():
     from fedopt.config import RunConfig
 
-    for flat, named in [({"backend": "vmap"}, "--backend vmap"), ({"mode": "gossip"}, "--mode gossip")]:
+    for flat, named in [({"backend": "vmap"}, "--backend vmap"),
+                        ({"mode": "gossip"}, r"--mode gossip without --topology \(CHOCO-Gossip runs on D-PSGD's "
+                                             r"fixed graph\)")]:
         with pytest.raises(ConfigError, match=f"^--compress does not combine with {named} yet$"):
             RunConfig.of(compress="q8", **flat)
+    assert RunConfig.of(compress="q4", mode="gossip", topology="ring", choco_gamma=0.5).compression.choco_gamma == 0.5
     for spec, why in [("topk:0.01+q8", "a shared random mask"), ("randk:0.1", "a shared random mask"),
                       ("q8", "already quantises")]:
         with pytest.raises(ConfigError, match=f"^--compress {re.escape(spec)} does not combine with --aggregator "

@@ -9,10 +9,12 @@ import torch
 import zmq
 
 from clients.gossip import topology
+from clients.gossip.choco import ChocoGossip
 from clients.gossip.peer import PeerSockets, Request
 from clients.gossip.state import Bounds, ModelState, consensus_distance
 from fedopt import bus, wire
-from fedopt.errors import WireError
+from fedopt.compress import parse_compressor
+from fedopt.errors import ConfigError, WireError
 
 
 #: bounds loose enough for the hand-made vectors of the math tests (zeros, far-apart constants)
@@ -388,3 +390,60 @@ def test_a_dead_socket_thread_answers_stopped_at_once_and_the_context_still_ends
     assert failed and not t.is_alive() and p.stopped.is_set()
     assert p.submit(Request("push", 1, budget=30.0)) == {"status": "stopped"}  # no 40 s wait
     p.release()
+
+
+def _choco_ring(spec: str, gamma: float, n: int = 6, size: int = 300):
+    nodes = [ChocoGossip(parse_compressor(spec), size, i, topology.neighbours(i, n, "ring"), gamma) for i in range(n)]
+    g = torch.Generator().manual_seed(0)
+    return nodes, [torch.randn(size, generator=g) for _ in range(n)]
+
+
+def _choco_round(nodes, x, t, lost=()):
+    """One synchronous CHOCO round on the ring; ``lost``: (receiver, sender) pairs whose difference never arrives."""
+    n = len(nodes)
+    qs = [c.outgoing(x[i], t * n + i) for i, c in enumerate(nodes)]
+    heard = [set() for _ in nodes]
+    for i, c in enumerate(nodes):
+        for j in c.followed():
+            if (i, j) not in lost:
+                c.receive(j, qs[j])
+                heard[i].add(j)
+    return [c.mix(x[i], topology.mh_weights(i, n, "ring"), heard[i]) for i, c in enumerate(nodes)]
+
+
+def test_choco_gossip_copies_stay_in_step_the_mean_is_kept_and_consensus_is_reached():
+    # Prepare: 6 nodes on a ring, 4-bit differences, gamma 1
+    nodes, x = _choco_ring("q4", 1.0)
+    mean0, spread0 = sum(x) / 6, max(float((v - sum(x) / 6).norm()) for v in x)
+    # Execute
+    for t in range(40):
+        x = _choco_round(nodes, x, t)
+    # Assert: every node's copy of j is j's own, bit for bit; the mean is kept; the spread shrank 1000-fold
+    assert all(torch.equal(c.hat[j], nodes[j].hat[j]) for c in nodes for j in c.followed())
+    assert torch.allclose(sum(x) / 6, mean0, atol=1e-4)
+    assert max(float((v - mean0).norm()) for v in x) < 1e-3 * spread0
+    # with exact messages and gamma 1 a round is D-PSGD's mix, x_i <- sum_j W_ij x_j
+    exact, y = _choco_ring("fp16", 1.0, size=8)
+    y = [v.half().float() for v in y]  # exactly representable: fp16 differences from zero copies are lossless
+    mixed = _choco_round(exact, y, 0)
+    want = [topology.mix_row(i, y[i], {j: y[j] for j in topology.neighbours(i, 6, "ring")},
+                             topology.mh_weights(i, 6, "ring")) for i in range(6)]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(mixed, want))
+
+
+def test_choco_gossip_drops_a_neighbour_whose_difference_was_lost():
+    nodes, x = _choco_ring("q8", 1.0)
+    x = _choco_round(nodes, x, 0, lost={(0, 1)})
+    assert nodes[0].followed() == [5] and nodes[1].followed() == [0, 2]  # node 1 still hears node 0
+    with pytest.raises(WireError, match="no CHOCO copy of node 1"):
+        nodes[0].receive(1, nodes[1].outgoing(x[1], 7))
+    with pytest.raises(WireError, match="elements, the model has 300"):  # a difference of another size: dropped
+        nodes[0].receive(5, parse_compressor("q8").compress(torch.ones(299), 0))
+    assert nodes[0].followed() == []
+    with pytest.raises(WireError, match="would have norm inf"):  # a copy must stay finite and bounded
+        nodes[2].receive(3, parse_compressor("q8").compress(torch.full((300,), float("inf")), 0))
+    with pytest.raises(WireError, match="over 1"):
+        nodes[2].receive(1, nodes[1].outgoing(x[1], 8), max_norm=1.0)
+    assert nodes[2].followed() == []
+    with pytest.raises(ConfigError, match="--choco-gamma"):
+        ChocoGossip(parse_compressor("q8"), 3, 0, [1], 1.5)

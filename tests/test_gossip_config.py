@@ -43,6 +43,8 @@ def parser(monkeypatch):
     (dict(topology="ring", peers=["ipc:///tmp/a.sock", "ipc:///tmp/b.sock"]), "--peers must list every member"),
     (dict(discover=True), "--interface"),
     (dict(discover=True, interface="lo"), "--swarm-secret"),
+    (dict(compress="q4"), "--compress needs --topology"), (dict(compress="q3"), "--compress"),
+    (dict(choco_gamma=0), "--choco-gamma"), (dict(choco_gamma=1.5), "--choco-gamma"),
 ])
 def test_each_invalid_field_is_a_config_error_naming_it(changes, field):
     with pytest.raises(ConfigError, match=field):
@@ -85,7 +87,7 @@ def test_config_argv_round_trips_through_the_flags(parser):
                        insecure=True, task="synthetic", task_options={"alpha": 1.5, "hidden": 8}, partition="iid",
                        alpha=0.3, seed=5, rounds=4, local_epochs=2, batch_size=8, lr=0.25, momentum=0.5,
                        weight_decay=0.01, clip_norm=1.5, lr_schedule="cosine", lr_min=0.001, lr_step=3,
-                       lr_gamma=0.5, topology="ring", exchange_timeout=1.5, peer_timeout=9.0, exchanges=3,
+                       lr_gamma=0.5, topology="ring", compress="topk:0.1+q8", choco_gamma=0.5, exchange_timeout=1.5, peer_timeout=9.0, exchanges=3,
                        max_accept=2, join_wait=2.5, final_mixes=0, linger=0.0, max_lag=4, resume=True, out="/o",
                        progress="off", plot=False, exit_with_parent=True, discovery_port=6000)
     assert gossip_config(parser.parse_args(config_argv(cfg))) == cfg

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fedopt.data.partition import KINDS
+from fedopt.compress import parse_compressor
 from fedopt.errors import ConfigError
 from fedopt.config import OptimizerConfig, at_least, choice, number
 from fedopt.task import TrainConfig
@@ -51,6 +52,8 @@ class GossipConfig(OptimizerConfig):
     device: str = "cpu"
     # gossip
     topology: str | None = None  # synchronous D-PSGD on this graph (None: random pairwise gossip)
+    compress: str | None = None  # with topology: CHOCO-Gossip with this compressor (clients.gossip.choco)
+    choco_gamma: float = 1.0  # CHOCO's consensus step size gamma in (0, 1]
     exchange_timeout: float = 3.0  # seconds one neighbour has to answer (a slot tries for up to 3x this)
     peer_timeout: float = 15.0  # seconds of silence before a peer expires
     exchanges: int = 5  # pairwise exchanges (slots) after each round's local training
@@ -103,6 +106,14 @@ class GossipConfig(OptimizerConfig):
         if self.topology and not self.advertise_on_interface and self.address not in self.peers:
             raise ConfigError(f"--topology {self.topology}: --peers must list every member in rank order, this peer "
                               f"({self.address}) included")
+        if self.compress is not None:
+            parse_compressor(self.compress, "--compress")
+            if not self.topology:
+                raise ConfigError("--compress needs --topology: CHOCO-Gossip keeps a public copy of every neighbour, "
+                                  "which D-PSGD's fixed graph gives and random pairwise exchanges do not")
+        number("choco_gamma", self.choco_gamma, low_open=True)
+        if self.choco_gamma > 1:
+            raise ConfigError(f"--choco-gamma must be in (0, 1], not {self.choco_gamma!r}")
         if self.discover and not self.interface:
             raise ConfigError("--discover needs --interface NAME (or $FEDOPT_INTERFACE): the LAN to beacon on")
         if self.discover and not (self.keys or self.swarm_secret):

@@ -10,6 +10,11 @@ Bounds: a push counts only from a graph neighbour (its address bound to its key 
 most ``2 * degree`` models whatever neighbours send. Each model is screened (finite, norm and distance bounds of
 :meth:`~clients.gossip.state.ModelState.screen`) before it is stored. A push for any other round is dropped and does
 not count as hearing from that neighbour.
+
+With ``--compress SPEC`` the round is CHOCO-Gossip's (:mod:`clients.gossip.choco`): a peer sends each neighbour the
+compressed difference between its model and its public copy instead of the model, and mixes with the copies. A
+difference is not screened like a model (clipping it would desynchronise the copies); it must decode to the right
+size and leave the copy finite and within the model norm bound, or its sender's copy is dropped. A neighbour that misses a round is followed no more.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import time
 import torch
 
 from fedopt import wire
+from fedopt.compress import Packed
 from fedopt.errors import WireError
 
 from clients.gossip.topology import mh_weights, mix_row, neighbours
@@ -42,24 +48,33 @@ class SyncRounds:
 
     def _start_sync(self, req) -> None:
         vec, version = self.state.snapshot()
+        body = {"model": vec}
+        if self.choco is not None:  # one compressed difference for every neighbour (seeded per round and rank)
+            q = self.choco.outgoing(vec, req.round * len(self.members) + self.rank)
+            body = dict(encoding=q.encoding(), values=q.values, indices=q.indices, scales=q.scales)
         for addr in self.graph:
             self._dealer(addr).send(wire.GossipPush(round=req.round, version=version,
                                                     num_samples=self.state.num_samples, addr=self.address,
-                                                    model=vec, sender=self.address))
+                                                    sender=self.address, **body))
             self.stats["models"] += 1
         self.sync = {"req": req, "vec": vec, "deadline": time.monotonic() + req.budget}
         self._check_sync()
 
-    def _on_sync_push(self, addr: str, rnd: int, model: torch.Tensor) -> None:
+    def _on_sync_push(self, addr: str, rnd: int, model: torch.Tensor | Packed) -> None:
         if addr not in self.graph:
             raise WireError(f"D-PSGD push from {addr!r}, which is not a neighbour of this peer in the topology")
         base = max(self.sync_done, self.round_open - 1)  # a resumed peer starts past round 1
         if not base < rnd <= base + 2:  # the round being run, or the next
             raise WireError(f"D-PSGD push from {addr} for round {rnd}, outside rounds {base + 1}-{base + 2}")
-        with self.state.lock:
-            model, _ = self.state.screen(model)  # refused when far off, clipped towards this peer's model
+        if (self.choco is not None) != isinstance(model, Packed):
+            raise WireError(f"D-PSGD push from {addr}: {'dense' if self.choco else 'compressed'} models, but this "
+                            f"peer runs {'CHOCO-Gossip (--compress)' if self.choco else 'plain D-PSGD'}")
+        if self.choco is None:
+            with self.state.lock:
+                model, _ = self.state.screen(model)  # refused when far off, clipped towards this peer's model
+            model = model.clone()
         self.missing.discard(addr)
-        self.inbox.setdefault(rnd, {})[self.members.index(addr)] = model.clone()
+        self.inbox.setdefault(rnd, {})[self.members.index(addr)] = model
         if self.sync is not None:
             self._check_sync()
 
@@ -67,13 +82,20 @@ class SyncRounds:
         s = self.sync
         rnd = s["req"].round
         got = self.inbox.get(rnd, {})
-        waiting = [a for a in self.graph if a not in self.missing and self.members.index(a) not in got]
+        followed = None if self.choco is None else set(self.choco.followed())
+        waiting = [a for a in self.graph if a not in self.missing and self.members.index(a) not in got
+                   and (followed is None or self.members.index(a) in followed)]
         if waiting and time.monotonic() < s["deadline"]:
             return
         for a in waiting:
             log.warning("D-PSGD round %d: no model from %s by the deadline; mixing without it", rnd, a)
             self.missing.add(a)
-        mixed = mix_row(self.rank, s["vec"], got, self.row)
+        if self.choco is not None:
+            got = self._choco_receive(rnd, got)
+            mixed = self.choco.mix(s["vec"], self.row, set(got))
+            got = {j: self.choco.hat[j] for j in got}  # distances below: to the copies, which track the models
+        else:
+            mixed = mix_row(self.rank, s["vec"], got, self.row)
         with self.state.lock:
             self.state.vec.copy_(mixed)  # a mix adds no training: the version (a training clock) stays
             self.state.motion.extend(float(torch.linalg.vector_norm(s["vec"] - v)) for v in got.values())
@@ -83,3 +105,20 @@ class SyncRounds:
         self.stats["exchanges"] += len(got)
         self.stats["distances"] += [float(torch.linalg.vector_norm(s["vec"] - v)) for v in got.values()]
         self._finish(s["req"], status="ok", received=len(got))
+
+    def _choco_receive(self, rnd: int, got: dict) -> dict:
+        """Apply round ``rnd``'s compressed differences to the copies; those that fail are dropped (logged)."""
+        applied = {}
+        b = self.state.bounds  # a copy may be as large as a screened model: norm_factor times this peer's
+        limit = b.norm_factor * max(float(torch.linalg.vector_norm(self.sync["vec"])), b.norm_floor)
+        for j, q in sorted(got.items()):
+            try:
+                self.choco.receive(j, q, limit)
+                applied[j] = q
+            except WireError as e:
+                log.warning("CHOCO round %d: %s's difference refused (%s); it is followed no more", rnd,
+                            self.members[j], e)
+        for j in set(self.choco.followed()) - set(applied):
+            log.warning("CHOCO round %d: nothing from %s; its copy cannot be kept in step, it is followed no more",
+                        rnd, self.members[j])
+        return applied

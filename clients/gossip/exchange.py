@@ -49,6 +49,7 @@ import time
 from dataclasses import dataclass, field
 
 from fedopt import bus, wire
+from fedopt.compress import Packed
 from fedopt.errors import WireError
 
 __all__ = ["Request", "PairwiseExchange"]
@@ -256,7 +257,12 @@ class PairwiseExchange:
                 if late is None:
                     raise WireError(f"push from {addr!r} matches no exchange this peer agreed to")
             try:
-                model = self.state.check(msg.model)  # raises WireError: wrong shape, NaN/Inf
+                if msg.encoding:  # a CHOCO round's compressed difference: D-PSGD with --compress only
+                    if not self.topology or self.choco is None:
+                        raise WireError(f"compressed push from {addr!r}, but this peer runs no compressed D-PSGD")
+                    model = Packed.from_encoding(msg.encoding, msg.values, msg.indices, msg.scales)
+                else:
+                    model = self.state.check(msg.model)  # raises WireError: wrong shape, NaN/Inf
                 if msg.num_samples < 1:
                     raise WireError(f"push from {addr} declares {msg.num_samples} samples")
                 if self.topology:

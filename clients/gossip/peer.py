@@ -23,12 +23,15 @@ import time
 import zmq
 
 from fedopt import bus
+from fedopt.compress import Compressor
 from fedopt.errors import WireError
 
+from clients.gossip.choco import ChocoGossip
 from clients.gossip.dpsgd import SyncRounds
 from clients.gossip.exchange import PairwiseExchange, Request
 from clients.gossip.members import AddressKeys, Membership
 from clients.gossip.state import ModelState
+from clients.gossip.topology import neighbours
 
 __all__ = ["Request", "PeerSockets"]
 
@@ -42,7 +45,8 @@ class PeerSockets(PairwiseExchange, SyncRounds):
                  client: bus.Security, seeds: list[str], *, exchange_timeout: float = 3.0, peer_timeout: float = 15.0,
                  max_accept: int = 1, linger: float = 2.0, members: list[str] | None = None,
                  topology: str | None = None, beacon=None, exit_with_parent: int | None = None,
-                 max_tries: int = 6, fetch_quorum: int = 3) -> None:
+                 max_tries: int = 6, fetch_quorum: int = 3, compress: Compressor | None = None,
+                 choco_gamma: float = 1.0) -> None:
         self.ctx, self.address, self.state = ctx, address, state
         self.client_sec = client
         self.exchange_timeout, self.peer_timeout = exchange_timeout, peer_timeout
@@ -67,8 +71,12 @@ class PeerSockets(PairwiseExchange, SyncRounds):
         self.dealers: dict[str, bus.Endpoint] = {}
         self.members_view = Membership(address, seeds, peer_timeout)
         self.topology, self.members = topology, list(members or [])
+        self.choco: ChocoGossip | None = None  # D-PSGD with --compress: CHOCO-Gossip's public copies
         if topology:
             self._init_sync(self.members, topology)
+            if compress is not None:
+                self.choco = ChocoGossip(compress, state.size, self.rank, neighbours(self.rank, len(self.members),
+                                                                                       topology), choco_gamma)
         self._init_exchange()
         self.sync: dict | None = None
         self.stats = {"exchanges": 0, "accepted": 0, "busy_sent": 0, "busy_got": 0, "timeouts": 0, "refused": 0,

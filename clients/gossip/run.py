@@ -37,6 +37,7 @@ import zmq
 from fedopt import bus
 from fedopt.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedopt.data import PartitionSpec
+from fedopt.compress import parse_compressor
 from fedopt.errors import ConfigError, FedoptError
 from fedopt.metrics import RunOutput
 from fedopt.params import ParamSpec
@@ -90,7 +91,8 @@ class GossipPeer:
             self.ctx, self.address, cfg.bind, self.state, server, client, [] if cfg.topology else list(cfg.peers),
             exchange_timeout=cfg.exchange_timeout, peer_timeout=cfg.peer_timeout, max_accept=cfg.max_accept,
             linger=cfg.linger, members=list(cfg.peers) if cfg.topology else None, topology=cfg.topology,
-            beacon=beacon, exit_with_parent=os.getppid() if cfg.exit_with_parent else None)
+            beacon=beacon, exit_with_parent=os.getppid() if cfg.exit_with_parent else None,
+            compress=parse_compressor(cfg.compress) if cfg.compress else None, choco_gamma=cfg.choco_gamma)
         self.failure: BaseException | None = None
         if cfg.exit_with_parent and os.getppid() == 1:
             raise FedoptError("the process that started this peer has already exited")

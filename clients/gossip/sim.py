@@ -41,7 +41,8 @@ def peer_config(url: str, shard: int, n: int, seeds: list[str], cfg: RunConfig, 
         task_options=dict(cfg.task_options), partition=f.partition, alpha=f.alpha, seed=cfg.seed, rounds=f.rounds,
         local_epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum, optimizer=t.optimizer,
         weight_decay=t.weight_decay, clip_norm=t.clip_norm or None, lr_schedule=t.lr_schedule, lr_min=t.lr_min,
-        lr_step=t.lr_step, lr_gamma=t.lr_gamma, topology=cfg.sim.topology, out=str(out), progress="off", plot=False, exit_with_parent=True)
+        lr_step=t.lr_step, lr_gamma=t.lr_gamma, topology=cfg.sim.topology,
+        compress=cfg.compression.compress, choco_gamma=cfg.compression.choco_gamma, out=str(out), progress="off", plot=False, exit_with_parent=True)
 
 
 def peer_command(url: str, shard: int, n: int, seeds: list[str], cfg: RunConfig, out: Path,

@@ -62,6 +62,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=D.device, help="default %(default)s")
     g = p.add_argument_group("gossip")
     g.add_argument("--topology", choices=TOPOLOGIES, default=None, help="synchronous D-PSGD on this graph (default %(default)s)")
+    g.add_argument("--compress", default=None, metavar="SPEC",
+                   help="with --topology: CHOCO-Gossip, neighbours get compressed differences (e.g. q8, topk:0.1+q8)")
+    g.add_argument("--choco-gamma", type=float, default=D.choco_gamma,
+                   help="with --compress: CHOCO's consensus step in (0, 1] (default %(default)s)")
     g.add_argument("--exchange-timeout", type=float, default=D.exchange_timeout,
                    help="seconds one neighbour has to answer (a round tries for up to 3x this) (default %(default)s)")
     g.add_argument("--peer-timeout", type=float, default=D.peer_timeout, help="seconds of silence before a peer expires (default %(default)s)")

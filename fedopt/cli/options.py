@@ -104,6 +104,8 @@ def add_round_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-error-feedback", dest="error_feedback", action="store_false", default=S,
                    help="send each compressed update on its own (default: clients keep the residual of biased "
                         "compressors, top-k and random-k)")
+    g.add_argument("--choco-gamma", type=float, default=S,
+                   help="--mode gossip --topology with --compress: CHOCO-Gossip's consensus step in (0, 1] (default 1)")
     g.add_argument("--compress-down", default=S, metavar="q8[:BLOCK]",
                    help="send the model to clients as 8-bit blockwise codes (q8; also q4, q2, fp16); the "
                         "coordinator keeps it exact")

@@ -131,7 +131,10 @@ class RunConfig:
                               f"words, so a second codec would add error and save no bytes")
         refused = [why for cond, why in (
             (self.federation.aggregator == "secagg", "--aggregator secagg"),
-            (self.buffered.buffer_size is not None, "--buffer-size"), (self.sim.mode == "gossip", "--mode gossip"),
+            (self.buffered.buffer_size is not None, "--buffer-size"),
+            (self.sim.mode == "gossip" and (self.sim.topology is None or self.compression.compress_down is not None),
+             "--mode gossip without --topology (CHOCO-Gossip runs on D-PSGD's fixed graph)"
+             if self.compression.compress_down is None else "--mode gossip"),
             (self.sim.backend == "vmap", "--backend vmap")) if cond]
         if refused:
             flag = "--compress" if self.compression.compress is not None else "--compress-down"

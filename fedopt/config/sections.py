@@ -321,6 +321,7 @@ class CompressionConfig:
     compress: str | None = None  # uplink: a spec such as topk:0.01+q8 (the clients encode, the coordinator decodes)
     error_feedback: bool = True  # keep each client's residual when the compressor is biased (a sparsifier)
     compress_down: str | None = None  # downlink: a value codec such as q8 for the model in TRAIN
+    choco_gamma: float = 1.0  # --mode gossip --topology with --compress: CHOCO-Gossip's consensus step in (0, 1]
 
     def __post_init__(self) -> None:
         if self.compress is not None:
@@ -333,3 +334,5 @@ class CompressionConfig:
             downlink(self.compress_down)
         if not isinstance(self.error_feedback, bool):
             raise ConfigError(f"--error-feedback must be true or false, not {self.error_feedback!r}")
+        if not (isinstance(self.choco_gamma, (int, float)) and 0 < self.choco_gamma <= 1):
+            raise ConfigError(f"--choco-gamma must be in (0, 1], not {self.choco_gamma!r}")

@@ -33,8 +33,10 @@ Message table (protocol version 1; every message also has ``round`` and ``sender
     GOSSIP_REPLY peer -> peer          round, xid, version: counter,            model (the replier's vector before
                                        num_samples: weight, addr: name,         mixing)
                                        peers: peers
-    GOSSIP_PUSH  peer -> peer          as GOSSIP_REPLY                          model (the initiator's vector before
-                                                                                mixing; a D-PSGD round's model)
+    GOSSIP_PUSH  peer -> peer          as GOSSIP_REPLY, encoding: encoding      model (the initiator's vector before
+                                                                                mixing; a D-PSGD round's model); or,
+                                                                                compressed: a CHOCO round's values
+                                                                                [, indices] [, scales]
     GOSSIP_BUSY  peer -> peer          xid: counter, addr: name                 -
     SECAGG       both ways             round, parts: int in [1, 16]             the secure-aggregation message's
                                                                                 parts, opaque (see below)
@@ -54,7 +56,7 @@ Field kinds and their bounds (the defaults of :class:`Limits`; a receiver may pa
               Inf, strings and containers are rejected, so a receiver can do arithmetic on any value.
     peers     map of at most 64 entries (max_peers): name (a peer's address) -> counter. This is the wire's ceiling
               on rumours per message; the gossip engine may act on fewer.
-    encoding  UPDATE's (and TRAIN's) compression: {} (dense) or {size, k, index, bits[, block][, seed]}, which fixes the exact
+    encoding  UPDATE's (and TRAIN's, GOSSIP_PUSH's) compression: {} (dense) or {size, k, index, bits[, block][, seed]}, which fixes the exact
               dtype and length of each tensor (:mod:`fedopt.wire.compressed`).
     tree      plain data: maps with str keys, lists, str, int, float, bool, None; at most 8 levels deep (max_depth)
               and 2**18 items (containers and scalars) in all (max_tree_items). The receiver validates the
@@ -282,12 +284,17 @@ class Bye(Message):
 class GossipPush(Message):
     TYPE: ClassVar[str] = "GOSSIP_PUSH"
     TENSORS: ClassVar[tuple[str, ...]] = ("model",)
+    PACKED: ClassVar[tuple[str, ...]] = ("values", "indices", "scales")  # a compressed difference's tensors
     xid: int = 0  # exchange id chosen by the initiator; the reply carries it back
     version: int = 0  # the model's logical clock (a stale model never overwrites a newer one)
     num_samples: int = 1  # the sender's mixing weight
     addr: str = ""  # the sender's bind address (its identity in the swarm)
     peers: dict = field(default_factory=dict)  # {address: 1} of peers the sender holds alive
+    encoding: dict = field(default_factory=dict)  # {} = dense ``model``; else a CHOCO round's compressed difference
     model: Any = None
+    values: Any = None  # compressed (D-PSGD with --compress): as UpdateMsg's
+    indices: Any = None
+    scales: Any = None
 
 
 @dataclass(frozen=True)
