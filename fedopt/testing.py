@@ -234,7 +234,7 @@ def _valid_hostile(rng: random.Random, n: int) -> wire.Message:
               config=pick({}, {"lr": 1e308, "epochs": 2**53}), spec=pick({}, {"dtype": "float32", "entries": []}),
               model=vec, delta=vec, parts=pick([b"x"], [b"\x81\xa4kind\xa6masked", bytes(8)]))
     cls = rng.choice(list(wire.MESSAGE_TYPES.values()))
-    if cls in (wire.UpdateMsg, wire.Train) and rng.random() < 0.5:
+    if cls in (wire.UpdateMsg, wire.Train, wire.GossipPush, wire.GossipReply) and rng.random() < 0.5:
         return _compressed_update(rng, max(n, 1), counter, name, metrics, cls)
     msg = cls(**{f.name: kw[f.name] for f in dataclasses.fields(cls) if f.name in kw})
     if cls is wire.Result:
@@ -244,7 +244,7 @@ def _valid_hostile(rng: random.Random, n: int) -> wire.Message:
 
 def _compressed_update(rng: random.Random, n: int, counter: int, name: str, metrics: dict,
                        cls: type = wire.UpdateMsg) -> wire.Message:
-    """A compressed UPDATE (or TRAIN: ``cls``) the wire accepts, on its edges: every index kind and width, k of 0, 1 or all, sizes that do
+    """A compressed UPDATE (or TRAIN, GOSSIP_PUSH, GOSSIP_REPLY: ``cls``) the wire accepts, on its edges: every index kind and width, k of 0, 1 or all, sizes that do
     not match the model (``n``), NaN or huge values and scales."""
     spec = rng.choice(["topk:0.01+q8", "topk:1+q2", "randk:0.5+q4:1", "q4:3", "q2", "fp16", "topk:0.3", "randk:1",
                        "q8:1048576", "topk:1"])
@@ -259,6 +259,8 @@ def _compressed_update(rng: random.Random, n: int, counter: int, name: str, metr
     packed = dict(round=counter, sender=name, encoding=enc, values=p.values, indices=p.indices, scales=p.scales)
     if cls is wire.Train:
         return wire.Train(config={"seed": counter}, **packed)
+    if cls is not wire.UpdateMsg:
+        return cls(num_samples=rng.choice([1, 2**40]), addr=name, version=counter, **packed)
     return wire.UpdateMsg(num_samples=rng.choice([1, 2**40]), metrics=metrics, **packed)
 
 
@@ -285,7 +287,7 @@ def hostile_frames(rng: random.Random, seeds: list[list[bytes]], model_size: int
             shape = rng.choice([[4], [0, 2**63], [2**33 + 1], [2, 2], [], [-1], [10**12], [1] * 9, "4"])
             head["tensors"] = [{"dtype": rng.choice(["float32", "bfloat16", "int64", "object"]), "shape": shape}]
             frames = [bytes(rng.choice([0, 1, 16, 40]))]
-        if kind in ("UPDATE", "TRAIN") and rng.random() < 0.5:  # a compressed layout that lies about itself
+        if kind in ("UPDATE", "TRAIN", "GOSSIP_PUSH", "GOSSIP_REPLY") and rng.random() < 0.5:  # a lying layout
             head["encoding"] = rng.choice(_HOSTILE_ENCODINGS)
             k = rng.choice([0, 1, 4, 5])
             head["tensors"] = [{"dtype": d, "shape": [k]} for d in rng.sample(["uint8", "int32", "float32", "float16"],
