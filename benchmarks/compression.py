@@ -49,7 +49,7 @@ from fedopt.task import BaseTask, ClientData  # noqa: E402
 
 METHODS = [("none", None, True), ("fp16", "fp16", True), ("q8", "q8", True), ("q4", "q4", True),
            ("topk1%+q8 EF", "topk:0.01+q8", True), ("topk1%+q8 no EF", "topk:0.01+q8", False),
-           ("topk1%+q8 EF, q8 down", "topk:0.01+q8 down:q8", True)]
+           ("topk1%+q8 EF q8-down", "topk:0.01+q8 down:q8", True)]
 SETUPS = {"digits-10": dict(task="digits", clients=10, partition="dirichlet", alpha=0.5),
           "digits-100": dict(task="digits", clients=100, clients_per_round=20, partition="dirichlet", alpha=0.5),
           "synthetic": dict(task="synthetic", clients=30, partition="natural")}
@@ -215,6 +215,11 @@ def main() -> None:
                 result[f"{name}/{key}/upload_ratio"] = round(ratio, 2)
                 result[f"{name}/{key}/acc_delta_points"] = round(delta, 2)
                 sim_ratio[(name, m)] = ratio
+                if name == "digits-10" and m in ("topk1%+q8 EF", "q8"):  # the summary keys
+                    key = "topk" if m.startswith("topk") else "int8"
+                    if key == "topk":
+                        result["topk_bytes_ratio"] = round(1 / ratio, 4)  # compressed / uncompressed
+                    result[f"{key}_acc_drop"] = round(-delta, 2)
         print(f"(a) simulator, {a.rounds} rounds, medians over {a.repeats} seeds "
               f"(accuracy delta in points vs uncompressed, same seed)")
         print(_table(rows, ("setup", "method", "upload ratio", "final acc", "acc delta")))
