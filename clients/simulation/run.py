@@ -27,7 +27,9 @@ from typing import Protocol
 
 import torch
 
+from fedopt.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedopt.config import RunConfig
+from fedopt.errors import ConfigError
 from fedopt.data import PartitionSpec
 from fedopt.engine import Engine, Job, RoundServer
 from fedopt.engine.buffered import BufferedEngine
@@ -119,8 +121,34 @@ class Simulation:
             if cfg.sim.client_speed is not None else None
         self.executor: Executor = self._make_executor()
         self.evaluates = True  # False: evaluation is another process's (a distributed simulation's other ranks)
+        self.start = 1  # the first round this process runs (after a checkpoint's, with --resume)
         self._eval_trainer = getattr(self.executor, "trainer", None) or \
             LocalTrainer(self.task, self.spec, self.device, cfg.train.buffers)
+
+    def resume(self, ckpt: Checkpoint | None) -> None:
+        """Continue after ``ckpt`` (the run's own checkpoint): its model, optimizer and server state. A simulation is
+        seeded per round and client, so the rounds after it are the ones an uninterrupted run trains."""
+        refused = [why for cond, why in (
+            (self.cfg.train.algorithm == "scaffold", "--algorithm scaffold (client control variates are not kept)"),
+            (self.cfg.buffered.buffer_size is not None, "--buffer-size (clients in flight are not kept)"),
+            (self.cfg.compression.compress is not None and self.cfg.compression.error_feedback,
+             "--compress with error feedback (client residuals are not kept)")) if cond]
+        if refused:
+            raise ConfigError(f"simulate --resume does not combine with {refused[0]}")
+        if ckpt is None:
+            raise ConfigError(f"--resume: no checkpoint in {self.cfg.out}")
+        if ckpt.spec.to_dict() != self.spec.to_dict():
+            raise ConfigError(f"checkpoint in {self.cfg.out} is for a different model than task {self.cfg.task!r}")
+        self.server.global_vec.copy_(ckpt.global_vec)
+        self.server.optimizer.load_state_dict(ckpt.optimizer_state)
+        self.server.restore(ckpt.state)
+        self.start = ckpt.round + 1
+
+    def checkpoint(self, round: int, state: dict) -> None:
+        """Every --checkpoint-every rounds and after the last: the model, optimizer and server state, atomically."""
+        if round % self.cfg.sim.checkpoint_every == 0 or round == self.cfg.federation.rounds:
+            save_checkpoint(self.cfg.out, Checkpoint(round, self.server.global_vec, self.server.optimizer.state_dict(),
+                                                     self.spec, {"config": self.cfg.to_dict(), **state}))
 
     def _make_executor(self) -> Executor:
         cfg = self.cfg
@@ -189,6 +217,7 @@ class Simulation:
         else:
             engine = Engine(self.server, InProcessClients(self.executor, self.sizes, self.spec, self.speeds,
                                                           self.server.keep_stragglers), fed.rounds, output,
+                            start=self.start, checkpoint=self.checkpoint if output is not None else None,
                             eval_every=fed.eval_every, evaluate=lambda _: self.evaluate(),
                             extra_eval=(lambda _: self.evaluate_clients()) if fed.eval_clients else None,
                             hooks=[self.scaffold] if self.scaffold is not None else ())
@@ -231,10 +260,14 @@ class InProcessClients:
         self.executor.close()
 
 
-def simulate(cfg: RunConfig) -> SimResult:
-    """Run a simulation with outputs in ``cfg.out`` (metrics.jsonl, model.safetensors, accuracy.png, summary)."""
+def simulate(cfg: RunConfig, resume: bool = False) -> SimResult:
+    """Run a simulation with outputs in ``cfg.out`` (metrics.jsonl, model.safetensors, accuracy.png, summary,
+    checkpoint); ``resume``: continue after the run's last checkpoint."""
     sim = Simulation(cfg)
-    output = RunOutput(cfg.out, cfg.federation.rounds, cfg.progress, title=f"fedopt simulate: {cfg.task}", plot=cfg.plot)
+    if resume:
+        sim.resume(load_checkpoint(cfg.out))
+    output = RunOutput(cfg.out, cfg.federation.rounds, cfg.progress, title=f"fedopt simulate: {cfg.task}",
+                       resume_after=sim.start - 1 if resume else None, plot=cfg.plot)
     try:
         output.setup(cfg, sim.task)
         result = sim.run(output)

@@ -15,6 +15,7 @@ import json
 import os
 
 from ..config import RunConfig
+from ..errors import ConfigError
 from ..launch import run_torchrun, under_torchrun
 from ..task import resolve_task
 from .options import add_buffered_options, add_bus_options, add_round_options, config_out, round_overrides
@@ -41,6 +42,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--nproc", type=int, default=S,
                    help="processes on torch.distributed (gloo on CPU, NCCL on GPUs) sharing each round's clients; "
                         "started with torchrun (default 1: this process)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out after its last checkpoint (written every --checkpoint-every rounds)")
+    g.add_argument("--checkpoint-every", type=int, default=S, help="rounds between checkpoints (default 10)")
     g.add_argument("--backend", choices=("sequential", "vmap"), default=S)
     g.add_argument("--workers", type=int, default=S,
                    help="simulation worker processes (default: 1 = in-process for small models, else cores)")
@@ -60,14 +64,14 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run_folder(args: argparse.Namespace) -> tuple[str, bool | None] | None:
     if under_torchrun() and (os.environ.get(CONFIG_ENV) or os.environ.get("RANK") != "0"):
         return None  # the launcher (or, under a user's own torchrun, rank 0) claims it
-    return config_out(args), None  # simulate always starts afresh
+    return config_out(args), args.resume
 
 
 def simulate_config(args: argparse.Namespace):
     """The RunConfig of ``fedopt simulate``: defaults < --config < flags; --processes K alone also means K clients."""
     from ..config import build_config, load_toml
 
-    overrides = round_overrides(args)
+    overrides = round_overrides(args, skip=("config", "resume"))
     if "processes" in overrides and "clients" not in overrides:
         # one client per process unless --clients says otherwise (flag or config file)
         overrides["clients"] = (load_toml(args.config) if args.config else {}).get("clients", overrides["processes"])
@@ -79,8 +83,11 @@ def run(args: argparse.Namespace) -> int:
         from clients.simulation.distributed import simulate_rank
 
         given = os.environ.get(CONFIG_ENV)
-        return simulate_rank(RunConfig.of(**json.loads(given)) if given else simulate_config(args))
+        return simulate_rank(RunConfig.of(**json.loads(given)) if given else simulate_config(args), args.resume)
     cfg = simulate_config(args)
+    if args.resume and (cfg.sim.mode == "gossip" or cfg.sim.transport != "inproc"):
+        raise ConfigError("simulate --resume continues in-process and --nproc runs: for a bus run resume its "
+                          "coordinator (fedopt coordinator --resume)")
     if cfg.sim.nproc > 1:
         from clients.simulation.distributed import check_distributed
 
@@ -88,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         resolve_task(cfg.task, cfg.task_options)  # a bad task is one line here, not one per rank
         os.environ[CONFIG_ENV] = json.dumps(cfg.flat())
         try:
-            return run_torchrun(cfg.sim.nproc, ["simulate"])
+            return run_torchrun(cfg.sim.nproc, ["simulate", *(["--resume"] if args.resume else [])])
         finally:
             del os.environ[CONFIG_ENV]
     if cfg.sim.mode == "gossip":
@@ -101,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         return simulate_processes(cfg)
     from clients.simulation.run import simulate  # in-process engine / worker pool / vmap
 
-    simulate(cfg)
+    simulate(cfg, args.resume)
     return 0
 
 

@@ -242,10 +242,12 @@ class SimConfig:
     client_speed: str | None = None  # virtual clock: lognormal:SIGMA[:MEDIAN] | classes:S1,S2,... | trace:FILE
     comm_seconds: float = 0.0  # virtual clock: seconds a job spends on the network (model down, update up)
     nproc: int = 1  # processes on torch.distributed sharing each round's clients (launched with torchrun)
+    checkpoint_every: int = 10  # rounds between checkpoints (and the last round); --resume continues from one
 
     def __post_init__(self) -> None:
         number("comm_seconds", self.comm_seconds)
         at_least("nproc", self.nproc, 1)
+        at_least("checkpoint_every", self.checkpoint_every, 1)
         if self.client_speed is not None and not isinstance(self.client_speed, str):
             raise ConfigError(f"--client-speed must be a spec such as lognormal:1.0, not {self.client_speed!r}")
         choice("mode", self.mode, ("federated", "gossip"))
