@@ -110,6 +110,8 @@ class Coordinator(ClientLink):
         self.welcome = wire.Welcome(spec=self.spec.to_dict(),
                                     config={**{k: flat[k] for k in CLIENT_SETTINGS},
                                             "secagg": cfg.federation.aggregator == "secagg",
+                                            # an edge aggregator pre-aggregates only under a linear rule
+                                            "aggregator": cfg.federation.aggregator,
                                             "buffered": cfg.buffered.buffer_size is not None})
         self._wait_since = clock()
         self._idle_since = clock()  # when the coordinator became free to start the next round

@@ -18,7 +18,7 @@ __all__ = ["ClientConfig"]
 
 @dataclass(frozen=True)
 class ClientConfig:
-    connect: str  # the coordinator: tcp://HOST:PORT or ipc://PATH
+    connect: str  # the coordinator: tcp://HOST:PORT or ipc://PATH; or several, comma-separated (failover, see urls)
     keys: str | None = None  # key folder holding coordinator.key and this client's secret (CurveZMQ)
     key_name: str | None = None  # this client's key name (None: client-NNN for shard NNN)
     insecure: bool = False  # allow plain TCP without authentication
@@ -35,8 +35,10 @@ class ClientConfig:
     exit_with_parent: bool = False  # stop when the process that started this one exits (local runs)
 
     def __post_init__(self):
-        if not (isinstance(self.connect, str) and self.connect.startswith(("tcp://", "ipc://", "inproc://"))):
-            raise ConfigError(f"--connect {self.connect!r} must start with tcp://, ipc:// or inproc://")
+        if not isinstance(self.connect, str) or not all(u.startswith(("tcp://", "ipc://", "inproc://"))
+                                                         for u in self.connect.split(",")):
+            raise ConfigError(f"--connect {self.connect!r} must be addresses that start with tcp://, ipc:// or "
+                              f"inproc://, separated by commas")
         if self.data is not None:
             if not Path(self.data).exists():
                 raise ConfigError(f"--data {self.data}: no such file or directory")
@@ -57,6 +59,11 @@ class ClientConfig:
         check_device(self.device, "--device")
         if not isinstance(self.task_options, dict):
             raise ConfigError("--task-option must be KEY=VALUE pairs")
+
+    @property
+    def urls(self) -> list[str]:
+        """The endpoints of ``connect`` in order: a session that goes silent moves on to the next (edge failover)."""
+        return self.connect.split(",")
 
     @property
     def client_id(self) -> str:

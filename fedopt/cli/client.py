@@ -21,7 +21,9 @@ _FIELDS = [f.name for f in dataclasses.fields(ClientConfig) if f.name != "task_o
 
 def configure(p: argparse.ArgumentParser) -> None:
     D = ClientConfig  # the defaults are the config's
-    p.add_argument("--connect", required=True, help="the coordinator: tcp://HOST:PORT or ipc://PATH")
+    p.add_argument("--connect", required=True,
+                   help="the coordinator: tcp://HOST:PORT or ipc://PATH; several, comma-separated, for failover "
+                        "between edge aggregators (a silent one is left for the next)")
     p.add_argument("--keys", default=None, help="key directory holding coordinator.key and this client's secret")
     p.add_argument("--key-name", default=None, help="this client's key name (default client-NNN for --shard NNN)")
     p.add_argument("--insecure", action="store_true", help="allow plain TCP without authentication (warns)")
