@@ -110,7 +110,8 @@ class Coordinator(ClientLink):
         self.welcome = wire.Welcome(spec=self.spec.to_dict(),
                                     config={**{k: flat[k] for k in CLIENT_SETTINGS},
                                             "secagg": cfg.federation.aggregator == "secagg",
-                                            "buffered": cfg.buffered.buffer_size is not None})
+                                            "buffered": cfg.buffered.buffer_size is not None,
+                                            **self._dp_settings()})
         self._wait_since = clock()
         self._idle_since = clock()  # when the coordinator became free to start the next round
         self._waited = 0.0  # how long the round in progress waited for clients
@@ -118,6 +119,11 @@ class Coordinator(ClientLink):
         self._waiting_said: tuple | None = None  # (ready, when) of the last "waiting for clients" line
         self._attempt = 0
         self._bytes0 = (0, 0)
+
+    def _dp_settings(self) -> dict:
+        """``--dp distributed``: the public noise parameters every client adds its share with (WELCOME)."""
+        noise = getattr(self.server.aggregator, "dp_noise", None)
+        return {"dp_noise": noise.to_dict()} if noise is not None else {}
 
     # ---- the run ------------------------------------------------------------------------------------------------
     def serve(self) -> int:

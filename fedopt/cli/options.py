@@ -81,8 +81,12 @@ def add_round_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--buffers", choices=("average", "local"), default=S,
                    help="float buffers such as BatchNorm statistics: averaged or kept on each client")
     g = p.add_argument_group("differential privacy (client-level DP-FedAvg; pip install 'fedopt[dp]')")
-    g.add_argument("--dp", choices=("central",), default=S,
-                   help="central: clip each update and add Gaussian noise to the round's sum on the coordinator")
+    g.add_argument("--dp", choices=("central", "distributed"), default=S,
+                   help="central: clip each update and add Gaussian noise to the round's sum on the coordinator; "
+                        "distributed: each client adds Skellam noise to its update inside secagg")
+    g.add_argument("--dp-min-clients", type=int, default=S,
+                   help="--dp distributed: each client adds the noise share of this many survivors; a round with "
+                        "fewer aborts (default: expected cohort minus two standard deviations)")
     g.add_argument("--noise-multiplier", type=float, default=S,
                    help="z: noise std over the clip norm (default: calibrated to --target-epsilon)")
     g.add_argument("--dp-clip-norm", type=float, default=S,

@@ -41,7 +41,8 @@ from ..aggregators import Aggregate, Update
 from ..errors import ConfigError
 from .accounting import Accountant
 
-__all__ = ["CentralDP", "AdaptiveClip", "clip_update", "noise_seed", "secure_normal", "NOISE_SOURCES"]
+__all__ = ["CentralDP", "AdaptiveClip", "budget_stop_reason", "clip_update", "noise_seed", "secure_normal",
+           "NOISE_SOURCES"]
 
 NOISE_SOURCES = ("seeded", "secure")
 #: a clipped update is scaled to just under C, so float32 rounding can never take its norm over C
@@ -72,6 +73,18 @@ def secure_normal(n: int) -> torch.Tensor:
     r = np.sqrt(-2.0 * np.log(u1))
     out = np.concatenate([r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)])[:n]
     return torch.from_numpy(out)
+
+
+def budget_stop_reason(accountant, target_epsilon: float | None) -> str | None:
+    """Why a run must stop before its next release (one more would take ε over ``target_epsilon``), or None."""
+    if target_epsilon is None:
+        return None
+    a = accountant
+    after = a.epsilon(a.rounds + 1)
+    if after <= target_epsilon:
+        return None
+    return (f"privacy budget reached: round {a.rounds + 1} would take epsilon from {a.epsilon():.4g} to "
+            f"{after:.4g}, over --target-epsilon {target_epsilon:g} (delta {a.delta:.3g})")
 
 
 @dataclass
@@ -204,14 +217,7 @@ class CentralDP:
 
     def stop_reason(self) -> str | None:
         """Why the run must stop before its next round (one more release would exceed ``target_epsilon``), or None."""
-        if self.target_epsilon is None:
-            return None
-        a = self.accountant
-        after = a.epsilon(a.rounds + 1)
-        if after <= self.target_epsilon:
-            return None
-        return (f"privacy budget reached: round {a.rounds + 1} would take epsilon from {a.epsilon():.4g} to "
-                f"{after:.4g}, over --target-epsilon {self.target_epsilon:g} (delta {a.delta:.3g})")
+        return budget_stop_reason(self.accountant, self.target_epsilon)
 
     def state(self) -> dict:
         """What a checkpoint keeps: the accountant's ledger and the current clip (adaptive clipping moves it)."""
