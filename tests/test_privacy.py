@@ -358,7 +358,7 @@ DP = dict(dp="central", noise_multiplier=1.0, dp_clip_norm=1.0)
     ({**DP, "noise_source": "dev"}, "--noise-source must be one of seeded, secure"),
     ({**DP, "aggregator": "median"}, "use --aggregator fedavg or mean, not 'median'"),
     ({**DP, "aggregator": "secagg"}, "--dp central does not combine with --aggregator secagg"),
-    ({**DP, "buffer_size": 2}, "--dp central does not combine with --buffer-size"),
+    ({**DP, "buffer_size": 2, "aggregator": "secagg"}, "--dp central does not combine with --aggregator secagg"),
     ({**DP, "mode": "gossip"}, "--dp central does not combine with --mode gossip"),
     ({**DP, "algorithm": "scaffold"}, "--dp central does not combine with --algorithm scaffold"),
     (dict(noise_multiplier=1.0, delta=1e-5), "--noise-multiplier, --delta apply to differentially private runs: "
@@ -455,3 +455,27 @@ def test_the_config_file_round_trips_the_privacy_section(tmp_path):
 
     assert build_config(str(path)) == cfg
     assert dataclasses.asdict(cfg.privacy)["adaptive_clip"] == 0.5
+
+
+# ---- (i) FedBuff: each buffer is one release, accounted without amplification ----------------------------------------
+BUFFERED = {**RUN, "clients": 12, "buffer_size": 3, "concurrency": 6, "rounds": 4, "noise_multiplier": 1.0}
+
+
+def test_buffered_dp_counts_buffer_closings_without_sampling(tmp_path):
+    result = simulate(RunConfig.of(**BUFFERED, out=str(tmp_path / "run")))
+    records = result.records
+    assert [r["version"] for r in records] == [1, 2, 3, 4] and all(r["clients"] == 3 for r in records)
+    # q = 1: k buffers are k unsampled Gaussian releases (dp_accounting used directly)
+    want = [reference_epsilon("rdp", dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(1.0), k), default_delta(12))
+            for k in (1, 2, 3, 4)]
+    assert [r["epsilon"] for r in records] == pytest.approx(want, rel=0.01)
+    server = RoundServer.for_run(RunConfig.of(**BUFFERED), resolve_task("digits", {}), torch.device("cpu"))
+    assert server.privacy.expected == 3 and server.privacy.accountant.q == 1.0  # the noised sum over K
+
+
+def test_a_budget_stops_buffered_dp_before_the_buffer_that_would_exceed_it(tmp_path, caplog):
+    acc = Accountant("rdp", "poisson", population=12, per_round=1.0, noise_multiplier=1.0)
+    target = (acc.epsilon(2) + acc.epsilon(3)) / 2
+    records = simulate(RunConfig.of(**{**BUFFERED, "target_epsilon": target, "out": str(tmp_path / "run")})).records
+    assert [r["version"] for r in records] == [1, 2] and records[-1]["epsilon"] <= target
+    assert "stopping before version 3: privacy budget reached" in caplog.text

@@ -282,7 +282,7 @@ def summary(cfg: RunConfig, sim: Simulation) -> dict:
     extra = {"clients": f"{cfg.federation.clients} ({cfg.federation.per_round} per round)",
              "executor": type(getattr(sim.executor, "inner", sim.executor)).__name__}
     if (dp := sim.server.privacy) is not None:
-        a = dp.accountant
-        extra["privacy"] = (f"epsilon {a.epsilon():.4g} at delta {a.delta:.3g} after {a.rounds} rounds ({a.kind}, "
-                            f"{a.sampling} sampling, noise multiplier {a.noise_multiplier:.4g})")
+        from fedopt.privacy import privacy_summary
+
+        extra["privacy"] = privacy_summary(dp)
     return extra

@@ -89,7 +89,6 @@ class RunConfig:
             return self._check_distributed()
         refused = [why for cond, why in (
             (self.sim.mode == "gossip", "--mode gossip (no coordinator to add the noise)"),
-            (self.buffered.buffer_size is not None, "--buffer-size (buffered asynchronous rounds)"),
             (self.train.algorithm == "scaffold", "--algorithm scaffold (its control variates are not privatised)"),
             (fed.aggregator == "secagg", "--aggregator secagg (the noise is central; distributed DP is not "
                                          "implemented)")) if cond]
@@ -98,7 +97,8 @@ class RunConfig:
         if fed.aggregator not in ("fedavg", "mean"):
             raise ConfigError(f"--dp central clips and sums the updates: use --aggregator fedavg or mean, not "
                               f"{fed.aggregator!r} (not a linear mean)")
-        if self.privacy.accountant == "pld" and fed.client_sampling != "poisson":
+        # buffered rounds are accounted without sampling (q = 1: fedopt.privacy.central_for_run), which PLD supports
+        if self.privacy.accountant == "pld" and fed.client_sampling != "poisson" and self.buffered.buffer_size is None:
             raise ConfigError("--accountant pld supports --client-sampling poisson only (dp_accounting has no PLD of "
                               "sampling without replacement): use --accountant rdp or --client-sampling poisson")
 

@@ -14,7 +14,7 @@ from .distributed import DistributedDP, SkellamAccountant
 
 __all__ = ["Accountant", "calibrate", "default_delta", "require_dp_accounting", "AdaptiveClip", "CentralDP",
            "clip_update", "noise_seed", "secure_normal", "central_for_run", "INITIAL_ADAPTIVE_CLIP", "DistributedDP",
-           "SkellamAccountant", "distributed_for_run", "privacy_for_run", "default_min_clients"]
+           "SkellamAccountant", "distributed_for_run", "privacy_for_run", "default_min_clients", "privacy_summary"]
 
 log = logging.getLogger("fedopt.privacy")
 
@@ -24,11 +24,19 @@ INITIAL_ADAPTIVE_CLIP = 0.1
 
 def central_for_run(cfg, inner, device="cpu") -> CentralDP:
     """DP-FedAvg around ``inner`` for a RunConfig with ``--dp central``: the accountant follows
-    ``--client-sampling`` over the run's ``--clients``, and without ``--noise-multiplier`` z is calibrated up front so
-    that ε after the planned ``--rounds`` is at most ``--target-epsilon``."""
+    ``--client-sampling`` over the run's ``--clients`` (buffered asynchronous rounds: one unsampled release per buffer,
+    over the buffer's K), and without ``--noise-multiplier`` z is calibrated up front so that ε after the planned
+    ``--rounds`` (buffers) is at most ``--target-epsilon``."""
     p, fed = cfg.privacy, cfg.federation
     setting = dict(kind=p.accountant, sampling=fed.client_sampling, population=fed.clients,
                    per_round=fed.per_round, delta=p.delta)
+    denominator = None
+    if cfg.buffered.buffer_size is not None:
+        # FedBuff: each full buffer of K updates is one release (noised sum over K). Clients are dispatched as slots
+        # free up, drawn among the idle ones: no sampling argument amplifies that, so each buffer is accounted as an
+        # unsampled Gaussian mechanism (q = 1) of sensitivity C, whichever buffers a client's updates land in
+        setting.update(sampling="poisson", per_round=1.0)
+        denominator = float(cfg.buffered.buffer_size)
     z = p.noise_multiplier
     if z is None:
         z = calibrate(p.target_epsilon, fed.rounds, **setting)
@@ -36,7 +44,16 @@ def central_for_run(cfg, inner, device="cpu") -> CentralDP:
     adaptive = AdaptiveClip(p.adaptive_clip) if p.adaptive_clip is not None else None
     clip = p.dp_clip_norm if p.dp_clip_norm is not None else INITIAL_ADAPTIVE_CLIP
     return CentralDP(inner, Accountant(noise_multiplier=z, **setting), clip=clip, seed=cfg.seed, adaptive=adaptive,
-                     noise_source=p.noise_source, target_epsilon=p.target_epsilon, device=device)
+                     noise_source=p.noise_source, target_epsilon=p.target_epsilon, device=device,
+                     denominator=denominator)
+
+
+def privacy_summary(dp) -> str:
+    """One line for a run's summary: ε at δ after the releases, the accountant, the sampling and the noise."""
+    a = dp.accountant
+    sampling = "no amplification by sampling (q = 1)" if a.q >= 1 else f"{a.sampling} sampling, q = {a.q:.3g}"
+    return (f"epsilon {a.epsilon():.4g} at delta {a.delta:.3g} after {a.rounds} releases ({a.kind}, {sampling}, "
+            f"noise multiplier {a.noise_multiplier:.4g})")
 
 
 def default_min_clients(expected: float) -> int:

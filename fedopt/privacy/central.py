@@ -111,7 +111,8 @@ class CentralDP:
     """DP-FedAvg around a linear aggregator (see the module docstring).
 
     ``accountant`` holds z, the sampling and the ledger; ``clip`` is C (the initial clip with ``adaptive``);
-    ``target_epsilon``, when given, is the budget :meth:`stop_reason` guards; ``seed`` keys the noise of each round.
+    ``target_epsilon``, when given, is the budget :meth:`stop_reason` guards; ``seed`` keys the noise of each round;
+    ``denominator`` replaces the accountant's expected cohort as D (a FedBuff buffer's K).
     Raises ConfigError for an ``inner`` aggregator that is not a plain mean, a bad clip, or adaptive clipping whose
     count noise is too small for z.
     """
@@ -122,7 +123,8 @@ class CentralDP:
 
     def __init__(self, inner, accountant: Accountant, *, clip: float, seed: int = 0,
                  adaptive: AdaptiveClip | None = None, noise_source: str = "seeded",
-                 target_epsilon: float | None = None, device: torch.device | str = "cpu") -> None:
+                 target_epsilon: float | None = None, device: torch.device | str = "cpu",
+                 denominator: float | None = None) -> None:
         name = getattr(inner, "name", repr(inner))
         if not getattr(inner, "linear", False) or name not in ("fedavg", "mean"):
             raise ConfigError(f"--dp central wraps a mean of the updates: use --aggregator fedavg or mean, not "
@@ -139,7 +141,7 @@ class CentralDP:
         self.noise_source = noise_source
         self.target_epsilon = target_epsilon
         self.device = torch.device(device)  # where a round without updates makes its sum
-        self.expected = accountant.expected_cohort  # D
+        self.expected = float(denominator) if denominator else accountant.expected_cohort  # D (FedBuff: K)
         z = accountant.noise_multiplier
         self.update_multiplier = z  # z_Δ
         if adaptive is not None:
