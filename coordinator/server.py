@@ -137,10 +137,14 @@ class Coordinator(ClientLink):
                        fed_eval_every=cfg.bus.fed_eval_every, checkpoint=self._checkpoint).run()
             for peer in self.registry.peers():
                 self.ep.send(wire.Bye(reason="done"), to=peer)
-            self.output.finish(self.spec, self.server.global_vec,
-                               {"clients": f"{cfg.federation.clients} ({cfg.federation.per_round} per round)",
-                                "wall time": f"{time.perf_counter() - started:.1f} s (waits for clients included)",
-                                "out": str(self.output.dir), "dropped messages": self.dropped_messages})
+            summary = {"clients": f"{cfg.federation.clients} ({cfg.federation.per_round} per round)",
+                       "wall time": f"{time.perf_counter() - started:.1f} s (waits for clients included)",
+                       "out": str(self.output.dir), "dropped messages": self.dropped_messages}
+            if self.server.privacy is not None:
+                from fedopt.privacy import privacy_summary
+
+                summary["privacy"] = privacy_summary(self.server.privacy)
+            self.output.finish(self.spec, self.server.global_vec, summary)
             time.sleep(0.2)  # let the BYEs leave before the socket closes (linger is 0)
             return 0
         finally:
