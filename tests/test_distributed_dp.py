@@ -215,6 +215,7 @@ def test_over_the_bus_the_clients_add_the_noise(tmp_path):
         c.stop()
     rows = c.rounds()
     assert [r["round"] for r in rows] == [1, 2] and all(r["epsilon"] > 0 for r in rows)
+    assert "privacy" in c.log() and "skellam" in c.log()  # the end-of-run summary line
     import json
 
     meta = json.loads((dump / "sum-1.json").read_text())

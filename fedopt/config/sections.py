@@ -95,9 +95,21 @@ class TrainingConfig(OptimizerConfig):
     mu: float = 0.0  # FedProx proximal coefficient (0 = FedAvg's plain local SGD)
     algorithm: str = "fedavg"  # fedavg (plain local SGD, FedProx with mu) | scaffold (control variates)
     buffers: str = "average"  # float buffers (BatchNorm statistics): average | local
+    dp_sgd: bool = False  # sample-level DP-SGD in each client, through Opacus (fedopt.dpsgd)
+    dp_sgd_noise: float = 1.0  # DP-SGD: Gaussian noise std over the per-example clip
+    dp_sgd_clip: float = 1.0  # DP-SGD: each example's gradient L2 bound
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not isinstance(self.dp_sgd, bool):
+            raise ConfigError(f"--dp-sgd must be true or false, not {self.dp_sgd!r}")
+        number("dp_sgd_noise", self.dp_sgd_noise, low_open=True)
+        number("dp_sgd_clip", self.dp_sgd_clip, low_open=True)
+        if not self.dp_sgd and (self.dp_sgd_noise, self.dp_sgd_clip) != (1.0, 1.0):
+            raise ConfigError("--dp-sgd-noise and --dp-sgd-clip apply to --dp-sgd")
+        if self.dp_sgd and (self.mu or self.algorithm != "fedavg" or self.clip_norm is not None):
+            raise ConfigError("--dp-sgd does not combine with --mu, --algorithm scaffold or --clip-norm (Opacus clips "
+                              "each example's gradient to --dp-sgd-clip)")
         at_least("local_epochs", self.local_epochs, 1)
         at_least("batch_size", self.batch_size, 1)
         number("mu", self.mu)
@@ -110,7 +122,8 @@ class TrainingConfig(OptimizerConfig):
 
         return TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
                            weight_decay=self.weight_decay, optimizer=self.optimizer, clip_norm=self.clip_norm,
-                           mu=self.mu)
+                           mu=self.mu, dp_sgd_noise=self.dp_sgd_noise if self.dp_sgd else None,
+                           dp_sgd_clip=self.dp_sgd_clip)
 
 
 @dataclass(frozen=True)
