@@ -191,6 +191,9 @@ class Edge(ClientLink):
                               f"in the clear, and running its own SecAgg+ cohort is not implemented")
         if c.get("buffered"):
             raise ConfigError(f"{where} runs buffered asynchronous rounds (--buffer-size), which edges do not relay")
+        if c.get("dp"):
+            raise ConfigError(f"{where} runs --dp {c['dp']}: its guarantee is per client, and the root would clip and "
+                              f"count an edge's pre-aggregate as one client")
         if c.get("aggregator") not in EDGE_AGGREGATORS:
             raise ConfigError(f"{where} runs aggregator {c.get('aggregator')!r}: an edge pre-aggregates its clients, "
                               f"which only {' or '.join(EDGE_AGGREGATORS)} allows")

@@ -17,7 +17,9 @@ sends it (SECAGG instead of UPDATE) when the coordinator PULLs it, so masked upl
 buffered asynchronous rounds the finished update stays here (OFFER for its job) until COHORT names the secure round
 that aggregates it and the staleness weight to scale it by; then it is masked for that round as above. Its
 long-term identity key and every peer's pinned public identity come from ``--identities DIR`` (default:
-``--keys DIR``), never from the coordinator (trust model: :mod:`fedopt.identity`).
+``--keys DIR``), never from the coordinator (trust model: :mod:`fedopt.identity`). Under ``--dp distributed`` WELCOME
+carries the run's public noise parameters (``dp_noise``) and the client adds its Skellam share to each update before
+masking it, with noise from ``os.urandom`` (:mod:`fedopt.secagg.skellam`).
 
 Compression: when WELCOME names a ``compress`` spec, the training thread compresses each update
 (:mod:`fedopt.compress`) and this client keeps its error-feedback residual (for a biased compressor, unless the run
@@ -43,10 +45,10 @@ import zmq
 from fedopt import bus, wire
 from fedopt.compress import Memory, Packed, uplink
 from fedopt.data import PartitionSpec
-from fedopt.errors import ConfigError, FedoptError
+from fedopt.errors import ConfigError, FedoptError, SecAggError
 from fedopt.identity import find_identity_dir, load_identity, load_pinned
 from fedopt.params import ParamSpec
-from fedopt.secagg import SecAggClient, codec
+from fedopt.secagg import DistributedNoise, SecAggClient, codec
 from fedopt.task import resolve_task
 from fedopt.testing import SECAGG_STAGES, Fault, SecAggExit, TokenBucket
 from fedopt.trainer import SMALL_MODEL, LocalTrainer, pick_device
@@ -111,6 +113,11 @@ class FederatedClient:
             return  # a reconnect to the same run: keep the loaded shard
         if self.secure is not None and isinstance(s.get("max_samples"), int):
             self.secure.max_weight = s["max_samples"]  # the run's cap on the weight folded into a masked vector
+        if self.secure is not None:  # --dp distributed: add this share of Skellam noise to every masked update
+            try:
+                self.secure.dp_noise = DistributedNoise.from_dict(s["dp_noise"]) if "dp_noise" in s else None
+            except SecAggError as e:
+                raise ConfigError(f"the coordinator's distributed DP settings are not valid: {e}") from None
         if s.get("secagg") and self.secure is None:
             raise ConfigError("the coordinator runs secure aggregation and this client has no identity key: give "
                               "--identities DIR (or --keys DIR) made by `fedopt keys generate`")

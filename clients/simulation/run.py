@@ -106,6 +106,10 @@ class Simulation:
         self.cfg = cfg
         self.task = resolve_task(cfg.task, cfg.task_options)
         self.device = pick_device(cfg.device)
+        if cfg.train.dp_sgd:
+            from fedopt.dpsgd import require_opacus
+
+            require_opacus()  # one ConfigError naming the extra, before anything starts
         if cfg.train.algorithm == "scaffold":
             check_scaffold_task(self.task)
         self.server = RoundServer.for_run(cfg, self.task, self.device)
@@ -158,6 +162,11 @@ class Simulation:
                 _note("buffered asynchronous rounds train one client at a time in this process (--backend and "
                       "--workers apply to synchronous rounds)")
             return SequentialExecutor(self.task, self.spec, self.shards, self.device, cfg.train.buffers, None, budget)
+        if cfg.train.dp_sgd:  # Opacus trains one client at a time, in this process (its ledgers live here)
+            if cfg.sim.backend == "vmap" or (cfg.sim.workers or 1) > 1:
+                _note("--dp-sgd trains one client at a time with Opacus; using the sequential backend")
+            return SequentialExecutor(self.task, self.spec, self.shards, self.device, cfg.train.buffers, None, budget,
+                                      make_uplink(cfg, self.spec, budget))
         if cfg.sim.backend == "vmap":
             from clients.simulation.vmap import VmapExecutor, vmap_unsupported
 
@@ -251,6 +260,12 @@ class InProcessClients:
         up = self.executor.take_bytes_up() if getattr(self.executor, "compressing", False) \
             else outcome.count * self.itemsize
         out = {"bytes_down": len(jobs) * self.itemsize, "bytes_up": up}
+        executor = getattr(self.executor, "inner", self.executor)
+        dp_sgd = getattr(getattr(executor, "trainer", None), "dp_sgd", None)
+        if dp_sgd is not None:  # --dp-sgd: the ε of this round's clients (each one's run-long Opacus ledger)
+            eps = [dp_sgd.epsilon[j.client] for j in jobs if j.client in dp_sgd.epsilon]
+            if eps:
+                out.update(dp_sgd_epsilon_mean=sum(eps) / len(eps), dp_sgd_epsilon_max=max(eps))
         if self.speeds is not None:
             self.virtual += round_seconds(self.speeds, jobs, self.sizes, self.keep_stragglers)
             out["virtual_seconds"] = self.virtual
@@ -282,7 +297,7 @@ def summary(cfg: RunConfig, sim: Simulation) -> dict:
     extra = {"clients": f"{cfg.federation.clients} ({cfg.federation.per_round} per round)",
              "executor": type(getattr(sim.executor, "inner", sim.executor)).__name__}
     if (dp := sim.server.privacy) is not None:
-        a = dp.accountant
-        extra["privacy"] = (f"epsilon {a.epsilon():.4g} at delta {a.delta:.3g} after {a.rounds} rounds ({a.kind}, "
-                            f"{a.sampling} sampling, noise multiplier {a.noise_multiplier:.4g})")
+        from fedopt.privacy import privacy_summary
+
+        extra["privacy"] = privacy_summary(dp)
     return extra

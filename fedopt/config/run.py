@@ -85,9 +85,10 @@ class RunConfig:
     def _check_privacy(self) -> None:
         """What ``--dp central`` does not combine with (yet), and a PLD accountant only for Poisson sampling."""
         fed = self.federation
+        if self.privacy.dp == "distributed":
+            return self._check_distributed()
         refused = [why for cond, why in (
             (self.sim.mode == "gossip", "--mode gossip (no coordinator to add the noise)"),
-            (self.buffered.buffer_size is not None, "--buffer-size (buffered asynchronous rounds)"),
             (self.train.algorithm == "scaffold", "--algorithm scaffold (its control variates are not privatised)"),
             (fed.aggregator == "secagg", "--aggregator secagg (the noise is central; distributed DP is not "
                                          "implemented)")) if cond]
@@ -96,9 +97,27 @@ class RunConfig:
         if fed.aggregator not in ("fedavg", "mean"):
             raise ConfigError(f"--dp central clips and sums the updates: use --aggregator fedavg or mean, not "
                               f"{fed.aggregator!r} (not a linear mean)")
-        if self.privacy.accountant == "pld" and fed.client_sampling != "poisson":
+        # buffered rounds are accounted without sampling (q = 1: fedopt.privacy.central_for_run), which PLD supports
+        if self.privacy.accountant == "pld" and fed.client_sampling != "poisson" and self.buffered.buffer_size is None:
             raise ConfigError("--accountant pld supports --client-sampling poisson only (dp_accounting has no PLD of "
                               "sampling without replacement): use --accountant rdp or --client-sampling poisson")
+
+    def _check_distributed(self) -> None:
+        """``--dp distributed``: inside SecAgg+, Poisson sampling (what its accountant assumes), the clip is
+        ``--dp-clip-norm``."""
+        fed = self.federation
+        refused = [why for cond, why in (
+            (fed.aggregator != "secagg", f"--aggregator {fed.aggregator} (the clients' noise is summed by secagg: "
+                                         f"use --aggregator secagg)"),
+            (fed.client_sampling != "poisson", "--client-sampling fixed (its accountant assumes Poisson sampling: "
+                                               "give --client-sampling poisson)"),
+            (self.secagg.clip is not None, "--clip (the clip is --dp-clip-norm)"),
+            (self.sim.mode == "gossip", "--mode gossip"),
+            (self.buffered.buffer_size is not None, "--buffer-size (buffered asynchronous rounds)"),
+            (self.train.algorithm == "scaffold", "--algorithm scaffold (its control variates are not privatised)"))
+            if cond]
+        if refused:
+            raise ConfigError(f"--dp distributed does not combine with {refused[0]}")
 
     def _check_buffered(self) -> None:
         """FedBuff's knobs against the run: C within the clients, K and O within C; what it does not combine with."""
