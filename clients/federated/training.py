@@ -37,6 +37,9 @@ class TrainingThread(threading.Thread):
         self.stopping = threading.Event()
         self.trainer: LocalTrainer | None = None
         self.data = None
+        #: (round, delta, training seed) -> what is sent instead of the delta: client momentum or an attack
+        #: (clients.federated.attacker); None sends the delta
+        self.transform = None
 
     def run(self) -> None:
         pipe = self.ctx.socket(zmq.PAIR)  # made in this thread: this thread's end of the pipe
@@ -71,7 +74,10 @@ class TrainingThread(threading.Thread):
             cfg = TrainConfig(**{k: v for k, v in payload["config"].items() if k in _TRAIN_FIELDS})
             update = self.trainer.train(payload["client"], vec, self.data, cfg)
             # the trainer reuses its delta buffer; the copy keeps a queued zero-copy send intact
-            return ("update", rnd, (update.delta.detach().cpu().clone(), update.num_samples, update.metrics))
+            delta = update.delta.detach().cpu().clone()
+            if self.transform is not None:
+                delta = self.transform(rnd, delta, cfg.seed)
+            return ("update", rnd, (delta, update.num_samples, update.metrics))
         split = self.data.test if self.data.test is not None else self.data.train
         metrics = self.trainer.evaluate(vec, split)
         return ("result", rnd, (metrics, num_samples(split)))
