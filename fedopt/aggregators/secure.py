@@ -263,8 +263,8 @@ def _inner_weighting(inner: Any) -> str:
     if name == "norm_bound":
         return "samples"  # its clip is secagg's own client-side clip
     if name not in ("fedavg", "mean"):
-        raise ConfigError(f"secagg computes a (sample-)weighted mean; it can wrap fedavg, mean or norm_bound, "
-                          f"not {name!r}")
+        raise ConfigError(f"secagg computes a (sample-)weighted mean; it can wrap fedavg or mean, not {name!r} "
+                          f"(or norm_bound, whose bound becomes the clip)")
     return name
 
 
