@@ -122,13 +122,13 @@ def plot(results: dict, path: Path) -> None:
         names = [d for d in DEFENCES if d in results[n]]
         width = 0.8 / len(names)
         for k, d in enumerate(names):
-            ax.bar([a + k * width for a in range(len(ATTACKS))],
-                   [100 * results[n][d].get(a, float("nan")) for a in ATTACKS], width, label=d)
+            ax.bar([a + k * width for a in range(len(ATTACKS))], [100 * results[n][d][a] for a in ATTACKS], width,
+                   label=d, color=f"C{list(DEFENCES).index(d)}")  # one colour per defence in every panel
         ax.set_xticks([a + 0.4 - width / 2 for a in range(len(ATTACKS))], [a or "none" for a in ATTACKS])
         ax.set_ylabel("final test accuracy (%)")
         ax.set_title(f"digits, Dirichlet 0.5, {n} clients, {int(FRACTION * 100)}% Byzantine")
-        ax.set_ylim(0, 100)
-    axes[0, 0].legend(ncol=5, fontsize=8)
+        ax.set_ylim(0, 118)
+        ax.legend(ncol=len(names), fontsize=7, loc="upper center")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
