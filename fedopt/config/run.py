@@ -128,6 +128,7 @@ class RunConfig:
             (self.sim.transport != "inproc", f"--transport {self.sim.transport} (over the bus give {flag} to each "
                                              f"`fedopt client`)"),
             (self.sim.mode == "gossip", "--mode gossip"), (self.buffered.buffer_size is not None, "--buffer-size"),
+            (self.sim.nproc > 1, "--nproc (an omniscient attacker sees the whole round in one process)"),
             (self.train.algorithm == "scaffold", "--algorithm scaffold")) if cond]
         if refused:
             raise ConfigError(f"{flag} runs in the in-process simulation's synchronous rounds; it does not combine "
