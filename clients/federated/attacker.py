@@ -131,4 +131,5 @@ class _Pool:
         if len(rows) < self.colluders:
             log.warning("client %s: %d of %d colluders' updates for round %d", self.client, len(rows),
                         self.colluders, rnd)
+        (self.folder / f"round-{rnd - 2}" / f"{self.client}.npy").unlink(missing_ok=True)  # long read by all
         return torch.stack(rows).to(x.device, x.dtype)

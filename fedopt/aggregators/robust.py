@@ -2,6 +2,7 @@
 (Yin et al., "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates", ICML 2018).
 
 They hold all of a round's updates (O(n·P) memory) and cannot run under secure masking (``needs_plaintext``).
+Under FedBuff they run on each buffer of K staleness-weighted updates (a trimmed mean needs K large enough to trim).
 """
 
 from __future__ import annotations
