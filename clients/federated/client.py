@@ -54,6 +54,7 @@ from fedopt.testing import SECAGG_STAGES, Fault, SecAggExit, TokenBucket
 from fedopt.trainer import SMALL_MODEL, LocalTrainer, pick_device
 from fedopt.uplink import Uplink
 
+from clients.federated.attacker import arm
 from clients.federated.config import ClientConfig
 from clients.federated.training import TrainingThread
 
@@ -133,7 +134,8 @@ class FederatedClient:
             raise ConfigError(f"task {s['task']!r} builds a different model than the coordinator's")
         n = self.cfg.num_shards or int(s["clients"])
         data = task.load_data(self.cfg.shard, n, int(s["seed"]), PartitionSpec(s["partition"], s["alpha"]))
-        self.worker.trainer, self.worker.data = trainer, data.to(self.device)
+        data, self.worker.transform = arm(self.cfg, trainer.model, data.to(self.device), s)  # momentum, an attack
+        self.worker.trainer, self.worker.data = trainer, data
         self.worker.uplink = uplink(s.get("compress"), s.get("error_feedback", True) is not False, Memory)
         if spec.size < SMALL_MODEL and self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(1)  # see SMALL_MODEL

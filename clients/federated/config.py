@@ -33,6 +33,12 @@ class ClientConfig:
     give_up: float = 300.0  # seconds without a coordinator before the client exits
     identities: str | None = None  # secagg: folder of pinned identities and this client's secret (None: keys)
     exit_with_parent: bool = False  # stop when the process that started this one exits (local runs)
+    # a malicious client (clients.federated.attacker): what it does to the update it sends
+    attack: str | None = None  # sign_flip | scaling | gaussian | label_flip | alie | ipm (None: honest)
+    attack_options: dict = field(default_factory=dict)  # factor, sigma, z, epsilon (fedopt.attacks)
+    collude: str | None = None  # alie/ipm: a folder the colluding attackers share their honest-trained updates in
+    colluders: int = 1  # attackers sharing ``collude`` (this one included)
+    client_momentum: float = 0.0  # beta: send m = beta m + (1 - beta) delta (fedopt.client_momentum)
 
     def __post_init__(self):
         if not isinstance(self.connect, str) or not all(u.startswith(("tcp://", "ipc://", "inproc://"))
@@ -59,6 +65,9 @@ class ClientConfig:
         check_device(self.device, "--device")
         if not isinstance(self.task_options, dict):
             raise ConfigError("--task-option must be KEY=VALUE pairs")
+        from clients.federated.attacker import check_attacker
+
+        check_attacker(self)
 
     @property
     def urls(self) -> list[str]:

@@ -157,6 +157,13 @@ class Simulation:
     def _make_executor(self) -> Executor:
         cfg = self.cfg
         budget = int(cfg.sim.state_budget_mb * (1 << 20))
+        if cfg.robust.active:  # Byzantine clients or client momentum: what each client sends is its own
+            from clients.simulation.byzantine import ByzantineClients
+
+            if cfg.sim.backend == "vmap" or (cfg.sim.workers or 1) > 1:
+                _note("Byzantine clients and client momentum train one client at a time in this process (--backend "
+                      "and --workers apply to honest runs)")
+            return ByzantineClients(self.task, self.spec, self.shards, self.device, cfg, budget)
         if cfg.buffered.buffer_size is not None:
             if cfg.sim.backend == "vmap" or (cfg.sim.workers or 1) > 1:
                 _note("buffered asynchronous rounds train one client at a time in this process (--backend and "

@@ -25,9 +25,10 @@ sum(w). W = ``max_weight`` is the run's public cap (``--max-samples``); announce
 encoding: its width (32 or 64-bit words) is chosen so that n * W * (2^(bits-1) - 1) cannot wrap, whatever
 anyone claims. ``weighting="uniform"`` is the plain mean. ``inner`` names the weighting by the
 aggregator it stands for: an aggregator object (:func:`fedopt.aggregators.make_aggregator` turns a
-registered name into one), or the name ``"fedavg"`` or ``"mean"``. Aggregators that need plaintext
-updates (median, trimmed mean: ``needs_plaintext``) cannot be combined with masking; asking for that
-raises :class:`ConfigError`.
+registered name into one), or the name ``"fedavg"`` or ``"mean"``; a ``norm_bound`` object stands for
+``"fedavg"`` with its bound as ``clip`` (the clip each client applies before masking is norm bounding).
+Aggregators that need plaintext updates (median, trimmed mean, Krum, Bulyan, geomed, centered clipping:
+``needs_plaintext``) cannot be combined with masking; asking for that raises :class:`ConfigError`.
 
 Failure contract: if the protocol cannot complete (fewer than t live neighbours for some client at any
 stage, fewer than t honest shares of a secret, or a decoded sum outside the bounds honest inputs keep), the
@@ -135,6 +136,8 @@ class SecureAggregator:
     ) -> None:
         if inner is not None:
             weighting = _inner_weighting(inner)
+            if getattr(inner, "name", None) == "norm_bound":
+                clip = inner.bound  # norm bounding under masking is the clip every client applies before it masks
         if weighting not in _WEIGHTINGS:
             raise ConfigError(f"secagg weighting must be samples or uniform, not {weighting!r}")
         if neighbours is not None and (not isinstance(neighbours, int) or neighbours < 1):
@@ -278,9 +281,12 @@ def _inner_weighting(inner: Any) -> str:
     name = inner if isinstance(inner, str) else getattr(inner, "name", repr(inner))
     if getattr(inner, "needs_plaintext", False):
         raise ConfigError(f"aggregator {name!r} needs every client's update in the clear and cannot run under secure "
-                          f"aggregation (secagg reveals only the sum); use fedavg or mean with secagg")
+                          f"aggregation (secagg reveals only the sum); use fedavg, mean or norm_bound with secagg")
+    if name == "norm_bound":
+        return "samples"  # its clip is secagg's own client-side clip
     if name not in ("fedavg", "mean"):
-        raise ConfigError(f"secagg computes a (sample-)weighted mean; it can wrap fedavg or mean, not {name!r}")
+        raise ConfigError(f"secagg computes a (sample-)weighted mean; it can wrap fedavg or mean, not {name!r} "
+                          f"(or norm_bound, whose bound becomes the clip)")
     return name
 
 

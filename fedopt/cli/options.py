@@ -70,7 +70,8 @@ def add_round_options(p: argparse.ArgumentParser) -> None:
                    help="auto: keep partial work when mu > 0 (FedProx), drop it otherwise (FedAvg)")
     g.add_argument("--eval-every", type=int, default=S, help="evaluate every k rounds (default 1)")
     g = p.add_argument_group("aggregation")
-    g.add_argument("--aggregator", default=S, help="fedavg | weighted | mean | median | trimmed_mean | secagg")
+    g.add_argument("--aggregator", default=S, help="fedavg | weighted | mean | median | trimmed_mean | norm_bound | "
+                                                  "centered_clip | krum | multi_krum | bulyan | geomed | secagg")
     g.add_argument("--aggregator-option", dest="aggregator_options", action="append", type=parse_kv, default=S,
                    metavar="KEY=VALUE", help="option for the aggregator (repeatable)")
     g.add_argument("--server-opt", default=S, help="fedavg | fedavgm | fedadam | fedyogi | fedadagrad")

@@ -18,7 +18,8 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from ..launch import run_torchrun, under_torchrun
 from ..task import resolve_task
-from .options import add_buffered_options, add_bus_options, add_round_options, config_out, round_overrides
+from .options import (add_buffered_options, add_bus_options, add_round_options, config_out, parse_kv,
+                      round_overrides)
 
 __all__ = ["configure", "run_folder", "simulate_config", "run"]
 
@@ -53,6 +54,17 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--state-budget-mb", type=float, default=S,
                    help="memory for per-client state (SCAFFOLD); past it, state spills to disk (default 256)")
     add_buffered_options(p)
+    g = p.add_argument_group("Byzantine clients and client momentum (in-process synchronous rounds)")
+    g.add_argument("--attack", default=S,
+                   help="sign_flip | scaling | gaussian | label_flip | alie | ipm (fedopt.attacks): run by --attackers")
+    g.add_argument("--attackers", type=float, default=S,
+                   help="fraction of the clients that are Byzantine, chosen by --seed")
+    g.add_argument("--attack-option", dest="attack_options", action="append", type=parse_kv, default=S,
+                   metavar="KEY=VALUE", help="factor (scaling, 1000), sigma (gaussian, 200), z (alie: default from n "
+                                             "and f), epsilon (ipm, 0.1) (repeatable)")
+    g.add_argument("--client-momentum", type=float, default=S,
+                   help="BETA: clients send m = BETA m + (1 - BETA) delta instead of delta (pair with "
+                        "--aggregator centered_clip; default 0)")
     g = p.add_argument_group("virtual clock (metrics.jsonl gets virtual_seconds)")
     g.add_argument("--client-speed", default=S,
                    help="seconds of a client's full local job: lognormal:SIGMA[:MEDIAN] | classes:S1,S2,... | "

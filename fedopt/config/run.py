@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import ConfigError
+from .robust import RobustConfig
 from .sections import (Bounds, BufferedConfig, BusConfig, CompressionConfig, FederationConfig, PrivacyConfig,
                        SecAggConfig, SimConfig, TrainingConfig, choice)
 
@@ -24,7 +25,7 @@ __all__ = ["RunConfig", "FIELDS", "SECTIONS", "load_toml", "load_command_toml", 
 #: section attribute -> its class; flat names are the sections' field names, plus these aliases
 SECTIONS: dict[str, type] = {"train": TrainingConfig, "federation": FederationConfig, "secagg": SecAggConfig,
                              "bus": BusConfig, "bounds": Bounds, "sim": SimConfig, "buffered": BufferedConfig,
-                             "privacy": PrivacyConfig, "compression": CompressionConfig}
+                             "privacy": PrivacyConfig, "compression": CompressionConfig, "robust": RobustConfig}
 _ALIASES = {"secagg_neighbours": "neighbours", "secagg_threshold": "threshold"}
 
 
@@ -49,6 +50,7 @@ class RunConfig:
     buffered: BufferedConfig = field(default_factory=BufferedConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.task, str) or not self.task:
@@ -81,6 +83,8 @@ class RunConfig:
                               "asynchronous rounds: give --buffer-size K")
         if self.privacy.dp is not None:
             self._check_privacy()
+        if self.robust.active:
+            self._check_robust()
 
     def _check_privacy(self) -> None:
         """What ``--dp central`` does not combine with (yet), and a PLD accountant only for Poisson sampling."""
@@ -145,6 +149,23 @@ class RunConfig:
             (self.sim.backend == "vmap", "--backend vmap")) if cond]
         if refused:
             raise ConfigError(f"--compress does not combine with {refused[0]} yet")
+
+    def _check_robust(self) -> None:
+        """Byzantine clients and client momentum run in the in-process simulation's synchronous rounds."""
+        from ..attacks import byzantine_clients
+
+        flag = "--attack" if self.robust.attack is not None else "--client-momentum"
+        refused = [why for cond, why in (
+            (self.sim.transport != "inproc", f"--transport {self.sim.transport} (over the bus give {flag} to each "
+                                             f"`fedopt client`)"),
+            (self.sim.mode == "gossip", "--mode gossip"), (self.buffered.buffer_size is not None, "--buffer-size"),
+            (self.sim.nproc > 1, "--nproc (an omniscient attacker sees the whole round in one process)"),
+            (self.train.algorithm == "scaffold", "--algorithm scaffold")) if cond]
+        if refused:
+            raise ConfigError(f"{flag} runs in the in-process simulation's synchronous rounds; it does not combine "
+                              f"with {refused[0]}")
+        if self.robust.attack is not None:
+            byzantine_clients(self.federation.clients, self.robust.attackers, self.seed)
 
     # ---- flat names (flags and TOML keys) --------------------------------------------------------------------------
     @classmethod
@@ -241,7 +262,7 @@ FIELDS: dict[str, str] = {
     **{({v: k for k, v in _ALIASES.items()}.get(f.name, f.name) if s == "secagg" else f.name): s
        for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)},
 }
-_TABLES = {"task_options", "aggregator_options", "server_options"}
+_TABLES = {"task_options", "aggregator_options", "server_options", "attack_options"}
 
 
 def normalise_keys(raw: Mapping[str, Any], names, tables, source: str) -> dict:
