@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,dp]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,dp,opacus]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

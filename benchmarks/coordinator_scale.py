@@ -6,6 +6,9 @@
     All N are selected each round up to --sample (then a seeded sample of that many). Per N: the median round seconds
     (metrics.jsonl), the coordinator's CPU seconds per round (its process times, sampled as each round's line lands),
     and its RSS per connected client: (RSS once all N are ready - RSS before the first client) / N.
+    With --edges E, the same N clients join E ``fedopt aggregator`` processes and the root sees E clients: the root's
+    round seconds and CPU per round at N = 1,000 and 10,000 (every client trains every round; the edges share this
+    machine's cores with the root and the generators).
 (b) Distributed simulation: ``fedopt simulate --nproc 2`` against one process on a compute-bound round (1,000 clients
     a round, a 105k-parameter MLP): the median round-time ratio, and the largest absolute difference of the final
     models with fedavg, mean, median and secagg on a small run.
@@ -95,21 +98,31 @@ def swarm(url: str, ids: list[int], samples: int, size: int, ready, stop) -> Non
     ctx.term()
 
 
-def capacity(n: int, sample: int, procs: int, rounds: int, tmp: Path) -> dict:
-    """One coordinator and ``n`` generated clients for ``rounds`` rounds; the figures of (a)."""
-    url, out = f"tcp://127.0.0.1:{free_port()}", tmp / f"n{n}"
-    per_round = min(n, sample)
+def capacity(n: int, sample: int, procs: int, rounds: int, tmp: Path, edges: int = 0) -> dict:
+    """One coordinator and ``n`` generated clients for ``rounds`` rounds; the figures of (a). With ``edges`` > 0 the
+    clients join that many ``fedopt aggregator`` processes (client i the edge i % edges), which every round train all
+    their clients, and the root sees the edges only."""
+    name = f"n{n}-e{edges}"
+    url, out = f"tcp://127.0.0.1:{free_port()}", tmp / name
+    per_round = edges or min(n, sample)
     coord = spawn(fedopt_command("coordinator", "--bind", url, "--insecure", "--task", "digits", "--clients", str(n),
                                  "--clients-per-round", str(per_round), "--min-clients", str(per_round),
                                  "--rounds", str(rounds), "--heartbeat", str(HEARTBEAT), "--deadline", "600",
-                                 "--join-timeout", "600", "--out", str(out), "--progress", "off", "--no-plot",
-                                 "--max-clients", str(n + 16)), tmp / f"n{n}-coordinator.log")
+                                 "--join-timeout", "5" if edges else "600", "--out", str(out), "--progress", "off",
+                                 "--no-plot", "--max-clients", str(n + 16)), tmp / f"{name}-coordinator.log")
+    tier, urls = [], [url]
+    if edges:
+        urls = [f"tcp://127.0.0.1:{free_port()}" for _ in range(edges)]
+        tier = [spawn(fedopt_command("aggregator", "--bind", u, "--upstream", url, "--id", f"edge-{i}", "--clients",
+                                     str(len(range(i, n, edges))), "--insecure",
+                                     "--deadline", "600", "--join-timeout", "600", "--max-clients", str(n + 16)),
+                      tmp / f"{name}-edge-{i}.log") for i, u in enumerate(urls)]
     ctx = mp.get_context("spawn")
     ready, stop = ctx.Semaphore(0), ctx.Event()
     gens = []
     try:
         proc = psutil.Process(coord.pid)
-        log = tmp / f"n{n}-coordinator.log"
+        log = tmp / f"{name}-coordinator.log"
         end = time.monotonic() + 120
         while "listening on" not in (log.read_text() if log.exists() else "") and time.monotonic() < end:
             time.sleep(0.1)
@@ -117,8 +130,12 @@ def capacity(n: int, sample: int, procs: int, rounds: int, tmp: Path) -> dict:
         from fedopt.task import resolve_task
 
         size = sum(p.numel() for p in resolve_task("digits").build_model().parameters())
-        share = [list(range(i, n, procs)) for i in range(procs)]
-        gens = [ctx.Process(target=swarm, args=(url, ids, 100, size, ready, stop), daemon=True) for ids in share]
+        # each generator process speaks to one endpoint: the coordinator, or its share of the edges
+        share = []
+        for e, u in enumerate(urls):
+            ids, gens_here = list(range(e, n, len(urls))), max(1, procs // len(urls))
+            share += [(u, ids[k::gens_here]) for k in range(gens_here)]
+        gens = [ctx.Process(target=swarm, args=(u, ids, 100, size, ready, stop), daemon=True) for u, ids in share]
         t0 = time.monotonic()
         for g in gens:
             g.start()
@@ -140,7 +157,7 @@ def capacity(n: int, sample: int, procs: int, rounds: int, tmp: Path) -> dict:
         if coord.returncode != 0:
             raise RuntimeError(f"N={n}: the coordinator failed: {log.read_text()[-800:]}")
         rows = read_metrics(out / "metrics.jsonl")
-        return {"n": n, "per_round": per_round, "rounds": len(rows), "connect_s": connect_s,
+        return {"n": n, "edges": edges, "per_round": per_round, "rounds": len(rows), "connect_s": connect_s,
                 "round_s": statistics.median(r["seconds"] for r in rows),
                 "cpu_s_per_round": statistics.median(cpu[1:] or cpu),  # the first includes the wait for clients
                 "rss_kb_per_client": (rss_ready - rss0) / n / 1024, "rss_mb": rss_ready / 2**20}
@@ -150,7 +167,7 @@ def capacity(n: int, sample: int, procs: int, rounds: int, tmp: Path) -> dict:
             g.join(timeout=10)
             if g.is_alive():
                 g.kill()
-        stop_processes([coord])
+        stop_processes([coord, *tier])
 
 
 def distributed_sim(tmp: Path, repeats: int) -> tuple[float, float]:
@@ -194,6 +211,8 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=1000, help="clients selected per round at most")
     ap.add_argument("--procs", type=int, default=4, help="load generator processes")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--edges", type=int, default=4, help="edge aggregators of the hierarchical runs (0: none)")
+    ap.add_argument("--edge-sizes", default="1000,10000", help="N of the hierarchical runs")
     ap.add_argument("--sim-repeats", type=int, default=3)
     ap.add_argument("--no-sim", action="store_true")
     args = ap.parse_args()
@@ -206,6 +225,12 @@ def main() -> None:
             print(f"N={n}: {r['rounds']} rounds of {r['per_round']}, round {r['round_s']:.3f} s, coordinator "
                   f"{r['cpu_s_per_round']:.3f} CPU s a round, {r['rss_kb_per_client']:.1f} KB per client "
                   f"(RSS {r['rss_mb']:.0f} MB), all ready in {r['connect_s']:.1f} s", flush=True)
+        hier = {}
+        for n in map(int, args.edge_sizes.split(",")) if args.edges else ():
+            r = capacity(n, args.sample, args.procs, args.rounds, Path(d), edges=args.edges)
+            hier[n] = r
+            print(f"N={n} behind {args.edges} edges: {r['rounds']} rounds, root round {r['round_s']:.3f} s, root "
+                  f"{r['cpu_s_per_round']:.3f} CPU s a round (every client trains every round)", flush=True)
         ratio = diff = None
         if not args.no_sim:
             ratio, diff = distributed_sim(Path(d), args.sim_repeats)
@@ -217,7 +242,8 @@ def main() -> None:
     print(json.dumps({"clients_max": max((r["n"] for r in rows if r["rounds"] == args.rounds), default=None),
                       "rss_kb_per_client": round(by_n[max(by_n)]["rss_kb_per_client"], 2),
                       "round_s_10000": by_n.get(10000, {}).get("round_s"), "round_s_1000": by_n.get(1000, {}).get("round_s"),
-                      "hier_round_ratio_10000_vs_1000": None,
+                      "hier_round_ratio_10000_vs_1000": round(hier[10000]["round_s"] / hier[1000]["round_s"], 3)
+                      if {1000, 10000} <= hier.keys() else None,
                       "dist_sim_time_ratio_2proc": ratio and round(ratio, 3), "dist_sim_max_abs_diff": diff}))
 
 

@@ -188,12 +188,15 @@ def secure_sum(coord: Coordinator, r: int, participants: dict[str, int]) -> tupl
         info["aborted"] = reason
         for c in participants:
             server.reject(c, "secure aggregation aborted")
+        if server.privacy is not None:  # --dp distributed: every round counts, aborted or not
+            server.privacy.release(None)
         return info, ()
 
     agg = server.aggregator
     try:
         k, t = round_parameters(len(participants), agg.neighbours, agg.threshold)
-        quant = round_encoding(agg, len(participants), participants)  # W: the public cap, or the largest claim below it
+        # W: the public cap, or the largest claim below it; under --dp distributed, room for the noise
+        quant = round_encoding(agg, len(participants), participants, coord.spec.size)
         rcfg = RoundConfig.create(r, list(participants), quant.vector_length(coord.spec.size),
                                   modulus_bits=quant.modulus_bits, k=k, t=t)
     except SecAggError as e:  # e.g. fewer than 2 clients: no protocol message went out
@@ -215,8 +218,10 @@ def secure_sum(coord: Coordinator, r: int, participants: dict[str, int]) -> tupl
     for c in participants:
         if c not in out.survivors:
             server.reject(c, "dropped out of secure aggregation")
-    server.absorb(Aggregate(torch.from_numpy(out.mean), out.weight, len(out.survivors)),
-                  transport.train_loss(out.survivors), 1)
+    aggregate = Aggregate(torch.from_numpy(out.mean), out.weight, len(out.survivors))
+    if server.privacy is not None:  # --dp distributed: the noised sum over the expected cohort, counted
+        aggregate = server.privacy.release(aggregate)
+    server.absorb(aggregate, transport.train_loss(out.survivors), 1)
     info.update(survivors=len(out.survivors), secagg_dropped=len(out.dropped))
     log.info("secure round %d: sum of %d survivors (%d dropped after sharing keys)", r, len(out.survivors),
              len(out.dropped))

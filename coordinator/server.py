@@ -111,7 +111,10 @@ class Coordinator(ClientLink):
         self.welcome = wire.Welcome(spec=self.spec.to_dict(),
                                     config={**{k: flat[k] for k in CLIENT_SETTINGS},
                                             "secagg": cfg.federation.aggregator == "secagg",
-                                            "buffered": cfg.buffered.buffer_size is not None})
+                                            # an edge aggregator pre-aggregates only under a linear rule
+                                            "aggregator": cfg.federation.aggregator,
+                                            "buffered": cfg.buffered.buffer_size is not None,
+                                            "dp": cfg.privacy.dp, **self._dp_settings()})
         self._wait_since = clock()
         self._idle_since = clock()  # when the coordinator became free to start the next round
         self._waited = 0.0  # how long the round in progress waited for clients
@@ -119,6 +122,11 @@ class Coordinator(ClientLink):
         self._waiting_said: tuple | None = None  # (ready, when) of the last "waiting for clients" line
         self._attempt = 0
         self._bytes0 = (0, 0)
+
+    def _dp_settings(self) -> dict:
+        """``--dp distributed``: the public noise parameters every client adds its share with (WELCOME)."""
+        noise = getattr(self.server.aggregator, "dp_noise", None)
+        return {"dp_noise": noise.to_dict()} if noise is not None else {}
 
     # ---- the run ------------------------------------------------------------------------------------------------
     def serve(self) -> int:
@@ -132,10 +140,14 @@ class Coordinator(ClientLink):
                        fed_eval_every=cfg.bus.fed_eval_every, checkpoint=self._checkpoint).run()
             for peer in self.registry.peers():
                 self.ep.send(wire.Bye(reason="done"), to=peer)
-            self.output.finish(self.spec, self.server.global_vec,
-                               {"clients": f"{cfg.federation.clients} ({cfg.federation.per_round} per round)",
-                                "wall time": f"{time.perf_counter() - started:.1f} s (waits for clients included)",
-                                "out": str(self.output.dir), "dropped messages": self.dropped_messages})
+            summary = {"clients": f"{cfg.federation.clients} ({cfg.federation.per_round} per round)",
+                       "wall time": f"{time.perf_counter() - started:.1f} s (waits for clients included)",
+                       "out": str(self.output.dir), "dropped messages": self.dropped_messages}
+            if self.server.privacy is not None:
+                from fedopt.privacy import privacy_summary
+
+                summary["privacy"] = privacy_summary(self.server.privacy)
+            self.output.finish(self.spec, self.server.global_vec, summary)
             time.sleep(0.2)  # let the BYEs leave before the socket closes (linger is 0)
             return 0
         finally:

@@ -113,6 +113,8 @@ class TrainConfig:
     mu: float = 0.0  # FedProx proximal coefficient; 0 = plain local SGD
     max_steps: int | None = None  # a straggler's budget: stop after this many steps (partial work)
     seed: int = 0  # seeds the shuffling of this call, so runs are reproducible
+    dp_sgd_noise: float | None = None  # sample-level DP-SGD through Opacus (fedopt.dpsgd): noise multiplier; None: off
+    dp_sgd_clip: float = 1.0  # DP-SGD: each example's gradient L2 bound
     sampler: Any = None  # optional torch Sampler (e.g. DistributedSampler); replaces the seeded shuffle
     extra: dict = field(default_factory=dict)  # task-specific options passed through untouched
     # optional optimizer factory ``(params, config) -> Optimizer`` used by sgd_loop instead of a fresh one; lets a

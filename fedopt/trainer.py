@@ -63,6 +63,7 @@ class LocalTrainer:
         self._initial_local = {k: v.detach().clone() for k, v in self.model.state_dict().items()
                                if k in self._local_names}
         self._local: dict[str, dict[str, torch.Tensor]] = {}
+        self.dp_sgd = None  # --dp-sgd: fedopt.dpsgd.DPSGD, the clients' Opacus ledgers (made on first use)
 
     def train(self, client: str, global_vec: torch.Tensor, data: ClientData, config: TrainConfig) -> Update:
         """Train ``client`` from ``global_vec``; the returned delta is a view of a reused buffer."""
@@ -77,7 +78,14 @@ class LocalTrainer:
             torch.cuda.manual_seed(config.seed)
         else:
             torch.default_generator.manual_seed(config.seed)
-        metrics = self.task.train(self.model, data, config)
+        if config.dp_sgd_noise is not None:  # --dp-sgd: the standard loop's steps through Opacus (fedopt.dpsgd)
+            if self.dp_sgd is None:
+                from .dpsgd import DPSGD
+
+                self.dp_sgd = DPSGD()
+            metrics = self.dp_sgd.train(self.task, self.model, data, config, client)
+        else:
+            metrics = self.task.train(self.model, data, config)
         if self._local_names:
             self._save_local(client)
         delta = torch.sub(self.binding.read(), global_vec, out=self._delta)

@@ -63,6 +63,7 @@ class Cluster:
         self.procs: list[subprocess.Popen] = []
         self.coordinator: subprocess.Popen | None = None
         self.clients: dict[int, subprocess.Popen] = {}
+        self.edges: dict[str, subprocess.Popen] = {}
 
     def _spawn(self, args: list[str], log: str, faults: dict[Fault, object] | None = None) -> subprocess.Popen:
         p = spawn(fedopt_command(*args), self.tmp / log,
@@ -81,13 +82,21 @@ class Cluster:
         return self.coordinator
 
     def start_client(self, shard: int, *options: str, keys: str | None = "same",
-                     faults: dict[Fault, object] | None = None) -> subprocess.Popen:
-        """Client ``shard``; ``faults`` are injected through its environment (``fedopt.testing.fault_env``)."""
+                     faults: dict[Fault, object] | None = None, connect: str | None = None) -> subprocess.Popen:
+        """Client ``shard`` of the coordinator (or of ``connect``: edges); ``faults`` are injected through its
+        environment (``fedopt.testing.fault_env``)."""
         keys = self.keys if keys == "same" else keys
-        args = ["client", "--connect", self.url, *self.security(keys), "--shard", str(shard), "--give-up", "60",
-                *options]
+        args = ["client", "--connect", connect or self.url, *self.security(keys), "--shard", str(shard),
+                "--give-up", "60", *options]
         self.clients[shard] = self._spawn(args, f"client-{shard}.log", faults)
         return self.clients[shard]
+
+    def start_edge(self, name: str, *options: str) -> str:
+        """An edge aggregator ``name`` (``fedopt aggregator``, insecure) joined to the coordinator; its URL."""
+        url = f"tcp://127.0.0.1:{free_port()}"
+        self.edges[name] = self._spawn(["aggregator", "--bind", url, "--upstream", self.url, "--id", name,
+                                        "--insecure", "--give-up", "60", *options], f"edge-{name}.log")
+        return url
 
     def log(self, name: str = "coordinator") -> str:
         p = self.tmp / f"{name}.log"

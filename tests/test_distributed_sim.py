@@ -29,7 +29,11 @@ def test_two_ranks_give_the_metrics_and_model_of_one_process(tmp_path, aggregato
     common = ["simulate", "--clients", "12", "--clients-per-round", "9", "--rounds", "3", "--seed", "5",
               "--aggregator", aggregator, "--progress", "off", "--no-plot"]
     assert main([*common, "--out", str(tmp_path / "one")]) == 0
-    assert main([*common, "--out", str(tmp_path / "two"), "--nproc", "2"]) == 0
+    if aggregator == "fedavg":  # and --resume: rank 0 reads the checkpoint of round 2 and tells the other rank
+        assert main([*common, "--rounds", "2", "--out", str(tmp_path / "two"), "--nproc", "2"]) == 0
+        assert main([*common, "--out", str(tmp_path / "two"), "--nproc", "2", "--resume"]) == 0
+    else:
+        assert main([*common, "--out", str(tmp_path / "two"), "--nproc", "2"]) == 0
     one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
     assert len(one) == len(two) == 3
     for a, b in zip(one, two):
@@ -44,3 +48,27 @@ def test_two_ranks_give_the_metrics_and_model_of_one_process(tmp_path, aggregato
 def test_what_ranks_do_not_combine_with_is_one_line(flags, named):
     with pytest.raises(ConfigError, match=f"--nproc .* does not combine with {named}"):
         check_distributed(RunConfig.of(clients=4, nproc=2, **flags))
+
+
+def test_resume_continues_after_the_last_checkpoint_as_an_uninterrupted_run(tmp_path):
+    common = ["simulate", "--clients", "6", "--rounds", "5", "--seed", "3", "--checkpoint-every", "2", "--progress",
+              "off", "--no-plot"]
+    assert main([*common, "--out", str(tmp_path / "whole")]) == 0
+    assert main([*common, "--rounds", "3", "--out", str(tmp_path / "cut")]) == 0  # checkpoints after rounds 2 and 3
+    assert main([*common, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    a, b = _rows(tmp_path / "whole"), _rows(tmp_path / "cut")
+    assert [r["round"] for r in b] == [1, 2, 3, 4, 5]
+    assert [(r["accuracy"], r["loss"]) for r in a] == [(r["accuracy"], r["loss"]) for r in b]
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert all(bool((a[k] == b[k]).all()) for k in a)  # seeded per round and client: bit for bit
+
+
+def test_resume_errors_are_one_line(tmp_path, capsys):
+    assert main(["simulate", "--clients", "4", "--rounds", "1", "--out", str(tmp_path / "none"), "--resume",
+                 "--progress", "off"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert main(["simulate", "--clients", "4", "--rounds", "1", "--out", str(tmp_path / "s"), "--algorithm", "scaffold",
+                 "--progress", "off", "--no-plot"]) == 0
+    assert main(["simulate", "--clients", "4", "--rounds", "2", "--out", str(tmp_path / "s"), "--algorithm", "scaffold",
+                 "--resume", "--progress", "off"]) == 2
+    assert "does not combine with --algorithm scaffold" in capsys.readouterr().err

@@ -358,7 +358,7 @@ DP = dict(dp="central", noise_multiplier=1.0, dp_clip_norm=1.0)
     ({**DP, "noise_source": "dev"}, "--noise-source must be one of seeded, secure"),
     ({**DP, "aggregator": "median"}, "use --aggregator fedavg or mean, not 'median'"),
     ({**DP, "aggregator": "secagg"}, "--dp central does not combine with --aggregator secagg"),
-    ({**DP, "buffer_size": 2}, "--dp central does not combine with --buffer-size"),
+    ({**DP, "buffer_size": 2, "aggregator": "secagg"}, "--dp central does not combine with --aggregator secagg"),
     ({**DP, "mode": "gossip"}, "--dp central does not combine with --mode gossip"),
     ({**DP, "algorithm": "scaffold"}, "--dp central does not combine with --algorithm scaffold"),
     (dict(noise_multiplier=1.0, delta=1e-5), "--noise-multiplier, --delta apply to differentially private runs: "
@@ -455,3 +455,77 @@ def test_the_config_file_round_trips_the_privacy_section(tmp_path):
 
     assert build_config(str(path)) == cfg
     assert dataclasses.asdict(cfg.privacy)["adaptive_clip"] == 0.5
+
+
+# ---- (i) FedBuff: each buffer is one release, accounted without amplification ----------------------------------------
+BUFFERED = {**RUN, "clients": 12, "buffer_size": 3, "concurrency": 6, "rounds": 4, "noise_multiplier": 1.0}
+
+
+def test_buffered_dp_counts_buffer_closings_without_sampling(tmp_path):
+    result = simulate(RunConfig.of(**BUFFERED, out=str(tmp_path / "run")))
+    records = result.records
+    assert [r["version"] for r in records] == [1, 2, 3, 4] and all(r["clients"] == 3 for r in records)
+    # q = 1: k buffers are k unsampled Gaussian releases (dp_accounting used directly)
+    want = [reference_epsilon("rdp", dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(1.0), k), default_delta(12))
+            for k in (1, 2, 3, 4)]
+    assert [r["epsilon"] for r in records] == pytest.approx(want, rel=0.01)
+    server = RoundServer.for_run(RunConfig.of(**BUFFERED), resolve_task("digits", {}), torch.device("cpu"))
+    assert server.privacy.expected == 3 and server.privacy.accountant.q == 1.0  # the noised sum over K
+
+
+def test_a_budget_stops_buffered_dp_before_the_buffer_that_would_exceed_it(tmp_path, caplog):
+    acc = Accountant("rdp", "poisson", population=12, per_round=1.0, noise_multiplier=1.0)
+    target = (acc.epsilon(2) + acc.epsilon(3)) / 2
+    records = simulate(RunConfig.of(**{**BUFFERED, "target_epsilon": target, "out": str(tmp_path / "run")})).records
+    assert [r["version"] for r in records] == [1, 2] and records[-1]["epsilon"] <= target
+    assert "stopping before version 3: privacy budget reached" in caplog.text
+
+
+# ---- (j) sample-level DP-SGD in a client, through Opacus ------------------------------------------------------------
+def test_dp_sgd_reports_each_clients_epsilon_over_all_its_steps():
+    pytest.importorskip("opacus")
+    task = resolve_task("digits", {})
+    torch.manual_seed(0)
+    spec = ParamSpec.from_module(task.build_model())
+    from fedopt.trainer import LocalTrainer
+
+    trainer = LocalTrainer(task, spec)
+    data = task.load_data(0, 20, 0)
+    n = data.num_samples
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.1, seed=1, dp_sgd_noise=1.1, dp_sgd_clip=1.0)
+    vec = spec.flatten(trainer.model).clone()
+    first = trainer.train("a", vec, data, cfg).metrics
+    second = trainer.train("a", vec, data, cfg).metrics  # the same client again: its ledger goes on
+    other = trainer.train("b", vec, data, cfg).metrics  # another client starts its own
+    q, steps = 1 / math.ceil(n / 16), first["steps"]
+    assert steps == math.ceil(n / 16) and first["dp_sgd_delta"] == pytest.approx(n ** -1.1)
+
+    def reference(k: int) -> float:  # dp_accounting, not Opacus: the sampled Gaussian over k steps
+        event = dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(1.1)), k)
+        return reference_epsilon("rdp", event, n ** -1.1)
+
+    assert first["dp_sgd_epsilon"] == pytest.approx(reference(steps), rel=0.03)
+    assert second["dp_sgd_epsilon"] == pytest.approx(reference(2 * steps), rel=0.03)
+    assert other["dp_sgd_epsilon"] == first["dp_sgd_epsilon"]
+
+
+def test_dp_sgd_simulation_records_client_epsilon_and_vmap_falls_back(tmp_path, capsys):
+    """--backend vmap falls back with its one line; each round's line has its clients' mean and max epsilon."""
+    pytest.importorskip("opacus")
+    cfg = RunConfig.of(task="digits", clients=20, clients_per_round=4, rounds=2, local_epochs=1, lr=0.1,
+                       progress="off", plot=False, seed=5, device="cpu", dp_sgd=True, dp_sgd_noise=1.0,
+                       backend="vmap", out=str(tmp_path / "run"))
+    records = simulate(cfg).records
+    assert capsys.readouterr().err.count("--dp-sgd trains one client at a time with Opacus") == 1
+    assert all(0 < r["dp_sgd_epsilon_mean"] <= r["dp_sgd_epsilon_max"] for r in records)
+
+
+def test_dp_sgd_without_opacus_is_one_config_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "opacus", None)  # `import opacus` now raises ImportError
+    rc = main(["simulate", "--dp-sgd", "--rounds", "1", "--out", str(tmp_path / "run"), "--progress", "off"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "pip install 'fedopt[opacus]'" in err
+    with pytest.raises(ConfigError, match="--dp-sgd-noise and --dp-sgd-clip apply to --dp-sgd"):
+        RunConfig.of(dp_sgd_noise=2.0)
+    with pytest.raises(ConfigError, match="--dp-sgd does not combine with --mu"):
+        RunConfig.of(dp_sgd=True, mu=0.1)

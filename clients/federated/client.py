@@ -5,9 +5,11 @@ the coordinator, sends heartbeats and notices silence. The training thread (:mod
 the jobs it is handed and wakes the socket thread through an inproc PAIR pipe when a result is ready, so heartbeats
 keep flowing however long training takes. Its config is a :class:`~clients.federated.config.ClientConfig`.
 
-Paranoid Pirate (the ZeroMQ guide, chapter 4): when the coordinator is silent for 3 heartbeat intervals, or says BYE
-for any reason but "done", the client closes its socket, waits a capped exponential backoff, opens a fresh one and
-says HELLO again; so a coordinator restarted with ``--resume`` gets its clients back without anyone touching them.
+Paranoid Pirate (the ZeroMQ guide, chapter 4; :mod:`fedopt.uplink`): when the coordinator is silent for 3 heartbeat
+intervals, or says BYE for any reason but "done", the client closes its socket, waits a capped exponential backoff,
+opens a fresh one and says HELLO again; so a coordinator restarted with ``--resume`` gets its clients back without
+anyone touching them. With several endpoints (``--connect URL1,URL2``: edge aggregators) each new session goes to the
+next one listed, so the clients of an edge that dies move to another.
 
 Secure aggregation: when WELCOME says the run uses ``secagg``, the client answers SECAGG messages through a
 :class:`~fedopt.secagg.SecAggClient` on the socket thread and, once trained and masked, OFFERs its masked update and
@@ -15,7 +17,9 @@ sends it (SECAGG instead of UPDATE) when the coordinator PULLs it, so masked upl
 buffered asynchronous rounds the finished update stays here (OFFER for its job) until COHORT names the secure round
 that aggregates it and the staleness weight to scale it by; then it is masked for that round as above. Its
 long-term identity key and every peer's pinned public identity come from ``--identities DIR`` (default:
-``--keys DIR``), never from the coordinator (trust model: :mod:`fedopt.identity`).
+``--keys DIR``), never from the coordinator (trust model: :mod:`fedopt.identity`). Under ``--dp distributed`` WELCOME
+carries the run's public noise parameters (``dp_noise``) and the client adds its Skellam share to each update before
+masking it, with noise from ``os.urandom`` (:mod:`fedopt.secagg.skellam`).
 
 Compression: when WELCOME names a ``compress`` spec, the training thread compresses each update
 (:mod:`fedopt.compress`) and this client keeps its error-feedback residual (for a biased compressor, unless the run
@@ -41,15 +45,16 @@ import zmq
 from fedopt import bus, wire
 from fedopt.compress import Memory, Packed, uplink
 from fedopt.data import PartitionSpec
-from fedopt.errors import AuthError, ConfigError, FedoptError
+from fedopt.errors import ConfigError, FedoptError, SecAggError
 from fedopt.identity import find_identity_dir, load_identity, load_pinned
-from fedopt.liveness import Backoff, Liveness, Ticker
 from fedopt.params import ParamSpec
-from fedopt.secagg import SecAggClient, codec
+from fedopt.secagg import DistributedNoise, SecAggClient, codec
 from fedopt.task import resolve_task
 from fedopt.testing import SECAGG_STAGES, Fault, SecAggExit, TokenBucket
 from fedopt.trainer import SMALL_MODEL, LocalTrainer, pick_device
+from fedopt.uplink import Uplink
 
+from clients.federated.attacker import arm
 from clients.federated.config import ClientConfig
 from clients.federated.training import TrainingThread
 
@@ -74,11 +79,14 @@ class FederatedClient:
     def __init__(self, cfg: ClientConfig, security: bus.Security, secure: SecAggClient | None = None,
                  faults: Mapping[Fault, object] | None = None) -> None:
         self.cfg = cfg
-        self.connect, self.security, self.client = cfg.connect, security, cfg.client_id
+        self.client = cfg.client_id
         self.device = pick_device(cfg.device)
-        self.heartbeat, self.give_up = cfg.heartbeat, cfg.give_up  # heartbeat: the coordinator's, once welcomed
         self.exit_with_parent = os.getppid() if cfg.exit_with_parent else None
         self.ctx = zmq.Context()
+        # heartbeat: cfg's until WELCOME gives the coordinator's
+        self.uplink = Uplink(self.ctx, cfg.urls, security, wire.Hello(client=self.client, device=self.device.type,
+                                                                      sender=self.client),
+                             cfg.heartbeat, cfg.give_up, f"client {self.client}", log)
         self.pipe = self.ctx.socket(zmq.PAIR)
         self.pipe.setsockopt(zmq.LINGER, 0)
         url = f"inproc://fedopt-client-{id(self)}"
@@ -106,6 +114,11 @@ class FederatedClient:
             return  # a reconnect to the same run: keep the loaded shard
         if self.secure is not None and isinstance(s.get("max_samples"), int):
             self.secure.max_weight = s["max_samples"]  # the run's cap on the weight folded into a masked vector
+        if self.secure is not None:  # --dp distributed: add this share of Skellam noise to every masked update
+            try:
+                self.secure.dp_noise = DistributedNoise.from_dict(s["dp_noise"]) if "dp_noise" in s else None
+            except SecAggError as e:
+                raise ConfigError(f"the coordinator's distributed DP settings are not valid: {e}") from None
         if s.get("secagg") and self.secure is None:
             raise ConfigError("the coordinator runs secure aggregation and this client has no identity key: give "
                               "--identities DIR (or --keys DIR) made by `fedopt keys generate`")
@@ -121,7 +134,8 @@ class FederatedClient:
             raise ConfigError(f"task {s['task']!r} builds a different model than the coordinator's")
         n = self.cfg.num_shards or int(s["clients"])
         data = task.load_data(self.cfg.shard, n, int(s["seed"]), PartitionSpec(s["partition"], s["alpha"]))
-        self.worker.trainer, self.worker.data = trainer, data.to(self.device)
+        data, self.worker.transform = arm(self.cfg, trainer.model, data.to(self.device), s)  # momentum, an attack
+        self.worker.trainer, self.worker.data = trainer, data
         self.worker.uplink = uplink(s.get("compress"), s.get("error_feedback", True) is not False, Memory)
         if spec.size < SMALL_MODEL and self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(1)  # see SMALL_MODEL
@@ -133,110 +147,58 @@ class FederatedClient:
     def serve(self) -> int:
         self.worker.start()
         log.info("client %s: connecting to the coordinator at %s (gives up after %.0fs without one: --give-up)",
-                 self.client, self.connect, self.give_up)
-        backoff = Backoff(0.25, cap=8.0)
-        last_contact = time.monotonic()
+                 self.client, ", ".join(self.uplink.urls), self.uplink.give_up)
         try:
-            while True:
-                outcome = self._session()
-                if outcome == "done":
-                    return 0
-                if outcome == "welcomed":
-                    backoff.reset()
-                    last_contact = time.monotonic()
-                if time.monotonic() - last_contact > self.give_up:
-                    raise FedoptError(f"no coordinator at {self.connect} for {self.give_up:.0f}s: giving up")
-                delay = backoff.next()
-                left = self.give_up - (time.monotonic() - last_contact)
-                log.info("client %s: reconnecting to %s in %.2fs (giving up in %.0fs)", self.client, self.connect,
-                         delay, left)
-                time.sleep(delay)
+            while self._session() != "done":
+                time.sleep(self.uplink.lost())  # the next listed endpoint, after a backoff
+            return 0
         finally:
+            self.uplink.close()
             self.worker.stopping.set()
             self.worker.join(timeout=5)
             self.pipe.close(0)
             self.ctx.term()
 
     def _session(self) -> str:
-        """One connection; returns "done", "welcomed" (lost after registering) or "lost" (never registered)."""
-        sock = bus.dealer(self.ctx, self.connect, self.security)
-        monitor = bus.handshake_monitor(sock) if self.security.curve else None
-        ep = bus.Endpoint(sock)
+        """One connection (:class:`~fedopt.uplink.Uplink`); returns "done", or "lost" when it ended otherwise."""
+        up = self.uplink
+        ep = up.open()
         poller = zmq.Poller()
-        for s in (sock, self.pipe, monitor):
-            if s is not None:
-                poller.register(s, zmq.POLLIN)
-        live: Liveness[str] = Liveness(self.heartbeat)
-        live.heard("coordinator")  # the silence clock starts now
-        ticker = Ticker(self.heartbeat)
-        welcomed = False
-        self._models_read = 0  # TRAIN/EVALUATE read on this connection: heartbeats carry it (see Coordinator)
-        ep.send(wire.Hello(client=self.client, device=self.device.type, sender=self.client))
-        try:
-            self._deferred = []
-            while True:
-                wait = min([ticker.remaining(), *(when - time.monotonic() for when, _ in self._deferred)])
-                events = dict(poller.poll(int(max(0.01, wait) * 1000)))
-                while self._deferred and self._deferred[0][0] <= time.monotonic():
-                    ep.send(self._deferred.pop(0)[1])
-                if monitor is not None and monitor in events:
-                    self._handshake_failed(bus.handshake_failures(monitor))
-                if self.pipe in events:
-                    self.pipe.recv()
-                    self._deliver(ep)
-                if sock in events:
-                    try:
-                        _, msg = ep.recv(0)
-                    except bus.BadMessage as e:
-                        log.warning("dropped a message from the coordinator: %s", e)
-                        continue
-                    live.heard("coordinator")
-                    try:
-                        status = self._handle(ep, msg)
-                    except FedoptError:
-                        raise
-                    except Exception as e:  # a message this client cannot handle must not end it
-                        log.exception("client %s: handling %s failed: %s", self.client, msg.TYPE, e)
-                        continue
-                    if status == "welcomed":
-                        welcomed = True
-                        live = Liveness(self.heartbeat)
-                        live.heard("coordinator")
-                        ticker = Ticker(self.heartbeat)
-                    elif status is not None:
-                        return status if status == "done" else ("welcomed" if welcomed else "lost")
-                if ticker.due():
-                    ep.send(wire.Heartbeat(round=self._models_read, sender=self.client))
-                if live.expire():
-                    log.warning("client %s: no answer from the coordinator at %s for %d heartbeats (%.0fs)",
-                                self.client, self.connect, live.misses, live.misses * self.heartbeat)
-                    return "welcomed" if welcomed else "lost"
-                if self.exit_with_parent is not None and os.getppid() != self.exit_with_parent:
-                    return "done"  # the process that started us is gone: no strays
-        finally:
-            if monitor is not None:
-                sock.disable_monitor()
-                monitor.close(0)
-            ep.close()
-
-    def _handshake_failed(self, events: list[int]) -> None:
-        """A CurveZMQ handshake failed: the keys are wrong, which retrying cannot mend. Raises AuthError."""
-        if zmq.EVENT_HANDSHAKE_FAILED_AUTH in events:
-            raise AuthError(f"the coordinator at {self.connect} refused this client's key (it is not in the "
-                            f"coordinator's allow-list)")
-        if events:
-            raise AuthError(f"the CurveZMQ handshake with {self.connect} failed: the coordinator.key this client "
-                            f"holds is not that coordinator's key (were the keys generated again?)")
+        for s in (*up.sockets, self.pipe):
+            poller.register(s, zmq.POLLIN)
+        self._deferred = []
+        while True:
+            wait = min([up.timeout(), *(when - time.monotonic() for when, _ in self._deferred)])
+            events = dict(poller.poll(int(max(0.01, wait) * 1000)))
+            while self._deferred and self._deferred[0][0] <= time.monotonic():
+                ep.send(self._deferred.pop(0)[1])  # an UPDATE the uplink bucket held back (Fault.SLOW_UPLINK)
+            if self.pipe in events:
+                self.pipe.recv()
+                self._deliver(ep)
+            if any(s in events for s in up.sockets):
+                msg = up.recv()
+                try:
+                    status = None if msg is None else self._handle(ep, msg)
+                except FedoptError:
+                    raise
+                except Exception as e:  # a message this client cannot handle must not end it
+                    log.exception("client %s: handling %s failed: %s", self.client, msg.TYPE, e)
+                    continue
+                if status == "welcomed":
+                    up.welcome(msg)
+                elif status is not None:
+                    return status
+            if not up.keepalive():
+                return "lost"
+            if self.exit_with_parent is not None and os.getppid() != self.exit_with_parent:
+                return "done"  # the process that started us is gone: no strays
 
     def _handle(self, ep: bus.Endpoint, msg: wire.Message) -> str | None:
         if isinstance(msg, wire.Welcome):
-            hb = msg.config.get("heartbeat")
-            if isinstance(hb, (int, float)) and 0.01 <= hb <= 3600:
-                self.heartbeat = float(hb)  # the coordinator's interval, so both sides count misses alike
             self.worker.jobs.put(("setup", 0, lambda: self._setup(msg)))
             return "welcomed"
         if isinstance(msg, (wire.Train, wire.Evaluate)):
-            self._models_read += 1
+            self.uplink.models_read += 1
         if isinstance(msg, wire.Train):
             log.info("client %s: training round %d", self.client, msg.round)
             self._pending = self._held = None
@@ -278,7 +240,7 @@ class FederatedClient:
                 log.info("client %s: the run is done", self.client)
                 return "done"
             log.info("client %s: coordinator said %r", self.client, msg.reason)
-            return "reconnect"
+            return "lost"
         return None
 
     def _send_update(self, ep: bus.Endpoint, msg: wire.UpdateMsg) -> None:
@@ -359,7 +321,9 @@ class FederatedClient:
 def run_client(cfg: ClientConfig, faults: Mapping[Fault, object] | None = None) -> int:
     """``fedopt client``: load the keys and identity ``cfg`` names, then serve until the run is done; 0 then."""
     faults = faults or {}
-    security = bus.security_for(cfg.connect, cfg.keys, cfg.insecure, "client", cfg.own_key_name if cfg.keys else None)
+    # every endpoint is checked (plain TCP needs --insecure); they share one set of keys (edges of one tier share a key)
+    security = [bus.security_for(url, cfg.keys, cfg.insecure, "client", cfg.own_key_name if cfg.keys else None)
+                for url in cfg.urls][0]
     secure = None
     ident = find_identity_dir(cfg.identities, cfg.keys)
     if ident is not None:

@@ -18,7 +18,7 @@ __all__ = ["ClientConfig"]
 
 @dataclass(frozen=True)
 class ClientConfig:
-    connect: str  # the coordinator: tcp://HOST:PORT or ipc://PATH
+    connect: str  # the coordinator: tcp://HOST:PORT or ipc://PATH; or several, comma-separated (failover, see urls)
     keys: str | None = None  # key folder holding coordinator.key and this client's secret (CurveZMQ)
     key_name: str | None = None  # this client's key name (None: client-NNN for shard NNN)
     insecure: bool = False  # allow plain TCP without authentication
@@ -33,10 +33,18 @@ class ClientConfig:
     give_up: float = 300.0  # seconds without a coordinator before the client exits
     identities: str | None = None  # secagg: folder of pinned identities and this client's secret (None: keys)
     exit_with_parent: bool = False  # stop when the process that started this one exits (local runs)
+    # a malicious client (clients.federated.attacker): what it does to the update it sends
+    attack: str | None = None  # sign_flip | scaling | gaussian | label_flip | alie | ipm (None: honest)
+    attack_options: dict = field(default_factory=dict)  # factor, sigma, z, epsilon (fedopt.attacks)
+    collude: str | None = None  # alie/ipm: a folder the colluding attackers share their honest-trained updates in
+    colluders: int = 1  # attackers sharing ``collude`` (this one included)
+    client_momentum: float = 0.0  # beta: send m = beta m + (1 - beta) delta (fedopt.client_momentum)
 
     def __post_init__(self):
-        if not (isinstance(self.connect, str) and self.connect.startswith(("tcp://", "ipc://", "inproc://"))):
-            raise ConfigError(f"--connect {self.connect!r} must start with tcp://, ipc:// or inproc://")
+        if not isinstance(self.connect, str) or not all(u.startswith(("tcp://", "ipc://", "inproc://"))
+                                                         for u in self.connect.split(",")):
+            raise ConfigError(f"--connect {self.connect!r} must be addresses that start with tcp://, ipc:// or "
+                              f"inproc://, separated by commas")
         if self.data is not None:
             if not Path(self.data).exists():
                 raise ConfigError(f"--data {self.data}: no such file or directory")
@@ -57,6 +65,14 @@ class ClientConfig:
         check_device(self.device, "--device")
         if not isinstance(self.task_options, dict):
             raise ConfigError("--task-option must be KEY=VALUE pairs")
+        from clients.federated.attacker import check_attacker
+
+        check_attacker(self)
+
+    @property
+    def urls(self) -> list[str]:
+        """The endpoints of ``connect`` in order: a session that goes silent moves on to the next (edge failover)."""
+        return self.connect.split(",")
 
     @property
     def client_id(self) -> str:

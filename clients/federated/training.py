@@ -39,6 +39,9 @@ class TrainingThread(threading.Thread):
         self.trainer: LocalTrainer | None = None
         self.data = None
         self.uplink = None  # fedopt.compress.ErrorFeedback when the run compresses updates
+        #: (round, delta, training seed) -> what is sent instead of the delta: client momentum or an attack
+        #: (clients.federated.attacker); None sends the delta
+        self.transform = None
 
     def run(self) -> None:
         pipe = self.ctx.socket(zmq.PAIR)  # made in this thread: this thread's end of the pipe
@@ -75,11 +78,14 @@ class TrainingThread(threading.Thread):
                 time.sleep(self.slow)  # Fault.SLOW_TRAIN: a straggler slower than the deadline
             cfg = TrainConfig(**{k: v for k, v in payload["config"].items() if k in _TRAIN_FIELDS})
             update = self.trainer.train(payload["client"], vec, self.data, cfg)
-            if self.uplink is not None:  # compressed here, off the socket thread; the residual stays with us
-                packed = self.uplink.compress(payload["client"], update.delta, cfg.seed)
-                return ("update", rnd, (packed, update.num_samples, update.metrics))
             # the trainer reuses its delta buffer; the copy keeps a queued zero-copy send intact
-            return ("update", rnd, (update.delta.detach().cpu().clone(), update.num_samples, update.metrics))
+            delta = update.delta.detach().cpu().clone()
+            if self.transform is not None:  # client momentum, or an attack: what is sent instead of the delta
+                delta = self.transform(rnd, delta, cfg.seed)
+            if self.uplink is not None:  # compressed here, off the socket thread; the residual stays with us
+                packed = self.uplink.compress(payload["client"], delta, cfg.seed)
+                return ("update", rnd, (packed, update.num_samples, update.metrics))
+            return ("update", rnd, (delta, update.num_samples, update.metrics))
         split = self.data.test if self.data.test is not None else self.data.train
         metrics = self.trainer.evaluate(vec, split)
         return ("result", rnd, (metrics, num_samples(split)))

@@ -14,7 +14,8 @@ server would, and the shares are exchanged with torch.distributed collectives (g
   (``all_gather_object``), offered in the plan's order, so the aggregator sees what it sees in one process.
 
 Every rank then takes the same server step; each round starts with rank 0's model broadcast, so the replicas cannot
-drift, and rank 0 alone evaluates and writes metrics.jsonl, the model and the summary. There is no transport of
+drift, and rank 0 alone evaluates and writes metrics.jsonl, the model, the summary and the checkpoints (with
+``--resume`` it reads the checkpoint and tells the other ranks the round to start from). There is no transport of
 fedopt's own between ranks. A rank that dies makes the others' collectives fail, and torchrun ends the group.
 """
 
@@ -29,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from fedopt.aggregators import Aggregate, Update
+from fedopt.checkpoint import load_checkpoint
 from fedopt.config import RunConfig
 from fedopt.engine import Job, RoundServer
 from fedopt.errors import ConfigError
@@ -113,8 +115,9 @@ def check_distributed(cfg: RunConfig) -> None:
         raise ConfigError(f"--nproc (simulation on torch.distributed) does not combine with {refused[0]}")
 
 
-def simulate_rank(cfg: RunConfig) -> int:
-    """One rank of a distributed simulation (this process was started by torchrun); 0 when the run is done."""
+def simulate_rank(cfg: RunConfig, resume: bool = False) -> int:
+    """One rank of a distributed simulation (this process was started by torchrun); 0 when the run is done.
+    ``resume``: rank 0 continues after the run's checkpoint, and tells the others where."""
     from clients.simulation.run import Simulation, summary
 
     check_distributed(cfg)
@@ -130,10 +133,17 @@ def simulate_rank(cfg: RunConfig) -> int:
         rank = dist.get_rank()
         sim.executor = DistributedClients(sim.executor, sim.sizes)
         sim.evaluates = rank == 0  # the other ranks' evaluation would only be thrown away
+        if resume:
+            if rank == 0:
+                sim.resume(load_checkpoint(cfg.out))
+            kept = [sim.start, sim.server.state()]
+            dist.broadcast_object_list(kept, src=0)  # the model itself comes with each round's broadcast
+            sim.start = kept[0]
+            sim.server.restore(kept[1])
         output = None
         if rank == 0:
             output = RunOutput(cfg.out, cfg.federation.rounds, cfg.progress, title=f"fedopt simulate: {cfg.task}",
-                               plot=cfg.plot)
+                               resume_after=sim.start - 1 if resume else None, plot=cfg.plot)
         try:
             if output is not None:
                 output.setup(cfg, sim.task)

@@ -27,8 +27,10 @@ from typing import Protocol
 
 import torch
 
+from fedopt.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedopt.compress import Compressor, decompress, downlink
 from fedopt.config import RunConfig
+from fedopt.errors import ConfigError
 from fedopt.data import PartitionSpec
 from fedopt.engine import Engine, Job, RoundServer
 from fedopt.engine.buffered import BufferedEngine
@@ -105,6 +107,10 @@ class Simulation:
         self.cfg = cfg
         self.task = resolve_task(cfg.task, cfg.task_options)
         self.device = pick_device(cfg.device)
+        if cfg.train.dp_sgd:
+            from fedopt.dpsgd import require_opacus
+
+            require_opacus()  # one ConfigError naming the extra, before anything starts
         if cfg.train.algorithm == "scaffold":
             check_scaffold_task(self.task)
         self.server = RoundServer.for_run(cfg, self.task, self.device)
@@ -120,17 +126,55 @@ class Simulation:
             if cfg.sim.client_speed is not None else None
         self.executor: Executor = self._make_executor()
         self.evaluates = True  # False: evaluation is another process's (a distributed simulation's other ranks)
+        self.start = 1  # the first round this process runs (after a checkpoint's, with --resume)
         self._eval_trainer = getattr(self.executor, "trainer", None) or \
             LocalTrainer(self.task, self.spec, self.device, cfg.train.buffers)
+
+    def resume(self, ckpt: Checkpoint | None) -> None:
+        """Continue after ``ckpt`` (the run's own checkpoint): its model, optimizer and server state. A simulation is
+        seeded per round and client, so the rounds after it are the ones an uninterrupted run trains."""
+        refused = [why for cond, why in (
+            (self.cfg.train.algorithm == "scaffold", "--algorithm scaffold (client control variates are not kept)"),
+            (self.cfg.buffered.buffer_size is not None, "--buffer-size (clients in flight are not kept)"),
+            (self.cfg.compression.compress is not None and self.cfg.compression.error_feedback,
+             "--compress with error feedback (client residuals are not kept)")) if cond]
+        if refused:
+            raise ConfigError(f"simulate --resume does not combine with {refused[0]}")
+        if ckpt is None:
+            raise ConfigError(f"--resume: no checkpoint in {self.cfg.out}")
+        if ckpt.spec.to_dict() != self.spec.to_dict():
+            raise ConfigError(f"checkpoint in {self.cfg.out} is for a different model than task {self.cfg.task!r}")
+        self.server.global_vec.copy_(ckpt.global_vec)
+        self.server.optimizer.load_state_dict(ckpt.optimizer_state)
+        self.server.restore(ckpt.state)
+        self.start = ckpt.round + 1
+
+    def checkpoint(self, round: int, state: dict) -> None:
+        """Every --checkpoint-every rounds and after the last: the model, optimizer and server state, atomically."""
+        if round % self.cfg.sim.checkpoint_every == 0 or round == self.cfg.federation.rounds:
+            save_checkpoint(self.cfg.out, Checkpoint(round, self.server.global_vec, self.server.optimizer.state_dict(),
+                                                     self.spec, {"config": self.cfg.to_dict(), **state}))
 
     def _make_executor(self) -> Executor:
         cfg = self.cfg
         budget = int(cfg.sim.state_budget_mb * (1 << 20))
+        if cfg.robust.active:  # Byzantine clients or client momentum: what each client sends is its own
+            from clients.simulation.byzantine import ByzantineClients
+
+            if cfg.sim.backend == "vmap" or (cfg.sim.workers or 1) > 1:
+                _note("Byzantine clients and client momentum train one client at a time in this process (--backend "
+                      "and --workers apply to honest runs)")
+            return ByzantineClients(self.task, self.spec, self.shards, self.device, cfg, budget)
         if cfg.buffered.buffer_size is not None:
             if cfg.sim.backend == "vmap" or (cfg.sim.workers or 1) > 1:
                 _note("buffered asynchronous rounds train one client at a time in this process (--backend and "
                       "--workers apply to synchronous rounds)")
             return SequentialExecutor(self.task, self.spec, self.shards, self.device, cfg.train.buffers, None, budget)
+        if cfg.train.dp_sgd:  # Opacus trains one client at a time, in this process (its ledgers live here)
+            if cfg.sim.backend == "vmap" or (cfg.sim.workers or 1) > 1:
+                _note("--dp-sgd trains one client at a time with Opacus; using the sequential backend")
+            return SequentialExecutor(self.task, self.spec, self.shards, self.device, cfg.train.buffers, None, budget,
+                                      make_uplink(cfg, self.spec, budget))
         if cfg.sim.backend == "vmap":
             from clients.simulation.vmap import VmapExecutor, vmap_unsupported
 
@@ -191,6 +235,7 @@ class Simulation:
             engine = Engine(self.server, InProcessClients(self.executor, self.sizes, self.spec, self.speeds,
                                                           self.server.keep_stragglers,
                                                           downlink(cfg.compression.compress_down)), fed.rounds, output,
+                            start=self.start, checkpoint=self.checkpoint if output is not None else None,
                             eval_every=fed.eval_every, evaluate=lambda _: self.evaluate(),
                             extra_eval=(lambda _: self.evaluate_clients()) if fed.eval_clients else None,
                             hooks=[self.scaffold] if self.scaffold is not None else ())
@@ -238,6 +283,12 @@ class InProcessClients:
         up = self.executor.take_bytes_up() if getattr(self.executor, "compressing", False) \
             else outcome.count * self.itemsize
         out = {"bytes_down": len(jobs) * self.model_bytes, "bytes_up": up}
+        executor = getattr(self.executor, "inner", self.executor)
+        dp_sgd = getattr(getattr(executor, "trainer", None), "dp_sgd", None)
+        if dp_sgd is not None:  # --dp-sgd: the ε of this round's clients (each one's run-long Opacus ledger)
+            eps = [dp_sgd.epsilon[j.client] for j in jobs if j.client in dp_sgd.epsilon]
+            if eps:
+                out.update(dp_sgd_epsilon_mean=sum(eps) / len(eps), dp_sgd_epsilon_max=max(eps))
         if self.speeds is not None:
             self.virtual += round_seconds(self.speeds, jobs, self.sizes, self.keep_stragglers)
             out["virtual_seconds"] = self.virtual
@@ -247,10 +298,14 @@ class InProcessClients:
         self.executor.close()
 
 
-def simulate(cfg: RunConfig) -> SimResult:
-    """Run a simulation with outputs in ``cfg.out`` (metrics.jsonl, model.safetensors, accuracy.png, summary)."""
+def simulate(cfg: RunConfig, resume: bool = False) -> SimResult:
+    """Run a simulation with outputs in ``cfg.out`` (metrics.jsonl, model.safetensors, accuracy.png, summary,
+    checkpoint); ``resume``: continue after the run's last checkpoint."""
     sim = Simulation(cfg)
-    output = RunOutput(cfg.out, cfg.federation.rounds, cfg.progress, title=f"fedopt simulate: {cfg.task}", plot=cfg.plot)
+    if resume:
+        sim.resume(load_checkpoint(cfg.out))
+    output = RunOutput(cfg.out, cfg.federation.rounds, cfg.progress, title=f"fedopt simulate: {cfg.task}",
+                       resume_after=sim.start - 1 if resume else None, plot=cfg.plot)
     try:
         output.setup(cfg, sim.task)
         result = sim.run(output)
@@ -265,7 +320,7 @@ def summary(cfg: RunConfig, sim: Simulation) -> dict:
     extra = {"clients": f"{cfg.federation.clients} ({cfg.federation.per_round} per round)",
              "executor": type(getattr(sim.executor, "inner", sim.executor)).__name__}
     if (dp := sim.server.privacy) is not None:
-        a = dp.accountant
-        extra["privacy"] = (f"epsilon {a.epsilon():.4g} at delta {a.delta:.3g} after {a.rounds} rounds ({a.kind}, "
-                            f"{a.sampling} sampling, noise multiplier {a.noise_multiplier:.4g})")
+        from fedopt.privacy import privacy_summary
+
+        extra["privacy"] = privacy_summary(dp)
     return extra

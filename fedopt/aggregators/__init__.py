@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 from ..errors import ConfigError
 from .base import Aggregate, Aggregator, Update
+from .clipping import CenteredClip, NormBound
+from .geomed import GeometricMedian
+from .krum import Bulyan, Krum, MultiKrum
 from .mean import WeightedMean, fedavg, mean, weighted
 from .robust import CoordinateMedian, TrimmedMean
 from .secure import SecureAggregator, secagg
 
 __all__ = [
-    "Aggregate", "Aggregator", "Update", "WeightedMean", "CoordinateMedian", "TrimmedMean",
+    "Aggregate", "Aggregator", "Update", "WeightedMean", "CoordinateMedian", "TrimmedMean", "NormBound",
+    "CenteredClip", "Krum", "MultiKrum", "Bulyan", "GeometricMedian",
     "SecureAggregator", "fedavg", "mean", "weighted", "secagg", "make_aggregator", "AGGREGATORS", "register_aggregator",
 ]
 
@@ -21,6 +26,12 @@ AGGREGATORS: dict[str, Callable[..., Any]] = {
     "weighted": weighted,
     "median": CoordinateMedian,
     "trimmed_mean": TrimmedMean,
+    "norm_bound": NormBound,
+    "centered_clip": CenteredClip,
+    "krum": Krum,
+    "multi_krum": MultiKrum,
+    "bulyan": Bulyan,
+    "geomed": GeometricMedian,
     "secagg": secagg,
 }
 
@@ -36,7 +47,9 @@ def make_aggregator(name: str, **options: Any) -> Aggregator:
     An ``inner`` aggregator given by name (``secure=True``, or ``make_aggregator("secagg", inner=...)``) is built
     here, so that secure aggregation sees what it needs of it (``needs_plaintext``) without a look-up of its own."""
     if options.pop("secure", False) and name != "secagg":
-        return secagg(inner=_inner(name), **options)
+        # the inner rule's own options (norm_bound's bound) build the inner; the rest are secagg's
+        own = {k: options.pop(k) for k in list(options) if k in _parameters(AGGREGATORS.get(name))}
+        return secagg(inner=_inner(name, **own), **options)
     if "inner" in options:
         options["inner"] = _inner(options["inner"])
     try:
@@ -49,12 +62,20 @@ def make_aggregator(name: str, **options: Any) -> Aggregator:
         raise ConfigError(f"aggregator {name!r}: {e}") from None
 
 
-def _inner(inner: Any) -> Any:
-    """A registered aggregator's name as an instance of it; other values (an unknown name, one whose factory needs
-    arguments) pass through, and secure aggregation refuses them by name."""
+def _inner(inner: Any, **options: Any) -> Any:
+    """A registered aggregator's name as an instance of it (built with ``options``); other values (an unknown name,
+    one whose factory needs arguments) pass through, and secure aggregation refuses them by name."""
     if isinstance(inner, str) and inner in AGGREGATORS and inner != "secagg":
         try:
-            return AGGREGATORS[inner]()
+            return AGGREGATORS[inner](**options)
         except TypeError:
             return inner
     return inner
+
+
+def _parameters(factory: Any) -> set[str]:
+    """The keyword arguments a registered factory takes (none for an unknown name)."""
+    try:
+        return set(inspect.signature(factory).parameters) if factory is not None else set()
+    except (TypeError, ValueError):
+        return set()

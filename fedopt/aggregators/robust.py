@@ -2,6 +2,7 @@
 (Yin et al., "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates", ICML 2018).
 
 They hold all of a round's updates (O(n·P) memory) and cannot run under secure masking (``needs_plaintext``).
+Under FedBuff they run on each buffer of K staleness-weighted updates (a trimmed mean needs K large enough to trim).
 """
 
 from __future__ import annotations
@@ -22,18 +23,22 @@ class _Collecting:
     needs_plaintext = True
 
     def begin(self, round: int, size: int) -> None:
-        self._size, self._rows, self._weight = size, [], 0.0
+        self._size, self._rows, self._samples, self._weight = size, [], [], 0.0
 
     def add(self, update: Update) -> None:
         if update.delta.dim() != 1 or update.delta.numel() != self._size:
             raise ConfigError(f"update has {update.delta.numel()} elements, the model has {self._size}")
         self._rows.append(update.delta.detach().to(torch.float32, copy=True))
+        self._samples.append(update.num_samples)
         self._weight += update.num_samples
 
     def result(self) -> Aggregate | None:
+        """The rule's combination of the round's rows; None when nothing was added or the rule declined the round
+        (``_combine`` returned None: too few updates for what it assumes)."""
         if not self._rows:
             return None
-        return Aggregate(self._combine(torch.stack(self._rows)), self._weight, len(self._rows))
+        delta = self._combine(torch.stack(self._rows))
+        return None if delta is None else Aggregate(delta, self._weight, len(self._rows))
 
 
 class CoordinateMedian(_Collecting):

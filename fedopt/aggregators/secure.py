@@ -25,9 +25,10 @@ sum(w). W = ``max_weight`` is the run's public cap (``--max-samples``); announce
 encoding: its width (32 or 64-bit words) is chosen so that n * W * (2^(bits-1) - 1) cannot wrap, whatever
 anyone claims. ``weighting="uniform"`` is the plain mean. ``inner`` names the weighting by the
 aggregator it stands for: an aggregator object (:func:`fedopt.aggregators.make_aggregator` turns a
-registered name into one), or the name ``"fedavg"`` or ``"mean"``. Aggregators that need plaintext
-updates (median, trimmed mean: ``needs_plaintext``) cannot be combined with masking; asking for that
-raises :class:`ConfigError`.
+registered name into one), or the name ``"fedavg"`` or ``"mean"``; a ``norm_bound`` object stands for
+``"fedavg"`` with its bound as ``clip`` (the clip each client applies before masking is norm bounding).
+Aggregators that need plaintext updates (median, trimmed mean, Krum, Bulyan, geomed, centered clipping:
+``needs_plaintext``) cannot be combined with masking; asking for that raises :class:`ConfigError`.
 
 Failure contract: if the protocol cannot complete (fewer than t live neighbours for some client at any
 stage, fewer than t honest shares of a secret, or a decoded sum outside the bounds honest inputs keep), the
@@ -46,8 +47,9 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, SecAggError
-from ..secagg import (MemoryTransport, QuantConfig, RoundConfig, SecAggClient, SecAggDriver, check_capacity,
-                      default_neighbours, default_threshold, generate_identity, identity_public_bytes)
+from ..secagg import (DistributedNoise, MemoryTransport, QuantConfig, RoundConfig, SecAggClient, SecAggDriver,
+                      check_capacity, default_neighbours, default_threshold, generate_identity, identity_public_bytes)
+from ..secagg.participant import random_noise
 from .base import Aggregate, Update
 
 __all__ = ["SecureAggregator", "secagg", "round_encoding", "round_parameters", "seeded_noise"]
@@ -71,20 +73,31 @@ def round_parameters(n: int, neighbours: int | None, threshold: int | None) -> t
     return k, t
 
 
-def round_encoding(agg: "SecureAggregator", n: int, announced: Mapping[str, int] | None = None) -> QuantConfig:
+def round_encoding(agg: "SecureAggregator", n: int, announced: Mapping[str, int] | None = None,
+                   size: int | None = None) -> QuantConfig:
     """The encoding of a round of ``n`` participants: 32-bit words when n * W * (2^(bits-1) - 1) cannot wrap them,
     else 64-bit (SecAggError when neither can). W is the public cap, lowered to the largest capped count the round's
     participants announced (``announced``): every client clamps the weight it folds in to W, so no claim can wrap
     the sum; a large claim can only make its round use 64-bit words. Shared by the in-process aggregator and the
-    coordinator's bus driver, so both encode a round identically."""
+    coordinator's bus driver, so both encode a round identically.
+
+    Under distributed DP (``agg.dp_noise``, unweighted) the words also reserve a tail bound on the n clients' summed
+    Skellam noise, and a round of fewer than the planned minimum of clients is refused (SecAggError) before any
+    protocol message: its noise would fall short. ``size`` is then the model's length (the noise is per word)."""
     max_weight = agg.max_weight if agg.weighting == "samples" else None
     if max_weight is not None and announced:
         max_weight = max(1, min(max_weight, max(int(v) for v in announced.values())))
-    quant = QuantConfig(agg.clip, agg.bits, 32, max_weight)
+    noise, extra = getattr(agg, "dp_noise", None), {}
+    if noise is not None:
+        if n < noise.min_clients:
+            raise SecAggError(f"{n} participants, fewer than the {noise.min_clients} whose noise distributed DP plans "
+                              f"for (--dp-min-clients)")
+        extra = dict(noise_bound=noise.tail_bound(n, agg.bits, int(size)), min_inputs=noise.min_clients)
+    quant = QuantConfig(agg.clip, agg.bits, 32, max_weight, **extra)
     try:
         check_capacity(quant, n)
     except SecAggError:
-        quant = QuantConfig(agg.clip, agg.bits, 64, max_weight)
+        quant = QuantConfig(agg.clip, agg.bits, 64, max_weight, **extra)
         check_capacity(quant, n)
     return quant
 
@@ -118,9 +131,13 @@ class SecureAggregator:
         inner: Any = None,
         seed: int = 0,
         max_weight: int = 1_000_000,
+        dp_noise: DistributedNoise | None = None,
+        noise_source: str = "seeded",
     ) -> None:
         if inner is not None:
             weighting = _inner_weighting(inner)
+            if getattr(inner, "name", None) == "norm_bound":
+                clip = inner.bound  # norm bounding under masking is the clip every client applies before it masks
         if weighting not in _WEIGHTINGS:
             raise ConfigError(f"secagg weighting must be samples or uniform, not {weighting!r}")
         if neighbours is not None and (not isinstance(neighbours, int) or neighbours < 1):
@@ -140,7 +157,12 @@ class SecureAggregator:
         self.neighbours, self.threshold = neighbours, threshold
         self.weighting = _WEIGHTINGS[weighting]
         self.max_weight = max_weight  # W: the public cap on one client's weight (RunConfig.max_samples)
+        if dp_noise is not None and self.weighting != "uniform":
+            raise ConfigError("distributed DP sums unweighted updates: secagg with dp_noise needs weighting 'uniform'")
         self.seed = seed
+        #: distributed DP (fedopt.privacy.distributed): every client adds its Skellam share before masking
+        self.dp_noise = dp_noise
+        self.noise_source = noise_source  # seeded: the clients' noise keyed by (seed, round, client); secure: urandom
         self._identities: dict[str, Any] = {}  # client id -> long-term Ed25519 key (enrolment)
         self._pinned: dict[str, bytes] = {}
         self.last_round: dict = {}
@@ -175,7 +197,7 @@ class SecureAggregator:
         self.last_round = {"round": round, "participants": len(ids)}
         try:
             k, t = round_parameters(len(ids), self.neighbours, self.threshold)
-            quant = round_encoding(self, len(ids), participants)
+            quant = round_encoding(self, len(ids), participants, size)
             cfg = RoundConfig.create(round, ids, quant.vector_length(size), modulus_bits=quant.modulus_bits, k=k, t=t)
         except SecAggError as e:  # no protocol message went out
             self._fail(str(e))
@@ -183,9 +205,12 @@ class SecureAggregator:
             return
         for c in ids:
             self._enrol(c)
-        self._transport = MemoryTransport({
-            c: SecAggClient(c, self._identities[c], self._pinned, self.max_weight, noise=seeded_noise(self.seed, c))
-            for c in ids})
+        clients = {c: SecAggClient(c, self._identities[c], self._pinned, self.max_weight,
+                                   noise=random_noise if self.noise_source == "secure" else seeded_noise(self.seed, c))
+                   for c in ids}
+        for client in clients.values():
+            client.dp_noise = self.dp_noise
+        self._transport = MemoryTransport(clients)
         self._driver = SecAggDriver(cfg, quant, self._transport.send, identities=self._pinned)
         try:
             self._driver.start()
@@ -256,9 +281,12 @@ def _inner_weighting(inner: Any) -> str:
     name = inner if isinstance(inner, str) else getattr(inner, "name", repr(inner))
     if getattr(inner, "needs_plaintext", False):
         raise ConfigError(f"aggregator {name!r} needs every client's update in the clear and cannot run under secure "
-                          f"aggregation (secagg reveals only the sum); use fedavg or mean with secagg")
+                          f"aggregation (secagg reveals only the sum); use fedavg, mean or norm_bound with secagg")
+    if name == "norm_bound":
+        return "samples"  # its clip is secagg's own client-side clip
     if name not in ("fedavg", "mean"):
-        raise ConfigError(f"secagg computes a (sample-)weighted mean; it can wrap fedavg or mean, not {name!r}")
+        raise ConfigError(f"secagg computes a (sample-)weighted mean; it can wrap fedavg or mean, not {name!r} "
+                          f"(or norm_bound, whose bound becomes the clip)")
     return name
 
 

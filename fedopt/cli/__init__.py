@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("fedopt.cli.simulate", "run many clients on this machine (in-process, worker pool, or real processes)"),
     "coordinator": ("fedopt.cli.coordinator", "run a coordinator that federated clients connect to"),
     "client": ("fedopt.cli.client", "run one federated client on its private shard"),
+    "aggregator": ("fedopt.cli.aggregator", "run an edge aggregator: clients join it, it joins the coordinator"),
     "gossip": ("fedopt.cli.gossip", "run one gossip peer (no coordinator)"),
     "allreduce": ("fedopt.cli.allreduce", "run datacenter workers on torch.distributed (DDP / local SGD)"),
     "keys": ("fedopt.cli.keys", "make CurveZMQ key pairs: fedopt keys generate DIR"),

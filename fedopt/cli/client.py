@@ -16,12 +16,14 @@ from .options import parse_kv
 
 __all__ = ["configure", "client_config", "run"]
 
-_FIELDS = [f.name for f in dataclasses.fields(ClientConfig) if f.name != "task_options"]
+_FIELDS = [f.name for f in dataclasses.fields(ClientConfig) if f.name not in ("task_options", "attack_options")]
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     D = ClientConfig  # the defaults are the config's
-    p.add_argument("--connect", required=True, help="the coordinator: tcp://HOST:PORT or ipc://PATH")
+    p.add_argument("--connect", required=True,
+                   help="the coordinator: tcp://HOST:PORT or ipc://PATH; several, comma-separated, for failover "
+                        "between edge aggregators (a silent one is left for the next)")
     p.add_argument("--keys", default=None, help="key directory holding coordinator.key and this client's secret")
     p.add_argument("--key-name", default=None, help="this client's key name (default client-NNN for --shard NNN)")
     p.add_argument("--insecure", action="store_true", help="allow plain TCP without authentication (warns)")
@@ -41,13 +43,24 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--identities", default=None,
                    help="secagg: folder with identities/*.pub (every client's pinned identity) and this client's "
                         "identity secret (default: --keys)")
+    g = p.add_argument_group("a malicious client, for robustness tests (clients.federated.attacker)")
+    g.add_argument("--attack", default=None, help="sign_flip | scaling | gaussian | label_flip | alie | ipm")
+    g.add_argument("--attack-option", dest="attack_options", action="append", type=parse_kv, default=[],
+                   metavar="KEY=VALUE", help="factor (scaling), sigma (gaussian), z (alie), epsilon (ipm)")
+    g.add_argument("--collude", default=None, metavar="DIR",
+                   help="alie/ipm: a folder the colluding attackers share their honest-trained updates in")
+    g.add_argument("--colluders", type=int, default=D.colluders,
+                   help="attackers sharing --collude, this one included (alie needs >= 2)")
+    p.add_argument("--client-momentum", type=float, default=D.client_momentum,
+                   help="BETA: send m = BETA m + (1 - BETA) delta instead of delta (for --aggregator centered_clip)")
     p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
 def client_config(args: argparse.Namespace) -> ClientConfig:
     """The client's config from its flags. Raises ConfigError naming the flag."""
-    return ClientConfig(**{name: getattr(args, name) for name in _FIELDS}, task_options=dict(args.task_options))
+    return ClientConfig(**{name: getattr(args, name) for name in _FIELDS}, task_options=dict(args.task_options),
+                        attack_options=dict(args.attack_options))
 
 
 def run(args: argparse.Namespace) -> int:

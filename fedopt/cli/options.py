@@ -60,12 +60,18 @@ def add_round_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-step", type=int, default=S, help="step: rounds between decays (default 10)")
     g.add_argument("--lr-gamma", type=float, default=S, help="step: factor of each decay (default 0.1)")
     g.add_argument("--mu", type=float, default=S, help="FedProx proximal term (default 0 = FedAvg)")
+    g.add_argument("--dp-sgd", action="store_true", default=S,
+                   help="sample-level DP-SGD in each client through Opacus (pip install 'fedopt[opacus]'); each "
+                        "client's epsilon in its metrics")
+    g.add_argument("--dp-sgd-noise", type=float, default=S, help="--dp-sgd: noise multiplier (default 1.0)")
+    g.add_argument("--dp-sgd-clip", type=float, default=S, help="--dp-sgd: per-example gradient L2 bound (default 1.0)")
     g.add_argument("--stragglers", type=float, default=S, help="fraction of selected clients doing partial work")
     g.add_argument("--straggler-policy", choices=("auto", "keep", "drop"), default=S,
                    help="auto: keep partial work when mu > 0 (FedProx), drop it otherwise (FedAvg)")
     g.add_argument("--eval-every", type=int, default=S, help="evaluate every k rounds (default 1)")
     g = p.add_argument_group("aggregation")
-    g.add_argument("--aggregator", default=S, help="fedavg | weighted | mean | median | trimmed_mean | secagg")
+    g.add_argument("--aggregator", default=S, help="fedavg | weighted | mean | median | trimmed_mean | norm_bound | "
+                                                  "centered_clip | krum | multi_krum | bulyan | geomed | secagg")
     g.add_argument("--aggregator-option", dest="aggregator_options", action="append", type=parse_kv, default=S,
                    metavar="KEY=VALUE", help="option for the aggregator (repeatable)")
     g.add_argument("--server-opt", default=S, help="fedavg | fedavgm | fedadam | fedyogi | fedadagrad")
@@ -81,8 +87,12 @@ def add_round_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--buffers", choices=("average", "local"), default=S,
                    help="float buffers such as BatchNorm statistics: averaged or kept on each client")
     g = p.add_argument_group("differential privacy (client-level DP-FedAvg; pip install 'fedopt[dp]')")
-    g.add_argument("--dp", choices=("central",), default=S,
-                   help="central: clip each update and add Gaussian noise to the round's sum on the coordinator")
+    g.add_argument("--dp", choices=("central", "distributed"), default=S,
+                   help="central: clip each update and add Gaussian noise to the round's sum on the coordinator; "
+                        "distributed: each client adds Skellam noise to its update inside secagg")
+    g.add_argument("--dp-min-clients", type=int, default=S,
+                   help="--dp distributed: each client adds the noise share of this many survivors; a round with "
+                        "fewer aborts (default: expected cohort minus two standard deviations)")
     g.add_argument("--noise-multiplier", type=float, default=S,
                    help="z: noise std over the clip norm (default: calibrated to --target-epsilon)")
     g.add_argument("--dp-clip-norm", type=float, default=S,

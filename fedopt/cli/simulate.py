@@ -15,9 +15,11 @@ import json
 import os
 
 from ..config import RunConfig
+from ..errors import ConfigError
 from ..launch import run_torchrun, under_torchrun
 from ..task import resolve_task
-from .options import add_buffered_options, add_bus_options, add_round_options, config_out, round_overrides
+from .options import (add_buffered_options, add_bus_options, add_round_options, config_out, parse_kv,
+                      round_overrides)
 
 __all__ = ["configure", "run_folder", "simulate_config", "run"]
 
@@ -41,6 +43,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--nproc", type=int, default=S,
                    help="processes on torch.distributed (gloo on CPU, NCCL on GPUs) sharing each round's clients; "
                         "started with torchrun (default 1: this process)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out after its last checkpoint (written every --checkpoint-every rounds)")
+    g.add_argument("--checkpoint-every", type=int, default=S, help="rounds between checkpoints (default 10)")
     g.add_argument("--backend", choices=("sequential", "vmap"), default=S)
     g.add_argument("--workers", type=int, default=S,
                    help="simulation worker processes (default: 1 = in-process for small models, else cores)")
@@ -49,6 +54,17 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--state-budget-mb", type=float, default=S,
                    help="memory for per-client state (SCAFFOLD); past it, state spills to disk (default 256)")
     add_buffered_options(p)
+    g = p.add_argument_group("Byzantine clients and client momentum (in-process synchronous rounds)")
+    g.add_argument("--attack", default=S,
+                   help="sign_flip | scaling | gaussian | label_flip | alie | ipm (fedopt.attacks): run by --attackers")
+    g.add_argument("--attackers", type=float, default=S,
+                   help="fraction of the clients that are Byzantine, chosen by --seed")
+    g.add_argument("--attack-option", dest="attack_options", action="append", type=parse_kv, default=S,
+                   metavar="KEY=VALUE", help="factor (scaling, 1000), sigma (gaussian, 200), z (alie: default from n "
+                                             "and f), epsilon (ipm, 0.1) (repeatable)")
+    g.add_argument("--client-momentum", type=float, default=S,
+                   help="BETA: clients send m = BETA m + (1 - BETA) delta instead of delta (pair with "
+                        "--aggregator centered_clip; default 0)")
     g = p.add_argument_group("virtual clock (metrics.jsonl gets virtual_seconds)")
     g.add_argument("--client-speed", default=S,
                    help="seconds of a client's full local job: lognormal:SIGMA[:MEDIAN] | classes:S1,S2,... | "
@@ -60,14 +76,14 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run_folder(args: argparse.Namespace) -> tuple[str, bool | None] | None:
     if under_torchrun() and (os.environ.get(CONFIG_ENV) or os.environ.get("RANK") != "0"):
         return None  # the launcher (or, under a user's own torchrun, rank 0) claims it
-    return config_out(args), None  # simulate always starts afresh
+    return config_out(args), args.resume
 
 
 def simulate_config(args: argparse.Namespace):
     """The RunConfig of ``fedopt simulate``: defaults < --config < flags; --processes K alone also means K clients."""
     from ..config import build_config, load_toml
 
-    overrides = round_overrides(args)
+    overrides = round_overrides(args, skip=("config", "resume"))
     if "processes" in overrides and "clients" not in overrides:
         # one client per process unless --clients says otherwise (flag or config file)
         overrides["clients"] = (load_toml(args.config) if args.config else {}).get("clients", overrides["processes"])
@@ -79,8 +95,11 @@ def run(args: argparse.Namespace) -> int:
         from clients.simulation.distributed import simulate_rank
 
         given = os.environ.get(CONFIG_ENV)
-        return simulate_rank(RunConfig.of(**json.loads(given)) if given else simulate_config(args))
+        return simulate_rank(RunConfig.of(**json.loads(given)) if given else simulate_config(args), args.resume)
     cfg = simulate_config(args)
+    if args.resume and (cfg.sim.mode == "gossip" or cfg.sim.transport != "inproc"):
+        raise ConfigError("simulate --resume continues in-process and --nproc runs: for a bus run resume its "
+                          "coordinator (fedopt coordinator --resume)")
     if cfg.sim.nproc > 1:
         from clients.simulation.distributed import check_distributed
 
@@ -88,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         resolve_task(cfg.task, cfg.task_options)  # a bad task is one line here, not one per rank
         os.environ[CONFIG_ENV] = json.dumps(cfg.flat())
         try:
-            return run_torchrun(cfg.sim.nproc, ["simulate"])
+            return run_torchrun(cfg.sim.nproc, ["simulate", *(["--resume"] if args.resume else [])])
         finally:
             del os.environ[CONFIG_ENV]
     if cfg.sim.mode == "gossip":
@@ -101,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         return simulate_processes(cfg)
     from clients.simulation.run import simulate  # in-process engine / worker pool / vmap
 
-    simulate(cfg)
+    simulate(cfg, args.resume)
     return 0
 
 

@@ -10,6 +10,7 @@ A :class:`RunConfig` is the run's identity (task, seed, device, outputs) plus it
     sim         SimConfig         how ``fedopt simulate`` runs: in-process backend, workers, processes, gossip
     privacy     PrivacyConfig     client-level differential privacy (--dp central): noise, clip, budget, accountant
     compression CompressionConfig update compression (--compress SPEC) and error feedback
+    robust      RobustConfig      Byzantine clients in simulation (--attack, --attackers) and client momentum
 
 Users see one flat namespace: each flag and TOML key (``local-epochs`` or ``local_epochs``) names exactly one field of
 one section, so :meth:`RunConfig.of`, :func:`build_config` and :meth:`RunConfig.replace` take flat names and route
@@ -21,9 +22,10 @@ error naming the flag.
 
 from .run import (FIELDS, SECTIONS, RunConfig, build_config, load_command_toml, load_toml, normalise_keys,
                   read_toml)
+from .robust import RobustConfig
 from .sections import (Bounds, BusConfig, FederationConfig, OptimizerConfig, PrivacyConfig, SecAggConfig, SimConfig,
                        TrainingConfig, at_least, choice, number, optional)
 
 __all__ = ["RunConfig", "OptimizerConfig", "TrainingConfig", "FederationConfig", "SecAggConfig", "BusConfig", "Bounds",
-           "SimConfig", "PrivacyConfig", "FIELDS", "SECTIONS", "load_toml", "load_command_toml", "build_config",
-           "read_toml", "normalise_keys", "choice", "at_least", "number", "optional"]
+           "SimConfig", "PrivacyConfig", "RobustConfig", "FIELDS", "SECTIONS", "load_toml", "load_command_toml",
+           "build_config", "read_toml", "normalise_keys", "choice", "at_least", "number", "optional"]

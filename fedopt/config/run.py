@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import ConfigError
+from .robust import RobustConfig
 from .sections import (Bounds, BufferedConfig, BusConfig, CompressionConfig, FederationConfig, PrivacyConfig,
                        SecAggConfig, SimConfig, TrainingConfig, choice)
 
@@ -24,7 +25,7 @@ __all__ = ["RunConfig", "FIELDS", "SECTIONS", "load_toml", "load_command_toml", 
 #: section attribute -> its class; flat names are the sections' field names, plus these aliases
 SECTIONS: dict[str, type] = {"train": TrainingConfig, "federation": FederationConfig, "secagg": SecAggConfig,
                              "bus": BusConfig, "bounds": Bounds, "sim": SimConfig, "buffered": BufferedConfig,
-                             "privacy": PrivacyConfig, "compression": CompressionConfig}
+                             "privacy": PrivacyConfig, "compression": CompressionConfig, "robust": RobustConfig}
 _ALIASES = {"secagg_neighbours": "neighbours", "secagg_threshold": "threshold"}
 
 
@@ -49,6 +50,7 @@ class RunConfig:
     buffered: BufferedConfig = field(default_factory=BufferedConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.task, str) or not self.task:
@@ -81,13 +83,16 @@ class RunConfig:
                               "asynchronous rounds: give --buffer-size K")
         if self.privacy.dp is not None:
             self._check_privacy()
+        if self.robust.active:
+            self._check_robust()
 
     def _check_privacy(self) -> None:
         """What ``--dp central`` does not combine with (yet), and a PLD accountant only for Poisson sampling."""
         fed = self.federation
+        if self.privacy.dp == "distributed":
+            return self._check_distributed()
         refused = [why for cond, why in (
             (self.sim.mode == "gossip", "--mode gossip (no coordinator to add the noise)"),
-            (self.buffered.buffer_size is not None, "--buffer-size (buffered asynchronous rounds)"),
             (self.train.algorithm == "scaffold", "--algorithm scaffold (its control variates are not privatised)"),
             (fed.aggregator == "secagg", "--aggregator secagg (the noise is central; distributed DP is not "
                                          "implemented)")) if cond]
@@ -96,9 +101,27 @@ class RunConfig:
         if fed.aggregator not in ("fedavg", "mean"):
             raise ConfigError(f"--dp central clips and sums the updates: use --aggregator fedavg or mean, not "
                               f"{fed.aggregator!r} (not a linear mean)")
-        if self.privacy.accountant == "pld" and fed.client_sampling != "poisson":
+        # buffered rounds are accounted without sampling (q = 1: fedopt.privacy.central_for_run), which PLD supports
+        if self.privacy.accountant == "pld" and fed.client_sampling != "poisson" and self.buffered.buffer_size is None:
             raise ConfigError("--accountant pld supports --client-sampling poisson only (dp_accounting has no PLD of "
                               "sampling without replacement): use --accountant rdp or --client-sampling poisson")
+
+    def _check_distributed(self) -> None:
+        """``--dp distributed``: inside SecAgg+, Poisson sampling (what its accountant assumes), the clip is
+        ``--dp-clip-norm``."""
+        fed = self.federation
+        refused = [why for cond, why in (
+            (fed.aggregator != "secagg", f"--aggregator {fed.aggregator} (the clients' noise is summed by secagg: "
+                                         f"use --aggregator secagg)"),
+            (fed.client_sampling != "poisson", "--client-sampling fixed (its accountant assumes Poisson sampling: "
+                                               "give --client-sampling poisson)"),
+            (self.secagg.clip is not None, "--clip (the clip is --dp-clip-norm)"),
+            (self.sim.mode == "gossip", "--mode gossip"),
+            (self.buffered.buffer_size is not None, "--buffer-size (buffered asynchronous rounds)"),
+            (self.train.algorithm == "scaffold", "--algorithm scaffold (its control variates are not privatised)"))
+            if cond]
+        if refused:
+            raise ConfigError(f"--dp distributed does not combine with {refused[0]}")
 
     def _check_buffered(self) -> None:
         """FedBuff's knobs against the run: C within the clients, K and O within C; what it does not combine with."""
@@ -139,6 +162,23 @@ class RunConfig:
         if refused:
             flag = "--compress" if self.compression.compress is not None else "--compress-down"
             raise ConfigError(f"{flag} does not combine with {refused[0]} yet")
+
+    def _check_robust(self) -> None:
+        """Byzantine clients and client momentum run in the in-process simulation's synchronous rounds."""
+        from ..attacks import byzantine_clients
+
+        flag = "--attack" if self.robust.attack is not None else "--client-momentum"
+        refused = [why for cond, why in (
+            (self.sim.transport != "inproc", f"--transport {self.sim.transport} (over the bus give {flag} to each "
+                                             f"`fedopt client`)"),
+            (self.sim.mode == "gossip", "--mode gossip"), (self.buffered.buffer_size is not None, "--buffer-size"),
+            (self.sim.nproc > 1, "--nproc (an omniscient attacker sees the whole round in one process)"),
+            (self.train.algorithm == "scaffold", "--algorithm scaffold")) if cond]
+        if refused:
+            raise ConfigError(f"{flag} runs in the in-process simulation's synchronous rounds; it does not combine "
+                              f"with {refused[0]}")
+        if self.robust.attack is not None:
+            byzantine_clients(self.federation.clients, self.robust.attackers, self.seed)
 
     # ---- flat names (flags and TOML keys) --------------------------------------------------------------------------
     @classmethod
@@ -235,7 +275,7 @@ FIELDS: dict[str, str] = {
     **{({v: k for k, v in _ALIASES.items()}.get(f.name, f.name) if s == "secagg" else f.name): s
        for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)},
 }
-_TABLES = {"task_options", "aggregator_options", "server_options"}
+_TABLES = {"task_options", "aggregator_options", "server_options", "attack_options"}
 
 
 def normalise_keys(raw: Mapping[str, Any], names, tables, source: str) -> dict:

@@ -95,9 +95,21 @@ class TrainingConfig(OptimizerConfig):
     mu: float = 0.0  # FedProx proximal coefficient (0 = FedAvg's plain local SGD)
     algorithm: str = "fedavg"  # fedavg (plain local SGD, FedProx with mu) | scaffold (control variates)
     buffers: str = "average"  # float buffers (BatchNorm statistics): average | local
+    dp_sgd: bool = False  # sample-level DP-SGD in each client, through Opacus (fedopt.dpsgd)
+    dp_sgd_noise: float = 1.0  # DP-SGD: Gaussian noise std over the per-example clip
+    dp_sgd_clip: float = 1.0  # DP-SGD: each example's gradient L2 bound
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not isinstance(self.dp_sgd, bool):
+            raise ConfigError(f"--dp-sgd must be true or false, not {self.dp_sgd!r}")
+        number("dp_sgd_noise", self.dp_sgd_noise, low_open=True)
+        number("dp_sgd_clip", self.dp_sgd_clip, low_open=True)
+        if not self.dp_sgd and (self.dp_sgd_noise, self.dp_sgd_clip) != (1.0, 1.0):
+            raise ConfigError("--dp-sgd-noise and --dp-sgd-clip apply to --dp-sgd")
+        if self.dp_sgd and (self.mu or self.algorithm != "fedavg" or self.clip_norm is not None):
+            raise ConfigError("--dp-sgd does not combine with --mu, --algorithm scaffold or --clip-norm (Opacus clips "
+                              "each example's gradient to --dp-sgd-clip)")
         at_least("local_epochs", self.local_epochs, 1)
         at_least("batch_size", self.batch_size, 1)
         number("mu", self.mu)
@@ -110,7 +122,8 @@ class TrainingConfig(OptimizerConfig):
 
         return TrainConfig(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
                            weight_decay=self.weight_decay, optimizer=self.optimizer, clip_norm=self.clip_norm,
-                           mu=self.mu)
+                           mu=self.mu, dp_sgd_noise=self.dp_sgd_noise if self.dp_sgd else None,
+                           dp_sgd_clip=self.dp_sgd_clip)
 
 
 @dataclass(frozen=True)
@@ -242,10 +255,12 @@ class SimConfig:
     client_speed: str | None = None  # virtual clock: lognormal:SIGMA[:MEDIAN] | classes:S1,S2,... | trace:FILE
     comm_seconds: float = 0.0  # virtual clock: seconds a job spends on the network (model down, update up)
     nproc: int = 1  # processes on torch.distributed sharing each round's clients (launched with torchrun)
+    checkpoint_every: int = 10  # rounds between checkpoints (and the last round); --resume continues from one
 
     def __post_init__(self) -> None:
         number("comm_seconds", self.comm_seconds)
         at_least("nproc", self.nproc, 1)
+        at_least("checkpoint_every", self.checkpoint_every, 1)
         if self.client_speed is not None and not isinstance(self.client_speed, str):
             raise ConfigError(f"--client-speed must be a spec such as lognormal:1.0, not {self.client_speed!r}")
         choice("mode", self.mode, ("federated", "gossip"))
@@ -281,10 +296,12 @@ class BufferedConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """Client-level differential privacy (``--dp central``: DP-FedAvg, :mod:`fedopt.privacy`); off while ``dp`` is
-    None."""
+    """Client-level differential privacy (``--dp central|distributed``: DP-FedAvg, :mod:`fedopt.privacy`); off while
+    ``dp`` is None."""
 
-    dp: str | None = None  # central: clip each update, add Gaussian noise to the round's sum on the coordinator
+    # central: clip each update, add Gaussian noise to the round's sum on the coordinator; distributed: each client
+    # adds its share of Skellam noise to its quantised update inside SecAgg+
+    dp: str | None = None
     noise_multiplier: float | None = None  # z: noise std over the clip (default: calibrated to target_epsilon)
     dp_clip_norm: float | None = None  # C: each update's L2 bound (with adaptive_clip: the initial clip, default 0.1)
     adaptive_clip: float | None = None  # γ: the clip tracks this quantile of the update norms (Andrew et al. 2021)
@@ -292,9 +309,11 @@ class PrivacyConfig:
     delta: float | None = None  # δ of the (ε, δ) guarantee (default 1/clients^1.1)
     accountant: str = "rdp"  # rdp | pld (dp_accounting)
     noise_source: str = "seeded"  # seeded: torch generator keyed by (seed, round) | secure: os.urandom
+    dp_min_clients: int | None = None  # distributed: each client adds the noise share of this many survivors
 
     def __post_init__(self) -> None:
-        optional(choice, "dp", self.dp, ("central",))
+        optional(choice, "dp", self.dp, ("central", "distributed"))
+        optional(at_least, "dp_min_clients", self.dp_min_clients, 1)
         optional(number, "noise_multiplier", self.noise_multiplier, low_open=True)
         optional(number, "dp_clip_norm", self.dp_clip_norm, low_open=True)
         optional(number, "adaptive_clip", self.adaptive_clip, 0, 1, low_open=True, what="a quantile")
@@ -306,10 +325,20 @@ class PrivacyConfig:
             given = [_flag(f.name) for f in dataclasses.fields(self)
                      if f.name != "dp" and getattr(self, f.name) != f.default]
             if given:
-                raise ConfigError(f"{', '.join(given)} apply to differentially private runs: give --dp central")
+                raise ConfigError(f"{', '.join(given)} apply to differentially private runs: give --dp central "
+                                  f"or --dp distributed")
             return
         if self.noise_multiplier is None and self.target_epsilon is None:
-            raise ConfigError("--dp central needs --noise-multiplier Z or --target-epsilon EPS (to calibrate Z)")
+            raise ConfigError(f"--dp {self.dp} needs --noise-multiplier Z or --target-epsilon EPS (to calibrate Z)")
+        if self.dp == "distributed":
+            if self.dp_clip_norm is None:
+                raise ConfigError("--dp distributed needs --dp-clip-norm C (adaptive clipping is central only)")
+            if self.adaptive_clip is not None or self.accountant != "rdp":
+                raise ConfigError("--dp distributed does not combine with --adaptive-clip or --accountant pld "
+                                  "(its accountant is the Skellam RDP bound)")
+            return
+        if self.dp_min_clients is not None:
+            raise ConfigError("--dp-min-clients applies to --dp distributed")
         if self.dp_clip_norm is None and self.adaptive_clip is None:
             raise ConfigError("--dp central needs --dp-clip-norm C (a fixed clip) or --adaptive-clip QUANTILE")
 

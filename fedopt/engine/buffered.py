@@ -39,6 +39,11 @@ its cohort has run, and the executor runs the cohort::
         # the server's round ``round``; ``fields`` go into the step's metrics line
 
 A client that becomes ready while a cohort runs joins the next one, with the staleness it has when that one closes.
+
+Differential privacy (``--dp central``, :class:`~fedopt.privacy.CentralDP` as the server's aggregator): each buffer
+is one release, its K staleness-weighted updates clipped to C, summed, noised and divided by K; the accountant counts
+buffer closings, without amplification by sampling (see :func:`fedopt.privacy.central_for_run`), each metrics line
+carries ε, the checkpoint keeps the ledger, and a budget stops the run before a buffer that would exceed it.
 """
 
 
@@ -130,6 +135,13 @@ class BufferedEngine:
 
     def run(self) -> list[dict]:
         server = self.server
+        dp = server.privacy  # DP-FedAvg: each buffer is one release (fedopt.privacy.central_for_run)
+        if dp is not None and dp.accountant.rounds < self.version:
+            log.warning("privacy ledger not restored from the checkpoint: counting buffers 1-%d as released",
+                        self.version)
+            dp.accountant.rounds = self.version
+        if dp is not None and self._over_budget():
+            return self.records
         self._begin(self.version + 1)
         server.grant(self.version + 1, self.executor.available())
         stale, hist, t0, wall0 = 0, Counter(), self.executor.now(), time.perf_counter()
@@ -180,8 +192,18 @@ class BufferedEngine:
                     self._secure_close(hist)
                 self._step(hist, stale, t0, wall0)
                 stale, hist, wall0 = 0, Counter(), time.perf_counter()
+                if dp is not None and self._over_budget():
+                    break
             self._fill()
         return self.records
+
+    def _over_budget(self) -> bool:
+        """Whether the next buffer would take ε over the run's budget (logged once: the run stops)."""
+        why = self.server.privacy.stop_reason()
+        if why is not None and self.version < self.steps:
+            log.warning("stopping before version %d: %s", self.version + 1, why)
+            return True
+        return False
 
     def _step(self, hist: Counter, stale: int, t0: float, wall0: float) -> None:
         """Apply the full buffer: the server optimizer's step, then version + 1, its metrics line and evaluation."""
@@ -199,6 +221,7 @@ class BufferedEngine:
             "version": v, "staleness": {str(k): n for k, n in sorted(hist.items())}, "stale_dropped": stale,
             "concurrency": len(self.in_flight), "bytes_down": self._traffic[0] * self._model_bytes,
             "bytes_up": self._traffic[1] * self._model_bytes, **self._info,
+            **(server.privacy.fields() if server.privacy is not None else {}),
         }
         self._traffic, self._info = [0, 0], {}
         fields = getattr(self.executor, "fields", None)

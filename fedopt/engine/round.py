@@ -161,10 +161,10 @@ class RoundServer:
         spec = ParamSpec.from_module(model, cfg.train.buffers)
         fed = cfg.federation
         aggregator, bounds = make_aggregator(fed.aggregator, **cfg.aggregator_options), cfg.bounds
-        if cfg.privacy.dp is not None:  # --dp central: DP-FedAvg wraps the mean (fedopt.privacy, an optional extra)
-            from ..privacy import central_for_run
+        if cfg.privacy.dp is not None:  # --dp central|distributed: DP-FedAvg (fedopt.privacy, an optional extra)
+            from ..privacy import privacy_for_run
 
-            aggregator = central_for_run(cfg, aggregator, device)
+            aggregator = privacy_for_run(cfg, aggregator, device, spec.size)
             bounds = dataclasses.replace(bounds, norm_factor=0)
         return cls(spec, spec.flatten(model).to(device), aggregator,
                    make_server_optimizer(fed.server_opt, fed.server_lr, **fed.server_options), cfg.train.train_config(),

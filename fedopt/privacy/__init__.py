@@ -1,16 +1,20 @@
-"""Client-level differential privacy: DP-FedAvg on the coordinator (:mod:`.central`) over an accountant from Google's
-``dp_accounting`` (:mod:`.accounting`). Optional: ``pip install 'fedopt[dp]'``; without it, asking for DP is one
-ConfigError naming the extra. The README's "Differential privacy" section says what is guaranteed."""
+"""Client-level differential privacy: DP-FedAvg with the noise added on the coordinator (:mod:`.central`, over an
+accountant from Google's ``dp_accounting``, :mod:`.accounting`) or by the clients inside SecAgg+ (:mod:`.distributed`,
+Skellam noise). Optional: ``pip install 'fedopt[dp]'``; without it, asking for DP is one ConfigError naming the extra.
+The README's "Differential privacy" section says what is guaranteed."""
 
 from __future__ import annotations
 
 import logging
+import math
 
 from .accounting import Accountant, calibrate, default_delta, require_dp_accounting
 from .central import AdaptiveClip, CentralDP, clip_update, noise_seed, secure_normal
+from .distributed import DistributedDP, SkellamAccountant
 
 __all__ = ["Accountant", "calibrate", "default_delta", "require_dp_accounting", "AdaptiveClip", "CentralDP",
-           "clip_update", "noise_seed", "secure_normal", "central_for_run", "INITIAL_ADAPTIVE_CLIP"]
+           "clip_update", "noise_seed", "secure_normal", "central_for_run", "INITIAL_ADAPTIVE_CLIP", "DistributedDP",
+           "SkellamAccountant", "distributed_for_run", "privacy_for_run", "default_min_clients", "privacy_summary"]
 
 log = logging.getLogger("fedopt.privacy")
 
@@ -20,11 +24,19 @@ INITIAL_ADAPTIVE_CLIP = 0.1
 
 def central_for_run(cfg, inner, device="cpu") -> CentralDP:
     """DP-FedAvg around ``inner`` for a RunConfig with ``--dp central``: the accountant follows
-    ``--client-sampling`` over the run's ``--clients``, and without ``--noise-multiplier`` z is calibrated up front so
-    that ε after the planned ``--rounds`` is at most ``--target-epsilon``."""
+    ``--client-sampling`` over the run's ``--clients`` (buffered asynchronous rounds: one unsampled release per buffer,
+    over the buffer's K), and without ``--noise-multiplier`` z is calibrated up front so that ε after the planned
+    ``--rounds`` (buffers) is at most ``--target-epsilon``."""
     p, fed = cfg.privacy, cfg.federation
     setting = dict(kind=p.accountant, sampling=fed.client_sampling, population=fed.clients,
                    per_round=fed.per_round, delta=p.delta)
+    denominator = None
+    if cfg.buffered.buffer_size is not None:
+        # FedBuff: each full buffer of K updates is one release (noised sum over K). Clients are dispatched as slots
+        # free up, drawn among the idle ones: no sampling argument amplifies that, so each buffer is accounted as an
+        # unsampled Gaussian mechanism (q = 1) of sensitivity C, whichever buffers a client's updates land in
+        setting.update(sampling="poisson", per_round=1.0)
+        denominator = float(cfg.buffered.buffer_size)
     z = p.noise_multiplier
     if z is None:
         z = calibrate(p.target_epsilon, fed.rounds, **setting)
@@ -32,4 +44,54 @@ def central_for_run(cfg, inner, device="cpu") -> CentralDP:
     adaptive = AdaptiveClip(p.adaptive_clip) if p.adaptive_clip is not None else None
     clip = p.dp_clip_norm if p.dp_clip_norm is not None else INITIAL_ADAPTIVE_CLIP
     return CentralDP(inner, Accountant(noise_multiplier=z, **setting), clip=clip, seed=cfg.seed, adaptive=adaptive,
-                     noise_source=p.noise_source, target_epsilon=p.target_epsilon, device=device)
+                     noise_source=p.noise_source, target_epsilon=p.target_epsilon, device=device,
+                     denominator=denominator)
+
+
+def privacy_summary(dp) -> str:
+    """One line for a run's summary: ε at δ after the releases, the accountant, the sampling and the noise."""
+    a = dp.accountant
+    sampling = "no amplification by sampling (q = 1)" if a.q >= 1 else f"{a.sampling} sampling, q = {a.q:.3g}"
+    return (f"epsilon {a.epsilon():.4g} at delta {a.delta:.3g} after {a.rounds} releases ({a.kind}, {sampling}, "
+            f"noise multiplier {a.noise_multiplier:.4g})")
+
+
+def default_min_clients(expected: float) -> int:
+    """t of ``--dp distributed`` when ``--dp-min-clients`` is not given: two standard deviations of a Poisson cohort
+    of mean D below D (at least 2), so about 2% of large rounds fall short and abort."""
+    return max(2, math.floor(expected - 2 * math.sqrt(expected)))
+
+
+def distributed_for_run(cfg, size: int) -> DistributedDP:
+    """DP-FedAvg with client-side Skellam noise inside SecAgg+ for a RunConfig with ``--dp distributed`` and a model of
+    ``size`` parameters: the secagg aggregator (clip C = ``--dp-clip-norm``, unweighted, ``--bits``, the run's
+    neighbours and threshold) with the run's public noise parameters, and the Skellam accountant; without
+    ``--noise-multiplier`` z is calibrated up front for ``--target-epsilon`` after ``--rounds``."""
+    from ..aggregators.secure import SecureAggregator
+    from ..secagg import DistributedNoise
+
+    p, fed = cfg.privacy, cfg.federation
+    opts = {k: v for k, v in cfg.aggregator_options.items() if k not in ("clip", "weighting", "inner", "max_weight")}
+    bits = int(opts.pop("bits", 16))
+
+    def accountant(z: float) -> SkellamAccountant:
+        return SkellamAccountant(population=fed.clients, per_round=fed.per_round, noise_multiplier=z, bits=bits,
+                                 dim=size, delta=p.delta)
+
+    z = p.noise_multiplier
+    if z is None:
+        z = calibrate(p.target_epsilon, fed.rounds, make=accountant)
+        log.info("--noise-multiplier %.4g: epsilon <= %g after %d rounds (Skellam)", z, p.target_epsilon, fed.rounds)
+    acc = accountant(z)
+    t = p.dp_min_clients if p.dp_min_clients is not None else default_min_clients(acc.expected_cohort)
+    noise = DistributedNoise(float(z), int(t))
+    inner = SecureAggregator(**opts, clip=p.dp_clip_norm, bits=bits, weighting="uniform", seed=cfg.seed,
+                             dp_noise=noise, noise_source=p.noise_source)
+    return DistributedDP(inner, acc, target_epsilon=p.target_epsilon)
+
+
+def privacy_for_run(cfg, inner, device="cpu", size: int = 0):
+    """The DP wrapper a RunConfig asks for (``--dp central`` or ``distributed``) around the run's aggregator."""
+    if cfg.privacy.dp == "distributed":
+        return distributed_for_run(cfg, size)
+    return central_for_run(cfg, inner, device)

@@ -208,17 +208,22 @@ class Accountant:
         return f"Accountant({', '.join(f'{k}={v!r}' for k, v in self.state().items())})"
 
 
-def calibrate(target_epsilon: float, rounds: int, *, kind: str = "rdp", sampling: str = "poisson", population: int,
-              per_round: int | float, delta: float | None = None, rtol: float = 1e-3) -> float:
+def calibrate(target_epsilon: float, rounds: int, *, kind: str = "rdp", sampling: str = "poisson",
+              population: int = 0, per_round: int | float = 1, delta: float | None = None, rtol: float = 1e-3,
+              make=None) -> float:
     """The smallest noise multiplier z (within ``rtol``) whose ε after ``rounds`` rounds is at most
-    ``target_epsilon``: bisection over z, each step asking a fresh :class:`Accountant`. The z returned always meets
-    the target (the bisection keeps the feasible end). ConfigError when no z up to 10^4 does."""
+    ``target_epsilon``: bisection over z, each step asking a fresh :class:`Accountant` (or ``make(z)``, another
+    accountant with ``epsilon(rounds)``). The z returned always meets the target (the bisection keeps the feasible
+    end). ConfigError when no z up to 10^4 does."""
     if not (isinstance(target_epsilon, (int, float)) and math.isfinite(target_epsilon) and target_epsilon > 0):
         raise ConfigError(f"--target-epsilon must be a number > 0, not {target_epsilon!r}")
+    if make is None:
+        def make(z: float) -> Accountant:
+            return Accountant(kind, sampling, population=population, per_round=per_round, noise_multiplier=z,
+                              delta=delta)
 
     def eps(z: float) -> float:
-        return Accountant(kind, sampling, population=population, per_round=per_round, noise_multiplier=z,
-                          delta=delta).epsilon(rounds)
+        return make(z).epsilon(rounds)
 
     hi = 1.0
     while eps(hi) > target_epsilon:

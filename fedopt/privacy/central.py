@@ -41,7 +41,8 @@ from ..aggregators import Aggregate, Update
 from ..errors import ConfigError
 from .accounting import Accountant
 
-__all__ = ["CentralDP", "AdaptiveClip", "clip_update", "noise_seed", "secure_normal", "NOISE_SOURCES"]
+__all__ = ["CentralDP", "AdaptiveClip", "budget_stop_reason", "clip_update", "noise_seed", "secure_normal",
+           "NOISE_SOURCES"]
 
 NOISE_SOURCES = ("seeded", "secure")
 #: a clipped update is scaled to just under C, so float32 rounding can never take its norm over C
@@ -74,6 +75,18 @@ def secure_normal(n: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def budget_stop_reason(accountant, target_epsilon: float | None) -> str | None:
+    """Why a run must stop before its next release (one more would take ε over ``target_epsilon``), or None."""
+    if target_epsilon is None:
+        return None
+    a = accountant
+    after = a.epsilon(a.rounds + 1)
+    if after <= target_epsilon:
+        return None
+    return (f"privacy budget reached: round {a.rounds + 1} would take epsilon from {a.epsilon():.4g} to "
+            f"{after:.4g}, over --target-epsilon {target_epsilon:g} (delta {a.delta:.3g})")
+
+
 @dataclass
 class AdaptiveClip:
     """The clip as a private estimate of the ``quantile`` γ of the update norms (Andrew et al.; module docstring).
@@ -98,7 +111,8 @@ class CentralDP:
     """DP-FedAvg around a linear aggregator (see the module docstring).
 
     ``accountant`` holds z, the sampling and the ledger; ``clip`` is C (the initial clip with ``adaptive``);
-    ``target_epsilon``, when given, is the budget :meth:`stop_reason` guards; ``seed`` keys the noise of each round.
+    ``target_epsilon``, when given, is the budget :meth:`stop_reason` guards; ``seed`` keys the noise of each round;
+    ``denominator`` replaces the accountant's expected cohort as D (a FedBuff buffer's K).
     Raises ConfigError for an ``inner`` aggregator that is not a plain mean, a bad clip, or adaptive clipping whose
     count noise is too small for z.
     """
@@ -109,7 +123,8 @@ class CentralDP:
 
     def __init__(self, inner, accountant: Accountant, *, clip: float, seed: int = 0,
                  adaptive: AdaptiveClip | None = None, noise_source: str = "seeded",
-                 target_epsilon: float | None = None, device: torch.device | str = "cpu") -> None:
+                 target_epsilon: float | None = None, device: torch.device | str = "cpu",
+                 denominator: float | None = None) -> None:
         name = getattr(inner, "name", repr(inner))
         if not getattr(inner, "linear", False) or name not in ("fedavg", "mean"):
             raise ConfigError(f"--dp central wraps a mean of the updates: use --aggregator fedavg or mean, not "
@@ -126,7 +141,7 @@ class CentralDP:
         self.noise_source = noise_source
         self.target_epsilon = target_epsilon
         self.device = torch.device(device)  # where a round without updates makes its sum
-        self.expected = accountant.expected_cohort  # D
+        self.expected = float(denominator) if denominator else accountant.expected_cohort  # D (FedBuff: K)
         z = accountant.noise_multiplier
         self.update_multiplier = z  # z_Δ
         if adaptive is not None:
@@ -204,14 +219,7 @@ class CentralDP:
 
     def stop_reason(self) -> str | None:
         """Why the run must stop before its next round (one more release would exceed ``target_epsilon``), or None."""
-        if self.target_epsilon is None:
-            return None
-        a = self.accountant
-        after = a.epsilon(a.rounds + 1)
-        if after <= self.target_epsilon:
-            return None
-        return (f"privacy budget reached: round {a.rounds + 1} would take epsilon from {a.epsilon():.4g} to "
-                f"{after:.4g}, over --target-epsilon {self.target_epsilon:g} (delta {a.delta:.3g})")
+        return budget_stop_reason(self.accountant, self.target_epsilon)
 
     def state(self) -> dict:
         """What a checkpoint keeps: the accountant's ledger and the current clip (adaptive clipping moves it)."""

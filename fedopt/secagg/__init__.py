@@ -7,7 +7,7 @@ Bell et al., "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead" 
 Modules: :mod:`~fedopt.secagg.keys` (X25519 + HKDF, Ed25519 identities, AES-GCM share bundles),
 :mod:`~fedopt.secagg.prg` (AES-256-CTR mask expansion), :mod:`~fedopt.secagg.shamir` (t-of-n over
 GF(2^521 - 1)), :mod:`~fedopt.secagg.quantize` (L2 clip, stochastic quantisation mod 2^k),
-:mod:`~fedopt.secagg.masking`, :mod:`~fedopt.secagg.graph`, and the protocol state machines
+:mod:`~fedopt.secagg.masking`, :mod:`~fedopt.secagg.graph`, :mod:`~fedopt.secagg.skellam` (distributed DP noise), and the protocol state machines
 :class:`ClientSession` / :class:`ServerSession` exchanging the frozen dataclasses of
 :mod:`~fedopt.secagg.messages`. Every failure raises :class:`fedopt.errors.SecAggError`.
 
@@ -29,9 +29,10 @@ from fedopt.secagg.messages import (AggregateResult, EncryptedShare, KeyAdvertis
 from fedopt.secagg.participant import SecAggClient
 from fedopt.secagg.quantize import Encoded, QuantConfig, check_capacity, clip_fraction, decode_sum, encode_update
 from fedopt.secagg.server import ServerSession
+from fedopt.secagg.skellam import DistributedNoise
 
 __all__ = [
-    "AggregateResult", "ClientSession", "Encoded", "EncryptedShare", "KeyAdvertisement", "MaskedInput",
+    "AggregateResult", "ClientSession", "DistributedNoise", "Encoded", "EncryptedShare", "KeyAdvertisement", "MaskedInput",
     "MemoryTransport", "NeighbourKeys", "QuantConfig", "RoundConfig", "SecAggClient", "SecAggDriver",
     "SecAggOutcome", "ServerSession", "ShareDelivery", "ShareKeys", "UnmaskRequest", "UnmaskResponse",
     "check_capacity", "clip_fraction", "decode_sum", "default_neighbours", "default_threshold", "encode_update",

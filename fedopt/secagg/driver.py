@@ -213,6 +213,10 @@ class SecAggDriver:
             if stage == "unmask":
                 self._finish()
                 return
+            if stage == "mask" and len(self._answered) < self.quant.min_inputs:
+                # distributed DP: fewer inputs than planned carry less noise than planned; nothing is unmasked
+                raise SecAggError(f"only {len(self._answered)} masked inputs, fewer than the {self.quant.min_inputs} "
+                                  f"whose noise distributed DP plans for")
             messages = {"advertise": server.close_advertise, "share": server.close_share_keys,
                         "mask": server.close_masked_input}[stage]()
             self._broadcast(messages)

@@ -19,7 +19,9 @@ The same class serves a client process on the bus (``clients.federated``) and ev
 in-process aggregator (over :class:`fedopt.secagg.memory.MemoryTransport`). The only difference is the source of
 the rounding noise (``noise``): fresh random bytes by default, or bytes derived from a run seed so that a
 simulation is reproducible. That noise only makes the quantisation unbiased; it is no mask, so public values may
-key it.
+key it. Under distributed DP (``dp_noise``) the same source keys the client's Skellam noise as well (through a hash:
+the two streams are independent): on a real client it is fresh ``os.urandom`` bytes, which a differentially private
+release needs.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from fedopt.secagg import codec
 from fedopt.secagg.client import ClientSession
 from fedopt.secagg.messages import NeighbourKeys, ShareDelivery, UnmaskRequest
 from fedopt.secagg.quantize import encode_update
+from fedopt.secagg.skellam import DistributedNoise, add_skellam, noise_key
 
 __all__ = ["Noise", "SecAggClient", "random_noise"]
 
@@ -76,6 +79,9 @@ class SecAggClient:
         #: transport that uploads on credit (OFFER, then the coordinator's PULL)
         self.hold_masked = False
         self.masked: tuple[int, int, list] | None = None
+        #: distributed DP (:mod:`fedopt.secagg.skellam`): the run's public noise parameters, from WELCOME; this client
+        #: then adds its Skellam share to its encoded update before masking it (keyed by its noise source)
+        self.dp_noise: DistributedNoise | None = None
 
     @property
     def round(self) -> int | None:
@@ -159,10 +165,13 @@ class SecAggClient:
         weight = None
         if quant.weighted:  # clamp to the public caps: never fold in more weight than the run allows
             weight = max(0, min(n, quant.max_weight, self.max_weight or quant.max_weight))
-        enc = encode_update(x, quant, self._noise(self.round), weight)
+        source = self._noise(self.round)
+        enc = encode_update(x, quant, source, weight)
         self.clip_rate = float(enc.clipped)
         if self.on_encoded is not None:
             self.on_encoded(self.round, enc.vector)
+        if self.dp_noise is not None:  # distributed DP: this client's Skellam share, before masking
+            add_skellam(enc.vector[: x.size], self.dp_noise.client_lambda(quant.bits, x.size), noise_key(source))
         delivery, self._delivery, self._update = self._delivery, None, None
         parts = codec.pack(self._session.masked_input(delivery, enc.vector, consume=True))
         if self.hold_masked:

@@ -24,7 +24,9 @@ weighted, by sum(w), the last word of S).
 
 **No wrap**: the true integer sum must fit in signed k bits whatever the clients claim: every word is at
 most T = 2^(b-1)-1 (times W when weighted) in absolute value, so :func:`check_capacity` requires
-n*T*W < 2^(k-1) (W = 1 unweighted) and raises otherwise. The width therefore follows from public
+n*T*W < 2^(k-1) (W = 1 unweighted) and raises otherwise. Under distributed DP the clients also add Skellam
+noise (:mod:`fedopt.secagg.skellam`), and ``noise_bound`` B, a tail bound on the summed noise, is reserved too:
+n*T*W + B < 2^(k-1). The width therefore follows from public
 values only (n, b, W): e.g. b = 16 and W = 10^6 need k = 64 for any n >= 1; with k = 32, n*W <= 65,538.
 
 **Bounds on the decoded sum**: honest inputs give |S_i| <= T*sum(w) and 0 < sum(w) <= n*W.
@@ -69,6 +71,10 @@ class QuantConfig:
     bits: int = 16  # quantisation bits b: integers in [-(2^(b-1)-1), 2^(b-1)-1]
     modulus_bits: int = 32  # k: arithmetic mod 2^k, 32 (uint32) or 64 (uint64)
     max_weight: int | None = None  # W, the public cap on one weight (weighted FedAvg); None = unweighted
+    # distributed DP (fedopt.secagg.skellam), server side only (the Setup message does not carry them): the range
+    # reserved for the summed noise, and the fewest inputs whose sum may be unmasked (fewer carry too little noise)
+    noise_bound: int = 0
+    min_inputs: int = 0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.clip, (int, float)) and math.isfinite(self.clip) and self.clip > 0):
@@ -83,6 +89,10 @@ class QuantConfig:
             not isinstance(self.max_weight, int) or self.max_weight < 1
         ):
             raise SecAggError(f"QuantConfig.max_weight must be an int >= 1, got {self.max_weight!r}")
+        if not (isinstance(self.noise_bound, int) and self.noise_bound >= 0 and isinstance(self.min_inputs, int)
+                and self.min_inputs >= 0):
+            raise SecAggError(f"QuantConfig.noise_bound and min_inputs must be ints >= 0, got "
+                              f"{self.noise_bound!r}, {self.min_inputs!r}")
 
     @property
     def dtype(self) -> np.dtype:
@@ -118,16 +128,18 @@ class Encoded:
 
 
 def check_capacity(cfg: QuantConfig, n: int) -> None:
-    """Raise SecAggError unless the sum of ``n`` encoded vectors cannot wrap modulo 2^k: n*T*W < 2^(k-1)."""
+    """Raise SecAggError unless the sum of ``n`` encoded vectors cannot wrap modulo 2^k: n*T*W + B < 2^(k-1), with B
+    the range ``noise_bound`` reserved for distributed DP noise (0 without it)."""
     if not isinstance(n, int) or n < 1:
         raise SecAggError(f"number of clients must be >= 1, got {n}")
     top = (1 << (cfg.bits - 1)) - 1
     w = cfg.max_weight if cfg.weighted else 1
-    if n * top * w >= 1 << (cfg.modulus_bits - 1):
+    if n * top * w + cfg.noise_bound >= 1 << (cfg.modulus_bits - 1):
         what = f" with weights up to {cfg.max_weight}" if cfg.weighted else ""
+        noise = f" + {cfg.noise_bound} (noise)" if cfg.noise_bound else ""
         raise SecAggError(
             f"modulus 2^{cfg.modulus_bits} too small for {n} clients at {cfg.bits} bits{what}: "
-            f"{n}*{top}*{w} would wrap (use modulus_bits=64, fewer bits or a smaller max weight)"
+            f"{n}*{top}*{w}{noise} would wrap (use modulus_bits=64, fewer bits or a smaller max weight)"
         )
 
 
@@ -278,7 +290,7 @@ def decode_sum(total: np.ndarray, cfg: QuantConfig, count: int | None = None) ->
     top = (1 << (cfg.bits - 1)) - 1
     if not cfg.weighted:
         if count is not None:
-            _check_bounds(signed, top * count)
+            _check_bounds(signed, top * count + cfg.noise_bound)
         return signed.astype(np.float64) / cfg.scale, None
     if total.size < 1:
         raise SecAggError("weighted modular sum is missing its weight word")
@@ -288,7 +300,7 @@ def decode_sum(total: np.ndarray, cfg: QuantConfig, count: int | None = None) ->
     if count is not None:
         if w > count * cfg.max_weight:
             raise SecAggError(f"total weight {w} exceeds {count} x the cap {cfg.max_weight}: an input was out of range")
-        _check_bounds(signed[:-1], top * w)
+        _check_bounds(signed[:-1], top * w + cfg.noise_bound)
     return signed[:-1].astype(np.float64) / (cfg.scale * w), w
 
 

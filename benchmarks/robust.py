@@ -1,0 +1,199 @@
+"""Byzantine robustness: every defence x every attack, final test accuracy on digits (Dirichlet 0.5), 20% of the
+clients Byzantine, with 10 and with 50 clients; then centered clipping over the real bus, 8 client processes of which
+2 run ALIE, against the same run with 8 honest clients.
+
+    python benchmarks/robust.py                      # the table, a plot, the bus runs (about 10 minutes on 2 cores)
+    python benchmarks/robust.py --no-bus --seeds 0   # a quicker look
+
+Settings (fixed before any run, never tuned on the test set): every client trains in every round (30 rounds,
+2 local epochs, lr 0.1, batch 16); each cell is the mean final accuracy over ``--seeds`` (a seed also draws which
+clients are Byzantine). The engine's relative norm bound is off (``--norm-factor 0``) so that each aggregation
+rule is measured alone; one extra line shows FedAvg under scaling with the engine's default bound back on.
+Defences assume the true f = 20% of n: trimmed_mean trims beta = 0.2 from each end, krum/multi_krum/bulyan take
+f = 0.2 n (bulyan only where n >= 4f + 3); centered_clip (tau 100, 1 iteration: the paper's) runs with client
+momentum 0.9 as the paper pairs them; norm_bound uses its default bound 3; geomed RFA's defaults. Attacks use their
+defaults (fedopt.attacks): scaling x1000, ALIE's z from n and f, IPM epsilon 0.1; ALIE and IPM are omniscient in
+simulation. On the bus the two ALIE processes only share their own honest-trained updates (``--collude``).
+
+Drops are in accuracy points (clean - attacked). The last line::
+
+    {"fedavg_worst_drop": ..., "best_defence_worst_drop": ..., "cc_alie_drop": ..., "cc_ipm_drop": ...,
+     "bus_cc_alie_drop": ...}
+
+``fedavg_worst_drop`` is FedAvg's largest drop over attacks and both client counts; ``best_defence_worst_drop``
+takes, for each attack and client count, the defence with the highest accuracy under it and its drop from its own
+clean run, and reports the largest; ``cc_*_drop`` are centered clipping's drops (the larger of the two client
+counts); ``bus_cc_alie_drop`` is the bus pair's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit, table  # noqa: E402
+
+from clients.simulation.run import Simulation  # noqa: E402
+from fedopt.attacks import byzantine_clients  # noqa: E402
+from fedopt.config import RunConfig  # noqa: E402
+from fedopt.launch import fedopt_command, shared_cores_env, spawn, stop_processes  # noqa: E402
+
+FRACTION = 0.2
+ATTACKS = [None, "sign_flip", "scaling", "label_flip", "alie", "ipm"]
+#: defence -> (aggregator, its options for n clients with f attackers, client momentum)
+DEFENCES = {
+    "fedavg": ("fedavg", lambda n, f: {}, 0.0),
+    "median": ("median", lambda n, f: {}, 0.0),
+    "trimmed_mean": ("trimmed_mean", lambda n, f: {"beta": FRACTION}, 0.0),
+    "norm_bound": ("norm_bound", lambda n, f: {}, 0.0),
+    "krum": ("krum", lambda n, f: {"f": f}, 0.0),
+    "multi_krum": ("multi_krum", lambda n, f: {"f": f}, 0.0),
+    "bulyan": ("bulyan", lambda n, f: {"f": f}, 0.0),
+    "geomed": ("geomed", lambda n, f: {}, 0.0),
+    "cc+momentum": ("centered_clip", lambda n, f: {}, 0.9),
+}
+
+
+def simulate(clients: int, defence: str, attack: str | None, seed: int, rounds: int, epochs: int,
+             norm_factor: float = 0.0) -> float:
+    """Final test accuracy of one in-process run."""
+    agg, options, momentum = DEFENCES[defence]
+    f = round(FRACTION * clients)
+    kw = dict(task="digits", clients=clients, partition="dirichlet", alpha=0.5, rounds=rounds, local_epochs=epochs,
+              seed=seed, aggregator=agg, aggregator_options=options(clients, f), client_momentum=momentum,
+              norm_factor=norm_factor, eval_every=rounds, progress="off", plot=False, out="runs/robust-bench")
+    if attack is not None:
+        kw.update(attack=attack, attackers=FRACTION)
+    return Simulation(RunConfig.of(**kw)).run(None).records[-1]["accuracy"]
+
+
+def bus_run(tmp: Path, name: str, rounds: int, epochs: int, alie: bool) -> float:
+    """Final accuracy of a real coordinator (centered clipping) and 8 client processes with client momentum 0.9;
+    with ``alie``, 2 of them (chosen by seed 0) run ALIE sharing only their own updates."""
+    n = 8
+    url = f"ipc://{tmp}/{name}.sock"
+    out = tmp / name
+    env = shared_cores_env(n + 1)
+    bad = byzantine_clients(n, 2 / n, 0) if alie else frozenset()
+    procs = [spawn(fedopt_command(
+        "coordinator", "--bind", url, "--insecure", "--out", str(out), "--progress", "lines", "--no-plot",
+        "--task", "digits", "--clients", str(n), "--partition", "dirichlet", "--alpha", "0.5", "--seed", "0",
+        "--rounds", str(rounds), "--local-epochs", str(epochs), "--eval-every", str(rounds),
+        "--aggregator", "centered_clip", "--norm-factor", "0", "--join-timeout", "300", "--deadline", "120"),
+        tmp / f"{name}-coordinator.log", env)]
+    for i in range(n):
+        attack = ["--attack", "alie", "--collude", str(tmp / f"{name}-collude"), "--colluders", "2"] \
+            if str(i) in bad else []
+        procs.append(spawn(fedopt_command("client", "--connect", url, "--insecure", "--shard", str(i),
+                                          "--client-momentum", "0.9", "--exit-with-parent", "--give-up", "300",
+                                          "--log-level", "WARNING", *attack),
+                           tmp / f"{name}-client-{i}.log", env))
+    try:
+        end = time.monotonic() + 900
+        while procs[0].poll() is None and time.monotonic() < end:
+            time.sleep(0.2)
+        if procs[0].returncode != 0:
+            log = (tmp / f"{name}-coordinator.log").read_text(errors="replace")[-1500:]
+            raise RuntimeError(f"bus run {name}: the coordinator failed:\n{log}")
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return rows[-1]["accuracy"]
+    finally:
+        stop_processes(procs)
+
+
+def plot(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no plot)")
+        return
+    sizes = sorted(results)
+    fig, axes = plt.subplots(len(sizes), 1, figsize=(12, 4 * len(sizes)), squeeze=False)
+    for ax, n in zip(axes[:, 0], sizes):
+        names = [d for d in DEFENCES if d in results[n]]
+        width = 0.8 / len(names)
+        for k, d in enumerate(names):
+            ax.bar([a + k * width for a in range(len(ATTACKS))], [100 * results[n][d][a] for a in ATTACKS], width,
+                   label=d, color=f"C{list(DEFENCES).index(d)}")  # one colour per defence in every panel
+        ax.set_xticks([a + 0.4 - width / 2 for a in range(len(ATTACKS))], [a or "none" for a in ATTACKS])
+        ax.set_ylabel("final test accuracy (%)")
+        ax.set_title(f"digits, Dirichlet 0.5, {n} clients, {int(FRACTION * 100)}% Byzantine")
+        ax.set_ylim(0, 118)
+        ax.legend(ncol=len(names), fontsize=7, loc="upper center")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    print(f"plot: {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--local-epochs", type=int, default=2)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--clients", type=int, nargs="+", default=[10, 50])
+    ap.add_argument("--plot", default="runs/robust-bench/robust.png")
+    ap.add_argument("--no-bus", action="store_true")
+    a = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)  # tiny model: intra-op threads only add contention
+    started = time.perf_counter()
+    results: dict[int, dict[str, dict]] = {}
+    for n in a.clients:
+        f = round(FRACTION * n)
+        results[n] = {}
+        for d in DEFENCES:
+            if d == "bulyan" and n < 4 * f + 3:
+                continue
+            results[n][d] = {att: statistics.mean(simulate(n, d, att, s, a.rounds, a.local_epochs) for s in a.seeds)
+                             for att in ATTACKS}
+            print(f"  {n} clients, {d}: " + " ".join(f"{100 * v:.1f}" for v in results[n][d].values()), flush=True)
+        rows = [(d, *(f"{100 * r[att]:.1f}" for att in ATTACKS)) for d, r in results[n].items()]
+        print(f"\n{n} clients ({f} Byzantine), final test accuracy % (mean of seeds {a.seeds}); "
+              f"bulyan needs n >= 4f+3 = {4 * f + 3}")
+        print(table(rows, ("defence", *(att or "none" for att in ATTACKS))))
+        bounded = statistics.mean(simulate(n, "fedavg", "scaling", s, a.rounds, a.local_epochs, norm_factor=4.0)
+                                  for s in a.seeds)
+        print(f"fedavg under scaling with the engine's default norm bound (--norm-factor 4): {100 * bounded:.1f}\n")
+    if a.plot:
+        plot(results, Path(a.plot))
+
+    def drop(n, d, att):
+        return 100 * (results[n][d][None] - results[n][d][att])
+
+    attacks = [att for att in ATTACKS if att is not None]
+    fedavg_worst = max(drop(n, "fedavg", att) for n in results for att in attacks)
+    best = []
+    for n in results:
+        for att in attacks:
+            d = max(results[n], key=lambda k: results[n][k][att])
+            best.append((drop(n, d, att), n, att, d))
+            print(f"best under {att:10s} with {n:2d} clients: {d:12s} {100 * results[n][d][att]:.1f} "
+                  f"(drop {drop(n, d, att):+.1f} from its clean {100 * results[n][d][None]:.1f})")
+    bus_drop = None
+    if not a.no_bus:
+        with tempfile.TemporaryDirectory(prefix="fedopt-robust-") as tmp:
+            clean = bus_run(Path(tmp), "clean", a.rounds, a.local_epochs, alie=False)
+            attacked = bus_run(Path(tmp), "alie", a.rounds, a.local_epochs, alie=True)
+        bus_drop = round(100 * (clean - attacked), 2)
+        print(f"\nbus, centered_clip + client momentum 0.9, 8 client processes: clean {100 * clean:.1f}, "
+              f"2 colluding ALIE processes {100 * attacked:.1f} (drop {bus_drop:+.1f})")
+    print(f"\n({time.perf_counter() - started:.0f} s)")
+    emit({"fedavg_worst_drop": round(fedavg_worst, 2), "best_defence_worst_drop": round(max(best)[0], 2),
+          "cc_alie_drop": round(max(drop(n, "cc+momentum", "alie") for n in results), 2),
+          "cc_ipm_drop": round(max(drop(n, "cc+momentum", "ipm") for n in results), 2),
+          "bus_cc_alie_drop": bus_drop})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Clipping rules: ``norm_bound`` (each update clipped to an L2 bound, then FedAvg) and ``centered_clip`` (iterative
+clipping around the previous round's aggregate).
+
+**Norm bounding** — Sun, Kairouz, Suresh, McMahan, "Can You Really Backdoor Federated Learning?" (arXiv 1911.07963,
+2019): every update is scaled down to L2 norm at most ``bound`` before the sample-weighted mean, so no client moves a
+round by more than ``bound * its weight share``, whatever it sends. It streams (O(P) memory) and reorders nothing.
+
+* Secure aggregation: composes. Clipping needs only the client's own update, so under SecAgg+ it is done by the
+  client before masking: ``--aggregator secagg --clip C`` *is* norm bounding at C (and
+  ``make_aggregator("secagg", inner="norm_bound")`` takes the inner's bound as the clip). Precisely what composes:
+  an honest client's contribution is clipped to L2 <= C; the server cannot check a masked vector's L2 norm, so a
+  client that skips clipping is held only by the encoding's per-coordinate range (|x_i| <= C, i.e. L2 <= C*sqrt(P))
+  and by the decoded-sum bounds of :mod:`fedopt.secagg.quantize`. The engine's own norm bound cannot see masked
+  updates either.
+* FedBuff: composes. Each staleness-weighted update is clipped as it enters the buffer.
+
+**Centered clipping (CC)** — Karimireddy, He, Jaggi, "Learning from History for Byzantine Robust Optimization"
+(ICML 2021, arXiv 2012.10333), Algorithm 1: starting from the previous round's aggregate v,
+``v <- v + (1/n) sum_i clip_tau(x_i - v)`` repeated L times, where ``clip_tau(z) = z * min(1, tau / ||z||)``.
+Defaults tau = 100, L = 1: the values of the paper's experiments (the authors' code, ``Clipping(tau=100,
+n_iter=1)``). tau is in the units of what clients send; the paper's clients send gradient momenta, fedopt's send
+model deltas (lr x steps x gradient), so on a task whose deltas are much shorter than tau, CC clips only
+updates much longer than the honest ones. The paper pairs CC with worker momentum: clients send
+``m_i = beta m_i + (1 - beta) delta_i`` (``--client-momentum BETA``, :mod:`fedopt.client_momentum`) so that
+attacks hidden in one round's noise cannot be coupled across rounds. The centre is this aggregator's state from
+round to round (the first round starts from zero); it is not in checkpoints, so a resumed run restarts it at zero.
+
+* Secure aggregation: not here (``needs_plaintext``). With L = 1 and a public centre each client could clip its own
+  ``x_i - v`` before masking (the authors' README calls CC compatible with secure aggregation), with the same
+  client-side caveat as norm bounding; fedopt does not implement that client path.
+* FedBuff: composes and makes sense: each buffer of K updates is clipped around the previous buffer's aggregate
+  (the authors' repository has an asynchronous variant); cost O(K L P) per buffer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..errors import ConfigError
+from .base import Aggregate, Update
+from .mean import fedavg
+from .robust import _Collecting
+
+__all__ = ["NormBound", "CenteredClip", "clip_to_norm", "centered_clip"]
+
+
+def clip_to_norm(x: torch.Tensor, bound: float) -> torch.Tensor:
+    """``x`` scaled to L2 norm ``bound`` when longer, else ``x`` itself (no copy)."""
+    norm = float(torch.linalg.vector_norm(x))
+    return x * (bound / norm) if norm > bound else x
+
+
+def centered_clip(rows: torch.Tensor, center: torch.Tensor, tau: float, iterations: int) -> torch.Tensor:
+    """Karimireddy et al.'s iterative centered clipping of the n x P ``rows`` from ``center`` (uniform weights)."""
+    v = center.to(rows.dtype).clone()
+    for _ in range(iterations):
+        diff = rows - v
+        norms = torch.linalg.vector_norm(diff, dim=1, keepdim=True)
+        # tau / 0 = inf: a row at the centre is kept as it is
+        v += (diff * torch.clamp(tau / norms, max=1.0)).mean(dim=0)
+    return v
+
+
+def _positive(name: str, value, what: str = "a number > 0") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+        raise ConfigError(f"{name} must be {what}, not {value!r} (--aggregator-option {name.split()[-1]}=...)")
+    return float(value)
+
+
+class NormBound:
+    """Clip each update to L2 norm ``bound``, then the sample-weighted mean (see the module docstring)."""
+
+    name = "norm_bound"
+    linear = False  # partials pre-aggregated elsewhere (vmap, pool workers) would skip the clip: take each update
+    needs_all_updates = False  # streams: one running mean
+    needs_plaintext = False  # the clip is client-side under secure aggregation (--aggregator secagg --clip C)
+
+    def __init__(self, bound: float = 3.0) -> None:
+        self.bound = _positive("norm_bound bound", bound)
+        self._mean = fedavg()
+        self._size = 0
+        self.clipped = 0  # updates clipped in the current round
+
+    def begin(self, round: int, size: int) -> None:
+        self._mean.begin(round, size)
+        self._size, self.clipped = size, 0
+
+    def add(self, update: Update) -> None:
+        d = update.delta
+        if d.dim() != 1 or d.numel() != self._size:
+            raise ConfigError(f"update has {d.numel()} elements, the model has {self._size}")
+        clipped = clip_to_norm(d, self.bound)
+        self.clipped += clipped is not d
+        self._mean.add(dataclasses.replace(update, delta=clipped))
+
+    def result(self) -> Aggregate | None:
+        return self._mean.result()
+
+
+class CenteredClip(_Collecting):
+    """Iterative centered clipping around the previous round's aggregate (see the module docstring)."""
+
+    name = "centered_clip"
+
+    def __init__(self, tau: float = 100.0, iterations: int = 1) -> None:
+        self.tau = _positive("centered_clip tau", tau)
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ConfigError(f"centered_clip iterations must be an integer >= 1, not {iterations!r} "
+                              f"(--aggregator-option iterations=...)")
+        self.iterations = iterations
+        self.center: torch.Tensor | None = None  # the last aggregate: the next round's starting point
+
+    def _combine(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.center is None or self.center.numel() != rows.shape[1]:
+            self.center = torch.zeros(rows.shape[1], dtype=rows.dtype, device=rows.device)
+        v = centered_clip(rows, self.center, self.tau, self.iterations)
+        self.center = v.clone()  # the server optimizer may take the aggregate over
+        return v

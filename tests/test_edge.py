@@ -1,0 +1,110 @@
+"""Edge aggregators (``fedopt aggregator``): what an edge refuses, and, over real processes, 2 edges x 4 clients
+against 8 clients on a flat coordinator, and an edge killed mid-run."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _bus import BASE, Cluster, finished, wait_for
+from coordinator.edge import Edge, EdgeConfig
+from fedopt import wire
+from fedopt.cli import main
+from fedopt.config import RunConfig
+from fedopt.data import PartitionSpec
+from fedopt.engine.round import capped_weights
+from fedopt.errors import ConfigError
+from fedopt.params import ParamSpec
+from fedopt.task import resolve_task
+from fedopt.testing import Fault
+
+
+def _welcome(**config) -> wire.Welcome:
+    spec = ParamSpec.from_module(torch.nn.Linear(2, 1)).to_dict()
+    return wire.Welcome(spec=spec, config={"seed": 0, "heartbeat": 0.5, "secagg": False, "buffered": False,
+                                           "aggregator": "fedavg", **config})
+
+
+@pytest.mark.parametrize("config, says", [({"secagg": True}, "secagg"), ({"aggregator": "median"}, "median"),
+                                          ({"buffered": True}, "buffered")])
+def test_an_edge_refuses_a_root_it_cannot_pre_aggregate_for(tmp_path, config, says):
+    edge = Edge(EdgeConfig(bind=f"ipc://{tmp_path}/e.sock", upstream=f"ipc://{tmp_path}/root.sock", id="e",
+                           run=RunConfig.of(clients=1)))
+    try:
+        with pytest.raises(ConfigError, match=says):
+            edge._welcomed(_welcome(**config))
+        edge._welcomed(_welcome())  # a linear rule: accepted
+        assert edge.server is not None and edge.live.interval == edge.uplink.heartbeat
+    finally:
+        edge.close()
+
+
+def test_bad_edge_flags_get_one_line_naming_the_flag_and_exit_2(capsys):
+    with pytest.raises(ConfigError, match="--id"):
+        EdgeConfig(bind="ipc://x", upstream="ipc://root", id="", run=RunConfig.of(clients=1))
+    assert main(["aggregator", "--bind", "ipc://x", "--upstream", "root:5555", "--id", "e", "--clients", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--upstream 'root:5555'" in err
+    assert main(["aggregator", "--bind", "ipc://x", "--upstream", "ipc://r", "--id", "e", "--clients", "2",
+                 "--max-share", "2"]) == 2
+    assert "max-share" in capsys.readouterr().err
+
+
+ROUNDS = ["--clients", "8", "--rounds", "3", "--seed", "7"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_two_edges_of_four_clients_give_the_flat_coordinators_model(tmp_path):
+    # Honest comparison: FedAvg caps each weight (max_samples, max_share). On these shards no cap binds at any tier
+    # (8 clients at the flat coordinator, 4 at each edge, 2 edges at the root), so both runs weigh by sample counts.
+    task = resolve_task("digits", {})
+    sizes = {str(i): task.load_data(i, 8, 7, PartitionSpec("iid", 0.5)).num_samples for i in range(8)}
+    edges = {"a": {c: sizes[c] for c in "0123"}, "b": {c: sizes[c] for c in "4567"}}
+    totals = {e: sum(s.values()) for e, s in edges.items()}
+    for weights in (sizes, *edges.values(), totals):
+        assert capped_weights(weights, 1_000_000, 0.25) == weights
+    tree = Cluster(tmp_path)
+    try:
+        # the root waits for both edges (--min-clients 2); --clients 8 is the run's shard count, sent in WELCOME
+        tree.start_coordinator(*BASE, *ROUNDS, "--min-clients", "2", "--join-timeout", "1", "--no-plot")
+        urls = {e: tree.start_edge(e, "--clients", "4") for e in edges}
+        for e, shards in edges.items():
+            for i in shards:
+                tree.start_client(int(i), connect=urls[e])
+        # meanwhile the flat run: a coordinator in this process, 8 client processes over ipc
+        assert main(["simulate", "--transport", "ipc", *BASE, *ROUNDS, "--out", str(tmp_path / "flat"),
+                     "--progress", "off", "--no-plot"]) == 0
+        rows = finished(tree, 90)
+    finally:
+        tree.stop()
+    assert all(r["clients"] == 2 for r in rows) and all("4 clients aggregated" in tree.log(f"edge-{e}") for e in edges)
+    a, b = load_file(tmp_path / "flat" / "model.safetensors"), load_file(tree.out / "model.safetensors")
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"max abs diff, flat coordinator vs 2 edges x 4 clients: {diff:.3g}")
+    assert diff <= 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_an_edge_killed_mid_run_hands_its_clients_to_the_other(tmp_path):
+    c = Cluster(tmp_path)
+    try:
+        c.start_coordinator(*BASE, "--clients", "4", "--rounds", "14", "--join-timeout", "1", "--no-plot")
+        urls = {e: c.start_edge(e, "--clients", "2") for e in "ab"}
+        for i in range(4):
+            order = ("a", "b") if i < 2 else ("b", "a")
+            # slow enough that the run outlasts the 1.5 s it takes to see a death, and the move
+            c.start_client(i, connect=",".join(urls[e] for e in order), faults={Fault.SLOW_TRAIN: 0.2})
+        wait_for(lambda: any(r["clients"] == 2 for r in c.rounds()), 60, "a round with both edges")
+        os.kill(c.edges["a"].pid, signal.SIGKILL)
+        rows = finished(c, 90)
+    finally:
+        c.stop()
+    assert [r["round"] for r in rows] == list(range(1, 15))  # every round once: none lost, none repeated
+    assert rows[-1]["clients"] == 1 and "client 0 connected" in c.log("edge-b")
+    assert "4 clients aggregated" in c.log("edge-b")  # a's clients trained at b
