@@ -134,14 +134,7 @@ class Edge(ClientLink):
 
     def close(self) -> None:
         self.uplink.close()
-        if self.handshakes is not None:
-            self.ep.sock.disable_monitor()
-            self.handshakes.close(0)
-            self.handshakes = None
-        self.ep.close()
-        if self.auth is not None:
-            self.auth.stop()
-            self.auth = None
+        self.close_link()
         self.ctx.term()
 
     def _root_lost(self) -> None:

@@ -68,6 +68,17 @@ class ClientLink:
         self._drop_log = LogBudget(20, 1.0, clock)  # a flood of bad messages is counted, not logged line by line
         self._refusal_log = LogBudget(20, 1.0, clock)
 
+    def close_link(self) -> None:
+        """Close the ROUTER, its handshake monitor and the authenticator (``self.auth``, when one was started)."""
+        if self.handshakes is not None:
+            self.ep.sock.disable_monitor()
+            self.handshakes.close(0)
+            self.handshakes = None
+        self.ep.close()
+        if getattr(self, "auth", None) is not None:
+            self.auth.stop()
+            self.auth = None
+
     def _pump(self, timeout: float) -> None:
         """Handle every message that arrives within ``timeout`` (then whatever is already queued)."""
         for _ in range(1000):

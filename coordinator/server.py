@@ -186,14 +186,7 @@ class Coordinator(ClientLink):
 
     def close(self) -> None:
         self.output.close()
-        if self.handshakes is not None:
-            self.ep.sock.disable_monitor()
-            self.handshakes.close(0)
-            self.handshakes = None
-        self.ep.close()
-        if self.auth is not None:
-            self.auth.stop()
-            self.auth = None
+        self.close_link()
         if self._own_ctx:
             self.ctx.term()
 

@@ -44,7 +44,7 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["Accountant", "calibrate", "default_delta", "require_dp_accounting", "KINDS", "SAMPLINGS"]
+__all__ = ["Accountant", "calibrate", "continue_ledger", "default_delta", "require_dp_accounting", "KINDS", "SAMPLINGS"]
 
 KINDS = ("rdp", "pld")
 SAMPLINGS = ("poisson", "fixed")
@@ -243,3 +243,14 @@ def calibrate(target_epsilon: float, rounds: int, *, kind: str = "rdp", sampling
         else:
             lo = mid
     return hi
+
+
+def continue_ledger(current, saved) -> None:
+    """Take the rounds ``saved`` (an accountant restored from a checkpoint) released into ``current``; ConfigError
+    when any other parameter differs (a resumed run must not change z, δ, the sampling or the population)."""
+    mine = {k: v for k, v in current.state().items() if k != "rounds"}
+    theirs = {k: v for k, v in saved.state().items() if k != "rounds"}
+    if mine != theirs:
+        changed = ", ".join(f"{k} {theirs[k]!r} -> {mine[k]!r}" for k in mine if mine.get(k) != theirs.get(k))
+        raise ConfigError(f"--resume: this run's differential privacy differs from its checkpoint's ({changed})")
+    current.rounds = saved.rounds

@@ -39,7 +39,7 @@ import torch
 
 from ..aggregators import Aggregate, Update
 from ..errors import ConfigError
-from .accounting import Accountant
+from .accounting import Accountant, continue_ledger
 
 __all__ = ["CentralDP", "AdaptiveClip", "budget_stop_reason", "clip_update", "noise_seed", "secure_normal",
            "NOISE_SOURCES"]
@@ -233,10 +233,5 @@ class CentralDP:
             clip = float(state["clip"])
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"the checkpoint's privacy state is not valid: {e}") from None
-        mine = {k: v for k, v in self.accountant.state().items() if k != "rounds"}
-        theirs = {k: v for k, v in saved.state().items() if k != "rounds"}
-        if mine != theirs:
-            changed = ", ".join(f"{k} {theirs[k]!r} -> {mine[k]!r}" for k in mine if mine[k] != theirs[k])
-            raise ConfigError(f"--resume: this run's differential privacy differs from its checkpoint's ({changed})")
-        self.accountant.rounds = saved.rounds
+        continue_ledger(self.accountant, saved)
         self.clip = clip

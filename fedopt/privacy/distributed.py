@@ -49,7 +49,7 @@ from scipy.special import gammaln
 from ..aggregators import Aggregate, Update
 from ..errors import ConfigError
 from ..secagg.skellam import DistributedNoise
-from .accounting import _quiet_absl, default_delta, require_dp_accounting
+from .accounting import _quiet_absl, continue_ledger, default_delta, require_dp_accounting
 from .central import budget_stop_reason
 
 __all__ = ["SkellamAccountant", "DistributedDP", "skellam_rdp", "poisson_subsampled_rdp", "ORDERS"]
@@ -228,9 +228,4 @@ class DistributedDP:
             saved = SkellamAccountant.from_state(state["accountant"])
         except (KeyError, TypeError) as e:
             raise ConfigError(f"the checkpoint's privacy state is not valid: {e}") from None
-        mine = {k: v for k, v in self.accountant.state().items() if k != "rounds"}
-        theirs = {k: v for k, v in saved.state().items() if k != "rounds"}
-        if mine != theirs:
-            changed = ", ".join(f"{k} {theirs[k]!r} -> {mine[k]!r}" for k in mine if mine[k] != theirs[k])
-            raise ConfigError(f"--resume: this run's differential privacy differs from its checkpoint's ({changed})")
-        self.accountant.rounds = saved.rounds
+        continue_ledger(self.accountant, saved)
