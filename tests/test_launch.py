@@ -67,6 +67,7 @@ def test_stop_processes_ends_the_whole_group_even_when_sigterm_is_ignored(tmp_pa
         assert time.monotonic() < end, "the child never started its grandchild"
         time.sleep(0.05)
     grandchild = psutil.Process(int(ready.read_text()))
+    assert done.wait(timeout=60) == 0  # a process that already ended is left as it is
     t0 = time.monotonic()
     stop_processes([p, done], grace=0.5)
     assert 0.4 < time.monotonic() - t0 < 10
