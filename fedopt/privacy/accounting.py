@@ -151,9 +151,12 @@ class Accountant:
         if rounds <= 0:
             return 0.0
         with _quiet_absl():
-            if self.kind == "rdp":
-                return self._rdp_epsilon(rounds)
-            return float(self._pld_at(rounds).get_epsilon_for_delta(self.delta))
+            return self._epsilon(rounds)
+
+    def _epsilon(self, rounds: int) -> float:
+        if self.kind == "rdp":
+            return self._rdp_epsilon(rounds)
+        return float(self._pld_at(rounds).get_epsilon_for_delta(self.delta))
 
     def _rdp_epsilon(self, rounds: int) -> float:
         """RdpAccountant's ε of the ledger: composing ``SelfComposedDpEvent(e, T)`` adds T times the one-round RDP
@@ -205,7 +208,7 @@ class Accountant:
             raise ConfigError(f"privacy accountant state is not valid: {e}") from None
 
     def __repr__(self) -> str:
-        return f"Accountant({', '.join(f'{k}={v!r}' for k, v in self.state().items())})"
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.state().items())})"
 
 
 def calibrate(target_epsilon: float, rounds: int, *, kind: str = "rdp", sampling: str = "poisson",

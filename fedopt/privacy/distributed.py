@@ -49,7 +49,7 @@ from scipy.special import gammaln
 from ..aggregators import Aggregate, Update
 from ..errors import ConfigError
 from ..secagg.skellam import DistributedNoise
-from .accounting import _quiet_absl, continue_ledger, default_delta, require_dp_accounting
+from .accounting import Accountant, continue_ledger
 from .central import budget_stop_reason
 
 __all__ = ["SkellamAccountant", "DistributedDP", "skellam_rdp", "poisson_subsampled_rdp", "ORDERS"]
@@ -85,50 +85,25 @@ def poisson_subsampled_rdp(q: float, rdp, orders, factor: float = 3.0) -> np.nda
     return np.minimum(out, own)
 
 
-class SkellamAccountant:
+class SkellamAccountant(Accountant):
     """ε of the Poisson-sampled Skellam mechanism of ``--dp distributed`` after the rounds released so far.
 
-    The interface of :class:`~fedopt.privacy.Accountant` (``epsilon``, ``step``, ``would_exceed``, ``state``,
-    ``from_state``, ``q``, ``expected_cohort``); ``bits`` and ``dim`` give the integer sensitivities. Raises
-    ConfigError naming the flag of a bad parameter, or a missing dp extra (its RDP → ε conversion).
+    An :class:`~fedopt.privacy.Accountant` (the same parameters, checks, ledger and state) whose one-round RDP is the
+    Skellam bound, Poisson-subsampled; ``bits`` and ``dim`` give the integer sensitivities. Raises ConfigError naming
+    the flag of a bad parameter, or a missing dp extra (its RDP → ε conversion).
     """
-
-    kind = "skellam"
-    sampling = "poisson"
 
     def __init__(self, *, population: int, per_round: int | float, noise_multiplier: float, bits: int, dim: int,
                  delta: float | None = None, rounds: int = 0, kind: str = "skellam", sampling: str = "poisson") -> None:
-        require_dp_accounting()
         if kind != "skellam" or sampling != "poisson":
             raise ConfigError(f"--dp distributed accounts Poisson sampling with the Skellam bound, not {kind}/{sampling}")
-        if not isinstance(population, int) or population < 1:
-            raise ConfigError(f"the population (--clients) must be an integer >= 1, not {population!r}")
-        integral = isinstance(per_round, int) and not isinstance(per_round, bool)
-        if not ((integral and 1 <= per_round <= population) or (not integral and isinstance(per_round, float)
-                                                                 and 0 < per_round <= 1)):
-            raise ConfigError(f"--clients-per-round must be in [1, {population}] or a rate in (0, 1], "
-                              f"not {per_round!r}")
-        if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier)
-                and noise_multiplier > 0):
-            raise ConfigError(f"--noise-multiplier must be a number > 0, not {noise_multiplier!r}")
         if not (isinstance(bits, int) and 2 <= bits <= 53 and isinstance(dim, int) and dim >= 1):
             raise ConfigError(f"distributed DP needs --bits in [2, 53] and a model of >= 1 parameter, not {bits!r}, "
                               f"{dim!r}")
-        self.delta = default_delta(population) if delta is None else float(delta)
-        if not 0 < self.delta < 1:
-            raise ConfigError(f"--delta must be in (0, 1), not {delta!r}")
-        self.population, self.per_round = population, per_round
-        self.noise_multiplier, self.bits, self.dim = float(noise_multiplier), bits, dim
-        self.rounds = int(rounds)
+        super().__init__("rdp", "poisson", population=population, per_round=per_round,
+                         noise_multiplier=noise_multiplier, delta=delta, rounds=rounds)
+        self.kind, self.bits, self.dim = "skellam", bits, dim
         self._rdp = None  # one round's RDP at ORDERS
-
-    @property
-    def q(self) -> float:
-        return self.per_round / self.population if isinstance(self.per_round, int) else float(self.per_round)
-
-    @property
-    def expected_cohort(self) -> float:
-        return float(self.per_round) if isinstance(self.per_round, int) else self.q * self.population
 
     def round_rdp(self) -> np.ndarray:
         """One round's RDP at :data:`ORDERS`: the Skellam bound at the planned noise, Poisson-subsampled."""
@@ -138,35 +113,16 @@ class SkellamAccountant:
             self._rdp = poisson_subsampled_rdp(self.q, lambda a: skellam_rdp(a, l1, l2, mu), ORDERS)
         return self._rdp
 
-    def step(self, n: int = 1) -> None:
-        self.rounds += int(n)
-
-    def epsilon(self, rounds: int | None = None) -> float:
-        rounds = self.rounds if rounds is None else int(rounds)
-        if rounds <= 0:
-            return 0.0
+    def _epsilon(self, rounds: int) -> float:
         from dp_accounting.rdp import rdp_privacy_accountant as rdp
 
-        with _quiet_absl():
-            return float(rdp.compute_epsilon(ORDERS, rounds * self.round_rdp(), self.delta)[0])
+        return float(rdp.compute_epsilon(ORDERS, rounds * self.round_rdp(), self.delta)[0])
 
-    def would_exceed(self, target_epsilon: float, n: int = 1) -> bool:
-        return self.epsilon(self.rounds + n) > target_epsilon
+    def event(self, rounds: int = 1):
+        raise ConfigError("the Skellam mechanism has no dp_accounting event: its RDP is the paper's bound")
 
     def state(self) -> dict:
-        return {"kind": self.kind, "sampling": self.sampling, "population": self.population,
-                "per_round": self.per_round, "noise_multiplier": self.noise_multiplier, "bits": self.bits,
-                "dim": self.dim, "delta": self.delta, "rounds": self.rounds}
-
-    @classmethod
-    def from_state(cls, state: dict) -> "SkellamAccountant":
-        try:
-            return cls(**state)
-        except TypeError as e:
-            raise ConfigError(f"privacy accountant state is not valid: {e}") from None
-
-    def __repr__(self) -> str:
-        return f"SkellamAccountant({', '.join(f'{k}={v!r}' for k, v in self.state().items())})"
+        return {**super().state(), "bits": self.bits, "dim": self.dim}
 
 
 class DistributedDP:
