@@ -17,6 +17,8 @@ Every rank then takes the same server step; each round starts with rank 0's mode
 drift, and rank 0 alone evaluates and writes metrics.jsonl, the model, the summary and the checkpoints (with
 ``--resume`` it reads the checkpoint and tells the other ranks the round to start from). There is no transport of
 fedopt's own between ranks. A rank that dies makes the others' collectives fail, and torchrun ends the group.
+The ranks are one job and trust each other: ``all_gather_object`` pickles, so the group's rendezvous must never be
+reachable by anyone else (``--nproc`` keeps it on 127.0.0.1; a multi-node torchrun needs a private network).
 """
 
 from __future__ import annotations
