@@ -85,7 +85,7 @@ def sync_lr(args, clock_kw: dict) -> float:
 
 def asynchronous(args, seed: int, clock_kw: dict, concurrency: int, k: int, lr: float) -> list[dict]:
     """FedBuff (K = ``k``) or FedAsync (K = 1) with ``concurrency`` clients in flight and server lr ``lr``."""
-    steps = (3 if k == 1 else 1) * 4 * args.rounds  # ample: an asynchronous step is a fraction of a round's updates
+    steps = 20 * args.rounds // k  # the same budget of client updates for every K: twice sync's 10 a round
     return run(seed, rounds=steps, clients=args.clients, clients_per_round=10, buffer_size=k, concurrency=concurrency,
                server_lr=lr, **clock_kw)
 
