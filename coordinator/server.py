@@ -212,9 +212,16 @@ class Coordinator(ClientLink):
             waited = self._joined or attempt > 1 or now - self._wait_since >= cfg.bus.join_timeout
             if len(sizes) >= cfg.federation.clients or (waited and len(sizes) >= cfg.bus.min_clients):
                 break
-            if attempt > MAX_ATTEMPTS and now - self._wait_since >= cfg.bus.join_timeout:
-                raise RoundError(f"round {round} missed its quorum of {cfg.bus.min_clients} in {attempt - 1} attempts, "
-                                 f"and no other client is ready")
+            if attempt > 1 and now - self._wait_since >= cfg.bus.join_timeout:
+                if attempt > MAX_ATTEMPTS:
+                    raise RoundError(f"round {round} missed its quorum of {cfg.bus.min_clients} in {attempt - 1} "
+                                     f"attempts, and no other client is ready")
+                back = self._failed & set(self.registry.sizes(round))
+                if back:  # no other client came: those that failed it (alive, maybe only slow) may try it again
+                    log.warning("round %d: no other client is ready after --join-timeout; retrying with the %d that "
+                                "failed it", round, len(back))
+                    self._failed -= back
+                    continue
             self._say_waiting(round, now, len(sizes), waited)
             self._pump(min(0.05, self.ticker.remaining()))
             self._keepalive()

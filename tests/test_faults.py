@@ -57,6 +57,27 @@ def test_straggler_slower_than_the_deadline_is_dropped(tmp_path):
     assert "client 2 missed the deadline" in c.log()
 
 
+def test_a_round_every_client_missed_is_retried_with_them_not_waited_on_forever(tmp_path):
+    """Both clients are slower than --deadline: the retry finds no other client, so after --join-timeout it takes the
+    same (live) clients again instead of waiting forever for others. The run then ends either way: the round closes
+    with an update that lands within a retry's deadline, or after its last attempt the run ends with one error."""
+    c = Cluster(tmp_path)
+    try:
+        c.start_coordinator(*BASE, "--clients", "2", "--rounds", "1", "--min-clients", "2", "--deadline", "1",
+                            "--join-timeout", "1")
+        for i in range(2):
+            c.start_client(i, faults={Fault.SLOW_TRAIN: 2.5})
+        wait_for(lambda: c.coordinator.poll() is not None, 120, "the coordinator to end")
+    finally:
+        c.stop()
+    log = c.log()
+    assert "retrying with the 2 that failed it" in log
+    if c.coordinator.returncode == 0:
+        assert [(r["round"], r["clients"]) for r in c.rounds()] == [(1, 2)] and c.rounds()[0]["attempts"] > 1
+    else:
+        assert c.coordinator.returncode == 1 and "round 1 missed its quorum of 2 in 5 attempts" in log, log[-2000:]
+
+
 def test_coordinator_killed_and_resumed(tmp_path):
     c = Cluster(tmp_path)
     opts = [*BASE, "--clients", "2", "--rounds", "6", "--min-clients", "2"]
