@@ -170,6 +170,15 @@ def capacity(n: int, sample: int, procs: int, rounds: int, tmp: Path, edges: int
         stop_processes([coord, *tier])
 
 
+def _simulate(tmp: Path, name: str, options: list[str], timeout: float) -> Path:
+    """``fedopt simulate OPTIONS`` in a process, its output in ``tmp/name``; RuntimeError with its log if it fails."""
+    out, log = tmp / name, tmp / f"{name}.log"
+    run = spawn(fedopt_command("simulate", *options, "--out", str(out), "--progress", "off", "--no-plot"), log)
+    if run.wait(timeout=timeout) != 0:
+        raise RuntimeError(f"simulate {' '.join(options)} failed: {log.read_text()[-800:]}")
+    return out
+
+
 def distributed_sim(tmp: Path, repeats: int) -> tuple[float, float]:
     """(median round-time ratio --nproc 2 / one process on a compute-bound round, the largest model difference)."""
     from safetensors.torch import load_file
@@ -180,11 +189,7 @@ def distributed_sim(tmp: Path, repeats: int) -> tuple[float, float]:
     for rep in range(repeats):  # side by side, alternating, so both see the same machine
         times = {}
         for nproc in (1, 2):
-            out = tmp / f"big-{nproc}-{rep}"
-            run = spawn(fedopt_command("simulate", *big, "--nproc", str(nproc), "--out", str(out), "--progress",
-                                       "off", "--no-plot"), tmp / f"big-{nproc}-{rep}.log")
-            if run.wait(timeout=1800) != 0:
-                raise RuntimeError(f"simulate --nproc {nproc} failed: {(tmp / f'big-{nproc}-{rep}.log').read_text()}")
+            out = _simulate(tmp, f"big-{nproc}-{rep}", [*big, "--nproc", str(nproc)], 1800)
             times[nproc] = statistics.median(r["seconds"] for r in read_metrics(out / "metrics.jsonl")[1:])
         ratios.append(times[2] / times[1])
         print(f"distributed simulation, repeat {rep}: one process {times[1]:.2f} s a round, 2 ranks {times[2]:.2f} s")
@@ -193,11 +198,7 @@ def distributed_sim(tmp: Path, repeats: int) -> tuple[float, float]:
         small = ["--clients", "12", "--clients-per-round", "9", "--rounds", "3", "--seed", "5", "--aggregator", agg]
         models = []
         for nproc in (1, 2):
-            out = tmp / f"eq-{agg}-{nproc}"
-            run = spawn(fedopt_command("simulate", *small, "--nproc", str(nproc), "--out", str(out), "--progress",
-                                       "off", "--no-plot"), tmp / f"eq-{agg}-{nproc}.log")
-            if run.wait(timeout=600) != 0:
-                raise RuntimeError(f"simulate --aggregator {agg} --nproc {nproc} failed")
+            out = _simulate(tmp, f"eq-{agg}-{nproc}", [*small, "--nproc", str(nproc)], 600)
             models.append(load_file(out / "model.safetensors"))
         diff = max(float((models[0][k] - models[1][k]).abs().max()) for k in models[0])
         print(f"distributed simulation, {agg}: max |2 ranks - 1 process| = {diff:.3g}")
