@@ -12,13 +12,20 @@ Two more rows compare central and distributed DP at ε = 8 with the same fixed c
 ``--dp distributed --aggregator secagg --dp-clip-norm C`` (clients add Skellam noise inside SecAgg+, 16 bits, its own
 RDP accountant, which needs somewhat more noise for the same ε).
 
-A plain secagg run (no DP) gives distributed DP's round-cost ratio, side by side in the same process; the ε fedopt
-reports for the ε = 8 run is checked against dp_accounting's PLD accountant driven directly here (Poisson-sampled
-Gaussian, the same q, z, δ and rounds): ``epsilon_rel_error``.
+Distributed DP leaves ``--bits`` to fedopt: the finest quantisation whose rounds of up to D + 4√D clients fit 20-bit
+masked words with the noise's tail bound (12 bits here); each round's modulus and its SecAgg+ upload bytes (every
+protocol message, masked vectors packed at k bits) are in the metrics: ``ddp_wire_bits`` is the widest modulus any
+round used, ``ddp_upload_bytes_per_value`` the clients' whole protocol upload per model value.
+
+Round cost, side by side: ``--cost-repeats`` interleaved repeats (default 3) of ``--cost-rounds`` rounds each of a plain
+run, central DP with the default RDP accountant and with PLD, a plain secagg run and distributed DP; a round's seconds
+count its DP work (clipping, noise, the accountant's ε and the budget check). Ratios are of the medians over the
+repeats of each run's median round. The ε fedopt reports for the ε = 8 run is checked against dp_accounting's PLD
+accountant driven directly here (Poisson-sampled Gaussian, the same q, z, δ and rounds): ``epsilon_rel_error``.
 
     python benchmarks/dp.py [--rounds 200] [--seed 1] [--quick]
 
-Ends with one JSON line of the figures. About 10 minutes on 2 cores (``--quick``: 40 rounds, no distributed rows).
+Ends with one JSON line of the figures. About 15 minutes on 2 cores (``--quick``: 40 rounds, no distributed rows).
 """
 
 from __future__ import annotations
@@ -50,9 +57,27 @@ def run(rounds: int, seed: int, **extra) -> dict:
     records = sim.run(None).records
     last = records[-1]
     dp = sim.server.privacy
+    widths = [r["modulus_bits"] for r in records if r.get("modulus_bits")]
     return {"accuracy": last["accuracy"], "epsilon": last.get("epsilon"), "clip": last.get("dp_clip"),
             "z": dp.accountant.noise_multiplier if dp is not None else None,
-            "round_s": statistics.median(r["seconds"] for r in records), "wall_s": time.perf_counter() - t0}
+            "round_s": statistics.median(r["seconds"] for r in records), "wall_s": time.perf_counter() - t0,
+            "wire_bits": max(widths) if widths else None,
+            "upload_per_value": sum(r["bytes_up"] for r in records if r.get("modulus_bits"))
+            / max(1, sum(r["clients"] for r in records if r.get("modulus_bits"))) / sim.spec.size}
+
+
+def round_costs(rounds: int, seed: int, repeats: int, clip: float, distributed: bool) -> dict:
+    """Median round seconds of each run kind over ``repeats`` interleaved repeats (see the module docstring)."""
+    kinds = {"plain": {}, "central_rdp": dict(dp="central", target_epsilon=8.0, adaptive_clip=0.5),
+             "central_pld": dict(dp="central", target_epsilon=8.0, adaptive_clip=0.5, accountant="pld")}
+    if distributed:
+        kinds.update(secagg=dict(aggregator="secagg"),
+                     distributed=dict(dp="distributed", aggregator="secagg", target_epsilon=8.0, dp_clip_norm=clip))
+    seen: dict[str, list[float]] = {k: [] for k in kinds}
+    for _ in range(repeats):
+        for kind, extra in kinds.items():
+            seen[kind].append(run(rounds, seed, **extra)["round_s"])
+    return {k: statistics.median(v) for k, v in seen.items()}
 
 
 def main() -> None:
@@ -60,6 +85,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="40 rounds, no distributed-DP row")
+    ap.add_argument("--cost-rounds", type=int, default=40)
+    ap.add_argument("--cost-repeats", type=int, default=3)
     args = ap.parse_args()
     rounds = 40 if args.quick else args.rounds
     delta = default_delta(N)
@@ -85,19 +112,26 @@ def main() -> None:
                      f"{100 * (plain_secagg['accuracy'] - base['accuracy']):+.2f}",
                      f"{plain_secagg['round_s'] * 1e3:.0f}"))
         ddp = run(rounds, args.seed, dp="distributed", aggregator="secagg", target_epsilon=8.0, dp_clip_norm=clip)
-        rows.append((8, f"{ddp['epsilon']:.3f}", f"{ddp['z']:.3f}", f"C = {clip}, distributed (skellam)",
+        rows.append((8, f"{ddp['epsilon']:.3f}", f"{ddp['z']:.3f}", f"C = {clip}, distributed (skellam, "
+                     f"{ddp['wire_bits']}-bit words)",
                      f"{ddp['accuracy']:.4f}", f"{100 * (ddp['accuracy'] - base['accuracy']):+.2f}",
                      f"{ddp['round_s'] * 1e3:.0f}"))
+    cost = round_costs(args.cost_rounds, args.seed, args.cost_repeats, clip, not args.quick)
     print(f"digits x10, N = {N} clients, {PER_ROUND} per round (Poisson), {rounds} rounds, seed {args.seed}, "
           f"delta = 1/N^1.1 = {delta:.3g}")
     print(table(rows, ("target eps", "eps", "z", "clip", "final accuracy", "vs non-private (points)",
                        "median round ms")))
+    print(f"round cost, {args.cost_repeats} interleaved repeats of {args.cost_rounds} rounds (median of medians, ms): "
+          + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in cost.items()))
     emit({"N": N, "per_round": PER_ROUND, "rounds": rounds, "delta": delta, "accuracy": acc,
           "z": {str(e): results[e]["z"] for e in results},
           "acc_eps8_minus_nodp": round(100 * (acc["8"] - acc["inf"]), 2),
           "ddp_minus_cdp_points": None if ddp is None else round(100 * (ddp["accuracy"] - fixed["accuracy"]), 2),
-          "dp_round_ratio": round(results[8]["round_s"] / base["round_s"], 2),
-          "ddp_round_ratio_vs_secagg": None if ddp is None else round(ddp["round_s"] / plain_secagg["round_s"], 2),
+          "dp_round_ratio": round(cost["central_rdp"] / cost["plain"], 3),
+          "dp_round_ratio_pld": round(cost["central_pld"] / cost["plain"], 3),
+          "ddp_round_ratio_vs_secagg": round(cost["distributed"] / cost["secagg"], 3) if "secagg" in cost else None,
+          "ddp_wire_bits": None if ddp is None else ddp["wire_bits"],
+          "ddp_upload_bytes_per_value": None if ddp is None else round(ddp["upload_per_value"], 3),
           "epsilon_rel_error": epsilon_rel_error(results[8], rounds, delta)})
 
 

@@ -34,9 +34,19 @@ def survivors_sum_matches(dump: Path, r: int) -> dict:
     meta = json.loads((dump / f"sum-{r}.json").read_text())
     total = np.load(dump / f"sum-{r}.npy")
     own = [np.load(dump / f"encoded-{r}-{u}.npy") for u in meta["survivors"]]
-    expected = np.sum(np.stack(own), axis=0, dtype=total.dtype)  # uint arithmetic: the sum mod 2^k
+    expected = np.sum(np.stack(own), axis=0, dtype=total.dtype)  # uint arithmetic: the sum mod 2^32 or 2^64
+    if meta["modulus_bits"] < 8 * total.dtype.itemsize:  # a narrower modulus: the sum mod 2^k
+        expected &= total.dtype.type((1 << meta["modulus_bits"]) - 1)
     assert total.dtype == own[0].dtype and np.array_equal(total, expected), f"round {r}: the sum is not exact"
     return meta
+
+
+def signed_sum(total: np.ndarray, bits: int) -> np.ndarray:
+    """A secure round's sum (residues mod 2^bits in uint32/uint64 words) as signed integers (int64 or wider)."""
+    if bits == 64:
+        return total.view(np.int64)
+    half = 1 << (bits - 1)
+    return ((total.astype(np.int64) & ((1 << bits) - 1)) ^ half) - half
 
 
 def read_rounds(out: Path) -> list[dict]:

@@ -111,7 +111,7 @@ def test_weights_are_capped_and_the_encoding_ignores_claims():
     srv = _server(agg, 3)
     srv.plan(1, sizes)
     srv.begin(1)
-    assert agg.last_round["modulus_bits"] == 32  # 3 * 10 * 32767 < 2^31, whatever "a" claims
+    assert agg.last_round["modulus_bits"] == 24  # 3 * 10 * 32767 < 2^23, whatever "a" claims
     ups = {c: Update(c, torch.full((P,), 0.01 * (i + 1)), n) for i, (c, n) in enumerate(sizes.items())}
     for u in ups.values():
         assert srv.offer(u) is None

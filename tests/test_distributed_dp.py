@@ -219,9 +219,12 @@ def test_over_the_bus_the_clients_add_the_noise(tmp_path):
     import json
 
     meta = json.loads((dump / "sum-1.json").read_text())
-    total = np.load(dump / "sum-1.npy").view(np.int32).astype(np.int64)
+    bits = meta["modulus_bits"]
+    assert bits <= 20  # the round's values travel packed at k bits (16-bit quantisation, 4 clients and the noise)
+    total = np.load(dump / "sum-1.npy").astype(np.int64)
     own = [np.load(dump / f"encoded-1-{u}.npy").view(np.int32).astype(np.int64) for u in meta["survivors"]]
-    noise = total - np.sum(own, axis=0)
+    half = 1 << (bits - 1)
+    noise = (((total - np.sum(own, axis=0)) & ((1 << bits) - 1)) ^ half) - half  # mod 2^k, sign-extended
     k, dim = len(meta["survivors"]), total.size
     var = 2 * k * DistributedNoise(z, t).client_lambda(16, dim)
     assert np.var(noise) == pytest.approx(var, rel=0.1)  # about 1,500 words of noise: standard error 4%

@@ -362,7 +362,8 @@ def test_no_wrap_check():
 
 
 @pytest.mark.parametrize("kw", [dict(clip=0.0), dict(clip=-1.0), dict(clip=float("nan")),
-                                dict(clip=1.0, bits=1), dict(clip=1.0, modulus_bits=16),
+                                dict(clip=1.0, bits=1), dict(clip=1.0, modulus_bits=18),
+                                dict(clip=1.0, modulus_bits=12),  # narrower than bits
                                 dict(clip=1.0, max_weight=0)])
 def test_quant_config_validated(kw):
     with pytest.raises(SecAggError):
@@ -423,3 +424,62 @@ def test_public_api_is_explicit():
     assert sorted(secagg.__all__) == secagg.__all__
     for name in secagg.__all__:
         assert hasattr(secagg, name)
+
+
+# ---- narrow moduli: masked vectors packed at k bits a value ------------------------------------------------------------
+@pytest.mark.parametrize("bits", [8, 12, 16, 20, 24, 28])
+@pytest.mark.parametrize("n", [1, 2, 7, 1000])
+def test_packed_words_round_trip_at_every_width(bits, n):
+    from fedopt.secagg import codec
+    from fedopt.secagg.messages import MaskedInput
+
+    rng = np.random.default_rng(bits * 1000 + n)
+    v = rng.integers(0, 1 << 32, n, dtype=np.uint64).astype(np.uint32)
+    packed = codec.pack_words(v, bits)
+    assert packed.nbytes == (n + 1) // 2 * bits // 4  # k bits a value, an odd count padded by one value
+    low = v & np.uint32((1 << bits) - 1)
+    assert np.array_equal(codec.unpack_words(packed.tobytes(), n, bits), low)
+    msg = codec.unpack(codec.pack(MaskedInput(3, "a", low, bits)))
+    assert msg.bits == bits and msg.vector.dtype == np.uint32 and np.array_equal(msg.vector, low)
+
+
+def test_malformed_packed_frames_are_refused():
+    from fedopt.errors import WireError
+    from fedopt.secagg import codec
+
+    v = np.arange(5, dtype=np.uint32)
+    good = codec.pack_words(v, 20).tobytes()
+    assert len(good) == 3 * 5  # three pairs of 20-bit values
+    for buf in (good[:-1], good + b"\0", b""):  # one byte short, one over, none
+        with pytest.raises(WireError, match="bytes"):
+            codec.unpack_words(buf, 5, 20)
+    bad = bytearray(good)
+    bad[-1] = 0xFF  # the high half of the last pair is the padding value of an odd-length vector: it must be 0
+    with pytest.raises(WireError, match="padding"):
+        codec.unpack_words(bytes(bad), 5, 20)
+    body = {"kind": "masked", "round": 1, "sender": "a", "dtype": "uint32", "length": 5}
+    for bits in (18, 32, 64, 0, -4, True):
+        with pytest.raises(WireError):
+            codec.decode({**body, "bits": bits}, [good])
+    with pytest.raises(WireError):
+        codec.decode({**body, "dtype": "uint64", "bits": 20}, [good])
+
+
+def test_the_narrowest_modulus_that_cannot_wrap_is_chosen_and_sums_decode_exactly():
+    """Rounds of n clients at 16 bits take the narrowest k with n*T < 2^(k-1); the masked protocol sums mod 2^k and
+    decodes the same integers as the plain sum, negative coordinates included."""
+    from fedopt.aggregators.secure import SecureAggregator, round_encoding
+
+    agg = SecureAggregator(clip=1.0, bits=16, weighting="uniform")
+    sizes = (2, 16, 17, 256, 257, 4096, 4097)  # n * 32767 < 2^19 up to 16 clients, < 2^23 up to 256, < 2^27 to 4096
+    assert [round_encoding(agg, n).modulus_bits for n in sizes] == [20, 20, 24, 24, 28, 28, 32]
+    cfg = round_encoding(agg, 15)
+    rng = np.random.default_rng(0)
+    xs = [rng.uniform(-1, 1, 64) / 8 for _ in range(15)]
+    xs[0][:4] = [1.0, -1.0, 0.5, -0.5]
+    encs = [quantize.encode_update(x, cfg, bytes([i]) * 32).vector for i, x in enumerate(xs)]
+    plain = np.sum([e.view(np.int32).astype(np.int64) for e in encs], axis=0)
+    total = quantize.residue(np.sum(np.stack(encs), axis=0, dtype=np.uint32), cfg.modulus_bits)
+    assert int(total.max()) < 1 << 20
+    decoded, _ = quantize.decode_sum(total, cfg, count=15)
+    assert np.array_equal(decoded * cfg.scale, plain.astype(np.float64))

@@ -268,6 +268,7 @@ class InProcessClients:
         return self.sizes
 
     def run_round(self, server: RoundServer, jobs: list[Job]) -> None:
+        self._aggregator = server.aggregator
         if self.downlink is None:
             return self.executor.run_round(server, jobs)
         exact = server.global_vec.clone()
@@ -283,6 +284,9 @@ class InProcessClients:
         up = self.executor.take_bytes_up() if getattr(self.executor, "compressing", False) \
             else outcome.count * self.itemsize
         out = {"bytes_down": len(jobs) * self.model_bytes, "bytes_up": up}
+        secure = getattr(getattr(self, "_aggregator", None), "last_round", None) or {}
+        if "bytes_up" in secure:  # SecAgg+: every protocol message the clients sent, masked vectors packed at k bits
+            out.update(bytes_up=secure["bytes_up"], modulus_bits=secure["modulus_bits"])
         executor = getattr(self.executor, "inner", self.executor)
         dp_sgd = getattr(getattr(executor, "trainer", None), "dp_sgd", None)
         if dp_sgd is not None:  # --dp-sgd: the ε of this round's clients (each one's run-long Opacus ledger)

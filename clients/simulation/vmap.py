@@ -235,7 +235,7 @@ class VmapExecutor:
             if linear:
                 keep = self._merge_linear(server, agg, updates, deltas, losses, rows=None, g=g)
             else:
-                keep = [b for b, u in enumerate(updates) if server.offer(u) is None]
+                keep = server.offer_rows(updates, deltas)
             if self.clients is not None:
                 c = self.control.control.to(deltas.device, torch.float32)
                 for b in keep:

@@ -50,6 +50,7 @@ from ..errors import ConfigError, SecAggError
 from ..secagg import (DistributedNoise, MemoryTransport, QuantConfig, RoundConfig, SecAggClient, SecAggDriver,
                       check_capacity, default_neighbours, default_threshold, generate_identity, identity_public_bytes)
 from ..secagg.participant import random_noise
+from ..secagg.quantize import MODULUS_BITS
 from .base import Aggregate, Update
 
 __all__ = ["SecureAggregator", "secagg", "round_encoding", "round_parameters", "seeded_noise"]
@@ -75,8 +76,9 @@ def round_parameters(n: int, neighbours: int | None, threshold: int | None) -> t
 
 def round_encoding(agg: "SecureAggregator", n: int, announced: Mapping[str, int] | None = None,
                    size: int | None = None) -> QuantConfig:
-    """The encoding of a round of ``n`` participants: 32-bit words when n * W * (2^(bits-1) - 1) cannot wrap them,
-    else 64-bit (SecAggError when neither can). W is the public cap, lowered to the largest capped count the round's
+    """The encoding of a round of ``n`` participants: the narrowest modulus 2^k (k in ``MODULUS_BITS``: a multiple of
+    4 up to 32, or 64) that n * W * (2^(bits-1) - 1) cannot wrap (SecAggError when none can); a round's masked
+    vectors travel packed at k bits a value. W is the public cap, lowered to the largest capped count the round's
     participants announced (``announced``): every client clamps the weight it folds in to W, so no claim can wrap
     the sum; a large claim can only make its round use 64-bit words. Shared by the in-process aggregator and the
     coordinator's bus driver, so both encode a round identically.
@@ -93,13 +95,17 @@ def round_encoding(agg: "SecureAggregator", n: int, announced: Mapping[str, int]
             raise SecAggError(f"{n} participants, fewer than the {noise.min_clients} whose noise distributed DP plans "
                               f"for (--dp-min-clients)")
         extra = dict(noise_bound=noise.tail_bound(n, agg.bits, int(size)), min_inputs=noise.min_clients)
-    quant = QuantConfig(agg.clip, agg.bits, 32, max_weight, **extra)
-    try:
-        check_capacity(quant, n)
-    except SecAggError:
-        quant = QuantConfig(agg.clip, agg.bits, 64, max_weight, **extra)
-        check_capacity(quant, n)
-    return quant
+    for k in MODULUS_BITS:
+        if k <= agg.bits:
+            continue
+        quant = QuantConfig(agg.clip, agg.bits, k, max_weight, **extra)
+        try:
+            check_capacity(quant, n)
+            return quant
+        except SecAggError:
+            if k == MODULUS_BITS[-1]:
+                raise
+    raise SecAggError(f"no modulus holds {agg.bits}-bit values")  # unreachable: bits <= 53 < 64
 
 
 def seeded_noise(seed: int, client: str) -> Callable[[int], bytes]:

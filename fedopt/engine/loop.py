@@ -83,6 +83,7 @@ class Engine:
     checkpoint: Callable[[int, dict], None] | None = None  # (round, state) after the round's metrics line
     hooks: Sequence[RoundHook] = ()
     records: list[dict] = field(default_factory=list)
+    _budget_s: float = field(default=0.0, init=False, repr=False)  # the last budget check's seconds (next round's)
 
     def run(self) -> list[dict]:
         dp = self.server.privacy
@@ -93,9 +94,13 @@ class Engine:
                         self.start - 1)
             dp.accountant.rounds = self.start - 1
         for r in range(self.start, self.rounds + 1):
-            if dp is not None and (why := dp.stop_reason()) is not None:
-                log.warning("stopping before round %d: %s", r, why)
-                break
+            if dp is not None:
+                t = time.perf_counter()
+                why = dp.stop_reason()
+                self._budget_s = time.perf_counter() - t  # the round's seconds count its budget check
+                if why is not None:
+                    log.warning("stopping before round %d: %s", r, why)
+                    break
             self.run_round(r)
         return self.records
 
@@ -118,12 +123,13 @@ class Engine:
                 hook.step()
         due = r % self.eval_every == 0 or r == self.rounds
         test = self.evaluate(server.global_vec) if due and self.evaluate is not None else {}
+        privacy = server.privacy.fields() if server.privacy is not None else {}  # ε: the accountant's work
+        seconds, self._budget_s = time.perf_counter() - t0 + self._budget_s, 0.0
         record = {
             "round": r, "accuracy": test.get("accuracy"), "loss": test.get("loss"), "clients": outcome.count,
             "selected": len(jobs), "stragglers": sum(j.straggler for j in jobs), "rejected": len(outcome.rejected),
-            "train_loss": outcome.train_loss, "seconds": time.perf_counter() - t0, "attempts": attempt,
-            **self.executor.fields(jobs, outcome),
-            **(server.privacy.fields() if server.privacy is not None else {}),
+            "train_loss": outcome.train_loss, "seconds": seconds, "attempts": attempt,
+            **self.executor.fields(jobs, outcome), **privacy,
         }
         if due and self.extra_eval is not None:
             record.update(self.extra_eval(server.global_vec))

@@ -72,22 +72,69 @@ def distributed_for_run(cfg, size: int) -> DistributedDP:
 
     p, fed = cfg.privacy, cfg.federation
     opts = {k: v for k, v in cfg.aggregator_options.items() if k not in ("clip", "weighting", "inner", "max_weight")}
-    bits = int(opts.pop("bits", 16))
+    given_bits = opts.pop("bits", None)
 
-    def accountant(z: float) -> SkellamAccountant:
+    def accountant(z: float, bits: int) -> SkellamAccountant:
         return SkellamAccountant(population=fed.clients, per_round=fed.per_round, noise_multiplier=z, bits=bits,
                                  dim=size, delta=p.delta)
 
-    z = p.noise_multiplier
-    if z is None:
-        z = calibrate(p.target_epsilon, fed.rounds, make=accountant)
-        log.info("--noise-multiplier %.4g: epsilon <= %g after %d rounds (Skellam)", z, p.target_epsilon, fed.rounds)
-    acc = accountant(z)
-    t = p.dp_min_clients if p.dp_min_clients is not None else default_min_clients(acc.expected_cohort)
-    noise = DistributedNoise(float(z), int(t))
+    def noise_for(bits: int) -> tuple[float, DistributedNoise]:
+        z = p.noise_multiplier
+        if z is None:
+            z = calibrate(p.target_epsilon, fed.rounds, make=lambda z: accountant(z, bits))
+        expected = accountant(z, bits).expected_cohort
+        t = p.dp_min_clients if p.dp_min_clients is not None else default_min_clients(expected)
+        return z, DistributedNoise(float(z), int(t))
+
+    if given_bits is not None:
+        bits = int(given_bits)
+        z, noise = noise_for(bits)
+    else:
+        bits, z, noise = _wire_bits(noise_for, accountant(1.0, 16).expected_cohort, size)
+    if p.noise_multiplier is None:
+        log.info("--noise-multiplier %.4g: epsilon <= %g after %d rounds (Skellam, %d-bit quantisation)", z,
+                 p.target_epsilon, fed.rounds, bits)
+    acc = accountant(z, bits)
     inner = SecureAggregator(**opts, clip=p.dp_clip_norm, bits=bits, weighting="uniform", seed=cfg.seed,
                              dp_noise=noise, noise_source=p.noise_source)
     return DistributedDP(inner, acc, target_epsilon=p.target_epsilon)
+
+
+#: the widest masked word distributed DP aims for by default, and the share of the integer sensitivity Δ₂ = T + √d that
+#: stochastic rounding (√d) may add on top of the clip's T: beyond it, wider words buy a finer quantisation instead
+WIRE_BITS, ROUNDING_SHARE = 20, 0.05
+
+
+def _wire_bits(noise_for, expected: float, dim: int):
+    """(bits, z, noise) of ``--dp distributed`` without ``--bits``: the finest quantisation whose rounds of up to
+    D + 4√D clients (D expected; larger Poisson cohorts are rarer than 1 in 15,000 rounds) fit masked words of
+    :data:`WIRE_BITS` bits with the noise's tail bound, so a value costs at most 20 bits on the wire; where rounding
+    would then add more than :data:`ROUNDING_SHARE` to the sensitivity (large models), the next width (24, 28, 32
+    bits). z depends a little on the bits (the Skellam bound's Δ₁ term): the search runs with the 16-bit z plus 10%,
+    and the bits found are checked again with their own calibrated z (``noise_for(bits) -> (z, noise)``)."""
+    from ..errors import SecAggError
+    from ..secagg.quantize import QuantConfig, check_capacity
+
+    cohort = max(2, math.ceil(expected + 4 * math.sqrt(expected)))
+
+    def fits(bits: int, word: int, noise) -> bool:
+        try:
+            check_capacity(QuantConfig(1.0, bits, word, noise_bound=noise.tail_bound(cohort, bits, dim)), cohort)
+            return True
+        except SecAggError:
+            return False
+
+    z16, noise16 = noise_for(16)
+    rough = type(noise16)(z16 * 1.1, noise16.min_clients)
+    for word in (WIRE_BITS, 24, 28, 32):
+        for bits in range(min(16, word - 1), 1, -1):
+            if math.sqrt(dim) > ROUNDING_SHARE * ((1 << (bits - 1)) - 1):
+                break  # coarser still only adds rounding
+            if fits(bits, word, rough):
+                z, noise = noise_for(bits) if bits != 16 else (z16, noise16)
+                if fits(bits, word, noise):
+                    return bits, z, noise
+    return 16, z16, noise16
 
 
 def privacy_for_run(cfg, inner, device="cpu", size: int = 0):

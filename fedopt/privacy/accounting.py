@@ -117,6 +117,7 @@ class Accountant:
         self.population, self.per_round = population, per_round
         self.noise_multiplier = float(noise_multiplier)
         self.rounds = rounds
+        self._eps: dict[int, float] = {}  # rounds -> ε (at most the current and the next: a run asks for both)
         self._pld: dict[int, Any] = {}  # rounds -> composed PLD (at most the current and the next)
         self._pld_round = None  # one round's PLD, built once
         self._rdp_round = None  # an RdpAccountant holding one round
@@ -150,8 +151,13 @@ class Accountant:
         rounds = self.rounds if rounds is None else int(rounds)
         if rounds <= 0:
             return 0.0
-        with _quiet_absl():
-            return self._epsilon(rounds)
+        if rounds not in self._eps:
+            with _quiet_absl():
+                eps = self._epsilon(rounds)
+            for r in [r for r in self._eps if r < rounds - 1]:
+                del self._eps[r]
+            self._eps[rounds] = eps
+        return self._eps[rounds]
 
     def _epsilon(self, rounds: int) -> float:
         if self.kind == "rdp":

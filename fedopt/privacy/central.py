@@ -183,6 +183,25 @@ class CentralDP:
         self._count += 1
         self._unclipped += norm <= self.clip
 
+    def add_rows(self, rows: torch.Tensor, norms: torch.Tensor, updates) -> None:
+        """:meth:`add` for a batch: ``rows`` (B x P) are the deltas, ``norms`` their L2 norms in float64 (the
+        RoundServer's one pass, :meth:`~fedopt.engine.round.RoundServer.offer_rows`). Each row is scaled to at most
+        C as :func:`clip_update` scales it, and the scaled rows are summed in one matrix product."""
+        if rows.dim() != 2 or rows.shape[1] != self._size or norms.shape != (rows.shape[0],):
+            raise ConfigError(f"update rows of shape {tuple(rows.shape)} for a model of {self._size}")
+        if self._released is not None:
+            raise ConfigError(f"round {self._round} was already released; an update cannot join it")
+        if not bool(torch.isfinite(norms).all()):
+            raise ConfigError("non-finite values (NaN or Inf) in the update")
+        under = norms <= self.clip
+        scale = torch.where(under, torch.ones_like(norms), self.clip / norms * _UNDER)
+        if self._sum is None:
+            self._sum = torch.zeros(self._size, dtype=torch.float64 if rows.dtype == torch.float64 else torch.float32,
+                                    device=rows.device)
+        self._sum.add_(scale.to(device=rows.device, dtype=rows.dtype) @ rows.detach())
+        self._count += rows.shape[0]
+        self._unclipped += int(under.sum())
+
     def result(self) -> Aggregate:
         """The round's release: the noised sum over the fixed denominator, counted by the accountant once (a second
         call returns the same release). Never None: a round without updates releases noise alone."""

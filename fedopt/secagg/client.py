@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedopt.errors import SecAggError
 from fedopt.secagg import keys, shamir
 from fedopt.secagg.masking import mask_input
+from fedopt.secagg.quantize import residue
 from fedopt.secagg.messages import (EncryptedShare, KeyAdvertisement, MaskedInput, NeighbourKeys, RoundConfig,
                                     ShareDelivery, ShareKeys, UnmaskRequest, UnmaskResponse)
 
@@ -183,8 +184,8 @@ class ClientSession:
                           round=cfg.round, me=self.id, peer=v)
             for v in self._held
         }
-        y = mask_input(encoded, self.id, self._self_seed, seeds, in_place=consume)
-        return MaskedInput(cfg.round, self.id, y)
+        y = residue(mask_input(encoded, self.id, self._self_seed, seeds, in_place=consume), cfg.modulus_bits)
+        return MaskedInput(cfg.round, self.id, y, cfg.modulus_bits if cfg.modulus_bits < 32 else 0)
 
     def unmask(self, msg: UnmaskRequest) -> UnmaskResponse:
         """Unmask: b-shares of survivors, sk-shares of the dropped; refuses inconsistent requests.

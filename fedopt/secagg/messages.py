@@ -27,6 +27,7 @@ import numpy as np
 
 from fedopt.errors import SecAggError
 from fedopt.secagg.graph import default_neighbours, default_threshold, neighbour_graph
+from fedopt.secagg.quantize import MODULUS_BITS
 
 __all__ = [
     "AggregateResult",
@@ -52,7 +53,7 @@ class RoundConfig:
     t: int  # Shamir threshold, k/2 < t <= k
     graph_seed: bytes  # 32 public random bytes fixing the neighbour graph
     vector_length: int  # words per masked vector (update length, + 1 when weighted)
-    modulus_bits: int = 32  # k of Z_{2^k}: 32 or 64
+    modulus_bits: int = 32  # k of Z_{2^k}: one of quantize.MODULUS_BITS
     _graph: dict = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -65,8 +66,8 @@ class RoundConfig:
             raise SecAggError(f"RoundConfig.round must be an int >= 0, got {self.round!r}")
         if not isinstance(self.graph_seed, bytes) or len(self.graph_seed) != 32:
             raise SecAggError("RoundConfig.graph_seed must be 32 bytes")
-        if self.modulus_bits not in (32, 64):
-            raise SecAggError(f"RoundConfig.modulus_bits must be 32 or 64, got {self.modulus_bits!r}")
+        if self.modulus_bits not in MODULUS_BITS:
+            raise SecAggError(f"RoundConfig.modulus_bits must be one of {MODULUS_BITS}, got {self.modulus_bits!r}")
         if not isinstance(self.vector_length, int) or self.vector_length < 1:
             raise SecAggError(f"RoundConfig.vector_length must be >= 1, got {self.vector_length!r}")
         if not isinstance(self.t, int) or not (self.k < 2 * self.t and self.t <= self.k):
@@ -98,7 +99,7 @@ class RoundConfig:
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype(np.uint32 if self.modulus_bits == 32 else np.uint64)
+        return np.dtype(np.uint32 if self.modulus_bits <= 32 else np.uint64)
 
     def neighbours(self, client: str) -> frozenset[str]:
         """N(client) in this round's graph."""
@@ -164,11 +165,13 @@ class ShareDelivery:
 
 @dataclass(frozen=True, eq=False)  # holds an array: compare fields explicitly
 class MaskedInput:
-    """A client's masked vector y_u (uint32/uint64)."""
+    """A client's masked vector y_u (uint32/uint64). ``bits`` k below the words' width: every value is a residue
+    mod 2^k (the wire carries k bits of each)."""
 
     round: int
     sender: str
     vector: np.ndarray
+    bits: int = 0  # 0: the words' full width
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,11 @@ Encoding of one client's update ``x`` (length m) with clip ``c``, ``bits`` b and
 3. **Weighting** (weighted FedAvg): q <- w * q, an exact integer product, with ``w`` = num_samples
    clamped to [0, W] and W = ``max_weight`` the run's public cap (``--max-samples``), never a client's
    claim. Scaling after rounding keeps full resolution for small weights.
-4. **Two's complement mod 2^k** (k = 32 -> uint32, k = 64 -> uint64); with weights the integer ``w``
-   is appended as coordinate m, so the vector has m+1 words.
+4. **Two's complement mod 2^k**, k a multiple of 4 up to 32 (held in uint32 words) or 64 (uint64); with weights
+   the integer ``w`` is appended as coordinate m, so the vector has m+1 words. Below 32 bits the words are
+   residues mod 2^32 whose low k bits are the residue mod 2^k: masking and summing mod 2^32 agree with mod 2^k
+   (2^k divides 2^32), so a client reduces its masked vector to k bits for the wire (:mod:`fedopt.secagg.codec`
+   packs two values into k/4 bytes) and the server reduces the unmasked sum (:func:`residue`).
 
 Decoding a modular sum S of n such vectors: read S as signed k-bit integers, divide by s (and, when
 weighted, by sum(w), the last word of S).
@@ -60,7 +63,12 @@ __all__ = [
     "decode_sum",
     "encode_update",
     "l2_norm",
+    "residue",
+    "MODULUS_BITS",
 ]
+
+#: the widths k of Z_{2^k} a round may use: multiples of 4 (two values pack into k/4 bytes) up to 32, and 64
+MODULUS_BITS = (8, 12, 16, 20, 24, 28, 32, 64)
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,7 @@ class QuantConfig:
 
     clip: float  # L2 clip norm c (> 0)
     bits: int = 16  # quantisation bits b: integers in [-(2^(b-1)-1), 2^(b-1)-1]
-    modulus_bits: int = 32  # k: arithmetic mod 2^k, 32 (uint32) or 64 (uint64)
+    modulus_bits: int = 32  # k: arithmetic mod 2^k, one of MODULUS_BITS (uint32 words up to 32, uint64 for 64)
     max_weight: int | None = None  # W, the public cap on one weight (weighted FedAvg); None = unweighted
     # distributed DP (fedopt.secagg.skellam), server side only (the Setup message does not carry them): the range
     # reserved for the summed noise, and the fewest inputs whose sum may be unmasked (fewer carry too little noise)
@@ -79,8 +87,8 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if not (isinstance(self.clip, (int, float)) and math.isfinite(self.clip) and self.clip > 0):
             raise SecAggError(f"QuantConfig.clip must be a finite number > 0, got {self.clip!r}")
-        if self.modulus_bits not in (32, 64):
-            raise SecAggError(f"QuantConfig.modulus_bits must be 32 or 64, got {self.modulus_bits!r}")
+        if self.modulus_bits not in MODULUS_BITS:
+            raise SecAggError(f"QuantConfig.modulus_bits must be one of {MODULUS_BITS}, got {self.modulus_bits!r}")
         if not isinstance(self.bits, int) or not 2 <= self.bits <= min(self.modulus_bits, 53):
             raise SecAggError(
                 f"QuantConfig.bits must be in [2, {min(self.modulus_bits, 53)}], got {self.bits!r}"
@@ -96,8 +104,8 @@ class QuantConfig:
 
     @property
     def dtype(self) -> np.dtype:
-        """uint32 for k = 32, uint64 for k = 64."""
-        return np.dtype(np.uint32 if self.modulus_bits == 32 else np.uint64)
+        """uint32 for k <= 32, uint64 for k = 64."""
+        return np.dtype(np.uint32 if self.modulus_bits <= 32 else np.uint64)
 
     @property
     def scale(self) -> float:
@@ -141,6 +149,13 @@ def check_capacity(cfg: QuantConfig, n: int) -> None:
             f"modulus 2^{cfg.modulus_bits} too small for {n} clients at {cfg.bits} bits{what}: "
             f"{n}*{top}*{w}{noise} would wrap (use modulus_bits=64, fewer bits or a smaller max weight)"
         )
+
+
+def residue(total: np.ndarray, modulus_bits: int) -> np.ndarray:
+    """``total`` (uint32/uint64 words, residues mod 2^32 or 2^64) reduced mod 2^k in place; returns it."""
+    if modulus_bits < 8 * total.dtype.itemsize:
+        np.bitwise_and(total, total.dtype.type((1 << modulus_bits) - 1), out=total)
+    return total
 
 
 _BLOCK = 1 << 16  # values per block of the chunked passes (a few 256 KiB buffers: they stay in cache)
@@ -239,7 +254,7 @@ def encode_update(
     else:
         ft, wt, shift, one = np.float64, np.uint64, 12, 0x3FF0000000000000
     # signed ints reinterpreted as unsigned (two's complement) are the residues mod 2^k
-    it, ut = (np.int32, np.uint32) if cfg.modulus_bits == 32 else (np.int64, np.uint64)
+    it, ut = (np.int32, np.uint32) if cfg.modulus_bits <= 32 else (np.int64, np.uint64)
     vec = np.empty(cfg.vector_length(m), dtype=it)
     f_one, f_top, f_factor = ft(1), ft(top), ft(factor)
     words = np.dtype(wt).itemsize
@@ -286,7 +301,12 @@ def decode_sum(total: np.ndarray, cfg: QuantConfig, count: int | None = None) ->
     total = np.asarray(total)
     if total.dtype != cfg.dtype or total.ndim != 1:
         raise SecAggError(f"modular sum must be a 1-D {cfg.dtype} array, got {total.dtype}")
-    signed = total.view(np.int32 if cfg.modulus_bits == 32 else np.int64)
+    k = cfg.modulus_bits
+    if k in (32, 64):
+        signed = total.view(np.int32 if k == 32 else np.int64)
+    else:  # the low k bits, sign-extended
+        half = 1 << (k - 1)
+        signed = ((total.astype(np.int64) & ((1 << k) - 1)) ^ half) - half
     top = (1 << (cfg.bits - 1)) - 1
     if not cfg.weighted:
         if count is not None:

@@ -25,6 +25,7 @@ import numpy as np
 from fedopt.errors import SecAggError
 from fedopt.secagg import keys, shamir
 from fedopt.secagg.masking import unmask_sum
+from fedopt.secagg.quantize import residue
 from fedopt.secagg.messages import (AggregateResult, KeyAdvertisement, MaskedInput, NeighbourKeys, RoundConfig,
                                     ShareDelivery, ShareKeys, UnmaskRequest, UnmaskResponse)
 
@@ -147,6 +148,10 @@ class ServerSession:
             raise SecAggError(
                 f"masked input from {msg.sender!r} must be {self.config.dtype}[{self._sum.size}]"
             )
+        k = self.config.modulus_bits
+        if msg.bits != (k if k < 32 else 0):
+            raise SecAggError(f"masked input from {msg.sender!r} carries {msg.bits or 'full'}-bit values, the round's "
+                              f"modulus is 2^{k}")
         np.add(self._sum, v, out=self._sum)
         self._u3.add(msg.sender)
 
@@ -234,7 +239,7 @@ class ServerSession:
         except SecAggError as exc:
             self._stage = "aborted"
             raise exc
-        total = unmask_sum(self._sum, self_seeds, pair_seeds)
+        total = residue(unmask_sum(self._sum, self_seeds, pair_seeds), cfg.modulus_bits)
         self._stage = "done"
         named = tuple(u for u in cfg.participants if cfg.share_id(u) in liars)
         return AggregateResult(cfg.round, total, tuple(sorted(u3)), tuple(sorted(dropped)), named)

@@ -32,7 +32,7 @@ _value = st.recursive(_leaf, lambda inner: st.one_of(st.lists(inner, max_size=4)
 _KINDS = ["setup", "advertise", "keys", "shares", "deliver", "masked", "unmask", "response", "abort", "other"]
 _FIELDS = ["sender", "recipient", "c_pk", "s_pk", "b_commit", "signature", "shares", "advertisements",
            "survivors", "dropped", "b_shares", "sk_shares", "dtype", "length", "participants", "k", "t",
-           "graph_seed", "vector_length", "modulus_bits", "quant", "reason"]
+           "graph_seed", "vector_length", "modulus_bits", "quant", "reason", "bits"]
 _body = st.fixed_dictionaries({"kind": st.sampled_from(_KINDS), "round": st.one_of(st.integers(-2, 3), _leaf)},
                               optional={f: _value for f in _FIELDS})
 
@@ -41,6 +41,7 @@ def _valid_samples() -> list[list[bytes]]:
     vec = np.arange(5, dtype=np.uint32)
     msgs = [KeyAdvertisement(1, "a", bytes(32), bytes(range(32)), bytes(32), bytes(64)),
             MaskedInput(1, "a", vec),
+            MaskedInput(1, "a", vec, 20),  # packed: 2.5 bytes a value
             UnmaskResponse(1, "a", (("b", bytes(66)),), ())]
     return [[bytes(p) for p in codec.pack(m)] for m in msgs]
 
@@ -69,7 +70,7 @@ def test_unpack_raises_only_wire_errors_for_structured_bodies(body, frames):
 
 
 @FUZZ
-@given(st.sampled_from(range(3)), st.data())
+@given(st.sampled_from(range(4)), st.data())
 def test_unpack_raises_only_wire_errors_for_mutated_valid_messages(which, data):
     parts = _valid_samples()[which]
     head = bytearray(parts[0])
