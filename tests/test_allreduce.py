@@ -90,7 +90,9 @@ def test_config_validation_names_the_field():
              (dict(compress="powersgd:2", sync="local:4"), "--compress .* --sync step"),
              (dict(compress="powersgd"), "--compress"), (dict(compress="powersgd:0"), "--compress"),
              (dict(compress="powersgd:2:1"), "--compress"), (dict(compress="fp16:2"), "--compress"),
-             (dict(compress="q8"), "--compress")]
+             (dict(compress="q8"), "--compress"), (dict(compress="powersgd:2+bf16"), "--compress"),
+             (dict(compress="fp16+fp16"), "--compress"), (dict(compress="powersgd:2+"), "--compress"),
+             (dict(compress="powersgd:2:1+fp16"), "--compress")]
     for kwargs, name in cases:
         with pytest.raises(ConfigError, match=name):
             AllreduceConfig(**kwargs)
@@ -98,9 +100,11 @@ def test_config_validation_names_the_field():
 
 def test_parse_compress():
     assert parse_compress(None) is None
-    assert parse_compress("fp16") == ("fp16", 0, None) and parse_compress("bf16") == ("bf16", 0, None)
-    assert parse_compress("powersgd:2") == ("powersgd", 2, None)
-    assert parse_compress("powersgd:4:30") == ("powersgd", 4, 30)
+    assert parse_compress("fp16") == ("fp16", 0, None, False) and parse_compress("bf16") == ("bf16", 0, None, False)
+    assert parse_compress("powersgd:2") == ("powersgd", 2, None, False)
+    assert parse_compress("powersgd:4:30") == ("powersgd", 4, 30, False)
+    assert parse_compress("powersgd:2+fp16") == ("powersgd", 2, None, True)
+    assert parse_compress("powersgd:2:2+fp16") == ("powersgd", 2, 2, True)
 
 
 def test_worker_argv_round_trips_through_the_parser():
@@ -124,6 +128,7 @@ def test_worker_argv_round_trips_through_the_parser():
     (["--nproc", "0"], "nproc"),
     (["--compress", "bf16", "--backend", "gloo"], "--compress bf16 needs the nccl backend"),
     (["--compress", "powersgd:2", "--sync", "local:2"], "--compress"),
+    (["--compress", "powersgd:2+q8"], "--compress"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, needle, tmp_path, capsys):
     rc = main(["allreduce", "--out", str(tmp_path / "o"), *argv])
@@ -234,7 +239,7 @@ def test_every_collective_of_torchs_hooks_is_counted(one_rank):
     dense = 4 * sum(sizes.values())
     low_rank = 4 * ((40 + 30) * 2 + sizes["b1"] + sizes["w2"] + sizes["b2"])  # P and Q of w1, the rest as is
     got = {}
-    for spec in (None, "fp16", "powersgd:2:3"):
+    for spec in (None, "fp16", "powersgd:2:3", "powersgd:2:3+fp16"):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Tanh(), torch.nn.Linear(30, 1))
         counter = CommCounter(1)
@@ -250,6 +255,8 @@ def test_every_collective_of_torchs_hooks_is_counted(one_rank):
     assert got[None] == ([dense] * 5, 5, 0)  # one rank: nothing crosses a link
     assert got["fp16"][:2] == ([dense // 2] * 5, 5)
     assert got["powersgd:2:3"][:2] == ([dense] * 3 + [low_rank] * 2, 3 + 3 * 2)
+    # +fp16: the same collectives, every one of them (warm-up, biases, P, Q) in half precision
+    assert got["powersgd:2:3+fp16"][:2] == ([dense // 2] * 3 + [low_rank // 2] * 2, 3 + 3 * 2)
 
 
 def test_powersgd_worker_reports_allreduce_bytes(one_rank, tmp_path):
@@ -259,6 +266,17 @@ def test_powersgd_worker_reports_allreduce_bytes(one_rank, tmp_path):
     # digits MLP 64-64-10: 4,810 floats dense; rank 1: P, Q of both weights (64+64, 10+64) plus 74 bias floats
     assert rec["compress"] == "powersgd:1:2" and rec["steps"] == 4
     assert rec["allreduce_bytes"] == 4 * (2 * 4810 + 2 * (128 + 74 + 74))
+
+
+def test_powersgd_rank2_step_ratio_on_the_digits_mlp(one_rank, tmp_path):
+    # digits MLP 64-64-10 at rank 2: P, Q of 64x64 (128 + 128) and 10x64 (20 + 128) plus 74 bias floats = 478 of
+    # 4,810 a step (10.06x); +fp16 halves every all-reduce, the 2 warm-up steps included
+    for spec, half in (("powersgd:2:2", 1), ("powersgd:2:2+fp16", 2)):
+        out = tmp_path / spec.replace(":", "_")
+        train_worker(AllreduceConfig(compress=spec, epochs=1, max_steps=5, batch_size=32, out=str(out),
+                                     progress="off", plot=False))
+        (rec,) = read_metrics(out / "metrics.jsonl")
+        assert rec["allreduce_bytes"] * half == 4 * (2 * 4810 + 3 * 478)
 
 
 # ---- end to end: fedopt allreduce --nproc -----------------------------------------------------------------------------

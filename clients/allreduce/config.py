@@ -28,7 +28,7 @@ class AllreduceConfig(OptimizerConfig):
     sync: str = "step"  # step (DDP every step) | local:H (average the model every H steps)
     outer_lr: float | None = None  # local:H only: DiLoCo outer learning rate (None = plain averaging)
     outer_momentum: float = 0.9  # local:H with outer_lr: the outer Nesterov momentum
-    compress: str | None = None  # fp16 | bf16 | powersgd:RANK: torch's comm hook for the gradient all-reduce
+    compress: str | None = None  # fp16 | bf16 | powersgd:RANK[:WARMUP][+fp16]: torch's comm hook for the all-reduce
     zero: bool = False  # shard optimizer state with torch's ZeroRedundancyOptimizer
     backend: str = "auto"  # auto (nccl with CUDA, gloo otherwise) | gloo | nccl
     device: str = "auto"  # auto | cpu | cuda

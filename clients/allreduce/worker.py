@@ -67,7 +67,7 @@ def pick_backend(backend: str, device: str, local_rank: int, compress: str | Non
         raise ConfigError("backend nccl needs CUDA devices; use --backend gloo on CPU")
     if not dist.is_available() or not dist.is_backend_available(backend):
         raise ConfigError(f"torch.distributed backend {backend!r} is not available in this torch build")
-    if compress is not None and parse_compress(compress)[0] == "bf16" and backend != "nccl":
+    if compress is not None and parse_compress(compress).kind == "bf16" and backend != "nccl":
         # DDP refuses torch's bf16_compress_hook on anything but NCCL 2.10+ (or XCCL)
         raise ConfigError("--compress bf16 needs the nccl backend (CUDA); on gloo use --compress fp16")
     if not use_cuda:

@@ -48,10 +48,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--outer-lr", type=float, default=S, help="local:H: DiLoCo outer Nesterov learning rate")
     g.add_argument("--outer-momentum", type=float, default=S,
                    help=f"local:H with --outer-lr: outer momentum (default {d.outer_momentum})")
-    g.add_argument("--compress", default=S, metavar="fp16|bf16|powersgd:RANK[:WARMUP]",
+    g.add_argument("--compress", default=S, metavar="fp16|bf16|powersgd:RANK[:WARMUP][+fp16]",
                    help="--sync step: compress the gradient all-reduce with torch's comm hook: fp16/bf16 casts "
-                        "(bf16 on nccl only), or PowerSGD of rank RANK after WARMUP plain steps (default 10%% of "
-                        "the run's)")
+                        "(bf16 on nccl only), or PowerSGD of rank RANK after WARMUP >= 2 plain steps (default 10%% "
+                        "of the run's); biases and other vectors travel uncompressed. +fp16 runs PowerSGD inside "
+                        "torch's fp16_compress_wrapper: warm-up, biases and the low-rank factors in half precision")
     g.add_argument("--zero", action="store_true", default=S,
                    help="shard optimizer state (torch ZeroRedundancyOptimizer)")
     g.add_argument("--bucket-cap-mb", type=float, default=S, help=f"DDP bucket size (default {d.bucket_cap_mb:g})")
