@@ -185,7 +185,9 @@ def test_a_simulated_run_reports_the_skellam_epsilon_and_is_reproducible(tmp_pat
     a = simulate(RunConfig.of(**RUN, out=str(tmp_path / "a")))
     b = simulate(RunConfig.of(**RUN, out=str(tmp_path / "b")))
     assert np.array_equal(a.global_vec.numpy(), b.global_vec.numpy())
-    acc = SkellamAccountant(population=40, per_round=12, noise_multiplier=0.8, bits=16, dim=a.spec.size)
+    bits = a.records[0]["dp_bits"]  # without --bits: the finest quantisation whose planned rounds fit 20-bit words
+    assert 2 <= bits < 16 and all(r["dp_bits"] == bits for r in a.records)
+    acc = SkellamAccountant(population=40, per_round=12, noise_multiplier=0.8, bits=bits, dim=a.spec.size)
     assert [r["epsilon"] for r in a.records] == [acc.epsilon(k) for k in (1, 2, 3)]
     assert all(r["dp_min_clients"] == default_min_clients(12) for r in a.records)
     other = simulate(RunConfig.of(**{**RUN, "noise_multiplier": 0.4}, out=str(tmp_path / "c")))
@@ -220,11 +222,11 @@ def test_over_the_bus_the_clients_add_the_noise(tmp_path):
 
     meta = json.loads((dump / "sum-1.json").read_text())
     bits = meta["modulus_bits"]
-    assert bits <= 20  # the round's values travel packed at k bits (16-bit quantisation, 4 clients and the noise)
+    assert bits <= 20  # the round's values travel packed at k bits (the quantisation chosen to fit 20-bit words)
     total = np.load(dump / "sum-1.npy").astype(np.int64)
     own = [np.load(dump / f"encoded-1-{u}.npy").view(np.int32).astype(np.int64) for u in meta["survivors"]]
     half = 1 << (bits - 1)
     noise = (((total - np.sum(own, axis=0)) & ((1 << bits) - 1)) ^ half) - half  # mod 2^k, sign-extended
     k, dim = len(meta["survivors"]), total.size
-    var = 2 * k * DistributedNoise(z, t).client_lambda(16, dim)
+    var = 2 * k * DistributedNoise(z, t).client_lambda(rows[0]["dp_bits"], dim)
     assert np.var(noise) == pytest.approx(var, rel=0.1)  # about 1,500 words of noise: standard error 4%

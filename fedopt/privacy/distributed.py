@@ -170,7 +170,7 @@ class DistributedDP:
     def fields(self) -> dict:
         a, noise = self.accountant, self.inner.dp_noise
         return {"epsilon": a.epsilon(), "delta": a.delta, "noise_multiplier": a.noise_multiplier,
-                "dp_clip": self.inner.clip, "dp_min_clients": noise.min_clients}
+                "dp_clip": self.inner.clip, "dp_min_clients": noise.min_clients, "dp_bits": self.inner.bits}
 
     def stop_reason(self) -> str | None:
         return budget_stop_reason(self.accountant, self.target_epsilon)
