@@ -47,7 +47,15 @@ def _raise_fd_limit() -> None:
 
 
 def swarm(url: str, ids: list[int], samples: int, size: int, ready, stop) -> None:
-    """One generator process: a DEALER per client id, driven by one poller until the coordinator says BYE."""
+    """One generator process: a DEALER per client id until the coordinator says BYE.
+
+    Woken by epoll on each socket's ZMQ_FD, not by ``zmq.Poller``: a zmq_poll over 2,500 sockets costs milliseconds
+    however few have a message, and every upload hop of a round (the coordinator's PULL, this side's UPDATE, a few
+    upload slots at a time) waits for one such wake-up. That cost belongs to the generator (real clients have a socket
+    each), so it must not set the round time. ZMQ_FD is edge-triggered: a socket is drained while its ZMQ_EVENTS say
+    POLLIN, and checked again after anything sent on it (a send can consume the FD's signal)."""
+    import selectors
+
     import torch
     import zmq
 
@@ -58,7 +66,7 @@ def swarm(url: str, ids: list[int], samples: int, size: int, ready, stop) -> Non
     ctx.set(zmq.MAX_SOCKETS, len(ids) + 64)
     delta = torch.full((size,), 1e-3)
     metrics = {"loss": 1.0, "steps": 1, "samples": samples}
-    socks, read, poller = {}, {}, zmq.Poller()
+    socks, read, sel = {}, {}, selectors.DefaultSelector()
     for i in ids:
         s = ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
@@ -66,16 +74,16 @@ def swarm(url: str, ids: list[int], samples: int, size: int, ready, stop) -> Non
         s.send_multipart(wire.encode(wire.Hello(client=str(i), sender=str(i))))
         socks[s] = str(i)
         read[s] = 0
-        poller.register(s, zmq.POLLIN)
+        sel.register(s.getsockopt(zmq.FD), selectors.EVENT_READ, s)
     beat, done, readied = time.monotonic(), 0, 0
+    check = set(socks)  # sockets whose ZMQ_EVENTS must be read before waiting on their FDs
     while done < len(ids) and not stop.is_set():
-        for s, _ in poller.poll(100):
-            while True:
-                try:
-                    frames = s.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                msg = wire.decode(frames)
+        for key, _ in sel.select(0 if check else 0.1):
+            check.add(key.data)
+        for s in list(check):
+            check.discard(s)
+            while s.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                msg = wire.decode(s.recv_multipart(zmq.NOBLOCK, copy=False))
                 me = socks[s]
                 if isinstance(msg, wire.Welcome):
                     s.send_multipart(wire.encode(wire.Ready(num_samples=samples, sender=me)))
@@ -96,6 +104,8 @@ def swarm(url: str, ids: list[int], samples: int, size: int, ready, stop) -> Non
             beat = time.monotonic()
             for s, me in socks.items():
                 s.send_multipart(wire.encode(wire.Heartbeat(round=read[s], sender=me)))
+            check.update(socks)  # the sends may have consumed their FDs' signals
+    sel.close()
     for s in socks:
         s.close(0)
     ctx.term()

@@ -5,7 +5,8 @@ ClientLink` (the same registration, identities bound to keys, registration cap, 
 benching). Upstream it is one client of the root (:class:`~fedopt.uplink.Uplink`: HELLO with its own id, heartbeats,
 reconnect with backoff), whose weight is the sum of its clients' capped sample counts. Its part of a run::
 
-    WELCOME    from the root: checked (a linear rule, not secagg nor buffered), then given to every client unchanged,
+    WELCOME    from the root: checked (a linear rule or secagg; not buffered, not DP), then given to every client
+               unchanged,
                so the clients load the run's shards and settings; READY to the root with the sum of the weights its
                ready clients would get (capped_weights) and their number, once --clients are ready or --join-timeout
                passed
@@ -22,8 +23,17 @@ reconnect with backoff), whose weight is the sum of its clients' capped sample c
 Under FedAvg the root's mean of the edges' means, weighted by their totals, is the flat FedAvg of all their clients
 (while no cap binds: the edge's weight at the root is capped like any client's, and fixed at what it announced when it
 joined). Under ``mean`` it is a mean of the edges' means: the flat mean when edges hold equally many clients.
-Not relayed: federated evaluation (``--fed-eval-every``) and secure aggregation (an edge refuses a root running
-``--aggregator secagg``: it would see its clients' updates in the clear).
+Secure aggregation (the root runs ``--aggregator secagg``): the edge never sees an update in the clear. Each round
+it runs its own SecAgg+ cohort among the clients it asked, with the flat coordinator's driver
+(:func:`coordinator.secure_bus.secure_sum`, the encoding from the root's ``secagg_options``, its clients' identities
+pinned from ``--identities``); dropouts are the protocol's business, as on a flat coordinator (a round the protocol
+aborts gets no answer). Its answer is the cohort's decoded weighted mean and total weight (under ``uniform``
+weighting: the plain mean and the survivors' count), which the root combines with the other edges' as weighted
+clients. The secure round blocks this loop; meanwhile :meth:`Edge._keepalive` hears the root and sends it
+heartbeats, and keeps the root's other messages for after the round. The root's ``--deadline`` must cover an edge's
+four protocol stages (each up to the edge's ``--deadline``).
+
+Not relayed: federated evaluation (``--fed-eval-every``), buffered rounds and DP (refused at WELCOME).
 
 One thread owns both sockets; it polls them together, so downstream heartbeats go on while the root is away.
 """

@@ -18,7 +18,12 @@ a round.
 
 With ``--aggregator secagg`` the train step is SecAgg+ over the bus instead of OFFER/PULL/UPDATE (see
 :mod:`coordinator.secure_bus`): clients send only masked vectors, and a round the protocol aborts is recorded with
-its reason while the run goes on. The coordinator pins the clients' identity keys from ``--identities`` (default:
+its reason while the run goes on. When the selected clients are edge aggregators (``fedopt aggregator``), each runs
+its own SecAgg+ cohort and sends its cohort's decoded mean by OFFER/PULL/UPDATE; the coordinator combines them as
+weighted clients (:meth:`Coordinator._edge_sums`).
+
+Edge aggregators announce their leaf clients with READY; a round then samples ``--clients-per-round`` leaf clients
+through them (:mod:`fedopt.engine.tiers`) and tells each edge its quota in TRAIN. The coordinator pins the clients' identity keys from ``--identities`` (default:
 ``--keys`` when it holds ``identities/``), so a forged key advertisement is refused on arrival.
 
 Messages, registration and the zero-trust rules: :mod:`coordinator.link`.
@@ -344,7 +349,7 @@ class Coordinator(ClientLink):
             server.reject(client, "missed the deadline")
             self._missed(client, r)
             log.warning("round %d: client %s missed the deadline; its update will be dropped", r, client)
-        if t.accepted < self.cfg.bus.min_clients:
+        if t.accepted < self.cfg.bus.min_clients and server.retryable:
             log.warning("round %d: %d updates, below the quorum of %d: retrying without the %d clients that failed "
                         "it", r, t.accepted, self.cfg.bus.min_clients, len(self._failed))
 
