@@ -193,3 +193,22 @@ def test_an_edge_runs_its_own_cohort_for_a_secagg_root_and_refuses_options_it_ca
         assert edge.server.external and edge.server.aggregator.clip == 5.0
     finally:
         edge.close()
+
+
+def test_a_leaf_count_claim_is_bounded_by_the_weight_and_the_run_before_it_counts(tmp_path):
+    # an edge (a ClientLink, as the root is) takes READY's leaf count only when each leaf weighs at least 1 and there
+    # are no more leaves than the run's clients; a refused READY leaves the peer not ready
+    edge = Edge(EdgeConfig(bind=f"ipc://{tmp_path}/e.sock", upstream=f"ipc://{tmp_path}/root.sock", id="e",
+                           run=RunConfig.of(clients=10)))
+    try:
+        edge._welcomed(_welcome())
+        for peer, claim in ((b"p1", wire.Ready(num_samples=5, clients=6)), (b"p2", wire.Ready(num_samples=99,
+                                                                                            clients=11))):
+            edge._handle(peer, wire.Hello(client=peer.decode()))
+            edge._handle(peer, claim)
+        assert edge.registry.edges() == {} and edge.registry.sizes() == {} and edge.dropped_messages == 2
+        edge._handle(b"p3", wire.Hello(client="p3"))
+        edge._handle(b"p3", wire.Ready(num_samples=50, clients=10))
+        assert edge.registry.edges() == {"p3": 10} and edge.registry.sizes() == {"p3": 50}
+    finally:
+        edge.close()
