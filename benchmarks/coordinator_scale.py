@@ -6,9 +6,12 @@
     All N are selected each round up to --sample (then a seeded sample of that many). Per N: the median round seconds
     (metrics.jsonl), the coordinator's CPU seconds per round (its process times, sampled as each round's line lands),
     and its RSS per connected client: (RSS once all N are ready - RSS before the first client) / N.
-    With --edges E, the same N clients join E ``fedopt aggregator`` processes and the root sees E clients: the root's
-    round seconds and CPU per round at N = 1,000 and 10,000 (every client trains every round; the edges share this
-    machine's cores with the root and the generators).
+    With --edges E, the same N clients join E ``fedopt aggregator`` processes and the root sees E clients, each
+    standing for its leaf clients (READY's ``clients``). The root samples --sample leaf clients a round, as the flat
+    coordinator does, and tells each edge its quota (fedopt.engine.tiers); each edge asks only its sampled clients.
+    Reported at N = 1,000 and 10,000: the root's round seconds and CPU per round, the edges' CPU per round (all of
+    them together), and the RSS per client of root and edges together. The edges share this machine's cores with
+    the root and the generators.
 (b) Distributed simulation: ``fedopt simulate --nproc 2`` against one process on a compute-bound round (1,000 clients
     a round, a 105k-parameter MLP): the median round-time ratio, and the largest absolute difference of the final
     models with fedavg, mean, median and secagg on a small run.
@@ -44,7 +47,15 @@ def _raise_fd_limit() -> None:
 
 
 def swarm(url: str, ids: list[int], samples: int, size: int, ready, stop) -> None:
-    """One generator process: a DEALER per client id, driven by one poller until the coordinator says BYE."""
+    """One generator process: a DEALER per client id until the coordinator says BYE.
+
+    Woken by epoll on each socket's ZMQ_FD, not by ``zmq.Poller``: a zmq_poll over 2,500 sockets costs milliseconds
+    however few have a message, and every upload hop of a round (the coordinator's PULL, this side's UPDATE, a few
+    upload slots at a time) waits for one such wake-up. That cost belongs to the generator (real clients have a socket
+    each), so it must not set the round time. ZMQ_FD is edge-triggered: a socket is drained while its ZMQ_EVENTS say
+    POLLIN, and checked again after anything sent on it (a send can consume the FD's signal)."""
+    import selectors
+
     import torch
     import zmq
 
@@ -55,7 +66,7 @@ def swarm(url: str, ids: list[int], samples: int, size: int, ready, stop) -> Non
     ctx.set(zmq.MAX_SOCKETS, len(ids) + 64)
     delta = torch.full((size,), 1e-3)
     metrics = {"loss": 1.0, "steps": 1, "samples": samples}
-    socks, read, poller = {}, {}, zmq.Poller()
+    socks, read, sel = {}, {}, selectors.DefaultSelector()
     for i in ids:
         s = ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
@@ -63,16 +74,16 @@ def swarm(url: str, ids: list[int], samples: int, size: int, ready, stop) -> Non
         s.send_multipart(wire.encode(wire.Hello(client=str(i), sender=str(i))))
         socks[s] = str(i)
         read[s] = 0
-        poller.register(s, zmq.POLLIN)
+        sel.register(s.getsockopt(zmq.FD), selectors.EVENT_READ, s)
     beat, done, readied = time.monotonic(), 0, 0
+    check = set(socks)  # sockets whose ZMQ_EVENTS must be read before waiting on their FDs
     while done < len(ids) and not stop.is_set():
-        for s, _ in poller.poll(100):
-            while True:
-                try:
-                    frames = s.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                msg = wire.decode(frames)
+        for key, _ in sel.select(0 if check else 0.1):
+            check.add(key.data)
+        for s in list(check):
+            check.discard(s)
+            while s.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                msg = wire.decode(s.recv_multipart(zmq.NOBLOCK, copy=False))
                 me = socks[s]
                 if isinstance(msg, wire.Welcome):
                     s.send_multipart(wire.encode(wire.Ready(num_samples=samples, sender=me)))
@@ -93,6 +104,8 @@ def swarm(url: str, ids: list[int], samples: int, size: int, ready, stop) -> Non
             beat = time.monotonic()
             for s, me in socks.items():
                 s.send_multipart(wire.encode(wire.Heartbeat(round=read[s], sender=me)))
+            check.update(socks)  # the sends may have consumed their FDs' signals
+    sel.close()
     for s in socks:
         s.close(0)
     ctx.term()
@@ -100,13 +113,13 @@ def swarm(url: str, ids: list[int], samples: int, size: int, ready, stop) -> Non
 
 def capacity(n: int, sample: int, procs: int, rounds: int, tmp: Path, edges: int = 0) -> dict:
     """One coordinator and ``n`` generated clients for ``rounds`` rounds; the figures of (a). With ``edges`` > 0 the
-    clients join that many ``fedopt aggregator`` processes (client i the edge i % edges), which every round train all
-    their clients, and the root sees the edges only."""
+    clients join that many ``fedopt aggregator`` processes (client i the edge i % edges), and the root sees the edges
+    only; it samples ``sample`` leaf clients a round through them."""
     name = f"n{n}-e{edges}"
     url, out = f"tcp://127.0.0.1:{free_port()}", tmp / name
-    per_round = edges or min(n, sample)
+    per_round = min(n, sample)  # leaf clients a round, with or without edges
     coord = spawn(fedopt_command("coordinator", "--bind", url, "--insecure", "--task", "digits", "--clients", str(n),
-                                 "--clients-per-round", str(per_round), "--min-clients", str(per_round),
+                                 "--clients-per-round", str(per_round), "--min-clients", str(edges or per_round),
                                  "--rounds", str(rounds), "--heartbeat", str(HEARTBEAT), "--deadline", "600",
                                  "--join-timeout", "5" if edges else "600", "--out", str(out), "--progress", "off",
                                  "--no-plot", "--max-clients", str(n + 16)), tmp / f"{name}-coordinator.log")
@@ -126,7 +139,8 @@ def capacity(n: int, sample: int, procs: int, rounds: int, tmp: Path, edges: int
         end = time.monotonic() + 120
         while "listening on" not in (log.read_text() if log.exists() else "") and time.monotonic() < end:
             time.sleep(0.1)
-        rss0 = proc.memory_info().rss
+        procs_tier = [psutil.Process(e.pid) for e in tier]
+        rss0 = proc.memory_info().rss + sum(p.memory_info().rss for p in procs_tier)
         from fedopt.task import resolve_task
 
         size = sum(p.numel() for p in resolve_task("digits").build_model().parameters())
@@ -143,16 +157,20 @@ def capacity(n: int, sample: int, procs: int, rounds: int, tmp: Path, edges: int
             if not ready.acquire(timeout=900):
                 raise RuntimeError(f"N={n}: the clients did not all get ready in 900 s")
         connect_s = time.monotonic() - t0
-        rss_ready = proc.memory_info().rss
-        cpu, seen = [], 0
+        rss_root = proc.memory_info().rss
+        rss_ready = rss_root + sum(p.memory_info().rss for p in procs_tier)
+        cpu, cpu_tier, seen = [], [], 0
         c0 = sum(proc.cpu_times()[:2])
+        e0 = sum(sum(p.cpu_times()[:2]) for p in procs_tier)
         end = time.monotonic() + 1800
         while coord.poll() is None and time.monotonic() < end:
             rows = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
             if len(rows) > seen:
                 c1 = sum(proc.cpu_times()[:2])
+                e1 = sum(sum(p.cpu_times()[:2]) for p in procs_tier)
                 cpu.append((c1 - c0) / (len(rows) - seen))
-                c0, seen = c1, len(rows)
+                cpu_tier.append((e1 - e0) / (len(rows) - seen))
+                c0, e0, seen = c1, e1, len(rows)
             time.sleep(0.05)
         if coord.returncode != 0:
             raise RuntimeError(f"N={n}: the coordinator failed: {log.read_text()[-800:]}")
@@ -160,7 +178,11 @@ def capacity(n: int, sample: int, procs: int, rounds: int, tmp: Path, edges: int
         return {"n": n, "edges": edges, "per_round": per_round, "rounds": len(rows), "connect_s": connect_s,
                 "round_s": statistics.median(r["seconds"] for r in rows),
                 "cpu_s_per_round": statistics.median(cpu[1:] or cpu),  # the first includes the wait for clients
-                "rss_kb_per_client": (rss_ready - rss0) / n / 1024, "rss_mb": rss_ready / 2**20}
+                "edges_cpu_s_per_round": statistics.median(cpu_tier[1:] or cpu_tier) if tier else None,
+                "round_s_all": [round(r["seconds"], 3) for r in rows],
+                # root and edges together (the root alone holds E connections behind edges)
+                "rss_kb_per_client": (rss_ready - rss0) / n / 1024, "rss_mb": rss_ready / 2**20,
+                "root_rss_mb": rss_root / 2**20}
     finally:
         stop.set()
         for g in gens:
@@ -220,7 +242,7 @@ def main() -> None:
     _raise_fd_limit()  # the coordinator inherits it: one descriptor per connection
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedopt-scale-") as d:
-        for n in map(int, args.sizes.split(",")):
+        for n in (int(x) for x in args.sizes.split(",") if x):
             rows.append(capacity(n, args.sample, args.procs, args.rounds, Path(d)))
             r = rows[-1]
             print(f"N={n}: {r['rounds']} rounds of {r['per_round']}, round {r['round_s']:.3f} s, coordinator "
@@ -230,8 +252,11 @@ def main() -> None:
         for n in map(int, args.edge_sizes.split(",")) if args.edges else ():
             r = capacity(n, args.sample, args.procs, args.rounds, Path(d), edges=args.edges)
             hier[n] = r
-            print(f"N={n} behind {args.edges} edges: {r['rounds']} rounds, root round {r['round_s']:.3f} s, root "
-                  f"{r['cpu_s_per_round']:.3f} CPU s a round (every client trains every round)", flush=True)
+            print(f"N={n} behind {args.edges} edges: {r['rounds']} rounds of a {r['per_round']}-client sample, root "
+                  f"round {r['round_s']:.3f} s (each: {r['round_s_all']}), root {r['cpu_s_per_round']:.3f} CPU s a "
+                  f"round, edges {r['edges_cpu_s_per_round']:.3f} CPU s a round together, {r['rss_kb_per_client']:.1f} "
+                  f"KB per client (root and edges, RSS {r['rss_mb']:.0f} MB; root {r['root_rss_mb']:.0f} MB), all "
+                  f"ready in {r['connect_s']:.1f} s", flush=True)
         ratio = diff = None
         if not args.no_sim:
             ratio, diff = distributed_sim(Path(d), args.sim_repeats)
@@ -241,10 +266,12 @@ def main() -> None:
               f"{r['rss_kb_per_client']:9.1f} {r['rss_mb']:7.0f}")
     by_n = {r["n"]: r for r in rows}
     print(json.dumps({"clients_max": max((r["n"] for r in rows if r["rounds"] == args.rounds), default=None),
-                      "rss_kb_per_client": round(by_n[max(by_n)]["rss_kb_per_client"], 2),
+                      "rss_kb_per_client": round(by_n[max(by_n)]["rss_kb_per_client"], 2) if by_n else None,
                       "round_s_10000": by_n.get(10000, {}).get("round_s"), "round_s_1000": by_n.get(1000, {}).get("round_s"),
                       "hier_round_ratio_10000_vs_1000": round(hier[10000]["round_s"] / hier[1000]["round_s"], 3)
                       if {1000, 10000} <= hier.keys() else None,
+                      **{f"hier_{k}_{n}": r[k] and round(r[k], 3) for n, r in hier.items()
+                         for k in ("round_s", "cpu_s_per_round", "edges_cpu_s_per_round", "rss_kb_per_client")},
                       "dist_sim_time_ratio_2proc": ratio and round(ratio, 3), "dist_sim_max_abs_diff": diff}))
 
 

@@ -180,7 +180,11 @@ class ClientLink:
             if rec.num_samples is not None and msg.num_samples != rec.num_samples:
                 return self._drop(peer, f"READY again with {msg.num_samples} samples (announced "
                                         f"{rec.num_samples}): kept the first")
-            self.registry.ready(peer, msg.num_samples)
+            # an edge's leaf clients: each weighs at least 1, and there are no more than the run's population
+            if msg.clients and not msg.clients <= min(msg.num_samples, self.cfg.federation.clients):
+                return self._drop(peer, f"READY for {msg.clients} leaf clients with weight {msg.num_samples}, in a "
+                                        f"run of {self.cfg.federation.clients} clients")
+            self.registry.ready(peer, msg.num_samples, msg.clients)
         elif isinstance(msg, wire.Offer) and self.secure is not None and (self.on_held is None
                                                                          or msg.round == self.secure.round):
             reason = self.secure.offer(rec.client, msg.round, msg.num_samples, msg.metrics)

@@ -25,6 +25,7 @@ class ClientRecord:
     peer: bytes  # current routing id
     device: str = "cpu"
     num_samples: int | None = None  # known once the client said READY
+    clients: int = 0  # an edge aggregator: the leaf clients it announced with READY (0: a leaf client)
     models_sent: int = 0  # TRAIN/EVALUATE messages sent on this connection
     models_read: int = 0  # of those, how many the client has shown it read (heartbeat count, or a reply)
     since: float = 0.0  # when it registered (the caller's clock)
@@ -51,6 +52,7 @@ class Registry:
         self.bench_after = bench_after
         self._by_peer: dict[bytes, ClientRecord] = {}
         self._by_id: dict[str, ClientRecord] = {}
+        self._edges: dict[str, ClientRecord] = {}  # ready edge aggregators by client id (few: selection reads them)
         # client id -> (consecutive misses, benched until round); bounded LRU, so churning ids cannot grow it
         self._misses: OrderedDict[str, tuple[int, int]] = OrderedDict()
 
@@ -86,22 +88,28 @@ class Registry:
         prior = self._by_peer.get(peer)
         if prior is not None and prior.client != client:
             self._by_id.pop(prior.client, None)
+            self._edges.pop(prior.client, None)
+        self._edges.pop(client, None)  # a new registration says READY again
         rec = ClientRecord(client, peer, device, since=now)
         self._by_peer[peer] = rec
         self._by_id[client] = rec
         return replaced
 
-    def ready(self, peer: bytes, num_samples: int) -> ClientRecord | None:
-        """Record a client's announced sample count, once per registration (a later READY cannot change it)."""
+    def ready(self, peer: bytes, num_samples: int, clients: int = 0) -> ClientRecord | None:
+        """Record a client's announced sample count (and, for an edge aggregator, its leaf clients), once per
+        registration (a later READY cannot change them). The caller has bounded ``clients``."""
         rec = self._by_peer.get(peer)
         if rec is not None and rec.num_samples is None:
-            rec.num_samples = num_samples
+            rec.num_samples, rec.clients = num_samples, clients
+            if clients:
+                self._edges[rec.client] = rec
         return rec
 
     def remove(self, peer: bytes) -> ClientRecord | None:
         rec = self._by_peer.pop(peer, None)
         if rec is not None and self._by_id.get(rec.client) is rec:
             del self._by_id[rec.client]
+            self._edges.pop(rec.client, None)
         return rec
 
     def get(self, peer: bytes) -> ClientRecord | None:
@@ -139,6 +147,10 @@ class Registry:
         what RoundServer.plan selects from."""
         return {c: r.num_samples for c, r in self._by_id.items()
                 if r.num_samples is not None and (round is None or not self.benched(c, round))}
+
+    def edges(self) -> dict[str, int]:
+        """``client id -> leaf clients`` of every ready edge aggregator: O(edges), not O(clients)."""
+        return {c: r.clients for c, r in self._edges.items()}
 
     def peers(self) -> list[bytes]:
         return list(self._by_peer)

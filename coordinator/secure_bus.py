@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 from fedopt import wire
-from fedopt.aggregators import Aggregate
+from fedopt.aggregators import Aggregate, make_aggregator
 from fedopt.aggregators.secure import round_encoding, round_parameters
-from fedopt.errors import SecAggError
+from fedopt.errors import ConfigError, SecAggError
 from fedopt.secagg import RoundConfig, run_round
 
 from .registry import RoundTracker
@@ -44,11 +44,29 @@ from .registry import RoundTracker
 if TYPE_CHECKING:
     from .server import Coordinator
 
-__all__ = ["BusTransport", "secure_round", "secure_sum"]
+__all__ = ["BusTransport", "secure_round", "secure_sum", "secure_aggregator", "SECAGG_EDGE_OPTIONS"]
 
 log = logging.getLogger("fedopt.coordinator")
 _SLICE = 0.05  # seconds: how often recv comes back to let the protocol see clients that died
 _MAX_QUEUED = 4  # SECAGG messages one client may have waiting in the inbox (a stage needs one)
+#: secagg's options an edge aggregator's own cohorts take from the root (WELCOME's ``secagg_options``)
+SECAGG_EDGE_OPTIONS = ("clip", "bits", "neighbours", "threshold", "weighting", "inner", "max_weight")
+
+
+def secure_aggregator(options, where: str):
+    """The :class:`~fedopt.aggregators.SecureAggregator` an edge's cohorts run, from the root's ``secagg_options``
+    (only :data:`SECAGG_EDGE_OPTIONS`, each a plain value, checked by the aggregator itself). ConfigError naming
+    ``where`` (the root) when they are missing or invalid."""
+    if not isinstance(options, dict) or not set(options) <= set(SECAGG_EDGE_OPTIONS) or not all(
+            isinstance(v, (int, float, str)) for v in options.values()):
+        raise ConfigError(f"{where} runs --aggregator secagg without valid secagg_options for an edge's cohorts "
+                          f"(plain values of {', '.join(SECAGG_EDGE_OPTIONS)}): {str(options)[:200]}")
+    if options.get("inner", "fedavg") not in ("fedavg", "mean"):
+        raise ConfigError(f"{where} runs secagg over {options['inner']!r}: an edge's cohort sums only fedavg or mean")
+    try:
+        return make_aggregator("secagg", **options)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise ConfigError(f"{where} sent secagg options an edge cannot use: {e}") from None
 
 
 class BusTransport:

@@ -18,7 +18,12 @@ a round.
 
 With ``--aggregator secagg`` the train step is SecAgg+ over the bus instead of OFFER/PULL/UPDATE (see
 :mod:`coordinator.secure_bus`): clients send only masked vectors, and a round the protocol aborts is recorded with
-its reason while the run goes on. The coordinator pins the clients' identity keys from ``--identities`` (default:
+its reason while the run goes on. When the selected clients are edge aggregators (``fedopt aggregator``), each runs
+its own SecAgg+ cohort and sends its cohort's decoded mean by OFFER/PULL/UPDATE; the coordinator combines them as
+weighted clients (:meth:`Coordinator._edge_sums`).
+
+Edge aggregators announce their leaf clients with READY; a round then samples ``--clients-per-round`` leaf clients
+through them (:mod:`fedopt.engine.tiers`) and tells each edge its quota in TRAIN. The coordinator pins the clients' identity keys from ``--identities`` (default:
 ``--keys`` when it holds ``identities/``), so a forged key advertisement is refused on arrival.
 
 Messages, registration and the zero-trust rules: :mod:`coordinator.link`.
@@ -46,6 +51,7 @@ from fedopt.trainer import LocalTrainer, pick_device  # evaluation reuses the tr
 
 from .link import ClientLink
 from .registry import RoundTracker
+from .secure_bus import SECAGG_EDGE_OPTIONS
 
 __all__ = ["Coordinator"]
 
@@ -114,7 +120,7 @@ class Coordinator(ClientLink):
                                             # an edge aggregator pre-aggregates only under a linear rule
                                             "aggregator": cfg.federation.aggregator,
                                             "buffered": cfg.buffered.buffer_size is not None,
-                                            "dp": cfg.privacy.dp, **self._dp_settings()})
+                                            "dp": cfg.privacy.dp, **self._dp_settings(), **self._secagg_settings()})
         self._wait_since = clock()
         self._idle_since = clock()  # when the coordinator became free to start the next round
         self._waited = 0.0  # how long the round in progress waited for clients
@@ -127,6 +133,15 @@ class Coordinator(ClientLink):
         """``--dp distributed``: the public noise parameters every client adds its share with (WELCOME)."""
         noise = getattr(self.server.aggregator, "dp_noise", None)
         return {"dp_noise": noise.to_dict()} if noise is not None else {}
+
+    def _secagg_settings(self) -> dict:
+        """``--aggregator secagg``: the encoding's public options, for edge aggregators that run their own cohorts
+        (coordinator.edge); a plain client takes the encoding from each round's Setup instead."""
+        if self.cfg.federation.aggregator != "secagg":
+            return {}
+        opts = {k: v for k, v in self.cfg.aggregator_options.items()
+                if k in SECAGG_EDGE_OPTIONS and isinstance(v, (int, float, str)) and v is not None}
+        return {"secagg_options": opts}
 
     # ---- the run ------------------------------------------------------------------------------------------------
     def serve(self) -> int:
@@ -207,10 +222,12 @@ class Coordinator(ClientLink):
         while True:
             now = self.clock()
             sizes = {c: n for c, n in self.registry.sizes(round).items() if c not in self._failed}
+            edges = {c: n for c, n in self.registry.edges().items() if c in sizes}
             # the first round waits for every client (or the join timeout); a retry, and every later round, goes on
-            # at once with whoever is ready
+            # at once with whoever is ready. An edge counts its leaf clients
             waited = self._joined or attempt > 1 or now - self._wait_since >= cfg.bus.join_timeout
-            if len(sizes) >= cfg.federation.clients or (waited and len(sizes) >= cfg.bus.min_clients):
+            leaves = len(sizes) + sum(edges.values()) - len(edges)
+            if leaves >= cfg.federation.clients or (waited and len(sizes) >= cfg.bus.min_clients):
                 break
             if attempt > 1 and now - self._wait_since >= cfg.bus.join_timeout:
                 if attempt > MAX_ATTEMPTS:
@@ -222,7 +239,7 @@ class Coordinator(ClientLink):
                                 "failed it", round, len(back))
                     self._failed -= back
                     continue
-            self._say_waiting(round, now, len(sizes), waited)
+            self._say_waiting(round, now, leaves, waited)
             self._pump(min(0.05, self.ticker.remaining()))
             self._keepalive()
         self._joined = True
@@ -231,6 +248,7 @@ class Coordinator(ClientLink):
             self._waited = self.clock() - self._idle_since
             self._bytes0 = (self.ep.bytes_in, self.ep.bytes_out)
         self._attempt, self._sizes = attempt, sizes
+        self.server.leaves = edges  # the round samples leaf clients through these (fedopt.engine.tiers)
         return sizes
 
     def _say_waiting(self, round: int, now: float, ready: int, waited: bool) -> None:
@@ -263,16 +281,52 @@ class Coordinator(ClientLink):
                 continue
             config = {f.name: getattr(job.config, f.name) for f in dataclasses.fields(job.config)
                       if f.name != "sampler"}
+            if job.sample is not None:  # an edge: how many of its clients to ask (fedopt.engine.tiers)
+                config["leaf_sample"], config["leaf_of"] = job.sample
             out[job.client] = wire.Train(round=round, config=config, **model)
         return out
 
     def run_round(self, server: RoundServer, jobs) -> None:
         r = server.round
-        if server.external:
+        edges = [j for j in jobs if j.client in server.leaves]
+        if server.external and not edges:
             from .secure_bus import secure_round
 
             self._round_info = secure_round(self, r, jobs)
             return
+        if server.external:  # secagg behind edges: each edge sends the sum its own SecAgg+ cohort learned
+            share = self._edge_sums(server, jobs)
+            jobs = edges
+            try:
+                return self._plain_round(server, jobs)
+            finally:
+                self.on_update = self.on_lost = None
+                agg, loss, weight, _ = share.partial()
+                if agg is not None:
+                    server.absorb(agg, loss, weight)
+                for norm in share.norms:
+                    server.accepted_norm(norm)
+        self._plain_round(server, jobs)
+
+    def _edge_sums(self, server: RoundServer, jobs) -> RoundServer:
+        """A secure round whose selected clients are edge aggregators (``fedopt aggregator``): each runs SecAgg+
+        among its own sampled clients and sends only its cohort's decoded weighted mean and total weight (under
+        ``uniform`` weighting: its survivors' count), as a plain update; the root never sees one client's update.
+        The edges' updates are judged like any client's (the weight the plan granted, the norm bound) and combined
+        into their weighted mean, which is what a flat secure round over all their survivors decodes; the secure
+        server absorbs it. A leaf client selected beside edges is not asked (it would be a cohort of its own)."""
+        from fedopt.aggregators import make_aggregator
+
+        for j in jobs:
+            if j.client not in server.leaves:
+                server.reject(j.client, "a plain client beside edge aggregators in a secure round is not asked")
+        share = server.share(make_aggregator("fedavg"))
+        self.on_update, self.on_lost = share.offer, share.reject
+        return share
+
+    def _plain_round(self, server: RoundServer, jobs) -> None:
+        """TRAIN, then OFFER/PULL/UPDATE until every selected client answered or dropped, or --deadline passed."""
+        r = server.round
         trains = self._train(jobs, r)
         self.tracker = RoundTracker(r, list(trains), self.clock() + self.cfg.bus.deadline, self.cfg.bus.upload_slots,
                                     pull_timeout=self.live.timeout)
@@ -295,7 +349,7 @@ class Coordinator(ClientLink):
             server.reject(client, "missed the deadline")
             self._missed(client, r)
             log.warning("round %d: client %s missed the deadline; its update will be dropped", r, client)
-        if t.accepted < self.cfg.bus.min_clients:
+        if t.accepted < self.cfg.bus.min_clients and server.retryable:
             log.warning("round %d: %d updates, below the quorum of %d: retrying without the %d clients that failed "
                         "it", r, t.accepted, self.cfg.bus.min_clients, len(self._failed))
 

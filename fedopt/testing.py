@@ -106,6 +106,8 @@ def check_message(msg: wire.Message, limits: wire.Limits = wire.Limits()) -> Non
             assert type(v) is int and 0 <= v < limits.max_int, f"{where} = {v!r} is not a counter"
         elif name == "num_samples":
             assert type(v) is int and msg.MIN_SAMPLES <= v <= limits.max_samples, f"{where} = {v!r} out of range"
+        elif name == "clients":
+            assert type(v) is int and 0 <= v <= limits.max_samples, f"{where} = {v!r} is not a count"
         elif name in ("sender", "client", "device", "addr", "reason"):
             most = limits.max_reason if name == "reason" else limits.max_name
             assert text(v, most), f"{where} is not a printable str of at most {most} characters"

@@ -101,11 +101,13 @@ class Cluster:
         self.clients[shard] = self._spawn(args, f"client-{shard}.log", faults)
         return self.clients[shard]
 
-    def start_edge(self, name: str, *options: str) -> str:
-        """An edge aggregator ``name`` (``fedopt aggregator``, insecure) joined to the coordinator; its URL."""
-        url = f"tcp://127.0.0.1:{free_port()}"
+    def start_edge(self, name: str, *options: str, faults: dict[Fault, object] | None = None) -> str:
+        """An edge aggregator ``name`` (``fedopt aggregator``, insecure) joined to the coordinator, over the
+        coordinator's transport; its URL."""
+        ipc = self.url.startswith("ipc://")
+        url = f"ipc://{self.tmp}/edge-{name}.sock" if ipc else f"tcp://127.0.0.1:{free_port()}"
         self.edges[name] = self._spawn(["aggregator", "--bind", url, "--upstream", self.url, "--id", name,
-                                        "--insecure", "--give-up", "60", *options], f"edge-{name}.log")
+                                        "--insecure", "--give-up", "60", *options], f"edge-{name}.log", faults)
         return url
 
     def log(self, name: str = "coordinator") -> str:

@@ -39,6 +39,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upstream-keys", default=None,
                    help="key folder for the root: the root's coordinator.key and this edge's client secret")
     p.add_argument("--key-name", default=None, help="this edge's key name in --upstream-keys (e.g. client-008)")
+    p.add_argument("--identities", default=None,
+                   help="secagg: folder with identities/*.pub, this edge's clients' pinned identity keys")
     p.add_argument("--insecure", action="store_true", help="allow plain TCP without authentication (warns)")
     p.add_argument("--give-up", type=float, default=300.0, help="seconds without the root before exiting (default 300)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -51,10 +53,12 @@ def run(args: argparse.Namespace) -> int:
     from coordinator.edge import Edge, EdgeConfig
 
     from ..config import RunConfig
+    from ..testing import Fault, faults
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     rules = RunConfig.of(clients=args.clients, **{k: v for k, v in vars(args).items() if k in _RULES})
     cfg = EdgeConfig(bind=args.bind, upstream=args.upstream, id=args.id, run=rules, keys=args.keys,
                      upstream_keys=args.upstream_keys, key_name=args.key_name, insecure=args.insecure,
-                     give_up=args.give_up)
-    return Edge(cfg).serve()
+                     give_up=args.give_up, identities=args.identities)
+    dump = faults().get(Fault.SECAGG_DUMP)  # FEDOPT_FAULTS: set only by tests
+    return Edge(cfg, secagg_dump=None if dump is None else str(dump)).serve()

@@ -44,6 +44,7 @@ from ..errors import ConfigError, SecAggError
 from ..optimizers import ServerOptimizer, make_server_optimizer
 from ..params import ParamSpec
 from ..task import TrainConfig
+from .tiers import leaf_quotas
 
 __all__ = ["Bounds", "Job", "RoundOutcome", "RoundServer", "capped_weights", "client_seed"]
 
@@ -86,6 +87,7 @@ class Job:
     client: str  # the client's id
     config: TrainConfig  # what it is asked to do this round
     straggler: bool = False  # it was chosen to do only part of its work
+    sample: tuple[int, int] | None = None  # an edge's (leaf quota, leaf count it announced): see .tiers
 
 
 @dataclass
@@ -138,6 +140,9 @@ class RoundServer:
         self._loss_sum = 0.0
         self._loss_weight = 0.0
         self._planned: tuple[int, dict[str, int]] | None = None  # (round, {client: weight}) of the last plan
+        #: edge aggregators among the candidates: client -> the leaf clients it announced (set by the bus executor
+        #: each round); when one is a candidate, a ``fixed`` round samples leaves through them (.tiers)
+        self.leaves: dict[str, int] = {}
         self.bounds = bounds  # None: clients are trusted (a simulation worker pre-aggregating its own clients)
         self.norm_ref: float | None = None  # median L2 norm of the last round's accepted updates
         #: > 0: the reference is the median of the last ``norm_window`` accepted norms, across rounds (a buffered
@@ -236,13 +241,26 @@ class RoundServer:
         """
         if self.bounds is not None:  # a claimed count is never used uncapped, not even for a straggler's budget
             sizes = {c: max(1, min(int(n), self.bounds.max_samples)) for c, n in sizes.items()}
-        chosen = self.select(round, list(sizes))
+        quotas = None
+        if self.leaves and self.sampling == "fixed" and any(c in self.leaves for c in sizes):
+            # edges among the candidates: the round samples leaf clients through them (.tiers)
+            leaves = {c: self.leaves.get(c, 1) for c in sizes}
+            quotas = leaf_quotas(self.seed, round, leaves, self.per_round)
+            chosen = sorted(quotas)
+            # an edge weighs at most its quota's share of the weight it announced (the stratified estimate of its
+            # sampled clients' weight): its claim cannot buy it more than its share of the round's leaves
+            sizes = {c: -(-n * quotas[c] // leaves[c]) if c in self.leaves else n for c, n in sizes.items()
+                     if c in quotas}
+        else:
+            chosen = self.select(round, list(sizes))
         rng = np.random.default_rng([self.seed & 0xFFFFFFFF, round, 2])
         n_slow = int(round_half_up(self.stragglers * len(chosen)))
         slow = set(rng.choice(len(chosen), size=n_slow, replace=False).tolist()) if n_slow else set()
         jobs = []
         for i, cid in enumerate(chosen):
             job = self.job(round, cid)
+            if quotas is not None and cid in self.leaves:
+                job.sample = (quotas[cid], leaves[cid])
             if i in slow:
                 full = job.config.epochs * job.config.steps_per_epoch(max(sizes[cid], 1))
                 job.config.max_steps = int(rng.integers(1, full + 1))
@@ -425,6 +443,12 @@ class RoundServer:
         self._absorbed = aggregate
         self.accepted = aggregate.count
         self._note_loss(loss, samples)
+
+    @property
+    def absorbed(self):
+        """The aggregate :meth:`absorb` took this round (None before, or when the protocol aborted) and the
+        sample-weighted training loss reported with it: ``(aggregate | None, loss | None)``."""
+        return self._absorbed, (self._loss_sum / self._loss_weight if self._loss_weight else None)
 
     def share(self, aggregator) -> "RoundServer":
         """A server for a share of the round in progress (a simulation worker's or rank's clients): it judges updates

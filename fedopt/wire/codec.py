@@ -76,6 +76,8 @@ def encode(msg: Message, wire_dtype: str | None = None, chunk_bytes: int | None 
     _check_fields(type(msg), values, limits)
     if values.get("encoding") == {}:
         del values["encoding"]  # a dense UPDATE stays what protocol version 1 sent
+    if values.get("clients") == 0:
+        del values["clients"]  # a leaf client's READY too
     header: dict[str, Any] = {"v": VERSION, "type": msg.TYPE, **values}
     frames: list = []
     specs = []

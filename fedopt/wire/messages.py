@@ -11,7 +11,7 @@ Message table (protocol version 1; every message also has ``round`` and ``sender
     type         direction             fields                                   tensor frames
     HELLO        client -> coordinator client: name, device: name               -
     WELCOME      coordinator -> client spec: tree, config: tree                 -
-    READY        client -> coordinator num_samples: weight                      -
+    READY        client -> coordinator num_samples: weight, clients: count      -
     OFFER        client -> coordinator round, num_samples: weight,              -
                                        metrics: metrics
     PULL         coordinator -> client round                                    -
@@ -47,7 +47,7 @@ Field kinds and their bounds (the defaults of :class:`Limits`; a receiver may pa
               receiver checks the value against its own round or version window.
     weight    num_samples that weighs an average: int, 1 <= n <= 2**40 (max_samples), a hard ceiling far above any
               shard; the coordinator caps weights lower (its --max-samples).
-    count     RESULT's num_samples (the size of an evaluation split): int, 0 <= n <= 2**40.
+    count     RESULT's num_samples (the size of an evaluation split), READY's clients: int, 0 <= n <= 2**40.
     name      sender, client, device, addr: printable str of at most 256 characters (max_name); printable, so a
               logged name cannot forge log lines.
     text      reason: printable str of at most 1024 characters (max_reason).
@@ -73,7 +73,8 @@ Inf travel, and the receiver judges them; the one exception is a compressed UPDA
 strictly increasing before the receiver scatters by it (:mod:`fedopt.wire.compressed`, which also gives its layout).
 The dtype allow-list is per tensor: a model or a dense delta is float32, float16, bfloat16 or float64; int32 and
 uint8 only where a compressed UPDATE's encoding puts them. Unknown header keys are rejected: a new field is a new
-protocol version, except ``encoding``, which is left out when empty, so a dense UPDATE is what version 1 always sent
+protocol version, except ``encoding``, which is left out when empty, and READY's ``clients``, left out when 0 (only an
+edge aggregator sends it), so a dense UPDATE is what version 1 always sent
 (a receiver without compression refuses a compressed one by its unknown key). An absent field takes its default, which is always a valid value (a weight defaults to 1). :func:`encode` applies
 the same checks to what it sends, so an honest sender learns of a bad value (a NaN loss, an over-long name) at once,
 from a WireError naming the field, instead of from a peer that drops the message.
@@ -206,6 +207,7 @@ class Welcome(Message):
 class Ready(Message):
     TYPE: ClassVar[str] = "READY"
     num_samples: int = 1  # the size of the client's train shard (FedAvg's weight)
+    clients: int = 0  # an edge aggregator's: the leaf clients behind it (0, left off the wire: a leaf client)
 
 
 @dataclass(frozen=True)

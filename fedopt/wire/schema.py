@@ -46,6 +46,10 @@ def _samples(cls: type[Message], name: str, v: Any, lim: Limits) -> None:
     int_in(f"{cls.TYPE}: {name}", v, cls.MIN_SAMPLES, lim.max_samples)
 
 
+def _count(cls: type[Message], name: str, v: Any, lim: Limits) -> None:
+    int_in(f"{cls.TYPE}: {name}", v, 0, lim.max_samples)
+
+
 def _name(cls: type[Message], name: str, v: Any, lim: Limits) -> None:
     text(f"{cls.TYPE}: {name}", v, lim.max_reason if name == "reason" else lim.max_name)
 
@@ -108,7 +112,7 @@ def _tree(cls: type[Message], name: str, v: Any, lim: Limits) -> None:
 #: the check of each field name; every non-tensor field of every message type must appear here (checked at import)
 CHECKS: dict[str, Callable[[type[Message], str, Any, Limits], None]] = {
     "round": _counter, "xid": _counter, "version": _counter, "cohort": _counter, "scale": _fraction,
-    "num_samples": _samples,
+    "num_samples": _samples, "clients": _count,
     "sender": _name, "client": _name, "device": _name, "addr": _name, "reason": _name, "kind": _fetch_kind,
     "metrics": _metrics, "peers": _peers, "spec": _tree, "config": _tree,
 }  # and UPDATE's "encoding", checked by fedopt.wire.compressed (messages.py adds it)
