@@ -18,6 +18,7 @@ from fedopt.aggregators import Update, mean
 from fedopt.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedopt.cli import main
 from fedopt.config import RunConfig
+from fedopt.config.sections import Bounds
 from fedopt.engine import Engine, RoundServer
 from fedopt.errors import ConfigError, RoundError
 from fedopt.metrics import read_metrics
@@ -179,6 +180,33 @@ def test_a_round_is_the_clipped_sum_over_the_expected_count_plus_seeded_noise():
     with pytest.raises(ConfigError, match="elements"):
         agg.begin(8, 64)
         agg.add(Update("x", torch.zeros(3), 1))
+
+
+def test_a_batch_of_rows_is_judged_and_clipped_as_one_update_at_a_time_is():
+    """RoundServer.offer_rows (vmap's stacked deltas) with CentralDP.add_rows: the same updates refused (NaN, over the
+    norm bound, a straggler's partial work), the same clipped sum and noise as offer() one by one."""
+
+    def round_of(batched: bool):
+        server = dp_server()
+        server.bounds = Bounds(norm_factor=0, max_update_norm=40.0)
+        server.plan(1, {str(i): 10 for i in range(6)})
+        server.begin(1)
+        g = torch.Generator().manual_seed(5)
+        rows = torch.stack([torch.randn(server.spec.size, generator=g) * s for s in (0.01, 0.3, 2.0, 30.0, 1.0, 1.0)])
+        rows[4, 0] = float("nan")
+        rows[3] *= 10  # norm ~ 300: over the bound of 40
+        ups = [Update(str(i), None if batched else rows[i], 10, {"loss": 0.5}, partial=(i == 5)) for i in range(6)]
+        if batched:
+            keep = server.offer_rows(ups, rows)
+        else:
+            keep = [i for i, u in enumerate(ups) if server.offer(u) is None]
+        return keep, server.aggregator.result(), dict(server._rejected), server.norms
+
+    (k1, a1, r1, n1), (k2, a2, r2, n2) = round_of(False), round_of(True)
+    assert k1 == k2 == [0, 1, 2] and r1.keys() == r2.keys() == {"3", "4", "5"}
+    assert all(r1[c].split()[0] == r2[c].split()[0] for c in r1)  # the same reasons
+    assert torch.allclose(a1.delta, a2.delta, atol=1e-6) and a1.count == a2.count == 3
+    assert n1 == pytest.approx(n2, rel=1e-6)
 
 
 # ---- (d) adaptive clipping -----------------------------------------------------------------------------------------
