@@ -403,7 +403,7 @@ class RoundServer:
             raise ConfigError("offer_rows() before begin()")
         norms = torch.linalg.vector_norm(deltas, dim=1, dtype=torch.float64)  # NaN and Inf survive it
         keep = []
-        for b, (u, norm) in enumerate(zip(updates, norms.tolist())):
+        for b, (u, norm) in enumerate(zip(updates, norms.tolist())):  # the same judgement as offer()
             if not isinstance(u.num_samples, int) or u.num_samples < 0:
                 reason = f"invalid num_samples {u.num_samples!r}"
             elif (reason := self.norm_reason(norm)) is None and u.partial and not self.keep_stragglers:
@@ -416,14 +416,16 @@ class RoundServer:
         if not keep:
             return keep
         chosen = [updates[b] for b in keep]
+        every = len(keep) == len(updates)  # the usual case: no copy of the rows
         try:
-            add_rows(deltas[keep], norms[keep], chosen)
+            add_rows(deltas if every else deltas[keep], norms if every else norms[keep], chosen)
         except ConfigError as e:
             for u in chosen:
                 self._rejected[u.client] = str(e)
             return []
+        listed = norms.tolist()
         for b, u in zip(keep, chosen):
-            self._norms.append(float(norms[b]))
+            self._norms.append(listed[b])
             self._note_loss(u.metrics.get("loss"), u.num_samples)
         self.accepted += len(keep)
         return keep
