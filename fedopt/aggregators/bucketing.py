@@ -18,7 +18,7 @@ whatever the order updates arrived in. A bucket's weight is the sum of its updat
 weights by it; the rules that ignore weights ignore it). The result counts the client updates, not the buckets.
 
 * Secure aggregation: no (``needs_plaintext``): buckets are formed from updates in the clear.
-* FedBuff: composes: each buffer of K updates is bucketed before the rule sees it.
+* FedBuff: each buffer of K updates is bucketed before the rule sees it (not exercised by a test or a benchmark).
 """
 
 from __future__ import annotations
