@@ -17,7 +17,7 @@ from clients.simulation.byzantine import FlippedLabels
 from clients.simulation.run import Simulation
 from fedopt.aggregators import (Bulyan, CenteredClip, GeometricMedian, Krum, MultiKrum, NormBound, SecureAggregator,
                                 Update, make_aggregator)
-from fedopt.aggregators.geomed import geometric_median
+from fedopt.aggregators.geomed import geometric_median, weighted_coordinate_median
 from fedopt.aggregators.krum import bulyan_picks
 from fedopt.attacks import Attack, alie, alie_z, byzantine_clients
 from fedopt.cli import main
@@ -85,6 +85,19 @@ def test_centered_clipping_starts_each_round_from_the_last_aggregate():
     assert aggregate(agg, [[0.0], [0.0], [0.0], [10.0]]).delta.item() == pytest.approx(0.25)
     # round 2 starts at 0.25: 0.25 + (3 * clip(-0.25) + clip(9.75)) / 4 = 0.25 + (1 - 0.75) / 4
     assert aggregate(agg, [[0.0], [0.0], [0.0], [10.0]], round=2).delta.item() == pytest.approx(0.3125)
+
+
+def test_centered_clipping_auto_tau_is_the_median_distance_of_each_iteration():
+    # centre 0, distances 1, 2, 3, 10: the lower median is 2, so the rows clip to 1, 2, 2, 2 and v = 7/4
+    rows = [[1.0], [2.0], [3.0], [10.0]]
+    assert aggregate(CenteredClip(), rows).delta.item() == 1.75
+    # a second iteration from 1.75: distances 0.75, 0.25, 1.25, 8.25, lower median 0.75; the clipped differences
+    # -0.75, 0.25, 0.75, 0.75 add 0.25: v = 2 (the plain mean is 4)
+    assert aggregate(CenteredClip(tau="auto", iterations=2), rows).delta.item() == 2.0
+    # every row at the centre: nothing moves (no 0/0)
+    assert aggregate(CenteredClip(), [[0.0], [0.0]]).delta.tolist() == [0.0]
+    with pytest.raises(ConfigError, match='centered_clip tau must be a number > 0 or "auto", not \'median\''):
+        make_aggregator("centered_clip", tau="median")
 
 
 # ---- Krum, Multi-Krum, Bulyan -------------------------------------------------------------------------------------
@@ -159,6 +172,22 @@ def test_geometric_median_on_a_line_is_the_weighted_median():
     # weight 5 on 10 (of 9): more than half the weight sits at 10
     z = geometric_median(rows, torch.tensor([1.0, 1.0, 1.0, 5.0, 1.0]), iterations=500)
     assert z.item() == pytest.approx(10.0, abs=1e-3)
+
+
+def test_geometric_median_starts_from_the_weighted_coordinate_median():
+    # three honest values and two x1000 updates: the coordinate median 2 is the geometric median, and Weiszfeld
+    # stays there; from the mean (400.6) the default 4 steps are still 117 away
+    rows = torch.tensor([[0.0], [1.0], [2.0], [1000.0], [1000.0]])
+    assert geometric_median(rows, torch.ones(5), iterations=0).item() == 2.0
+    assert geometric_median(rows, torch.ones(5)).item() == pytest.approx(2.0, abs=1e-4)
+    assert geometric_median(rows, torch.ones(5), start="mean").item() > 100
+    # weights 1, 1, 1, 4: the cumulative weight passes half at the fourth value; equal weights on an even count
+    # average the two middle values, as the usual median
+    grid = torch.tensor([[1.0, 5.0], [2.0, 6.0], [3.0, 7.0], [4.0, 8.0]])
+    assert weighted_coordinate_median(grid, torch.tensor([1.0, 1.0, 1.0, 4.0])).tolist() == [4.0, 8.0]
+    assert weighted_coordinate_median(grid, torch.ones(4)).tolist() == [2.5, 6.5]
+    with pytest.raises(ConfigError, match="geomed start must be median or mean, not 'mode'"):
+        make_aggregator("geomed", start="mode")
 
 
 # ---- attacks ------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 from ..errors import ConfigError
 from .base import Aggregate, Aggregator, Update
+from .bucketing import Bucketing
 from .clipping import CenteredClip, NormBound
 from .geomed import GeometricMedian
 from .krum import Bulyan, Krum, MultiKrum
@@ -16,7 +17,7 @@ from .secure import SecureAggregator, secagg
 
 __all__ = [
     "Aggregate", "Aggregator", "Update", "WeightedMean", "CoordinateMedian", "TrimmedMean", "NormBound",
-    "CenteredClip", "Krum", "MultiKrum", "Bulyan", "GeometricMedian",
+    "CenteredClip", "Bucketing", "Krum", "MultiKrum", "Bulyan", "GeometricMedian",
     "SecureAggregator", "fedavg", "mean", "weighted", "secagg", "make_aggregator", "AGGREGATORS", "register_aggregator",
 ]
 
@@ -44,8 +45,21 @@ def make_aggregator(name: str, **options: Any) -> Aggregator:
     """Build a registered aggregator; ConfigError for an unknown name, a bad option, or ``secure=True`` on an
     aggregator that needs plaintext updates (median, trimmed_mean cannot run under secure aggregation).
 
+    ``bucketing=s`` (and ``bucket_seed``) wraps the rule in :class:`~fedopt.aggregators.bucketing.Bucketing`: the rule
+    sees the means of random buckets of ``s`` updates (Karimireddy et al., ICLR 2022).
+
     An ``inner`` aggregator given by name (``secure=True``, or ``make_aggregator("secagg", inner=...)``) is built
     here, so that secure aggregation sees what it needs of it (``needs_plaintext``) without a look-up of its own."""
+    if "bucketing" in options:
+        s, seed = options.pop("bucketing"), options.pop("bucket_seed", 0)
+        inner = make_aggregator(name, **options)
+        if not inner.needs_all_updates:
+            raise ConfigError(f"--aggregator-option bucketing: aggregator {name!r} does not hold the round's updates "
+                              f"(bucketing is for the robust rules that do: median, trimmed_mean, centered_clip, "
+                              f"krum, multi_krum, bulyan, geomed)")
+        return Bucketing(inner, s, seed)
+    if "bucket_seed" in options:
+        raise ConfigError("--aggregator-option bucket_seed needs bucketing=S")
     if options.pop("secure", False) and name != "secagg":
         # the inner rule's own options (norm_bound's bound) build the inner; the rest are secagg's
         own = {k: options.pop(k) for k in list(options) if k in _parameters(AGGREGATORS.get(name))}

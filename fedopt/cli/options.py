@@ -73,7 +73,8 @@ def add_round_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--aggregator", default=S, help="fedavg | weighted | mean | median | trimmed_mean | norm_bound | "
                                                   "centered_clip | krum | multi_krum | bulyan | geomed | secagg")
     g.add_argument("--aggregator-option", dest="aggregator_options", action="append", type=parse_kv, default=S,
-                   metavar="KEY=VALUE", help="option for the aggregator (repeatable)")
+                   metavar="KEY=VALUE", help="option for the aggregator (repeatable); bucketing=S puts a rule that "
+                   "keeps every update (median ... geomed) behind buckets of S (Karimireddy et al. 2022)")
     g.add_argument("--server-opt", default=S, help="fedavg | fedavgm | fedadam | fedyogi | fedadagrad")
     g.add_argument("--server-lr", type=float, default=S, help="server learning rate")
     g.add_argument("--server-option", dest="server_options", action="append", type=parse_kv, default=S,
