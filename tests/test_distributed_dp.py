@@ -105,6 +105,20 @@ def test_the_width_reserves_a_tail_bound_on_the_noise():
     assert np.abs(draws).max() < b and np.std(draws) == pytest.approx(sd, rel=0.02)
 
 
+def test_noise_the_sampler_cannot_draw_exactly_is_refused_not_drawn_wrong():
+    """λ beyond 2^36 (PTRS's float64 acceptance test loses accuracy; variates near int64's range) is refused: by the
+    sampler a client runs (a coordinator cannot make it add wrong noise) and by the run's configuration, naming --bits."""
+    from fedopt.secagg.skellam import MAX_LAMBDA, poisson
+
+    assert poisson(MAX_LAMBDA, 4, UniformStream(bytes(32))).min() > 0
+    for lam in (MAX_LAMBDA * 2, 5e22, float("inf"), -1.0):
+        with pytest.raises(SecAggError, match="Poisson parameter"):
+            poisson(lam, 4, UniformStream(bytes(32)))
+    cfg = RunConfig.of(**{**DDP, "task": "digits", "clients": 20, "clients_per_round": 10, "bits": 40})
+    with pytest.raises(ConfigError, match="lower --bits"):
+        simulate(cfg)
+
+
 # ---- the accountant: the two published bounds, checked where dp_accounting can check them ---------------------------
 def _gaussian_rdp(q: float, z: float) -> np.ndarray:
     acc = dpa.rdp.RdpAccountant(orders=list(ORDERS))

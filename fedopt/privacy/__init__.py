@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 
+from ..errors import ConfigError
 from .accounting import Accountant, calibrate, default_delta, require_dp_accounting
 from .central import AdaptiveClip, CentralDP, clip_update, noise_seed, secure_normal
 from .distributed import DistributedDP, SkellamAccountant
@@ -94,6 +95,12 @@ def distributed_for_run(cfg, size: int) -> DistributedDP:
     if p.noise_multiplier is None:
         log.info("--noise-multiplier %.4g: epsilon <= %g after %d rounds (Skellam, %d-bit quantisation)", z,
                  p.target_epsilon, fed.rounds, bits)
+    from ..secagg.skellam import MAX_LAMBDA
+
+    if noise.client_lambda(bits, size) > MAX_LAMBDA:
+        raise ConfigError(f"--dp distributed: {bits}-bit quantisation with noise multiplier {z:.4g} and "
+                          f"{noise.min_clients} planned clients needs Skellam noise beyond what the sampler draws "
+                          f"exactly (lambda {noise.client_lambda(bits, size):.3g} > 2^36): lower --bits (16 or less)")
     acc = accountant(z, bits)
     inner = SecureAggregator(**opts, clip=p.dp_clip_norm, bits=bits, weighting="uniform", seed=cfg.seed,
                              dp_noise=noise, noise_source=p.noise_source)

@@ -47,10 +47,15 @@ from scipy.special import gammaln
 from fedopt.errors import SecAggError
 from fedopt.secagg import prg
 
-__all__ = ["DistributedNoise", "UniformStream", "add_skellam", "noise_key", "poisson", "skellam", "WRAP_FAILURE"]
+__all__ = ["DistributedNoise", "UniformStream", "add_skellam", "noise_key", "poisson", "skellam", "MAX_LAMBDA",
+           "WRAP_FAILURE"]
 
 #: probability, per round, that the noised sum leaves the range the capacity check reserves for it
 WRAP_FAILURE = 2.0 ** -40
+#: the largest Poisson parameter sampled: PTRS's acceptance test subtracts terms of size about λ·ln λ, so float64 keeps
+#: it accurate only while they stay far below 2^53 (at 2^36 they are ~2^41), and the variates must fit int64. Larger
+#: noise (large --bits with a large z) is refused, never sampled wrong.
+MAX_LAMBDA = 2.0 ** 36
 
 
 class UniformStream:
@@ -120,8 +125,8 @@ def _poisson_ptrs(lam: float, n: int, stream: UniformStream) -> np.ndarray:
 
 def poisson(lam: float, n: int, stream: UniformStream) -> np.ndarray:
     """``n`` Poisson(λ) variates (int64) from ``stream``."""
-    if not (math.isfinite(lam) and lam >= 0):
-        raise SecAggError(f"Poisson parameter must be finite and >= 0, got {lam!r}")
+    if not (math.isfinite(lam) and 0 <= lam <= MAX_LAMBDA):
+        raise SecAggError(f"Poisson parameter must be in [0, 2^36], got {lam!r}")
     if lam == 0 or n == 0:
         return np.zeros(n, dtype=np.int64)
     return _poisson_small(lam, n, stream) if lam < 10 else _poisson_ptrs(lam, n, stream)
