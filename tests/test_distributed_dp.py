@@ -119,6 +119,18 @@ def test_noise_the_sampler_cannot_draw_exactly_is_refused_not_drawn_wrong():
         simulate(cfg)
 
 
+def test_a_round_that_samples_no_client_aborts_and_an_unreachable_minimum_is_refused(tmp_path):
+    """Poisson sampling of 1 in 20: some rounds draw no client; each such round aborts (model unchanged, counted in
+    the ledger) instead of ending the run. A --dp-min-clients above the population could never be met: refused."""
+    run = {**RUN, "clients": 20, "clients_per_round": 1, "rounds": 6, "dp_min_clients": 2}
+    out = simulate(RunConfig.of(**run, out=str(tmp_path / "a")))
+    assert [r["round"] for r in out.records] == list(range(1, 7))
+    assert any(r["selected"] == 0 and r["clients"] == 0 for r in out.records)
+    assert [r["epsilon"] for r in out.records] == sorted(r["epsilon"] for r in out.records)  # every round counted
+    with pytest.raises(ConfigError, match="more than the 20 clients"):
+        simulate(RunConfig.of(**{**run, "dp_min_clients": 21}, out=str(tmp_path / "b")))
+
+
 # ---- the accountant: the two published bounds, checked where dp_accounting can check them ---------------------------
 def _gaussian_rdp(q: float, z: float) -> np.ndarray:
     acc = dpa.rdp.RdpAccountant(orders=list(ORDERS))

@@ -197,10 +197,14 @@ class SecureAggregator:
         """
         self._reset()
         self._size, self._round = size, round
-        if not participants:
+        if participants is None:
             raise ConfigError("the secagg aggregator needs the round's participants: begin(round, size, participants=...)")
         ids = sorted(str(c) for c in participants)
         self.last_round = {"round": round, "participants": len(ids)}
+        if not ids:  # e.g. a Poisson draw of no client: no protocol to run, the model stays
+            self._fail("no participants")
+            log.warning("secure aggregation round %s: no participants, global model unchanged", round)
+            return
         try:
             k, t = round_parameters(len(ids), self.neighbours, self.threshold)
             quant = round_encoding(self, len(ids), participants, size)

@@ -97,6 +97,14 @@ def distributed_for_run(cfg, size: int) -> DistributedDP:
                  p.target_epsilon, fed.rounds, bits)
     from ..secagg.skellam import MAX_LAMBDA
 
+    expected = accountant(z, bits).expected_cohort
+    if noise.min_clients > fed.clients:
+        raise ConfigError(f"--dp-min-clients {noise.min_clients} is more than the {fed.clients} clients of the run: "
+                          f"every round would abort")
+    if noise.min_clients > expected:
+        log.warning("--dp-min-clients %d is above the %.4g clients expected a round: most rounds will abort (each "
+                    "still counts in the privacy ledger)", noise.min_clients, expected)
+
     if noise.client_lambda(bits, size) > MAX_LAMBDA:
         raise ConfigError(f"--dp distributed: {bits}-bit quantisation with noise multiplier {z:.4g} and "
                           f"{noise.min_clients} planned clients needs Skellam noise beyond what the sampler draws "
