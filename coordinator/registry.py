@@ -139,6 +139,13 @@ class Registry:
         """(consecutive misses, the round it is benched until) of ``client``."""
         return self._misses.get(client, (0, 0))
 
+    def pardon(self, client: str) -> None:
+        """Lift ``client``'s bench (its count of misses stays): when no other client is ready, a benched one that is
+        alive may try the round again rather than the round waiting for clients that may never come."""
+        n, until = self._misses.get(client, (0, 0))
+        if until:
+            self._misses[client] = (n, 0)
+
     def benched(self, client: str, round: int) -> bool:
         return self._misses.get(client, (0, 0))[1] > round
 

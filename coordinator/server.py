@@ -233,11 +233,13 @@ class Coordinator(ClientLink):
                 if attempt > MAX_ATTEMPTS:
                     raise RoundError(f"round {round} missed its quorum of {cfg.bus.min_clients} in {attempt - 1} "
                                      f"attempts, and no other client is ready")
-                back = self._failed & set(self.registry.sizes(round))
+                back = self._failed & set(self.registry.sizes())  # ready, benched or not
                 if back:  # no other client came: those that failed it (alive, maybe only slow) may try it again
                     log.warning("round %d: no other client is ready after --join-timeout; retrying with the %d that "
                                 "failed it", round, len(back))
                     self._failed -= back
+                    for c in back:  # two misses bench a client: the round would otherwise wait for others forever
+                        self.registry.pardon(c)
                     continue
             self._say_waiting(round, now, leaves, waited)
             self._pump(min(0.05, self.ticker.remaining()))

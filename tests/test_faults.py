@@ -78,6 +78,26 @@ def test_a_round_every_client_missed_is_retried_with_them_not_waited_on_forever(
         assert c.coordinator.returncode == 1 and "round 1 missed its quorum of 2 in 5 attempts" in log, log[-2000:]
 
 
+def test_clients_benched_by_missing_a_round_twice_are_taken_back_when_no_other_is_ready(tmp_path):
+    """Clients 10 s slower than a 1 s --deadline miss attempt after attempt; two misses in a row bench them. With no
+    other client ready, each retry must still take them back (their bench lifted) instead of waiting forever: the run
+    ends, with the round closed by an update that lands late or, after the last attempt, with one error."""
+    c = Cluster(tmp_path)
+    try:
+        c.start_coordinator(*BASE, "--clients", "2", "--rounds", "1", "--min-clients", "2", "--deadline", "1",
+                            "--join-timeout", "1")
+        for i in range(2):
+            c.start_client(i, faults={Fault.SLOW_TRAIN: 10.0})
+        wait_for(lambda: c.coordinator.poll() is not None, 150, "the coordinator to end")
+    finally:
+        c.stop()
+    log = c.log()
+    assert log.count("retrying with the 2 that failed it") >= 2, log[-3000:]  # the second one: after the bench
+    assert c.coordinator.returncode in (0, 1), log[-2000:]
+    if c.coordinator.returncode == 1:
+        assert "round 1 missed its quorum of 2 in 5 attempts" in log, log[-2000:]
+
+
 def test_coordinator_killed_and_resumed(tmp_path):
     c = Cluster(tmp_path)
     opts = [*BASE, "--clients", "2", "--rounds", "6", "--min-clients", "2"]
