@@ -262,6 +262,7 @@ class InProcessClients:
         self.executor, self.sizes, self.speeds, self.keep_stragglers = executor, sizes, speeds, keep_stragglers
         self.itemsize = spec.size * torch.empty((), dtype=spec.torch_dtype).element_size()
         self.downlink, self.model_bytes = downlink, self.itemsize
+        self._aggregator = None  # the last round's aggregator: a secure one reports its protocol's bytes
         self.virtual = 0.0
 
     def available(self, round: int, attempt: int) -> dict[str, int]:
@@ -284,7 +285,7 @@ class InProcessClients:
         up = self.executor.take_bytes_up() if getattr(self.executor, "compressing", False) \
             else outcome.count * self.itemsize
         out = {"bytes_down": len(jobs) * self.model_bytes, "bytes_up": up}
-        secure = getattr(getattr(self, "_aggregator", None), "last_round", None) or {}
+        secure = getattr(self._aggregator, "last_round", None) or {}
         if "bytes_up" in secure:  # SecAgg+: every protocol message the clients sent, masked vectors packed at k bits
             out.update(bytes_up=secure["bytes_up"], modulus_bits=secure["modulus_bits"])
         executor = getattr(self.executor, "inner", self.executor)

@@ -355,11 +355,18 @@ class RoundServer:
         norm = float(torch.linalg.vector_norm(d))  # one reduction; any NaN/Inf element makes it NaN/Inf
         if not math.isfinite(norm) and bool(torch.isfinite(d).all()):
             return f"L2 norm overflows {d.dtype}, over the bound of {self._norm_bound:.4g}", norm
+        return self._verdict(update, norm), norm
+
+    def _verdict(self, update: Update, norm: float) -> str | None:
+        """Why an update of a valid length and L2 norm ``norm`` must be refused (a bad sample count, the norm bound,
+        a straggler's partial work), or None: what :meth:`offer` and :meth:`offer_rows` both judge."""
+        if not isinstance(update.num_samples, int) or update.num_samples < 0:
+            return f"invalid num_samples {update.num_samples!r}"
         if (reason := self.norm_reason(norm)) is not None:
-            return reason, norm
+            return reason
         if update.partial and not self.keep_stragglers:
-            return "partial work from a straggler (dropped: FedAvg keeps only complete updates)", norm
-        return None, norm
+            return "partial work from a straggler (dropped: FedAvg keeps only complete updates)"
+        return None
 
     def offer(self, update: Update) -> str | None:
         """Validate and aggregate one update. Returns None when accepted, else the reason it was dropped.
@@ -402,13 +409,9 @@ class RoundServer:
         if self._round is None:
             raise ConfigError("offer_rows() before begin()")
         norms = torch.linalg.vector_norm(deltas, dim=1, dtype=torch.float64)  # NaN and Inf survive it
-        keep = []
-        for b, (u, norm) in enumerate(zip(updates, norms.tolist())):  # the same judgement as offer()
-            if not isinstance(u.num_samples, int) or u.num_samples < 0:
-                reason = f"invalid num_samples {u.num_samples!r}"
-            elif (reason := self.norm_reason(norm)) is None and u.partial and not self.keep_stragglers:
-                reason = "partial work from a straggler (dropped: FedAvg keeps only complete updates)"
-            if reason is not None:
+        keep, listed = [], norms.tolist()
+        for b, (u, norm) in enumerate(zip(updates, listed)):
+            if (reason := self._verdict(u, norm)) is not None:
                 self._rejected[u.client] = reason
                 continue
             u.num_samples = self.granted(u.client, u.num_samples)
@@ -423,7 +426,6 @@ class RoundServer:
             for u in chosen:
                 self._rejected[u.client] = str(e)
             return []
-        listed = norms.tolist()
         for b, u in zip(keep, chosen):
             self._norms.append(listed[b])
             self._note_loss(u.metrics.get("loss"), u.num_samples)

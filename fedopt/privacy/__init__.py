@@ -70,6 +70,7 @@ def distributed_for_run(cfg, size: int) -> DistributedDP:
     ``--noise-multiplier`` z is calibrated up front for ``--target-epsilon`` after ``--rounds``."""
     from ..aggregators.secure import SecureAggregator
     from ..secagg import DistributedNoise
+    from ..secagg.skellam import MAX_LAMBDA
 
     p, fed = cfg.privacy, cfg.federation
     opts = {k: v for k, v in cfg.aggregator_options.items() if k not in ("clip", "weighting", "inner", "max_weight")}
@@ -79,11 +80,12 @@ def distributed_for_run(cfg, size: int) -> DistributedDP:
         return SkellamAccountant(population=fed.clients, per_round=fed.per_round, noise_multiplier=z, bits=bits,
                                  dim=size, delta=p.delta)
 
+    expected = accountant(1.0, 16).expected_cohort  # D: the sampling's, whatever z and the bits
+
     def noise_for(bits: int) -> tuple[float, DistributedNoise]:
         z = p.noise_multiplier
         if z is None:
             z = calibrate(p.target_epsilon, fed.rounds, make=lambda z: accountant(z, bits))
-        expected = accountant(z, bits).expected_cohort
         t = p.dp_min_clients if p.dp_min_clients is not None else default_min_clients(expected)
         return z, DistributedNoise(float(z), int(t))
 
@@ -91,13 +93,10 @@ def distributed_for_run(cfg, size: int) -> DistributedDP:
         bits = int(given_bits)
         z, noise = noise_for(bits)
     else:
-        bits, z, noise = _wire_bits(noise_for, accountant(1.0, 16).expected_cohort, size)
+        bits, z, noise = _wire_bits(noise_for, expected, size)
     if p.noise_multiplier is None:
         log.info("--noise-multiplier %.4g: epsilon <= %g after %d rounds (Skellam, %d-bit quantisation)", z,
                  p.target_epsilon, fed.rounds, bits)
-    from ..secagg.skellam import MAX_LAMBDA
-
-    expected = accountant(z, bits).expected_cohort
     if noise.min_clients > fed.clients:
         raise ConfigError(f"--dp-min-clients {noise.min_clients} is more than the {fed.clients} clients of the run: "
                           f"every round would abort")
@@ -109,10 +108,9 @@ def distributed_for_run(cfg, size: int) -> DistributedDP:
         raise ConfigError(f"--dp distributed: {bits}-bit quantisation with noise multiplier {z:.4g} and "
                           f"{noise.min_clients} planned clients needs Skellam noise beyond what the sampler draws "
                           f"exactly (lambda {noise.client_lambda(bits, size):.3g} > 2^36): lower --bits (16 or less)")
-    acc = accountant(z, bits)
     inner = SecureAggregator(**opts, clip=p.dp_clip_norm, bits=bits, weighting="uniform", seed=cfg.seed,
                              dp_noise=noise, noise_source=p.noise_source)
-    return DistributedDP(inner, acc, target_epsilon=p.target_epsilon)
+    return DistributedDP(inner, accountant(z, bits), target_epsilon=p.target_epsilon)
 
 
 #: the widest masked word distributed DP aims for by default, and the share of the integer sensitivity Δ₂ = T + √d that

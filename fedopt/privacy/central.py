@@ -171,15 +171,11 @@ class CentralDP:
         d = update.delta
         if d.dim() != 1 or d.numel() != self._size:
             raise ConfigError(f"update has {d.numel()} elements, the model has {self._size}")
-        if self._released is not None:
-            raise ConfigError(f"round {self._round} was already released; an update cannot join it")
+        self._open()
         clipped, norm = clip_update(d.detach(), self.clip)
         if not math.isfinite(norm):
             raise ConfigError("non-finite values (NaN or Inf) in the update")
-        if self._sum is None:
-            self._sum = torch.zeros(self._size, dtype=torch.float64 if d.dtype == torch.float64 else torch.float32,
-                                    device=d.device)
-        self._sum.add_(clipped.to(self._sum.dtype))
+        self._accumulator(d).add_(clipped.to(self._sum.dtype))
         self._count += 1
         self._unclipped += norm <= self.clip
 
@@ -189,18 +185,26 @@ class CentralDP:
         C as :func:`clip_update` scales it, and the scaled rows are summed in one matrix product."""
         if rows.dim() != 2 or rows.shape[1] != self._size or norms.shape != (rows.shape[0],):
             raise ConfigError(f"update rows of shape {tuple(rows.shape)} for a model of {self._size}")
-        if self._released is not None:
-            raise ConfigError(f"round {self._round} was already released; an update cannot join it")
+        self._open()
         if not bool(torch.isfinite(norms).all()):
             raise ConfigError("non-finite values (NaN or Inf) in the update")
         under = norms <= self.clip
         scale = torch.where(under, torch.ones_like(norms), self.clip / norms * _UNDER)
-        if self._sum is None:
-            self._sum = torch.zeros(self._size, dtype=torch.float64 if rows.dtype == torch.float64 else torch.float32,
-                                    device=rows.device)
-        self._sum.add_(scale.to(device=rows.device, dtype=rows.dtype) @ rows.detach())
+        self._accumulator(rows).add_(scale.to(device=rows.device, dtype=rows.dtype) @ rows.detach())
         self._count += rows.shape[0]
         self._unclipped += int(under.sum())
+
+    def _open(self) -> None:
+        """ConfigError once the round is released: an update can no longer join it."""
+        if self._released is not None:
+            raise ConfigError(f"round {self._round} was already released; an update cannot join it")
+
+    def _accumulator(self, like: torch.Tensor) -> torch.Tensor:
+        """The round's running sum, made on first use on ``like``'s device (float64 for float64 updates)."""
+        if self._sum is None:
+            self._sum = torch.zeros(self._size, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32,
+                                    device=like.device)
+        return self._sum
 
     def result(self) -> Aggregate:
         """The round's release: the noised sum over the fixed denominator, counted by the accountant once (a second

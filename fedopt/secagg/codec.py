@@ -24,9 +24,11 @@ abort       server -> client  reason: str (the coordinator gave up on the round)
 
 :func:`decode` checks, before allocating anything for a payload: the kind, every field's type, id lengths, key,
 signature and share sizes, list lengths (at most ``MAX_PEERS``), the vector dtype (uint32/uint64) and that the
-frame holds exactly ``length`` words. A masked vector of a round mod 2^k with k < 32 (``bits`` k) travels packed:
-two k-bit values in k/4 bytes, little-endian (:func:`pack_words`), so a 20-bit round sends 2.5 bytes a value. Anything else raises :class:`~fedopt.errors.WireError`; the protocol checks
+frame holds exactly ``length`` words. Anything else raises :class:`~fedopt.errors.WireError`; the protocol checks
 (signatures, stages, consistency) stay in the state machines.
+
+A masked vector of a round mod 2^k with k < 32 (``bits`` k) travels packed: two k-bit values in k/4 bytes,
+little-endian (:func:`pack_words`), so a 20-bit round sends 2.5 bytes a value.
 """
 
 from __future__ import annotations
