@@ -37,12 +37,35 @@ def run_worker(cfg: AllreduceConfig) -> int:
     """Train as the worker torchrun started this process as; 0 when the run is done."""
     from clients.allreduce.worker import train_worker
 
-    if "TORCHELASTIC_RUN_ID" in os.environ:
+    elastic = "TORCHELASTIC_RUN_ID" in os.environ
+    if elastic:
         # the agent owns the group: on Ctrl-C it stops every worker (with SIGINT) and reports once; a worker
         # just ends, with no traceback of its own
         signal.signal(signal.SIGINT, signal.SIG_DFL)
     train_worker(cfg)
+    if elastic:
+        _leave_now()
     return 0
+
+
+def _leave_now() -> None:
+    """End a finished worker process the agent started without interpreter finalization.
+
+    Everything the run writes is closed by now (metrics, model, checkpoint, trackers) and the group destroyed. Yet
+    now and then a rank still aborted while Python tore itself down ("terminate called without an active
+    exception", exit code -6, seen once in CI on a 2-core machine): a gloo thread still joinable when its C++ owner
+    was freed during finalization. The agent then fails the whole group of a run that had finished. A worker process
+    is the agent's alone, so it flushes its streams and leaves with exit code 0 directly."""
+    import logging
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
 
 
 def preflight(cfg: AllreduceConfig, nproc: int) -> None:
