@@ -15,8 +15,8 @@ from clients.federated.attacker import arm
 from clients.federated.config import ClientConfig
 from clients.simulation.byzantine import FlippedLabels
 from clients.simulation.run import Simulation
-from fedopt.aggregators import (Bulyan, CenteredClip, GeometricMedian, Krum, MultiKrum, NormBound, SecureAggregator,
-                                Update, make_aggregator)
+from fedopt.aggregators import (Bulyan, CenteredClip, CosineFilter, GeometricMedian, Krum, MultiKrum, NormBound,
+                                SecureAggregator, Update, make_aggregator)
 from fedopt.aggregators.geomed import geometric_median, weighted_coordinate_median
 from fedopt.aggregators.krum import bulyan_picks
 from fedopt.attacks import Attack, alie, alie_z, byzantine_clients
@@ -27,7 +27,7 @@ from fedopt.errors import ConfigError
 from fedopt.task import ClientData
 from fedopt.testing import check_aggregator
 
-ROBUST = ["norm_bound", "centered_clip", "krum", "multi_krum", "bulyan", "geomed"]
+ROBUST = ["norm_bound", "centered_clip", "krum", "multi_krum", "bulyan", "geomed", "cosine_filter"]
 
 
 def aggregate(agg, rows, samples=None, round=1):
@@ -46,7 +46,7 @@ def test_robust_aggregators_pass_the_conformance_check(name):
     check_aggregator(lambda: make_aggregator(name, **({"bound": 100.0} if name == "norm_bound" else {})))
 
 
-@pytest.mark.parametrize("name", ["centered_clip", "krum", "multi_krum", "bulyan", "geomed"])
+@pytest.mark.parametrize("name", ["centered_clip", "krum", "multi_krum", "bulyan", "geomed", "cosine_filter"])
 def test_plaintext_rules_refuse_secure_aggregation_with_one_line(name):
     for build in (lambda: make_aggregator(name, secure=True), lambda: make_aggregator("secagg", inner=name)):
         with pytest.raises(ConfigError, match=f"aggregator '{name}' needs every client's update in the clear") as e:
@@ -154,6 +154,54 @@ def test_selection_rule_options_are_checked_naming_the_flag():
         make_aggregator("centered_clip", tau=0)
     with pytest.raises(ConfigError, match="norm_bound bound must be a number > 0"):
         make_aggregator("norm_bound", bound=-1)
+
+
+# ---- cosine filter ------------------------------------------------------------------------------------------------
+def test_cosine_filter_keeps_what_points_with_the_median_clips_to_the_median_norm():
+    # coordinate median (1, 0); cosines 1, .707, .707, -1, 1: (-3, 0) is dropped; the lower median of the 5 norms
+    # (0.5, 1.414, 1.414, 2, 3) is sqrt 2, so (2, 0) becomes (1.414, 0); the mean of the 4 kept
+    agg = CosineFilter()
+    res = aggregate(agg, [[2.0, 0.0], [1.0, 1.0], [1.0, -1.0], [-3.0, 0.0], [0.5, 0.0]])
+    assert agg.kept == 4 and res.count == 5
+    assert torch.allclose(res.delta, torch.tensor([(2 ** 0.5 + 2.5) / 4, 0.0]), atol=1e-6)
+    # FLTrust's ReLU(cos) weights: 1, .707, .707, 1 on the same clipped rows
+    w = torch.tensor([1.0, 0.5 ** 0.5, 0.5 ** 0.5, 1.0])
+    rows = torch.tensor([[2 ** 0.5, 0.0], [1.0, 1.0], [1.0, -1.0], [0.5, 0.0]])
+    res = aggregate(CosineFilter(weighting="cosine"), [[2.0, 0.0], [1.0, 1.0], [1.0, -1.0], [-3.0, 0.0], [0.5, 0.0]])
+    assert torch.allclose(res.delta, (w[:, None] * rows).sum(0) / w.sum(), atol=1e-6)
+
+
+def test_cosine_filter_drops_sign_flipped_and_ipm_updates_that_distance_rules_keep():
+    # non-IID-like honest updates: a small shared direction under large client-specific parts; the flipped copies
+    # lie as far from the centre as honest ones, only their angle gives them away
+    g = torch.Generator().manual_seed(0)
+    shared = torch.zeros(400)
+    shared[:40] = 0.3
+    honest = shared + 0.1 * torch.randn(16, 400, generator=g)
+    flipped, ipm = -honest[:2], -0.1 * honest.mean(0).expand(2, 400)
+    agg = CosineFilter()
+    res = aggregate(agg, torch.cat([honest, flipped, ipm]).tolist())
+    assert agg.kept == 16
+    cos = torch.nn.functional.cosine_similarity(res.delta, honest.mean(0), dim=0)
+    assert cos > 0.99 and cos > torch.nn.functional.cosine_similarity(
+        torch.cat([honest, flipped, ipm]).mean(0), honest.mean(0), dim=0)
+
+
+def test_cosine_filter_previous_reference_and_its_fallbacks():
+    agg = CosineFilter(reference="previous")
+    first = aggregate(agg, [[1.0, 0.0], [1.0, 0.2], [0.9, -0.1]])  # round 1: the median is the reference
+    assert agg.kept == 3
+    # round 2: every row points away from round 1's aggregate, though their median (0, 1) would keep them all
+    second = aggregate(agg, [[-1.0, 1.0], [-1.0, 1.1], [-1.0, 0.9]], round=2)
+    assert agg.kept == 0 and second.delta.tolist() == [-1.0, 1.0]  # nothing passes: the coordinate median
+    assert first.delta[0] > 0
+    # a zero reference (the median of updates that cancel) has no direction: the coordinate median again
+    zero = CosineFilter()
+    assert aggregate(zero, [[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]]).delta.tolist() == [0.0, 0.0] and zero.kept == 0
+    for bad, flag in ((dict(reference="mean"), "reference"), (dict(threshold=1.0), "threshold"),
+                      (dict(threshold=True), "threshold"), (dict(weighting="trust"), "weighting")):
+        with pytest.raises(ConfigError, match=f"cosine_filter {flag} must be .*--aggregator-option {flag}="):
+            make_aggregator("cosine_filter", **bad)
 
 
 # ---- geometric median ---------------------------------------------------------------------------------------------
@@ -317,7 +365,7 @@ def test_omniscient_attackers_craft_from_exactly_the_honest_updates_of_the_round
 
 
 @pytest.mark.parametrize("attack, defence", [("scaling", "median"), ("scaling", "norm_bound"),
-                                             ("sign_flip", "multi_krum")])
+                                             ("sign_flip", "multi_krum"), ("sign_flip", "cosine_filter")])
 def test_a_defence_holds_where_fedavg_fails(tmp_path, attack, defence):
     def final(aggregator, attack=None):
         robust = dict(attack=attack, attackers=0.3) if attack else {}

@@ -6,6 +6,7 @@ import inspect
 from typing import Any, Callable
 
 from ..errors import ConfigError
+from .angular import CosineFilter
 from .base import Aggregate, Aggregator, Update
 from .bucketing import Bucketing
 from .clipping import CenteredClip, NormBound
@@ -17,7 +18,7 @@ from .secure import SecureAggregator, secagg
 
 __all__ = [
     "Aggregate", "Aggregator", "Update", "WeightedMean", "CoordinateMedian", "TrimmedMean", "NormBound",
-    "CenteredClip", "Bucketing", "Krum", "MultiKrum", "Bulyan", "GeometricMedian",
+    "CenteredClip", "CosineFilter", "Bucketing", "Krum", "MultiKrum", "Bulyan", "GeometricMedian",
     "SecureAggregator", "fedavg", "mean", "weighted", "secagg", "make_aggregator", "AGGREGATORS", "register_aggregator",
 ]
 
@@ -33,6 +34,7 @@ AGGREGATORS: dict[str, Callable[..., Any]] = {
     "multi_krum": MultiKrum,
     "bulyan": Bulyan,
     "geomed": GeometricMedian,
+    "cosine_filter": CosineFilter,
     "secagg": secagg,
 }
 
@@ -56,7 +58,7 @@ def make_aggregator(name: str, **options: Any) -> Aggregator:
         if not inner.needs_all_updates:
             raise ConfigError(f"--aggregator-option bucketing: aggregator {name!r} does not hold the round's updates "
                               f"(bucketing is for the robust rules that do: median, trimmed_mean, centered_clip, "
-                              f"krum, multi_krum, bulyan, geomed)")
+                              f"cosine_filter, krum, multi_krum, bulyan, geomed)")
         return Bucketing(inner, s, seed)
     if "bucket_seed" in options:
         raise ConfigError("--aggregator-option bucket_seed needs bucketing=S")
