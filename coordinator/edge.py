@@ -18,7 +18,8 @@ reconnect with backoff), whose weight is the sum of its clients' capped sample c
                capped, norms bounded) and folds it into a running weighted mean
     answer     OFFER, then UPDATE on the root's PULL: delta = the mean of the accepted updates, num_samples = their
                total weight, metrics = the weighted training loss and the number of clients. Below --min-clients
-               accepted updates the edge does not answer, and the root counts it as missing the round
+               accepted updates the edge sends PASS (no update this round), and the root counts it as missing the
+               round at once rather than at its deadline
 
 Under FedAvg the root's mean of the edges' means, weighted by their totals, is the flat FedAvg of all their clients
 (while no cap binds: the edge's weight at the root is capped like any client's, and fixed at what it announced when it
@@ -27,7 +28,7 @@ Secure aggregation (the root runs ``--aggregator secagg``): the edge never sees 
 it runs its own SecAgg+ cohort among the clients it asked, with the flat coordinator's driver
 (:func:`coordinator.secure_bus.secure_sum`, the encoding from the root's ``secagg_options``, its clients' identities
 pinned from ``--identities``); dropouts are the protocol's business, as on a flat coordinator (a round the protocol
-aborts gets no answer). Its answer is the cohort's decoded weighted mean and total weight (under ``uniform``
+aborts is answered with PASS). Its answer is the cohort's decoded weighted mean and total weight (under ``uniform``
 weighting: the plain mean and the survivors' count), which the root combines with the other edges' as weighted
 clients. The secure round blocks this loop; meanwhile :meth:`Edge._keepalive` hears the root and sends it
 heartbeats, and keeps the root's other messages for after the round. The root's ``--deadline`` must cover an edge's
@@ -310,10 +311,14 @@ class Edge(ClientLink):
         agg, loss, _, _ = self.server.partial()
         self.server.close()  # the round's norms bound the next round's updates; its step moves only the edge's copy
         if agg is None or t.accepted < self.cfg.bus.min_clients:
-            log.warning("edge %s: round %d: %d updates, below this edge's quorum of %d: no answer", self.edge.id,
-                        t.round, t.accepted, self.cfg.bus.min_clients)
-            return
+            return self._pass(t.round, f"{t.accepted} updates, below this edge's quorum of {self.cfg.bus.min_clients}")
         self._offer_up(t.round, agg, loss)
+
+    def _pass(self, r: int, why: str) -> None:
+        """No answer for round ``r``: PASS tells the root, which stops waiting for this edge (not its deadline)."""
+        log.warning("edge %s: round %d: %s: no update, PASS", self.edge.id, r, why)
+        if self.uplink.ep is not None:
+            self.uplink.ep.send(wire.Pass(round=r, reason=why[:1000], sender=self.edge.id))
 
     def _offer_up(self, r: int, agg, loss: float | None) -> None:
         """OFFER round ``r``'s aggregate to the root; its UPDATE goes on the root's PULL."""
@@ -341,10 +346,8 @@ class Edge(ClientLink):
         agg, loss = self.server.absorbed
         self.server.close()
         if agg is None or len(survivors) < self.cfg.bus.min_clients:
-            log.warning("edge %s: secure round %d: %s: no answer", self.edge.id, r,
-                        info.get("aborted") or f"{len(survivors)} survivors, below this edge's quorum of "
-                                               f"{self.cfg.bus.min_clients}")
-            return
+            return self._pass(r, "secure round: " + (info.get("aborted") or f"{len(survivors)} survivors, below "
+                                                     f"this edge's quorum of {self.cfg.bus.min_clients}"))
         if self.server.aggregator.weighting == "uniform":  # the plain mean: the root weighs it by its clients
             agg = type(agg)(agg.delta, float(agg.count), agg.count)
         self._offer_up(r, agg, loss)

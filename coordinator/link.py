@@ -219,6 +219,13 @@ class ClientLink:
             reason = "SECAGG outside a secure round" if self.secure is None else self.secure.deliver(rec.client, msg)
             if reason is not None:
                 self._drop(peer, reason)
+        elif isinstance(msg, wire.Pass):
+            t = self.tracker
+            if t is None or not t.answers(rec.client, msg.round):
+                return self._drop(peer, f"late or unexpected PASS for round {msg.round} from client {rec.client} "
+                                        f"(current round {self.round})")
+            # no update is coming (an edge whose cohort aborted): stop waiting for it, as for a client that left
+            self._lost(rec.client, f"passed: {msg.reason[:200]}")
         elif isinstance(msg, wire.Bye):
             log.info("client %s left: %s", rec.client, msg.reason[:200])
             self._forget(peer, "left")

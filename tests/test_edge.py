@@ -116,16 +116,15 @@ def test_an_edge_killed_mid_run_hands_its_clients_to_the_other(tmp_path):
 SECURE = ["--aggregator", "secagg", "--clients", "6", "--seed", "7"]
 
 
-def _secure_tree(tmp_path, rounds: int, at_a: int = 3, client_faults: dict[int, dict] | None = None
-                 ) -> tuple[Cluster, dict]:
+def _secure_tree(tmp_path, rounds: int, at_a: int = 3, client_faults: dict[int, dict] | None = None,
+                 root: tuple[str, ...] = ("--min-clients", "2", "--deadline", "60")) -> tuple[Cluster, dict]:
     """A root running secagg over ipc, edges a (clients 0 .. at_a - 1) and b (the rest of 6) with their own cohorts;
     each edge writes the sums it learns to tmp/dump-EDGE (Fault.SECAGG_DUMP), as do its clients their own encoded
     updates."""
     keys = str(generate_keys(tmp_path / "keys", 6))
     tree = Cluster(tmp_path, transport="ipc")
     dumps = {e: tmp_path / f"dump-{e}" for e in "ab"}
-    tree.start_coordinator(*BASE, *SECURE, "--rounds", str(rounds), "--min-clients", "2", "--join-timeout", "1",
-                           "--deadline", "60", "--no-plot")
+    tree.start_coordinator(*BASE, *SECURE, "--rounds", str(rounds), "--join-timeout", "1", *root, "--no-plot")
     sizes = {"a": at_a, "b": 6 - at_a}
     urls = {e: tree.start_edge(e, "--clients", str(sizes[e]), "--identities", keys, "--deadline", "20",
                                faults={Fault.SECAGG_DUMP: dumps[e]}) for e in "ab"}
@@ -180,6 +179,29 @@ def test_a_client_killed_in_an_edges_secure_cohort_leaves_the_round_to_close(tmp
     assert survivors_sum_matches(dumps["a"], 2)["survivors"] == ["1", "2", "3"]
     assert survivors_sum_matches(dumps["b"], 1)["survivors"] == ["4", "5"]
     assert "3 clients aggregated" in tree.log("edge-a")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_an_edge_whose_cohort_aborts_passes_and_the_root_closes_the_round_without_waiting_its_deadline(tmp_path):
+    # edge a has three clients; client 0 dies at the masked-input stage of round 1, and with k = 2, t = 2 the
+    # protocol aborts (one survivor short). Edge a sends PASS: the root stops waiting for it and closes round 1 on
+    # edge b alone (--min-clients 1), well inside its 200 s deadline. Round 2: edge a's cohort is its two live
+    # clients, and both edges answer
+    tree, dumps = _secure_tree(tmp_path, rounds=2, at_a=3,
+                               client_faults={0: {Fault.EXIT_AT_SECAGG_STAGE: SecAggExit("mask", 1)}},
+                               root=("--min-clients", "1", "--deadline", "200"))
+    try:
+        rows = finished(tree, 280)
+    finally:
+        tree.stop()
+    assert "injected fault: SIGKILL" in tree.log("client-0")
+    assert "no update, PASS" in tree.log("edge-a")
+    assert "client a dropped (passed: secure round:" in tree.log()
+    assert [r["round"] for r in rows] == [1, 2] and [r["clients"] for r in rows] == [1, 2]
+    # the root closed round 1 when edge a passed (its cohort gave up after its own 20 s stage deadline), not at 200 s
+    assert rows[0]["seconds"] < 200
+    assert survivors_sum_matches(dumps["b"], 1)["survivors"] == ["3", "4", "5"]
 
 
 def test_an_edge_runs_its_own_cohort_for_a_secagg_root_and_refuses_options_it_cannot_use(tmp_path):

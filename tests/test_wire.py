@@ -40,7 +40,7 @@ def realistic_messages(vec: torch.Tensor) -> list[wire.Message]:
         wire.UpdateMsg(round=4, num_samples=1437, metrics=metrics, delta=vec, sender="3"),
         wire.Evaluate(round=4, model=vec), wire.Result(round=4, num_samples=0, metrics={"accuracy": 0.0, "loss": 0.0}),
         wire.Result(round=4, num_samples=360, metrics={"accuracy": 0.93, "loss": 0.21}), wire.Heartbeat(sender="3"),
-        wire.Bye(reason="unknown peer: send HELLO"),
+        wire.Bye(reason="unknown peer: send HELLO"), wire.Pass(round=4, reason="secure round: 1 survivors", sender="e"),
         wire.GossipFetch(xid=2**31 - 1, addr=addr, kind="exchange", sender=addr),
         wire.GossipReply(round=0, xid=5, version=40, num_samples=200, addr=addr, peers=peers, model=vec, sender=addr),
         wire.GossipPush(round=12, xid=5, version=41, num_samples=200, addr=addr, peers=peers, model=vec, sender=addr),
@@ -278,7 +278,7 @@ def test_a_cohort_scale_is_a_fraction(value, ok):
 
 @pytest.mark.parametrize("kind, name, most", [
     ("HELLO", "client", 256), ("HELLO", "device", 256), ("HEARTBEAT", "sender", 256), ("BYE", "reason", 1024),
-    ("GOSSIP_BUSY", "addr", 256),
+    ("PASS", "reason", 1024), ("GOSSIP_BUSY", "addr", 256),
 ])
 def test_strings_are_bounded_and_printable(kind, name, most):
     assert getattr(wire.decode([head(type=kind, **{name: "é" * most})]), name) == "é" * most

@@ -28,6 +28,7 @@ Message table (protocol version 1; every message also has ``round`` and ``sender
                                        metrics: metrics
     HEARTBEAT    both ways             -                                        -
     BYE          both ways             reason: text                             -
+    PASS         client -> coordinator round, reason: text                      -
     GOSSIP_FETCH peer -> peer          xid: counter, addr: name, kind: one of   -
                                        "fetch", "exchange", "final"
     GOSSIP_REPLY peer -> peer          round, xid, version: counter,            model (the replier's vector before
@@ -131,7 +132,7 @@ _CHECKS = {**CHECKS, "encoding": lambda cls, name, v, lim: check_encoding(f"{cls
 
 __all__ = [
     "VERSION", "Limits", "Message", "Hello", "Welcome", "Ready", "Offer", "Pull", "Cohort", "Train", "UpdateMsg", "Evaluate", "Result",
-    "Heartbeat", "Bye", "GossipPush", "GossipReply", "GossipBusy", "GossipFetch", "SecAgg", "MESSAGE_TYPES", "WIRE_DTYPES",
+    "Heartbeat", "Bye", "Pass", "GossipPush", "GossipReply", "GossipBusy", "GossipFetch", "SecAgg", "MESSAGE_TYPES", "WIRE_DTYPES",
     "FETCH_KINDS",
 ]
 
@@ -283,6 +284,12 @@ class Bye(Message):
 
 
 @dataclass(frozen=True)
+class Pass(Message):
+    TYPE: ClassVar[str] = "PASS"
+    reason: str = ""  # why the sender has no update for ``round`` (an edge whose cohort aborted or missed its quorum)
+
+
+@dataclass(frozen=True)
 class GossipPush(Message):
     TYPE: ClassVar[str] = "GOSSIP_PUSH"
     TENSORS: ClassVar[tuple[str, ...]] = ("model",)
@@ -328,7 +335,7 @@ class SecAgg(Message):
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     c.TYPE: c for c in (Hello, Welcome, Ready, Offer, Pull, Cohort, Train, UpdateMsg, Evaluate, Result, Heartbeat, Bye,
-                        GossipPush, GossipReply, GossipBusy, GossipFetch, SecAgg)
+                        Pass, GossipPush, GossipReply, GossipBusy, GossipFetch, SecAgg)
 }
 
 

@@ -58,7 +58,7 @@ def seeds(n: int) -> list[list[bytes]]:
                                                                                      metrics={"accuracy": 0.5}),
             wire.UpdateMsg(round=1, num_samples=100, metrics={"loss": 0.5}, delta=vec), wire.Heartbeat(),
             wire.SecAgg(round=1, parts=[b"\x80"]), wire.GossipPush(xid=1, num_samples=5, addr="ipc://x", model=vec),
-            wire.Bye(reason="leaving")]
+            wire.Bye(reason="leaving"), wire.Pass(round=1, reason="no update")]
     return [[bytes(f) for f in wire.encode(m, chunk_bytes=max(4 * n // 3, 1))] for m in msgs]
 
 
