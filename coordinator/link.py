@@ -22,11 +22,12 @@ from __future__ import annotations
 import logging
 import math
 
+import torch
 import zmq
 
 from fedopt import bus, wire
-from fedopt.aggregators import Update
-from fedopt.compress import Packed, decompress
+from fedopt.aggregators import Update, WeightedMean
+from fedopt.compress import Packed, decoded, decompress
 from fedopt.config import RunConfig
 from fedopt.errors import RoundError, WireError
 from fedopt.liveness import Liveness, LogBudget, Ticker
@@ -63,6 +64,7 @@ class ClientLink:
         #: the round's RoundServer
         self.on_update = None
         self.on_lost = None
+        self._scratch: torch.Tensor | None = None  # see _scratch_safe
         self.on_held = None  # secure buffered rounds: a finished job whose update its client keeps (client, samples)
         self.dropped_messages = 0  # malformed or unexpected messages, for tests and the summary
         self._drop_log = LogBudget(20, 1.0, clock)  # a flood of bad messages is counted, not logged line by line
@@ -237,9 +239,20 @@ class ClientLink:
         if t is None or not t.answers(client, msg.round) or not t.expects(client):
             return self._drop(peer, f"late UPDATE for round {msg.round} from client {client} "
                                     f"(current round {self.round}{'' if t else ', closed'})")
+        scattered = None  # positions written into self._scratch, zeroed again once the update is folded in
         try:  # a compressed update is decoded here (its frames were validated); one of another size is refused
-            delta = msg.delta if not msg.encoding else decompress(Packed.from_encoding(
-                msg.encoding, msg.values, msg.indices, msg.scales), self.spec.size)
+            if not msg.encoding:
+                delta = msg.delta
+            else:
+                packed = Packed.from_encoding(msg.encoding, msg.values, msg.indices, msg.scales)
+                if packed.index == "sent" and packed.size == self.spec.size and self._scratch_safe():
+                    scattered, vals = decoded(packed)
+                    if self._scratch is None:
+                        self._scratch = torch.zeros(self.spec.size)
+                    delta = self._scratch
+                    delta[scattered] = vals
+                else:
+                    delta = decompress(packed, self.spec.size)
         except WireError as e:
             delta, reason = None, str(e)
             (self.server.reject if self.on_update is None else self.on_lost)(client, reason)
@@ -248,7 +261,11 @@ class ClientLink:
             partial = bool(msg.metrics.get("partial", False))
             update = Update(client, delta, msg.num_samples, dict(msg.metrics), partial)
             del delta, msg  # the frame goes with the update: nothing else refers to it
-            reason = self.server.offer(update) if self.on_update is None else self.on_update(update)
+            try:
+                reason = self.server.offer(update) if self.on_update is None else self.on_update(update)
+            finally:
+                if scattered is not None:
+                    self._scratch[scattered] = 0.0
             del update
         t.received(client, accepted=reason is None)
         if reason is not None:
@@ -257,6 +274,14 @@ class ClientLink:
         else:
             self.registry.delivered(client)
         self._grant()
+
+    def _scratch_safe(self) -> bool:
+        """Whether a sparse update may be scattered into the one zeroed vector this link reuses (``_scratch``)
+        rather than a fresh dense one (for 10^7 parameters, 13.6 ms of page faults and zeroing per update): only
+        when what the update reaches keeps no reference to it. A synchronous round (no buffer journal) into a plain
+        streaming weighted mean, which copies the first update and lerps the rest, and float32 deltas."""
+        return (self.on_update is None and type(self.server.aggregator) is WeightedMean
+                and self.spec.torch_dtype == torch.float32)
 
     def _grant(self) -> None:
         for client in self.tracker.grants(self.clock()) if self.tracker else ():

@@ -116,8 +116,8 @@ def test_error_feedback_loses_nothing():
 @pytest.mark.parametrize("n,k", [(100, 7), (300_000, 1), (300_000, 3_000), (150_000, 60_000),
                                  (2_500_000, 25_000)])
 def test_top_k_equals_torch_topk_over_all_magnitudes(n, k):
-    # Prepare: both paths (full sort: n < 2 * SAMPLE or k large; sampled threshold: strides 4 and 38, over one
-    # CHUNK), heavy tails and a block of exact ties at the top
+    # Prepare: both paths (full sort: n < 2 * SAMPLE or k large; sampled threshold: strides 4 and 38, over 2 and 10
+    # CHUNKs), heavy tails and a block of exact ties at the top
     g = torch.Generator().manual_seed(n + k)
     x = torch.randn(n, generator=g) ** 3
     x[n // 2 : n // 2 + 3] = 1e6
@@ -127,6 +127,20 @@ def test_top_k_equals_torch_topk_over_all_magnitudes(n, k):
     assert got.numel() == k and bool((got[1:] > got[:-1]).all())
     ref = torch.topk(x.abs(), k).values
     assert torch.equal(x[got].abs().sort(descending=True).values, ref)
+    # the candidate pass in torch (not a CPU float32 vector, here float64) keeps the same magnitudes
+    assert torch.equal(x[top_k(x.double(), k)].abs().sort(descending=True).values, ref)
+
+
+def test_top_k_takes_ties_at_the_kth_magnitude_in_index_order():
+    # values rounded to 0.1: thousands of coordinates share the k-th largest magnitude; the k kept are those above
+    # it and the first of the tied ones by index, in increasing order
+    n, k = 400_000, 4_000
+    x = (torch.randn(n, generator=torch.Generator().manual_seed(5)) * 10).round() / 10
+    got = top_k(x, k)
+    kth = torch.topk(x.abs(), k).values[-1]
+    above = (x.abs() > kth).nonzero().squeeze(1)
+    tied = (x.abs() == kth).nonzero().squeeze(1)[: k - above.numel()]
+    assert tied.numel() > 1 and torch.equal(got, torch.cat([above, tied]).sort().values)
 
 
 def test_top_k_falls_back_when_the_sample_misses():
@@ -418,3 +432,28 @@ def test_compressed_updates_over_the_bus_real_processes(tmp_path):
     model = 4810 + 4 * math.ceil(4810 / 256)  # --compress-down q8: the TRAIN each client decodes
     assert all(2 * model < r["bytes_down"] < 2 * (model + 1500) for r in records), [r["bytes_down"] for r in records]
     assert "dropped messages   0" in done.stdout + done.stderr
+
+
+def test_the_coordinators_reused_scatter_vector_gives_the_in_process_model(tmp_path):
+    # over the bus the coordinator scatters each top-k update into one zeroed vector it keeps (fedavg), zeroing the
+    # positions again after folding it in; the in-process simulation decodes every update into a fresh vector. Same
+    # seeds, same residuals, same packed updates: the models agree to float rounding (the bus folds updates in
+    # arrival order). A position left over from an earlier update would add a whole coordinate's value
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from fedopt.launch import one_thread_env
+
+    flags = ["--rounds", "3", "--clients", "4", "--local-epochs", "1", "--partition", "iid", "--compress",
+             "topk:0.05+q8", "--progress", "off", "--no-plot"]
+    done = subprocess.run([sys.executable, "-m", "fedopt", "simulate", "--transport", "ipc", "--processes", "4",
+                           "--heartbeat", "0.5", *flags, "--out", str(tmp_path / "bus")],
+                          capture_output=True, text=True, timeout=120, env=one_thread_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    from fedopt.cli import main
+
+    assert main(["simulate", *flags, "--out", str(tmp_path / "sim")]) == 0
+    bus, sim = (load_file(tmp_path / d / "model.safetensors") for d in ("bus", "sim"))
+    assert max(float((bus[k] - sim[k]).abs().max()) for k in sim) < 1e-6

@@ -78,8 +78,11 @@ class TrainingThread(threading.Thread):
                 time.sleep(self.slow)  # Fault.SLOW_TRAIN: a straggler slower than the deadline
             cfg = TrainConfig(**{k: v for k, v in payload["config"].items() if k in _TRAIN_FIELDS})
             update = self.trainer.train(payload["client"], vec, self.data, cfg)
-            # the trainer reuses its delta buffer; the copy keeps a queued zero-copy send intact
-            delta = update.delta.detach().cpu().clone()
+            delta = update.delta.detach().cpu()
+            if self.uplink is None or self.transform is not None:
+                # the trainer reuses its delta buffer; the copy keeps a queued zero-copy send intact (compression
+                # only reads it, and its residual is a copy of its own: no 4-byte-a-parameter copy then)
+                delta = delta.clone()
             if self.transform is not None:  # client momentum, or an attack: what is sent instead of the delta
                 delta = self.transform(rnd, delta, cfg.seed)
             if self.uplink is not None:  # compressed here, off the socket thread; the residual stays with us

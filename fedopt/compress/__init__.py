@@ -14,10 +14,10 @@ BLOCKWISE8 filter, Dettmers et al.'s blockwise scales) in a compressed TRAIN; th
 
 from ..errors import ConfigError
 from .feedback import ErrorFeedback, Memory
-from .pipeline import DEFAULT_BLOCK, Compressor, Packed, decompress, parse_compressor
+from .pipeline import DEFAULT_BLOCK, Compressor, Packed, decoded, decompress, parse_compressor
 
-__all__ = ["Compressor", "Packed", "ErrorFeedback", "Memory", "parse_compressor", "decompress", "DEFAULT_BLOCK",
-           "uplink", "downlink"]
+__all__ = ["Compressor", "Packed", "ErrorFeedback", "Memory", "parse_compressor", "decoded", "decompress",
+           "DEFAULT_BLOCK", "uplink", "downlink"]
 
 
 def uplink(spec: str | None, error_feedback: bool, store_factory) -> ErrorFeedback | None:

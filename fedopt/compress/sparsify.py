@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 __all__ = ["keep_count", "top_k", "random_k", "SAMPLE", "CHUNK"]
@@ -28,7 +29,7 @@ def keep_count(size: int, fraction: float) -> int:
 #: magnitudes sampled to estimate top-k's threshold (a strided sample: deterministic)
 SAMPLE = 1 << 16
 #: values per step of top-k's candidate pass: bounds its temporaries (no |x|-sized copy of a large vector)
-CHUNK = 1 << 20
+CHUNK = 1 << 18
 
 
 def top_k(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -37,10 +38,13 @@ def top_k(x: torch.Tensor, k: int) -> torch.Tensor:
 
     A large vector is not sorted or copied whole. A threshold ``t`` is estimated from a strided sample of ``|x|``
     (the sample's ``1.2 k / P`` quantile plus slack, so about ``1.2 k`` coordinates should reach it), one chunked
-    pass collects the candidates ``|x_i| >= t``, and ``torch.topk`` picks the exact top k among them; every
+    pass collects the candidates ``|x_i| >= t``, and the exact top k among them are kept (:func:`_largest`); every
     coordinate outside them is below ``t`` and so below the k-th of them. When fewer than k reach ``t`` (an
     unlucky sample, NaNs) it falls back to ``torch.topk`` over all of ``|x|``, so the estimate only ever costs time.
-    """
+
+    On a CPU float32 vector the candidate pass runs in numpy over two reused chunk buffers: ``|x|``, the comparison
+    and the positions take 7 ms for 10^7 values against 20-30 ms with torch's kernels (which allocate each chunk's
+    temporaries afresh and compare into bool 4-5x slower here), on one thread; top_k of 1% of 10^7 takes 9 ms."""
     x = x.detach().reshape(-1)
     n = x.numel()
     if k >= n:
@@ -50,16 +54,45 @@ def top_k(x: torch.Tensor, k: int) -> torch.Tensor:
     if stride >= 2 and want < SAMPLE // 2:
         sample = x[::stride].abs()
         t = torch.topk(sample, want, sorted=False).values.min()
-        idx, mag = [], []
-        for lo in range(0, n, CHUNK):
-            a = x[lo : lo + CHUNK].abs()
-            hit = (a >= t).nonzero().squeeze(1)
-            idx.append(hit + lo)
-            mag.append(a[hit])
-        idx, mag = torch.cat(idx), torch.cat(mag)
+        idx = _candidates(x, t)
         if idx.numel() >= k:
-            return idx[torch.topk(mag, k, sorted=False).indices].sort().values
+            return _largest(x, idx, k)
     return torch.topk(x.abs(), k, sorted=False).indices.sort().values
+
+
+def _largest(x: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` positions among the increasing candidates ``idx`` with the largest ``|x|``, still increasing. On a
+    CPU float32 vector: the k-th largest magnitude by one partition, then a mask over the candidates (ties at it
+    taken in index order), which keeps their order: no top-k and no sort (1 ms instead of 5 for 10^5 of 1.2 10^5)."""
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()):
+        return idx[torch.topk(x[idx].abs(), k, sorted=False).indices].sort().values
+    at = idx.numpy()
+    mag = np.abs(x.numpy()[at])
+    kth = np.partition(mag, mag.size - k)[mag.size - k]
+    keep = mag > kth
+    short = k - int(np.count_nonzero(keep))
+    if short:
+        keep[np.flatnonzero(mag == kth)[:short]] = True
+    return torch.from_numpy(at[keep])
+
+
+def _candidates(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Positions (int64, increasing) of the coordinates of the flat ``x`` with ``|x_i| >= t``, chunk by chunk."""
+    n = x.numel()
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous():
+        xs, bound = x.numpy(), np.float32(float(t))
+        mag, hit = np.empty(min(CHUNK, n), dtype=np.float32), np.empty(min(CHUNK, n), dtype=bool)
+        parts = []
+        for lo in range(0, n, CHUNK):
+            m, h = mag[: min(CHUNK, n - lo)], hit[: min(CHUNK, n - lo)]
+            np.abs(xs[lo : lo + CHUNK], out=m)
+            np.greater_equal(m, bound, out=h)
+            parts.append(np.flatnonzero(h) + lo)
+        return torch.from_numpy(np.concatenate(parts).astype(np.int64, copy=False))
+    parts = []
+    for lo in range(0, n, CHUNK):
+        parts.append((x[lo : lo + CHUNK].abs() >= t).nonzero().squeeze(1) + lo)
+    return torch.cat(parts)
 
 
 def random_k(size: int, k: int, seed: int) -> torch.Tensor:
