@@ -240,33 +240,33 @@ class ClientLink:
             return self._drop(peer, f"late UPDATE for round {msg.round} from client {client} "
                                     f"(current round {self.round}{'' if t else ', closed'})")
         scattered = None  # positions written into self._scratch, zeroed again once the update is folded in
-        try:  # a compressed update is decoded here (its frames were validated); one of another size is refused
-            if not msg.encoding:
-                delta = msg.delta
-            else:
-                packed = Packed.from_encoding(msg.encoding, msg.values, msg.indices, msg.scales)
-                if packed.index == "sent" and packed.size == self.spec.size and self._scratch_safe():
-                    scattered, vals = decoded(packed)
-                    if self._scratch is None:
-                        self._scratch = torch.zeros(self.spec.size)
-                    delta = self._scratch
-                    delta[scattered] = vals
+        try:
+            try:  # a compressed update is decoded here (its frames were validated); one of another size is refused
+                if not msg.encoding:
+                    delta = msg.delta
                 else:
-                    delta = decompress(packed, self.spec.size)
-        except WireError as e:
-            delta, reason = None, str(e)
-            (self.server.reject if self.on_update is None else self.on_lost)(client, reason)
-        if delta is not None:
-            delta = delta if delta.dtype == self.spec.torch_dtype else delta.to(self.spec.torch_dtype)
-            partial = bool(msg.metrics.get("partial", False))
-            update = Update(client, delta, msg.num_samples, dict(msg.metrics), partial)
-            del delta, msg  # the frame goes with the update: nothing else refers to it
-            try:
+                    packed = Packed.from_encoding(msg.encoding, msg.values, msg.indices, msg.scales)
+                    if packed.index == "sent" and packed.size == self.spec.size and self._scratch_safe():
+                        at, vals = decoded(packed)
+                        if self._scratch is None:
+                            self._scratch = torch.zeros(self.spec.size)
+                        delta, scattered = self._scratch, at
+                        delta[at] = vals
+                    else:
+                        delta = decompress(packed, self.spec.size)
+            except WireError as e:
+                delta, reason = None, str(e)
+                (self.server.reject if self.on_update is None else self.on_lost)(client, reason)
+            if delta is not None:
+                delta = delta if delta.dtype == self.spec.torch_dtype else delta.to(self.spec.torch_dtype)
+                partial = bool(msg.metrics.get("partial", False))
+                update = Update(client, delta, msg.num_samples, dict(msg.metrics), partial)
+                del delta, msg  # the frame goes with the update: nothing else refers to it
                 reason = self.server.offer(update) if self.on_update is None else self.on_update(update)
-            finally:
-                if scattered is not None:
-                    self._scratch[scattered] = 0.0
-            del update
+                del update
+        finally:
+            if scattered is not None:
+                self._scratch[scattered] = 0.0
         t.received(client, accepted=reason is None)
         if reason is not None:
             log.warning("rejected the update of client %s for round %d: %s", client, t.round, reason)

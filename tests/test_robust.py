@@ -195,6 +195,10 @@ def test_cosine_filter_previous_reference_and_its_fallbacks():
     second = aggregate(agg, [[-1.0, 1.0], [-1.0, 1.1], [-1.0, 0.9]], round=2)
     assert agg.kept == 0 and second.delta.tolist() == [-1.0, 1.0]  # nothing passes: the coordinate median
     assert first.delta[0] > 0
+    # a zero update has no direction either: not kept, and under cosine weights it adds nothing (not a NaN)
+    cosw = CosineFilter(weighting="cosine")
+    res = aggregate(cosw, [[1.0, 0.0], [1.0, 0.1], [0.0, 0.0], [0.9, 0.0], [-1.0, 0.0]])
+    assert cosw.kept == 3 and bool(torch.isfinite(res.delta).all()) and res.delta[0] > 0.9
     # a zero reference (the median of updates that cancel) has no direction: the coordinate median again
     zero = CosineFilter()
     assert aggregate(zero, [[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]]).delta.tolist() == [0.0, 0.0] and zero.kept == 0

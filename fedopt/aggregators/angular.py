@@ -37,6 +37,8 @@ the round's aggregate is the coordinate-wise median itself.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import ConfigError
@@ -71,22 +73,23 @@ class CosineFilter(_Collecting):
         ref = median
         if self.reference == "previous" and self.previous is not None and self.previous.numel() == rows.shape[1]:
             ref = self.previous
-        norms = torch.linalg.vector_norm(rows.to(torch.float64), dim=1)
-        ref_norm = float(torch.linalg.vector_norm(ref.to(torch.float64)))
-        if ref_norm == 0.0 or not torch.isfinite(norms).all():
+        # in the rows' own dtype: no n x P float64 copy (the engine has refused updates whose norm overflows); a row
+        # whose dot product still overflows gets a NaN cosine and is not kept
+        norms = torch.linalg.vector_norm(rows, dim=1)
+        ref_norm = float(torch.linalg.vector_norm(ref))
+        if not 0.0 < ref_norm < math.inf:
             return self._keep(median, 0)
-        cos = (rows.to(torch.float64) @ ref.to(torch.float64)) / (norms.clamp(min=1e-300) * ref_norm)
+        cos = (rows @ ref) / (norms * ref_norm)
         keep = (cos > self.threshold) & (norms > 0)
         if not bool(keep.any()):
             return self._keep(median, 0)
         # the lower median of all n norms: with fewer than half the updates Byzantine, an honest update's norm
         bound = float(norms.sort().values[(n - 1) // 2])
         scale = torch.clamp(bound / norms, max=1.0)
-        weight = keep.to(torch.float64) * (cos.clamp(min=0.0) if self.weighting == "cosine" else 1.0)
+        weight = torch.where(keep, cos.clamp(min=0.0) if self.weighting == "cosine" else 1.0, 0.0).to(rows.dtype)
         if float(weight.sum()) == 0.0:  # cosine weights with a threshold below 0: every kept cosine <= 0
             return self._keep(median, 0)
-        coef = (weight * scale / weight.sum()).to(rows.dtype)
-        return self._keep(coef @ rows, int(keep.sum()))
+        return self._keep((weight * scale / weight.sum()) @ rows, int(keep.sum()))
 
     def _keep(self, aggregate: torch.Tensor, kept: int) -> torch.Tensor:
         self.kept = kept
