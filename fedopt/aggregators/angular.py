@@ -42,7 +42,7 @@ import math
 import torch
 
 from ..errors import ConfigError
-from .robust import _Collecting
+from .robust import _Collecting, coordinate_median
 
 __all__ = ["CosineFilter"]
 
@@ -64,12 +64,12 @@ class CosineFilter(_Collecting):
             raise ConfigError(f'cosine_filter weighting must be "uniform" or "cosine", not {weighting!r} '
                               f"(--aggregator-option weighting=...)")
         self.reference, self.threshold, self.weighting = reference, float(threshold), weighting
-        self.previous: torch.Tensor | None = None  # the last aggregate (reference="previous")
+        self.previous: torch.Tensor | None = None  # the last aggregate (kept only under reference="previous")
         self.kept = 0  # updates kept in the last round
 
     def _combine(self, rows: torch.Tensor) -> torch.Tensor:
         n = rows.shape[0]
-        median = rows.median(dim=0).values if n % 2 else rows.quantile(0.5, dim=0)
+        median = coordinate_median(rows)
         ref = median
         if self.reference == "previous" and self.previous is not None and self.previous.numel() == rows.shape[1]:
             ref = self.previous
@@ -93,5 +93,6 @@ class CosineFilter(_Collecting):
 
     def _keep(self, aggregate: torch.Tensor, kept: int) -> torch.Tensor:
         self.kept = kept
-        self.previous = aggregate.clone()
+        if self.reference == "previous":  # the server optimizer may take the aggregate over: keep a copy
+            self.previous = aggregate.clone()
         return aggregate

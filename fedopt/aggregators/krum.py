@@ -28,7 +28,7 @@ import logging
 import torch
 
 from ..errors import ConfigError
-from .robust import _Collecting
+from .robust import _Collecting, coordinate_median
 
 __all__ = ["Krum", "MultiKrum", "Bulyan", "krum_scores", "krum_select", "bulyan_picks", "bulyan_combine",
            "max_byzantine"]
@@ -77,7 +77,7 @@ def bulyan_combine(rows: torch.Tensor, f: int) -> torch.Tensor:
     """Bulyan of the n x P ``rows`` with ``f`` assumed Byzantine (n >= 4f + 3)."""
     theta = rows.shape[0] - 2 * f
     chosen = rows[bulyan_picks(rows, f)]
-    med = chosen.median(dim=0).values if theta % 2 else chosen.quantile(0.5, dim=0)
+    med = coordinate_median(chosen)
     beta = theta - 2 * f
     nearest = (chosen - med).abs().argsort(dim=0, stable=True)[:beta]
     return chosen.gather(0, nearest).mean(dim=0)

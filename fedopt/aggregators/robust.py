@@ -14,7 +14,12 @@ import torch
 from ..errors import ConfigError
 from .base import Aggregate, Update
 
-__all__ = ["CoordinateMedian", "TrimmedMean"]
+__all__ = ["CoordinateMedian", "TrimmedMean", "coordinate_median"]
+
+
+def coordinate_median(rows: torch.Tensor) -> torch.Tensor:
+    """The coordinate-wise median of the n x P ``rows`` (the mean of the two middle values when n is even)."""
+    return rows.median(dim=0).values if rows.shape[0] % 2 else rows.quantile(0.5, dim=0)
 
 
 class _Collecting:
@@ -45,7 +50,7 @@ class CoordinateMedian(_Collecting):
     name = "median"
 
     def _combine(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows.median(dim=0).values if rows.shape[0] % 2 else rows.quantile(0.5, dim=0)
+        return coordinate_median(rows)
 
 
 class TrimmedMean(_Collecting):
