@@ -15,8 +15,8 @@ from clients.federated.attacker import arm
 from clients.federated.config import ClientConfig
 from clients.simulation.byzantine import FlippedLabels
 from clients.simulation.run import Simulation
-from fedopt.aggregators import (Bulyan, CenteredClip, CosineFilter, GeometricMedian, Krum, MultiKrum, NormBound,
-                                SecureAggregator, Update, make_aggregator)
+from fedopt.aggregators import (Bulyan, CenteredClip, CosineFilter, DivideAndConquer, GeometricMedian, Krum,
+                                MultiKrum, NormBound, SecureAggregator, Update, make_aggregator)
 from fedopt.aggregators.geomed import geometric_median, weighted_coordinate_median
 from fedopt.aggregators.krum import bulyan_picks
 from fedopt.attacks import Attack, alie, alie_z, byzantine_clients
@@ -27,7 +27,7 @@ from fedopt.errors import ConfigError
 from fedopt.task import ClientData
 from fedopt.testing import check_aggregator
 
-ROBUST = ["norm_bound", "centered_clip", "krum", "multi_krum", "bulyan", "geomed", "cosine_filter"]
+ROBUST = ["norm_bound", "centered_clip", "krum", "multi_krum", "bulyan", "geomed", "cosine_filter", "dnc"]
 
 
 def aggregate(agg, rows, samples=None, round=1):
@@ -46,7 +46,7 @@ def test_robust_aggregators_pass_the_conformance_check(name):
     check_aggregator(lambda: make_aggregator(name, **({"bound": 100.0} if name == "norm_bound" else {})))
 
 
-@pytest.mark.parametrize("name", ["centered_clip", "krum", "multi_krum", "bulyan", "geomed", "cosine_filter"])
+@pytest.mark.parametrize("name", ["centered_clip", "krum", "multi_krum", "bulyan", "geomed", "cosine_filter", "dnc"])
 def test_plaintext_rules_refuse_secure_aggregation_with_one_line(name):
     for build in (lambda: make_aggregator(name, secure=True), lambda: make_aggregator("secagg", inner=name)):
         with pytest.raises(ConfigError, match=f"aggregator '{name}' needs every client's update in the clear") as e:
@@ -98,6 +98,24 @@ def test_centered_clipping_auto_tau_is_the_median_distance_of_each_iteration():
     assert aggregate(CenteredClip(), [[0.0], [0.0]]).delta.tolist() == [0.0]
     with pytest.raises(ConfigError, match='centered_clip tau must be a number > 0 or "auto", not \'median\''):
         make_aggregator("centered_clip", tau="median")
+
+
+def test_centered_clipping_given_f_clips_at_the_n_minus_f_th_distance():
+    rows = [[1.0], [2.0], [3.0], [10.0]]
+    # f = 1 of 4: the radius is the 3rd smallest distance, 3: the rows clip to 1, 2, 3, 3 and v = 9/4
+    assert aggregate(CenteredClip(f=1), rows).delta.item() == 2.25
+    # f = 2 = n/2 is the lower median again (1.75), and f = 0 clips nothing: the mean
+    assert aggregate(CenteredClip(f=2), rows).delta.item() == 1.75
+    assert aggregate(CenteredClip(f=0), rows).delta.item() == 4.0
+    # a round smaller than planned: f is capped at n/2 (the median), never past it
+    assert aggregate(CenteredClip(f=3), rows).delta.item() == 1.75
+    with pytest.raises(ConfigError, match=r"centered_clip with f=5 assumes half or more of the 10 updates .*f=\.\.\."):
+        make_aggregator("centered_clip", f=5).check_round_size(10)
+    make_aggregator("centered_clip", f=4).check_round_size(10)
+    for bad, match in ((dict(f=-1), "centered_clip f .* must be an integer >= 0"), (dict(f=1.5), "integer >= 0"),
+                       (dict(f=1, tau=2.0), "give one of --aggregator-option tau=... and f=...")):
+        with pytest.raises(ConfigError, match=match):
+            make_aggregator("centered_clip", **bad)
 
 
 # ---- Krum, Multi-Krum, Bulyan -------------------------------------------------------------------------------------
@@ -206,6 +224,69 @@ def test_cosine_filter_previous_reference_and_its_fallbacks():
                       (dict(threshold=True), "threshold"), (dict(weighting="trust"), "weighting")):
         with pytest.raises(ConfigError, match=f"cosine_filter {flag} must be .*--aggregator-option {flag}="):
             make_aggregator("cosine_filter", **bad)
+
+
+# ---- divide and conquer -------------------------------------------------------------------------------------------
+def test_dnc_drops_the_largest_projections_on_the_top_singular_direction():
+    # centred on their mean (0, 1) the rows are (1,-1), (-1,-1), (0,0), (0,-2), (0,4): the x and y sums of squares
+    # are 2 and 22 with no cross term, so the top direction is y and the scores are y^2 = 1, 1, 0, 4, 16
+    rows = [[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0], [0.0, 5.0]]
+    one = DivideAndConquer(f=1)
+    assert aggregate(one, rows).delta.tolist() == [0.0, 0.0] and one.dropped == 1  # (0, 5) goes
+    two = DivideAndConquer(f=2)  # (0, 5) and (0, -1) go: the mean of the other three
+    assert torch.allclose(aggregate(two, rows).delta, torch.tensor([0.0, 1 / 3])) and two.dropped == 2
+    # c scales the count: c = 0.5 of f = 2 drops one; f = 0 drops nothing (the plain mean)
+    assert aggregate(DivideAndConquer(f=2, c=0.5), rows).delta.tolist() == [0.0, 0.0]
+    assert torch.allclose(aggregate(DivideAndConquer(f=0), rows).delta, torch.tensor([0.0, 1.0]))
+    # f = None drops the most a majority tolerates: floor((5 - 1) / 2) = 2
+    assert aggregate(DivideAndConquer(), rows).delta.tolist() == aggregate(two, rows).delta.tolist()
+
+
+def _alie_round(n_honest=40, f=10, p=600, z=1.0, seed=0):
+    """Non-IID-like honest updates (a small shared direction under large client-specific parts) and f identical
+    ALIE updates mu - z sigma."""
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.zeros(p)
+    shared[:60] = 0.05
+    honest = shared + 0.1 * torch.randn(n_honest, p, generator=g) * torch.rand(p, generator=g)
+    return honest, alie(honest, z).expand(f, p)
+
+
+@pytest.mark.parametrize("dims", [10_000, 200])
+def test_dnc_finds_alie_that_distance_and_angle_rules_keep(dims):
+    honest, bad = _alie_round()
+    rows = torch.cat([honest, bad]).tolist()
+    agg = DivideAndConquer(f=10, dims=dims, seed=3)
+    res = aggregate(agg, rows)
+    # ALIE sits inside the honest spread: every ALIE row is nearer the mean than the farthest honest rows, and its
+    # cosine with the honest mean is positive; DnC drops exactly the 10 ALIE rows
+    keep_norm = torch.linalg.vector_norm(torch.tensor(rows) - torch.tensor(rows).mean(0), dim=1)
+    assert keep_norm[40:].max() < keep_norm[:40].max()
+    assert torch.nn.functional.cosine_similarity(bad[0], honest.mean(0), dim=0) > 0
+    assert agg.dropped == 10
+    assert torch.allclose(res.delta, honest.mean(0), atol=1e-6)
+
+
+def test_dnc_subsampling_is_reproducible_from_its_seed_and_fresh_without_one():
+    honest, bad = _alie_round(p=3000)
+    rows = torch.cat([honest, bad]).tolist()
+    a = aggregate(DivideAndConquer(f=12, dims=100, iterations=3, seed=7), rows).delta
+    b = aggregate(DivideAndConquer(f=12, dims=100, iterations=3, seed=7), rows).delta
+    assert torch.equal(a, b)
+    unseeded = DivideAndConquer(f=12, dims=100, iterations=3)
+    first = unseeded._generator.initial_seed()
+    aggregate(unseeded, rows)
+    assert unseeded._generator.initial_seed() != first  # a fresh draw each round
+
+
+def test_dnc_options_are_checked_naming_the_flag():
+    for bad, flag in ((dict(f=-1), "f"), (dict(f=True), "f"), (dict(c=0), "c"), (dict(c=3.0), "c"),
+                      (dict(dims=0), "dims"), (dict(iterations=1.5), "iterations"), (dict(seed=-2), "seed")):
+        with pytest.raises(ConfigError, match=f"dnc {flag} .*--aggregator-option {flag}="):
+            make_aggregator("dnc", **bad)
+    with pytest.raises(ConfigError, match="dnc with f=5 and c=1 drops 5 of 10 updates per round"):
+        make_aggregator("dnc", f=5).check_round_size(10)
+    make_aggregator("dnc", f=4).check_round_size(10)
 
 
 # ---- geometric median ---------------------------------------------------------------------------------------------
@@ -369,11 +450,16 @@ def test_omniscient_attackers_craft_from_exactly_the_honest_updates_of_the_round
 
 
 @pytest.mark.parametrize("attack, defence", [("scaling", "median"), ("scaling", "norm_bound"),
-                                             ("sign_flip", "multi_krum"), ("sign_flip", "cosine_filter")])
+                                             ("sign_flip", "multi_krum"), ("sign_flip", "cosine_filter"),
+                                             ("alie:z=5", "dnc")])
 def test_a_defence_holds_where_fedavg_fails(tmp_path, attack, defence):
     def final(aggregator, attack=None):
-        robust = dict(attack=attack, attackers=0.3) if attack else {}
+        robust = {}
+        if attack:
+            name, _, z = attack.partition(":z=")
+            robust = dict(attack=name, attackers=0.3, attack_options={"z": float(z)} if z else {})
         cfg = RunConfig.of(clients=10, rounds=15, local_epochs=1, norm_factor=0, aggregator=aggregator,
+                           aggregator_options={"f": 3} if aggregator == "dnc" else {},
                            out=str(tmp_path), progress="off", plot=False, eval_every=15, **robust)
         return Simulation(cfg).run(None).records[-1]["accuracy"]
 

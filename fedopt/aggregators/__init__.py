@@ -15,10 +15,11 @@ from .krum import Bulyan, Krum, MultiKrum
 from .mean import WeightedMean, fedavg, mean, weighted
 from .robust import CoordinateMedian, TrimmedMean
 from .secure import SecureAggregator, secagg
+from .spectral import DivideAndConquer
 
 __all__ = [
     "Aggregate", "Aggregator", "Update", "WeightedMean", "CoordinateMedian", "TrimmedMean", "NormBound",
-    "CenteredClip", "CosineFilter", "Bucketing", "Krum", "MultiKrum", "Bulyan", "GeometricMedian",
+    "CenteredClip", "CosineFilter", "DivideAndConquer", "Bucketing", "Krum", "MultiKrum", "Bulyan", "GeometricMedian",
     "SecureAggregator", "fedavg", "mean", "weighted", "secagg", "make_aggregator", "AGGREGATORS", "register_aggregator",
 ]
 
@@ -35,6 +36,7 @@ AGGREGATORS: dict[str, Callable[..., Any]] = {
     "bulyan": Bulyan,
     "geomed": GeometricMedian,
     "cosine_filter": CosineFilter,
+    "dnc": DivideAndConquer,
     "secagg": secagg,
 }
 
@@ -58,7 +60,7 @@ def make_aggregator(name: str, **options: Any) -> Aggregator:
         if not inner.needs_all_updates:
             raise ConfigError(f"--aggregator-option bucketing: aggregator {name!r} does not hold the round's updates "
                               f"(bucketing is for the robust rules that do: median, trimmed_mean, centered_clip, "
-                              f"cosine_filter, krum, multi_krum, bulyan, geomed)")
+                              f"cosine_filter, dnc, krum, multi_krum, bulyan, geomed)")
         return Bucketing(inner, s, seed)
     if "bucket_seed" in options:
         raise ConfigError("--aggregator-option bucket_seed needs bucketing=S")

@@ -72,7 +72,7 @@ def add_round_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("aggregation")
     g.add_argument("--aggregator", default=S, help="fedavg | weighted | mean | median | trimmed_mean | norm_bound | "
                                                   "centered_clip | krum | multi_krum | bulyan | geomed | cosine_filter | "
-                                                  "secagg")
+                                                  "dnc | secagg")
     g.add_argument("--aggregator-option", dest="aggregator_options", action="append", type=parse_kv, default=S,
                    metavar="KEY=VALUE", help="option for the aggregator (repeatable); bucketing=S puts a rule that "
                    "keeps every update (median ... geomed) behind buckets of S (Karimireddy et al. 2022)")
