@@ -2,7 +2,7 @@
 clients Byzantine, with 10 and with 50 clients; then centered clipping over the real bus, 8 client processes of which
 2 run ALIE, against the same run with 8 honest clients.
 
-    python benchmarks/robust.py                      # the table, a plot, the bus runs (about 12 minutes on 2 cores)
+    python benchmarks/robust.py                      # the table, a plot, the bus runs (12-15 minutes on 2 cores)
     python benchmarks/robust.py --no-bus --seeds 0   # a quicker look
 
 Settings (fixed before any run, never tuned on the test set): every client trains in every round (30 rounds,
@@ -53,13 +53,14 @@ Drops are in accuracy points (clean - attacked). The last line::
 
     {"fedavg_worst_drop": ..., "best_defence_worst_drop": ..., "cc_alie_drop": ..., "cc_ipm_drop": ...,
      "bus_cc_alie_drop": ..., "fedavg_alie_sweep_worst_drop": ..., "best_defence_alie_sweep_worst_drop": ...,
-     "cc_alie_sweep_worst_drop": ...}
+     "cc_alie_sweep_worst_drop": ..., "bus_dnc_alie_z1_drop": ...}
 
 ``fedavg_worst_drop`` is FedAvg's largest drop over attacks and both client counts; ``best_defence_worst_drop``
 takes, for each attack and client count, the defence (any rule but fedavg) with the highest accuracy under it and
 its drop from its own clean run, and reports the largest; ``cc_*_drop`` are centered clipping's drops (the
 "cc+momentum" row, the larger of the two client counts); ``bus_cc_alie_drop`` is the bus pair's. The three
-``*_alie_sweep_*`` keys are the same over the strength sweep (z = 1, 2, 5).
+``*_alie_sweep_*`` keys are the same over the strength sweep (z = 1, 2, 5); ``bus_dnc_alie_z1_drop`` is a second
+bus pair: dnc (f = 2, no client momentum), clean against 2 colluding processes running ALIE with z = 1.
 """
 
 from __future__ import annotations
@@ -116,9 +117,11 @@ def simulate(clients: int, defence: str, attack: str | None, seed: int, rounds: 
     return Simulation(RunConfig.of(**kw)).run(None).records[-1]["accuracy"]
 
 
-def bus_run(tmp: Path, name: str, rounds: int, epochs: int, alie: bool) -> float:
-    """Final accuracy of a real coordinator (centered clipping) and 8 client processes with client momentum 0.9;
-    with ``alie``, 2 of them (chosen by seed 0) run ALIE sharing only their own updates."""
+def bus_run(tmp: Path, name: str, rounds: int, epochs: int, alie: bool, aggregator: tuple = ("centered_clip",),
+            momentum: float = 0.9, z: float | None = None) -> float:
+    """Final accuracy of a real coordinator (``aggregator``: centered clipping unless given) and 8 client processes
+    with client momentum ``momentum``; with ``alie``, 2 of them (chosen by seed 0) run ALIE (with ``z`` when given)
+    sharing only their own updates."""
     n = 8
     url = f"ipc://{tmp}/{name}.sock"
     out = tmp / name
@@ -128,13 +131,13 @@ def bus_run(tmp: Path, name: str, rounds: int, epochs: int, alie: bool) -> float
         "coordinator", "--bind", url, "--insecure", "--out", str(out), "--progress", "lines", "--no-plot",
         "--task", "digits", "--clients", str(n), "--partition", "dirichlet", "--alpha", "0.5", "--seed", "0",
         "--rounds", str(rounds), "--local-epochs", str(epochs), "--eval-every", str(rounds),
-        "--aggregator", "centered_clip", "--norm-factor", "0", "--join-timeout", "300", "--deadline", "120"),
+        "--aggregator", *aggregator, "--norm-factor", "0", "--join-timeout", "300", "--deadline", "120"),
         tmp / f"{name}-coordinator.log", env)]
     for i in range(n):
-        attack = ["--attack", "alie", "--collude", str(tmp / f"{name}-collude"), "--colluders", "2"] \
-            if str(i) in bad else []
+        attack = ["--attack", "alie", "--collude", str(tmp / f"{name}-collude"), "--colluders", "2",
+                  *(["--attack-option", f"z={z}"] if z is not None else [])] if str(i) in bad else []
         procs.append(spawn(fedopt_command("client", "--connect", url, "--insecure", "--shard", str(i),
-                                          "--client-momentum", "0.9", "--exit-with-parent", "--give-up", "300",
+                                          "--client-momentum", str(momentum), "--exit-with-parent", "--give-up", "300",
                                           "--log-level", "WARNING", *attack),
                            tmp / f"{name}-client-{i}.log", env))
     try:
@@ -272,14 +275,20 @@ def main() -> None:
             print(f"best under alie z={z:<3g} with {n:2d} clients: {d:12s} {100 * sweep[n][d][z]:.1f} "
                   f"(drop {100 * (results[n][d][None] - sweep[n][d][z]):+.1f} from its clean "
                   f"{100 * results[n][d][None]:.1f})")
-    bus_drop = None
+    bus_drop = bus_dnc_drop = None
     if not a.no_bus:
         with tempfile.TemporaryDirectory(prefix="fedopt-robust-") as tmp:
             clean = bus_run(Path(tmp), "clean", a.rounds, a.local_epochs, alie=False)
             attacked = bus_run(Path(tmp), "alie", a.rounds, a.local_epochs, alie=True)
+            dnc = ("dnc", "--aggregator-option", "f=2")
+            dnc_clean = bus_run(Path(tmp), "dnc-clean", a.rounds, a.local_epochs, False, dnc, momentum=0.0)
+            dnc_alie = bus_run(Path(tmp), "dnc-alie", a.rounds, a.local_epochs, True, dnc, momentum=0.0, z=1.0)
         bus_drop = round(100 * (clean - attacked), 2)
+        bus_dnc_drop = round(100 * (dnc_clean - dnc_alie), 2)
         print(f"\nbus, centered_clip + client momentum 0.9, 8 client processes: clean {100 * clean:.1f}, "
               f"2 colluding ALIE processes {100 * attacked:.1f} (drop {bus_drop:+.1f})")
+        print(f"bus, dnc (f = 2), 8 client processes: clean {100 * dnc_clean:.1f}, 2 colluding ALIE processes "
+              f"with z = 1 {100 * dnc_alie:.1f} (drop {bus_dnc_drop:+.1f})")
     print(f"\n({time.perf_counter() - started:.0f} s)")
     emit({"fedavg_worst_drop": round(fedavg_worst, 2), "best_defence_worst_drop": round(max(best)[0], 2),
           "cc_alie_drop": round(max(drop(n, "cc+momentum", "alie") for n in results), 2),
@@ -287,7 +296,7 @@ def main() -> None:
           "bus_cc_alie_drop": bus_drop,
           "fedavg_alie_sweep_worst_drop": round(sweep_drops["fedavg"], 2),
           "best_defence_alie_sweep_worst_drop": round(max(best_sweep), 2),
-          "cc_alie_sweep_worst_drop": round(sweep_drops["cc+momentum"], 2)})
+          "cc_alie_sweep_worst_drop": round(sweep_drops["cc+momentum"], 2), "bus_dnc_alie_z1_drop": bus_dnc_drop})
 
 
 if __name__ == "__main__":

@@ -26,8 +26,11 @@ are drawn from ``seed`` when given (reproducible runs), else from the operating 
 attacker who knew which coordinates will be looked at could put its shift elsewhere.
 
 What it does not stop: an attack that does not move the updates coherently (sign flipping of non-IID updates,
-whose flipped copies spread as the honest ones do; see ``cosine_filter``), and it always drops k updates, honest
-ones included when there is no attack.
+whose flipped copies spread as the honest ones do; see ``cosine_filter``); huge independent updates (scaling,
+Gaussian), each of which spans a direction of its own (the engine's norm bound, on by default, stops those first);
+and a shift no stronger than the honest spread's own top direction, which happens with few honest updates (3 ALIE
+attackers of 10 clients with z = 1: 50.8 against 84.7 clean, where FedAvg kept 79.2; in that case it drops honest
+updates and the attackers' share grows). It always drops k updates, honest ones included when there is no attack.
 
 * Secure aggregation: not here (``needs_plaintext``): the projections need every update in the clear.
 * FedBuff: composes: the rule runs on each buffer's staleness-weighted updates (then f counts per buffer).
