@@ -53,7 +53,7 @@ Drops are in accuracy points (clean - attacked). The last line::
 
     {"fedavg_worst_drop": ..., "best_defence_worst_drop": ..., "cc_alie_drop": ..., "cc_ipm_drop": ...,
      "bus_cc_alie_drop": ..., "fedavg_alie_sweep_worst_drop": ..., "best_defence_alie_sweep_worst_drop": ...,
-     "cc_alie_sweep_worst_drop": ..., "bus_dnc_alie_z1_drop": ...}
+     "cc_alie_sweep_worst_drop": ..., "bus_dnc_alie_z1_drop": ..., "cc_cost_ratio": ..., "dnc_cost_ratio": ...}
 
 ``fedavg_worst_drop`` is FedAvg's largest drop over attacks and both client counts; ``best_defence_worst_drop``
 takes, for each attack and client count, the defence (any rule but fedavg) with the highest accuracy under it and
@@ -61,6 +61,8 @@ its drop from its own clean run, and reports the largest; ``cc_*_drop`` are cent
 "cc+momentum" row, the larger of the two client counts); ``bus_cc_alie_drop`` is the bus pair's. The three
 ``*_alie_sweep_*`` keys are the same over the strength sweep (z = 1, 2, 5); ``bus_dnc_alie_z1_drop`` is a second
 bus pair: dnc (f = 2, no client momentum), clean against 2 colluding processes running ALIE with z = 1.
+``cc_cost_ratio`` and ``dnc_cost_ratio`` are the seconds of one round of centered clipping (L = 1) and of dnc
+over FedAvg's, 100 updates of 10^6 values each (the last table).
 """
 
 from __future__ import annotations
@@ -181,6 +183,35 @@ def plot(results: dict, path: Path) -> None:
     print(f"plot: {path}")
 
 
+#: the rules timed by :func:`aggregator_costs` (name, options), f = 20% of the round
+COST_RULES = [("fedavg", {}), ("median", {}), ("trimmed_mean", {"beta": FRACTION}), ("norm_bound", {}),
+              ("centered_clip", {}), ("centered_clip", {"f": 20}), ("krum", {"f": 20}), ("multi_krum", {"f": 20}),
+              ("bulyan", {"f": 20}), ("geomed", {}), ("cosine_filter", {}), ("dnc", {"f": 20})]
+
+
+def aggregator_costs(n: int, d: int, repeats: int) -> dict[str, float]:
+    """Seconds for one round of each rule of :data:`COST_RULES` on ``n`` random updates of ``d`` float32 values
+    (begin, every add, result: what the coordinator pays), the rules interleaved in each repeat; median of
+    ``repeats``. Keys: the rule's name with its options."""
+    import torch
+
+    from fedopt.aggregators import Update, make_aggregator
+
+    rows = torch.randn(n, d, generator=torch.Generator().manual_seed(0)) * 0.01
+    times: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for name, options in COST_RULES:
+            agg = make_aggregator(name, **options)
+            t = time.perf_counter()
+            agg.begin(1, d)
+            for i in range(n):
+                agg.add(Update(str(i), rows[i], 1))
+            agg.result()
+            key = name + "".join(f" {k}={v}" for k, v in options.items())
+            times.setdefault(key, []).append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def plot_sweep(results: dict, sweep: dict, path: Path) -> None:
     try:
         import matplotlib
@@ -217,6 +248,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[10, 50])
     ap.add_argument("--plot", default="runs/robust-bench/robust.png")
     ap.add_argument("--no-bus", action="store_true")
+    ap.add_argument("--no-cost", action="store_true", help="skip timing each rule at n = 100, d = 10^6")
     a = ap.parse_args()
     import torch
 
@@ -289,6 +321,14 @@ def main() -> None:
               f"2 colluding ALIE processes {100 * attacked:.1f} (drop {bus_drop:+.1f})")
         print(f"bus, dnc (f = 2), 8 client processes: clean {100 * dnc_clean:.1f}, 2 colluding ALIE processes "
               f"with z = 1 {100 * dnc_alie:.1f} (drop {bus_dnc_drop:+.1f})")
+    cost_ratio = {}
+    if not a.no_cost:
+        torch.set_num_threads(2)  # the coordinator's share of this machine
+        costs = aggregator_costs(100, 10 ** 6, 3)
+        cost_ratio = {k: v / costs["fedavg"] for k, v in costs.items()}
+        print("\none round of each rule, 100 updates of 10^6 values (median of 3, rules interleaved):")
+        print(table([(k, f"{v:.3f}", f"{cost_ratio[k]:.1f}") for k, v in costs.items()],
+                    ("rule", "seconds", "x fedavg")))
     print(f"\n({time.perf_counter() - started:.0f} s)")
     emit({"fedavg_worst_drop": round(fedavg_worst, 2), "best_defence_worst_drop": round(max(best)[0], 2),
           "cc_alie_drop": round(max(drop(n, "cc+momentum", "alie") for n in results), 2),
@@ -296,7 +336,9 @@ def main() -> None:
           "bus_cc_alie_drop": bus_drop,
           "fedavg_alie_sweep_worst_drop": round(sweep_drops["fedavg"], 2),
           "best_defence_alie_sweep_worst_drop": round(max(best_sweep), 2),
-          "cc_alie_sweep_worst_drop": round(sweep_drops["cc+momentum"], 2), "bus_dnc_alie_z1_drop": bus_dnc_drop})
+          "cc_alie_sweep_worst_drop": round(sweep_drops["cc+momentum"], 2), "bus_dnc_alie_z1_drop": bus_dnc_drop,
+          "cc_cost_ratio": round(cost_ratio["centered_clip"], 2) if cost_ratio else None,
+          "dnc_cost_ratio": round(cost_ratio["dnc f=20"], 2) if cost_ratio else None})
 
 
 if __name__ == "__main__":
