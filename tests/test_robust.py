@@ -279,6 +279,18 @@ def test_dnc_subsampling_is_reproducible_from_its_seed_and_fresh_without_one():
     assert unseeded._generator.initial_seed() != first  # a fresh draw each round
 
 
+def test_dnc_falls_back_to_the_coordinate_median_when_the_eigensolver_fails(monkeypatch, caplog):
+    import fedopt.aggregators.spectral as spectral
+
+    def fail(_):
+        raise torch.linalg.LinAlgError("did not converge")
+
+    monkeypatch.setattr(spectral, "_top_projections", fail)
+    agg = DivideAndConquer(f=1)
+    res = aggregate(agg, [[1.0, 0.0], [3.0, 1.0], [2.0, 9.0]])
+    assert res.delta.tolist() == [2.0, 1.0] and agg.dropped == 3 and "coordinate median instead" in caplog.text
+
+
 def test_dnc_options_are_checked_naming_the_flag():
     for bad, flag in ((dict(f=-1), "f"), (dict(f=True), "f"), (dict(c=0), "c"), (dict(c=3.0), "c"),
                       (dict(dims=0), "dims"), (dict(iterations=1.5), "iterations"), (dict(seed=-2), "seed")):

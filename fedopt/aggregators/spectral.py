@@ -38,6 +38,7 @@ updates and the attackers' share grows). It always drops k updates, honest ones 
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 
@@ -48,6 +49,8 @@ from .krum import _check_f
 from .robust import _Collecting, coordinate_median
 
 __all__ = ["DivideAndConquer", "dnc_keep"]
+
+log = logging.getLogger("fedopt.aggregators")
 
 
 def _top_projections(block: torch.Tensor) -> torch.Tensor:
@@ -115,7 +118,11 @@ class DivideAndConquer(_Collecting):
         if not self._seeded:  # a fresh draw each round, unknown to the clients
             self._generator.manual_seed(secrets.randbits(63))
         # a round closed on its quorum may be smaller than planned: still keep a majority
-        keep = dnc_keep(rows, min(self._drop(n), (n - 1) // 2), self.dims, self.iterations, self._generator)
+        try:
+            keep = dnc_keep(rows, min(self._drop(n), (n - 1) // 2), self.dims, self.iterations, self._generator)
+        except torch.linalg.LinAlgError as e:  # an eigendecomposition that did not converge: the median instead
+            log.warning("dnc: no top singular direction this round (%s): the coordinate median instead", e)
+            keep = torch.zeros(n, dtype=torch.bool)
         self.dropped = n - int(keep.sum())
         if not bool(keep.any()):
             return coordinate_median(rows)
