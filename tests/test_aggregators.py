@@ -92,3 +92,33 @@ def test_median_and_trimmed_mean_resist_an_outlier():
 def test_unknown_aggregator_names_the_choices():
     with pytest.raises(ConfigError, match="unknown aggregator 'nope'.*fedavg"):
         make_aggregator("nope")
+
+
+def test_rules_that_hold_every_update_copy_it_in_and_reuse_their_matrix_safely():
+    from fedopt.aggregators.robust import _Collecting
+
+    class FirstRow(_Collecting):  # returns a view of its matrix: the result must survive the next round
+        name = "first_row"
+
+        def _combine(self, rows):
+            return rows[0]
+
+    agg = FirstRow()
+    agg.begin(1, 3)
+    sent = torch.tensor([1.0, 2.0, 3.0])
+    agg.add(Update("a", sent, 1))
+    sent += 10  # the caller reuses its tensor after add()
+    first = agg.result().delta
+    assert first.tolist() == [1.0, 2.0, 3.0]
+    # more updates than the matrix holds (it starts at 4 rows, then doubles), then a smaller round, then a new size
+    med = make_aggregator("median")
+    for n, size in ((9, 3), (3, 3), (5, 2)):
+        rows = [torch.arange(size, dtype=torch.float32) + i for i in range(n)]
+        agg.begin(2, size)
+        med.begin(2, size)
+        for i, r in enumerate(rows):
+            agg.add(Update(str(i), r, 1))
+            med.add(Update(str(i), r, 1))
+        assert agg.result().delta.tolist() == rows[0].tolist()
+        assert med.result().delta.tolist() == torch.stack(rows).median(dim=0).values.tolist()
+    assert first.tolist() == [1.0, 2.0, 3.0]  # round 1's result, untouched by three rounds in the same matrix

@@ -67,23 +67,37 @@ def clip_to_norm(x: torch.Tensor, bound: float) -> torch.Tensor:
     return x * (bound / norm) if norm > bound else x
 
 
+#: columns per block of :func:`centered_clip`: a block of n rows stays in cache while it is read twice
+_BLOCK_VALUES = 1 << 18
+
+
 def centered_clip(rows: torch.Tensor, center: torch.Tensor, tau: float | None, iterations: int,
                   f: int | None = None) -> torch.Tensor:
     """Karimireddy et al.'s iterative centered clipping of the n x P ``rows`` from ``center`` (uniform weights).
     ``tau=None`` (``"auto"``): each iteration's radius is the (n - f)-th smallest of the rows' distances to the
-    current centre, ``f`` the Byzantine rows assumed (``None``: floor(n / 2), which makes it the lower median)."""
+    current centre, ``f`` the Byzantine rows assumed (``None``: floor(n / 2), which makes it the lower median).
+
+    Each iteration reads the rows twice, a block of columns at a time (distances, then the clipped mean as one
+    matrix-vector product per block), and allocates no n x P temporary."""
     v = center.to(rows.dtype).clone()
-    n = rows.shape[0]
+    n, p = rows.shape
     # with at most f Byzantine rows, the (n - f)-th smallest distance is no larger than the largest honest one and
     # no smaller than the (n - 2f)-th smallest honest one, whatever the f send (f = n/2: the lower median)
     rank = n - min(n // 2 if f is None else f, n // 2) - 1
+    width = max(1, _BLOCK_VALUES // max(n, 1))
+    blocks = [slice(s, min(s + width, p)) for s in range(0, p, width)]
     for _ in range(iterations):
-        diff = rows - v
-        norms = torch.linalg.vector_norm(diff, dim=1, keepdim=True)
-        radius = float(norms.flatten().sort().values[rank]) if tau is None else tau
+        squares = torch.zeros(n, dtype=torch.float64, device=rows.device)
+        for b in blocks:
+            squares += (rows[:, b] - v[b]).square().sum(dim=1, dtype=torch.float64)
+        norms = squares.sqrt()
+        radius = float(norms.sort().values[rank]) if tau is None else tau
         # radius / 0 = inf: a row at the centre is kept as it is (and 0 / 0 below means every row is at the centre)
-        scale = torch.clamp(radius / norms, max=1.0).nan_to_num(1.0)
-        v += (diff * scale).mean(dim=0)
+        weights = (torch.clamp(radius / norms, max=1.0).nan_to_num(1.0) / n).to(rows.dtype)
+        step = torch.empty_like(v)
+        for b in blocks:
+            step[b] = weights @ (rows[:, b] - v[b])
+        v += step
     return v
 
 

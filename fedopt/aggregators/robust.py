@@ -23,27 +23,45 @@ def coordinate_median(rows: torch.Tensor) -> torch.Tensor:
 
 
 class _Collecting:
+    """Holds the round's updates as the rows of one n x P float32 matrix for ``_combine``. Each update is copied in
+    as it arrives (the caller may reuse its tensor). The matrix is kept from round to round (warm pages: no fresh
+    n x P allocation per round) and grows by doubling, so a round no larger than the last copies each update once
+    and stacks nothing; a result that shares the matrix's memory is copied out before the next round reuses it."""
+
     linear = False
     needs_all_updates = True
     needs_plaintext = True
 
     def begin(self, round: int, size: int) -> None:
-        self._size, self._rows, self._samples, self._weight = size, [], [], 0.0
+        self._size, self._count, self._samples, self._weight = size, 0, [], 0.0
+        buf = getattr(self, "_buffer", None)
+        self._buffer = buf if buf is not None and buf.shape[1] == size else None
 
     def add(self, update: Update) -> None:
-        if update.delta.dim() != 1 or update.delta.numel() != self._size:
-            raise ConfigError(f"update has {update.delta.numel()} elements, the model has {self._size}")
-        self._rows.append(update.delta.detach().to(torch.float32, copy=True))
+        d = update.delta
+        if d.dim() != 1 or d.numel() != self._size:
+            raise ConfigError(f"update has {d.numel()} elements, the model has {self._size}")
+        buf = self._buffer
+        if buf is None or buf.device != d.device:
+            buf = self._buffer = torch.empty((4, self._size), dtype=torch.float32, device=d.device)
+        if self._count == buf.shape[0]:
+            grown = torch.empty((2 * self._count, self._size), dtype=torch.float32, device=d.device)
+            grown[: self._count] = buf[: self._count]
+            self._buffer = buf = grown
+        buf[self._count].copy_(d.detach())
+        self._count += 1
         self._samples.append(update.num_samples)
         self._weight += update.num_samples
 
     def result(self) -> Aggregate | None:
         """The rule's combination of the round's rows; None when nothing was added or the rule declined the round
         (``_combine`` returned None: too few updates for what it assumes)."""
-        if not self._rows:
+        if not self._count:
             return None
-        delta = self._combine(torch.stack(self._rows))
-        return None if delta is None else Aggregate(delta, self._weight, len(self._rows))
+        delta = self._combine(self._buffer[: self._count])
+        if delta is not None and delta.untyped_storage().data_ptr() == self._buffer.untyped_storage().data_ptr():
+            delta = delta.clone()  # a view of a row: the next round overwrites the matrix
+        return None if delta is None else Aggregate(delta, self._weight, self._count)
 
 
 class CoordinateMedian(_Collecting):
