@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: medians, interleaved repeats, a table, the closing JSON line."""
+"""Helpers shared by the benchmarks: medians, interleaved repeats, a table, pyplot, the closing JSON line."""
 
 from __future__ import annotations
 
@@ -27,6 +27,19 @@ def table(rows: list[tuple], header: tuple) -> str:
     lines = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
     lines += [fmt.format(*(str(c) for c in r)) for r in rows]
     return "\n".join(lines)
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None (said in one line) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no plot)")
+        return None
+    return plt
 
 
 def emit(result: dict) -> None:

@@ -73,10 +73,11 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, table  # noqa: E402
+from _common import emit, interleave, median, pyplot, table  # noqa: E402
 
 from clients.simulation.run import Simulation  # noqa: E402
 from fedopt.attacks import alie_z, byzantine_clients  # noqa: E402
@@ -156,13 +157,8 @@ def bus_run(tmp: Path, name: str, rounds: int, epochs: int, alie: bool, aggregat
 
 
 def plot(results: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib is not installed: no plot)")
+    plt = pyplot()
+    if plt is None:
         return
     sizes = sorted(results)
     fig, axes = plt.subplots(len(sizes), 1, figsize=(12, 4 * len(sizes)), squeeze=False)
@@ -202,30 +198,23 @@ def aggregator_costs(n: int, d: int, repeats: int) -> dict[str, float]:
     rules = {name + "".join(f" {k}={v}" for k, v in options.items()): make_aggregator(name, **options)
              for name, options in COST_RULES}
 
-    def round_of(agg, r: int) -> float:
+    def round_of(agg) -> float:
         t = time.perf_counter()
-        agg.begin(r, d)
+        agg.begin(1, d)
         for i in range(n):
             agg.add(Update(str(i), rows[i], 1))
         agg.result()
         return time.perf_counter() - t
 
-    times: dict[str, list[float]] = {key: [] for key in rules}
-    for r in range(repeats + 1):
-        for key, agg in rules.items():
-            seconds = round_of(agg, r + 1)
-            if r:  # round 1 warms the aggregator up (its matrix, its centre)
-                times[key].append(seconds)
-    return {k: statistics.median(v) for k, v in times.items()}
+    for agg in rules.values():  # a first round warms each aggregator up (its matrix, its centre)
+        round_of(agg)
+    times = interleave({key: partial(round_of, agg) for key, agg in rules.items()}, repeats)
+    return {k: median(v) for k, v in times.items()}
 
 
 def plot_sweep(results: dict, sweep: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     sizes = sorted(sweep)
     fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
@@ -295,25 +284,24 @@ def main() -> None:
     def drop(n, d, att):
         return 100 * (results[n][d][None] - results[n][d][att])
 
+    def best_drops(accuracy: dict, labels, name) -> list[float]:
+        """For each client count and each label (an attack, or an ALIE z), the rule other than fedavg most accurate
+        under it in ``accuracy[n][rule][label]``, printed; the list of their drops from their own clean runs."""
+        drops = []
+        for n in accuracy:
+            for label in labels:
+                d = max((k for k in accuracy[n] if k != "fedavg"), key=lambda k: accuracy[n][k][label])
+                drops.append(100 * (results[n][d][None] - accuracy[n][d][label]))
+                print(f"best under {name(label):10s} with {n:2d} clients: {d:12s} {100 * accuracy[n][d][label]:.1f} "
+                      f"(drop {drops[-1]:+.1f} from its clean {100 * results[n][d][None]:.1f})")
+        return drops
+
     attacks = [att for att in ATTACKS if att is not None]
     fedavg_worst = max(drop(n, "fedavg", att) for n in results for att in attacks)
-    best = []
-    for n in results:
-        for att in attacks:
-            d = max((k for k in results[n] if k != "fedavg"), key=lambda k: results[n][k][att])
-            best.append((drop(n, d, att), n, att, d))
-            print(f"best under {att:10s} with {n:2d} clients: {d:12s} {100 * results[n][d][att]:.1f} "
-                  f"(drop {drop(n, d, att):+.1f} from its clean {100 * results[n][d][None]:.1f})")
+    best = best_drops(results, attacks, str)
     sweep_drops = {d: max(100 * (results[n][d][None] - sweep[n][d][z]) for n in sweep for z in SWEEP_Z)
                    for d in DEFENCES if all(d in sweep[n] for n in sweep)}
-    best_sweep = []
-    for n in sweep:
-        for z in SWEEP_Z:
-            d = max((k for k in sweep[n] if k != "fedavg"), key=lambda k: sweep[n][k][z])
-            best_sweep.append(100 * (results[n][d][None] - sweep[n][d][z]))
-            print(f"best under alie z={z:<3g} with {n:2d} clients: {d:12s} {100 * sweep[n][d][z]:.1f} "
-                  f"(drop {100 * (results[n][d][None] - sweep[n][d][z]):+.1f} from its clean "
-                  f"{100 * results[n][d][None]:.1f})")
+    best_sweep = best_drops(sweep, SWEEP_Z, lambda z: f"alie z={z:g}")
     bus_drop = bus_dnc_drop = None
     if not a.no_bus:
         with tempfile.TemporaryDirectory(prefix="fedopt-robust-") as tmp:
@@ -337,7 +325,7 @@ def main() -> None:
         print(table([(k, f"{v:.3f}", f"{cost_ratio[k]:.1f}") for k, v in costs.items()],
                     ("rule", "seconds", "x fedavg")))
     print(f"\n({time.perf_counter() - started:.0f} s)")
-    emit({"fedavg_worst_drop": round(fedavg_worst, 2), "best_defence_worst_drop": round(max(best)[0], 2),
+    emit({"fedavg_worst_drop": round(fedavg_worst, 2), "best_defence_worst_drop": round(max(best), 2),
           "cc_alie_drop": round(max(drop(n, "cc+momentum", "alie") for n in results), 2),
           "cc_ipm_drop": round(max(drop(n, "cc+momentum", "ipm") for n in results), 2),
           "bus_cc_alie_drop": bus_drop,

@@ -31,11 +31,12 @@ class _Collecting:
     linear = False
     needs_all_updates = True
     needs_plaintext = True
+    _buffer: torch.Tensor | None = None  # the matrix, from the last round on
 
     def begin(self, round: int, size: int) -> None:
         self._size, self._count, self._samples, self._weight = size, 0, [], 0.0
-        buf = getattr(self, "_buffer", None)
-        self._buffer = buf if buf is not None and buf.shape[1] == size else None
+        if self._buffer is not None and self._buffer.shape[1] != size:
+            self._buffer = None
 
     def add(self, update: Update) -> None:
         d = update.delta
